@@ -1,0 +1,26 @@
+"""The `nodemesh` command: a thin click shell over the packages.
+
+Errors are turned into messages and exit codes in one place
+(:mod:`agent.cli.errors`); every command that prints data has ``--output json``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from agent.cli.check import check
+from agent.cli.testbed import testbed
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nodemesh")
+def cli() -> None:
+    """nodemesh: a sidecarless service mesh for Linux hosts."""
+
+
+cli.add_command(testbed)
+cli.add_command(check)
+
+
+def main() -> None:
+    cli(prog_name="nodemesh")
