@@ -88,16 +88,16 @@ def check_headers() -> CheckResult:
 
 def check_bpftool() -> CheckResult:
     path = shutil.which("bpftool")
-    return CheckResult(
-        "bpftool", path is not None, path or "not found", "apt-get install bpftool"
-    )
+    return CheckResult("bpftool", path is not None, path or "not found", "apt-get install bpftool")
 
 
 def check_btf() -> CheckResult:
     # Optional: BCC does not need BTF, so a missing one is reported, not failed.
     present = os.path.exists("/sys/kernel/btf/vmlinux")
     return CheckResult(
-        "kernel BTF", True, "/sys/kernel/btf/vmlinux" if present else "absent (optional)",
+        "kernel BTF",
+        True,
+        "/sys/kernel/btf/vmlinux" if present else "absent (optional)",
     )
 
 
@@ -108,7 +108,9 @@ def check_bcc_and_hooks() -> list[CheckResult]:
     except ImportError as e:
         return [
             CheckResult(
-                "BCC", False, f"cannot import bcc: {e}",
+                "BCC",
+                False,
+                f"cannot import bcc: {e}",
                 "apt-get install python3-bpfcc, then run scripts/setup.sh to link it into .venv",
             )
         ]
@@ -117,7 +119,9 @@ def check_bcc_and_hooks() -> list[CheckResult]:
     except Exception as e:
         return [
             CheckResult(
-                "BCC compile", False, f"BCC could not compile a trivial program: {e}",
+                "BCC compile",
+                False,
+                f"BCC could not compile a trivial program: {e}",
                 "kernel headers missing or broken: run scripts/setup.sh",
             )
         ]
@@ -130,7 +134,9 @@ def check_bcc_and_hooks() -> list[CheckResult]:
             except Exception as e:
                 results.append(
                     CheckResult(
-                        f"BPF hook {label}", False, f"kernel refused: {e}",
+                        f"BPF hook {label}",
+                        False,
+                        f"kernel refused: {e}",
                         "nodemesh needs Linux >= 5.8 with CONFIG_CGROUP_BPF=y",
                     )
                 )
@@ -140,7 +146,13 @@ def check_bcc_and_hooks() -> list[CheckResult]:
 
 
 CHECKS: tuple[Callable[[], CheckResult], ...] = (
-    check_linux, check_root, check_cgroup2, check_bpffs, check_headers, check_bpftool, check_btf,
+    check_linux,
+    check_root,
+    check_cgroup2,
+    check_bpffs,
+    check_headers,
+    check_bpftool,
+    check_btf,
 )
 
 

@@ -6,6 +6,7 @@ Works with a pure cgroup v2 system (/sys/fs/cgroup) and with hybrid mode
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import time
@@ -70,10 +71,8 @@ def kill_all(path: str, timeout_s: float = 5.0) -> None:
     else:  # kernels before 5.14
         for d in _walk_bottom_up(path):
             for pid in procs(d):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
     deadline = time.monotonic() + timeout_s
     while any(procs(d) for d in _walk_bottom_up(path)):
         if time.monotonic() > deadline:

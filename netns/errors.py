@@ -22,6 +22,13 @@ class TopologyError(NetnsError):
     def __init__(self, message: str, *, where: str = "", hint: str | None = None) -> None:
         super().__init__(f"{where}: {message}" if where else message, hint=hint)
         self.where = where
+        self.reason = message
+
+    def located(self, source: str) -> TopologyError:
+        """The same error, with the file it came from in front of the field path."""
+        return TopologyError(
+            self.reason, where=f"{source}: {self.where}" if self.where else source, hint=self.hint
+        )
 
 
 class KernelError(NetnsError):

@@ -51,7 +51,7 @@ def create_netns(name: str) -> None:
     try:
         pr_netns.create(name)
     except OSError as e:
-        raise KernelError(f"cannot create network namespace {name!r}: {e}", errno=e.errno or 0)
+        raise KernelError(f"cannot create network namespace {name!r}: {e}", errno=e.errno or 0) from e
 
 
 def remove_netns(name: str) -> bool:

@@ -225,9 +225,7 @@ def popen_in(
     if not argv:
         raise ValueError("no command given")
     fd = kernel.open_netns(netns)
-    procs_file = (
-        os.path.join(cgroup.cgroup_path(cgroup_rel), "cgroup.procs") if cgroup_rel else None
-    )
+    procs_file = os.path.join(cgroup.cgroup_path(cgroup_rel), "cgroup.procs") if cgroup_rel else None
     try:
         return subprocess.Popen(
             list(argv),

@@ -111,8 +111,7 @@ class Topology:
             "prefix": self.prefix,
             "fabric_cidr": self.fabric_cidr,
             "nodes": [
-                {"name": n.name, "pod_cidr": n.pod_cidr, "pods": [p.name for p in n.pods]}
-                for n in self.nodes
+                {"name": n.name, "pod_cidr": n.pod_cidr, "pods": [p.name for p in n.pods]} for n in self.nodes
             ],
         }
 
@@ -121,16 +120,12 @@ def testbed_cgroup(prefix: str) -> str:
     return f"nodemesh-{prefix}"
 
 
-def default_spec(
-    prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int = 2
-) -> TopologySpec:
+def default_spec(prefix: str = DEFAULT_PREFIX, nodes: int = 2, pods_per_node: int = 2) -> TopologySpec:
     """Nodes ``n1..nN`` with pod CIDR 10.244.i.0/24 and pods ``n<i>-p<j>``."""
     if not 1 <= nodes <= 250:
         raise TopologyError(f"--nodes must be between 1 and 250, got {nodes}", where="nodes")
     if pods_per_node < 0:
-        raise TopologyError(
-            f"--pods-per-node must be 0 or more, got {pods_per_node}", where="pods-per-node"
-        )
+        raise TopologyError(f"--pods-per-node must be 0 or more, got {pods_per_node}", where="pods-per-node")
     return TopologySpec(
         prefix=prefix,
         nodes=tuple(
@@ -247,17 +242,14 @@ def plan(spec: TopologySpec) -> Topology:
     p = spec.prefix
     if not PREFIX_RE.fullmatch(p):
         raise TopologyError(
-            f"prefix {p!r} is invalid: 1-12 characters, a lowercase letter then "
-            "lowercase letters or digits",
+            f"prefix {p!r} is invalid: 1-12 characters, a lowercase letter then lowercase letters or digits",
             where="prefix",
         )
     fabric = _network(spec.fabric_cidr, "fabric_cidr")
     if not spec.nodes:
         raise TopologyError("a testbed needs at least one node", where="nodes")
     if len(spec.nodes) > fabric.num_addresses - 2:
-        raise TopologyError(
-            f"{len(spec.nodes)} nodes do not fit in fabric {fabric}", where="fabric_cidr"
-        )
+        raise TopologyError(f"{len(spec.nodes)} nodes do not fit in fabric {fabric}", where="fabric_cidr")
 
     seen: dict[str, str] = {}  # name -> where it was first used
 
@@ -280,16 +272,13 @@ def plan(spec: TopologySpec) -> Topology:
         net = _network(ns.pod_cidr, f"{where}.pod_cidr")
         for other, other_where in networks:
             if net.overlaps(other):
-                raise TopologyError(
-                    f"{net} overlaps {other} ({other_where})", where=f"{where}.pod_cidr"
-                )
+                raise TopologyError(f"{net} overlaps {other} ({other_where})", where=f"{where}.pod_cidr")
         networks.append((net, f"{where}.pod_cidr"))
         hosts = list(net.hosts())
         gateway, pod_addrs = hosts[0], hosts[1:]
         if len(ns.pods) > len(pod_addrs):
             raise TopologyError(
-                f"{len(ns.pods)} pods do not fit in {net}: it holds {len(pod_addrs)} "
-                "besides the gateway",
+                f"{len(ns.pods)} pods do not fit in {net}: it holds {len(pod_addrs)} besides the gateway",
                 where=f"{where}.pods",
                 hint="use a larger pod_cidr or fewer pods",
             )

@@ -18,9 +18,7 @@ def check(output: str) -> None:
     """Pre-flight: can this host run the mesh? (root, cgroup v2, bpffs, BPF hooks, BCC)."""
     results = preflight.run_all()
     if output == "json":
-        emit_json([
-            {"name": r.name, "ok": r.ok, "detail": r.detail, "hint": r.hint} for r in results
-        ])
+        emit_json([{"name": r.name, "ok": r.ok, "detail": r.detail, "hint": r.hint} for r in results])
     else:
         for r in results:
             mark = "ok  " if r.ok else "FAIL"

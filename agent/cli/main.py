@@ -24,3 +24,7 @@ cli.add_command(check)
 
 def main() -> None:
     cli(prog_name="nodemesh")
+
+
+if __name__ == "__main__":
+    main()

@@ -13,9 +13,13 @@ from agent.cli.errors import UserError, handled, require_root
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from netns import testbed as tb
 from netns import topology
+from netns.errors import TopologyError
 
 PREFIX_OPTION = click.option(
-    "--prefix", "-p", default=None, envvar="NODEMESH_TESTBED_PREFIX",
+    "--prefix",
+    "-p",
+    default=None,
+    envvar="NODEMESH_TESTBED_PREFIX",
     help=f"name prefix of the testbed's namespaces, links and cgroups [default: {topology.DEFAULT_PREFIX}]",
 )
 
@@ -41,8 +45,14 @@ def testbed() -> None:
 @testbed.command()
 @click.option("--nodes", "-n", type=click.IntRange(1, 250), default=2, show_default=True)
 @click.option("--pods-per-node", "-m", type=click.IntRange(0, 253), default=2, show_default=True)
-@click.option("--file", "-f", "spec_file", type=click.Path(dir_okay=False), default=None,
-              help="topology YAML (nodes with names, pod CIDRs and pods) instead of --nodes/--pods-per-node")
+@click.option(
+    "--file",
+    "-f",
+    "spec_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="topology YAML (nodes with names, pod CIDRs and pods) instead of --nodes/--pods-per-node",
+)
 @PREFIX_OPTION
 @handled
 def up(nodes: int, pods_per_node: int, spec_file: str | None, prefix: str | None) -> None:
@@ -53,7 +63,10 @@ def up(nodes: int, pods_per_node: int, spec_file: str | None, prefix: str | None
             spec = topology.TopologySpec(prefix=prefix, nodes=spec.nodes, fabric_cidr=spec.fabric_cidr)
     else:
         spec = topology.default_spec(prefix or topology.DEFAULT_PREFIX, nodes, pods_per_node)
-    topo = topology.plan(spec)  # validates before anything exists
+    try:
+        topo = topology.plan(spec)  # validates before anything exists
+    except TopologyError as e:
+        raise e.located(spec_file) if spec_file else e from None
     require_root()
     t0 = time.monotonic()
     tb.up(topo)
@@ -76,11 +89,27 @@ def status(prefix: str | None, output: str) -> None:
         return
     rows: list[list[Any]] = []
     for n in st["nodes"]:
-        rows.append([n["name"], "node", n["fabric_address"], n["pod_cidr"], n["netns"],
-                     "ok" if n["netns_present"] else "MISSING"])
+        rows.append(
+            [
+                n["name"],
+                "node",
+                n["fabric_address"],
+                n["pod_cidr"],
+                n["netns"],
+                "ok" if n["netns_present"] else "MISSING",
+            ]
+        )
         for p in n["pods"]:
-            rows.append([p["name"], f"pod on {n['name']}", p["address"], "", p["netns"],
-                         "ok" if p["netns_present"] else "MISSING"])
+            rows.append(
+                [
+                    p["name"],
+                    f"pod on {n['name']}",
+                    p["address"],
+                    "",
+                    p["netns"],
+                    "ok" if p["netns_present"] else "MISSING",
+                ]
+            )
     click.echo(f"testbed {st['prefix']} (fabric {st['fabric_cidr']})")
     click.echo(table(["NAME", "KIND", "ADDRESS", "POD CIDR", "NETNS", "STATE"], rows))
 
@@ -117,5 +146,7 @@ def down(prefix: str | None, all_: bool) -> None:
         if not (rep.netns_removed or rep.cgroup_removed or rep.state_removed):
             click.echo(f"testbed {p!r}: nothing to remove")
         else:
-            click.echo(f"testbed {p!r} down: removed {len(rep.netns_removed)} namespaces"
-                       f"{', its cgroups' if rep.cgroup_removed else ''} in {took:.2f}s")
+            click.echo(
+                f"testbed {p!r} down: removed {len(rep.netns_removed)} namespaces"
+                f"{', its cgroups' if rep.cgroup_removed else ''} in {took:.2f}s"
+            )

@@ -1,0 +1,42 @@
+"""Fixtures for root tests: testbeds with a unique prefix, always torn down."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from netns import testbed, topology
+
+
+def run_prefix(tag: str = "t") -> str:
+    """A fresh prefix for a test's kernel objects: 't' + 5 hex digits."""
+    return f"{tag}{secrets.token_hex(3)[:5]}"
+
+
+@pytest.fixture
+def make_testbed() -> Iterator[Callable[..., topology.Topology]]:
+    """Factory: make_testbed(nodes=2, pods_per_node=2) -> Topology; all removed after."""
+    made: list[str] = []
+
+    def make(nodes: int = 2, pods_per_node: int = 2, prefix: str | None = None) -> topology.Topology:
+        p = prefix or run_prefix()
+        made.append(p)
+        return testbed.up(topology.plan(topology.default_spec(p, nodes, pods_per_node)))
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            testbed.down(p)
+
+
+@pytest.fixture(scope="module")
+def shared_testbed() -> Iterator[topology.Topology]:
+    """One 2-node x 3-pod testbed for a whole test module."""
+    p = run_prefix("m")
+    try:
+        yield testbed.up(topology.plan(topology.default_spec(p, 2, 3)))
+    finally:
+        testbed.down(p)
