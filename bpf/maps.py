@@ -1,0 +1,286 @@
+"""Typed access to the pinned maps: what the long-running agent uses.
+
+How this works: :meth:`Dataplane.open` opens the maps pinned by the loader
+(:mod:`bpf.loader`) with ``BPF_OBJ_GET``; every operation is one bpf(2) call
+through :mod:`bpf.syscall` with keys and values packed from the ctypes
+mirrors in :mod:`bpf.layout`. BCC is never imported here, so the agent does
+not carry LLVM. Input is validated completely before the first map write:
+bad input raises :class:`BpfConfigError` and leaves the maps as they were.
+
+The proxy learns where an accepted connection was going with
+:meth:`Dataplane.lookup_original_dst` (peer = the pod's ip:port, local = the
+proxy's ip:15001), or :meth:`Dataplane.original_dst_of` on the socket itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_mod
+import ipaddress
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+
+from bpf import pins, syscall
+from bpf.config import DEFAULT_BPFFS_ROOT, CaptureConfig, RedirectTarget
+from bpf.errors import BpfConfigError, BpfError
+from bpf.layout import (
+    COUNTERS,
+    MAP_NAMES,
+    Cidr,
+    Orig,
+    Target,
+    Tuple,
+    as_buffer,
+    ip4_from_map,
+    ip4_to_map,
+    port_from_map,
+    port_to_map,
+)
+
+SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux 5.14+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        spec = f.read().strip()
+    count = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return count
+
+
+def _own_cookie() -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+def netns_file(netns: str | int) -> str:
+    """``/proc/<pid>/ns/net`` for a PID, else the path given (e.g. /run/netns/<name>)."""
+    if isinstance(netns, bool) or (isinstance(netns, int) and netns <= 0):
+        raise BpfConfigError(f"expected a PID or a netns path, got {netns!r}", where="netns")
+    return f"/proc/{netns}/ns/net" if isinstance(netns, int) else netns
+
+
+def netns_cookie(netns: str | int) -> int:
+    """The cookie the kernel gives the network namespace (what the programs key on)."""
+    path = netns_file(netns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise BpfConfigError(
+            f"network namespace {path} cannot be opened: {e.strerror}", where="netns",
+            hint="give /run/netns/<name>, /proc/<pid>/ns/net, or a live PID",
+        ) from None
+    cookies: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:  # setns on a throwaway thread only
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise BpfConfigError(
+                    f"{path} is not a network namespace ({os.strerror(err)})", where="netns"
+                )
+            cookies.append(_own_cookie())
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        t = threading.Thread(target=worker, name="nodemesh-netns-cookie")
+        t.start()
+        t.join()
+    finally:
+        os.close(fd)
+    if errors:
+        raise errors[0]
+    return cookies[0]
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalDst:
+    ip: str
+    port: int
+    netns_cookie: int  # the enrolled pod the connection came from
+
+
+@dataclass(frozen=True, slots=True)
+class MapFill:
+    entries: int
+    max_entries: int
+
+
+class Dataplane:
+    """The pinned maps of one installed data path (use as a context manager)."""
+
+    def __init__(self, pin_dir: str) -> None:
+        self.pin_dir = pin_dir
+        self._fds: dict[str, int] = {}
+        self._max: dict[str, int] = {}
+        self._ncpu = _possible_cpus()
+        self.lookup_misses = 0  # proxy lookups that found no record (see counters())
+        try:
+            for name in MAP_NAMES:
+                fd = syscall.obj_get(pins.map_pin(pin_dir, name))
+                self._fds[name] = fd
+                self._max[name] = int(syscall.map_info(fd)["max_entries"])
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, bpffs_root: str = DEFAULT_BPFFS_ROOT) -> Dataplane:
+        return cls(pins.installed_dir(bpffs_root))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Dataplane:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _fd(self, name: str) -> int:
+        if name not in self._fds:
+            raise BpfError(f"map {name} is closed", errno=errno_mod.EBADF)
+        return self._fds[name]
+
+    # --- enrollment -------------------------------------------------------
+
+    def enroll(self, netns: str | int, target: RedirectTarget) -> int:
+        """Capture the pod in ``netns`` (path or PID); returns its netns cookie."""
+        if not isinstance(target, RedirectTarget):
+            raise BpfConfigError(f"expected a RedirectTarget, got {target!r}", where="target")
+        cookie = netns_cookie(netns)
+        if cookie == _own_cookie():
+            raise BpfConfigError(
+                f"{netns_file(netns)} is this process's own network namespace; enrolling it "
+                "would capture the proxy's own connections", where="netns",
+            )
+        value = Target(ip4_to_map(target.proxy_ip4), port_to_map(target.proxy_port),
+                       port_to_map(target.dns_port) if target.dns_port else 0)
+        syscall.map_update(self._fd("nm_enrolled"), as_buffer(ctypes.c_uint64(cookie)),
+                           as_buffer(value))
+        return cookie
+
+    def unenroll(self, netns: str | int) -> bool:
+        """Stop capturing ``netns``; False if it was not enrolled."""
+        return self.unenroll_cookie(netns_cookie(netns))
+
+    def unenroll_cookie(self, cookie: int) -> bool:
+        """For pods whose netns is already gone: remove by the cookie enroll returned."""
+        return syscall.map_delete(self._fd("nm_enrolled"), as_buffer(ctypes.c_uint64(cookie)))
+
+    def enrolled(self) -> dict[int, RedirectTarget]:
+        fd = self._fd("nm_enrolled")
+        out: dict[int, RedirectTarget] = {}
+        for raw in syscall.map_keys(fd, 8, self._max["nm_enrolled"]):
+            key = ctypes.create_string_buffer(raw, 8)
+            val = syscall.map_lookup(fd, key, ctypes.sizeof(Target))
+            if val is None:
+                continue
+            t = Target.from_buffer_copy(val)
+            out[int.from_bytes(raw, "little")] = RedirectTarget(
+                ip4_from_map(t.proxy_ip4), port_from_map(t.proxy_port),
+                port_from_map(t.dns_port))
+        return out
+
+    # --- capture config ---------------------------------------------------
+
+    def set_capture(self, cfg: CaptureConfig) -> None:
+        """Make the capture CIDRs and excluded ports exactly ``cfg``."""
+        if not isinstance(cfg, CaptureConfig):
+            raise BpfConfigError(f"expected a CaptureConfig, got {cfg!r}", where="capture")
+        if len(set(cfg.networks)) > self._max["nm_capture"]:
+            raise BpfConfigError(f"{len(cfg.networks)} CIDRs exceed the map size "
+                                 f"{self._max['nm_capture']}", where="cidrs")
+        if len(set(cfg.excluded_ports)) > self._max["nm_excl_ports"]:
+            raise BpfConfigError(f"{len(cfg.excluded_ports)} ports exceed the map size "
+                                 f"{self._max['nm_excl_ports']}", where="excluded_ports")
+        want_cidrs = {bytes(Cidr(n.prefixlen, ip4_to_map(str(n.network_address))))
+                      for n in cfg.networks}
+        want_ports = {bytes(ctypes.c_uint16(p)) for p in cfg.excluded_ports}
+        one = as_buffer(ctypes.c_uint8(1))
+        for name, want, size in (("nm_capture", want_cidrs, ctypes.sizeof(Cidr)),
+                                 ("nm_excl_ports", want_ports, 2)):
+            fd = self._fd(name)
+            have = set(syscall.map_keys(fd, size, self._max[name]))
+            for k in sorted(want - have):  # add first: kept entries never disappear
+                syscall.map_update(fd, ctypes.create_string_buffer(k, size), one)
+            for k in sorted(have - want):
+                syscall.map_delete(fd, ctypes.create_string_buffer(k, size))
+
+    def capture(self) -> CaptureConfig:
+        cidrs = []
+        for raw in syscall.map_keys(self._fd("nm_capture"), ctypes.sizeof(Cidr),
+                                    self._max["nm_capture"]):
+            c = Cidr.from_buffer_copy(raw)
+            cidrs.append(f"{ip4_from_map(c.ip4)}/{c.prefixlen}")
+        ports = [int.from_bytes(raw, "little") for raw in
+                 syscall.map_keys(self._fd("nm_excl_ports"), 2, self._max["nm_excl_ports"])]
+        return CaptureConfig(tuple(sorted(cidrs, key=ipaddress.ip_network)),
+                             tuple(sorted(ports)))
+
+    # --- the proxy's lookup -----------------------------------------------
+
+    def lookup_original_dst(self, peer: tuple[str, int], local: tuple[str, int]
+                            ) -> OriginalDst | None:
+        """Where the pod at ``peer`` meant to go when it reached the proxy at ``local``.
+
+        None (and ``lookup_misses`` counted) if there is no record: the
+        connection was not captured, or its record was evicted (LRU).
+        """
+        try:
+            key = Tuple(ip4_to_map(peer[0]), ip4_to_map(local[0]),
+                        port_to_map(peer[1]), port_to_map(local[1]))
+        except (ValueError, OverflowError, TypeError, IndexError):
+            raise BpfConfigError(f"expected IPv4 (ip, port) pairs, got {peer!r}, {local!r}",
+                                 where="lookup") from None
+        raw = syscall.map_lookup(self._fd("nm_orig_tuple"), as_buffer(key), ctypes.sizeof(Orig))
+        if raw is None:
+            self.lookup_misses += 1
+            return None
+        o = Orig.from_buffer_copy(raw)
+        return OriginalDst(ip4_from_map(o.ip4), port_from_map(o.port), o.netns_cookie)
+
+    def original_dst_of(self, sock: socket.socket) -> OriginalDst | None:
+        """The original destination of a connection the proxy accepted."""
+        peer = sock.getpeername()
+        local = sock.getsockname()
+        if sock.family == socket.AF_INET6:  # dual-stack listener: v4-mapped peers
+            peer = (str(ipaddress.IPv6Address(peer[0]).ipv4_mapped or peer[0]), peer[1])
+            local = (str(ipaddress.IPv6Address(local[0]).ipv4_mapped or local[0]), local[1])
+        return self.lookup_original_dst((peer[0], peer[1]), (local[0], local[1]))
+
+    # --- observability ----------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters summed over CPUs, plus the proxy's ``lookup_miss``."""
+        fd = self._fd("nm_counters")
+        out: dict[str, int] = {}
+        for i, name in enumerate(COUNTERS):
+            raw = syscall.map_lookup(fd, as_buffer(ctypes.c_uint32(i)), 8 * self._ncpu)
+            vals = (ctypes.c_uint64 * self._ncpu).from_buffer_copy(raw) if raw else ()
+            out[name] = sum(int(v) for v in vals)
+        out["lookup_miss"] = self.lookup_misses
+        return out
+
+    def fill(self) -> dict[str, MapFill]:
+        """Entries in use per hash map (walks keys; bounded by max_entries)."""
+        out: dict[str, MapFill] = {}
+        for name in MAP_NAMES:
+            if name == "nm_counters":
+                continue
+            info = syscall.map_info(self._fd(name))
+            n = len(syscall.map_keys(self._fd(name), int(info["key_size"]), self._max[name]))
+            out[name] = MapFill(n, self._max[name])
+        return out

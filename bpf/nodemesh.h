@@ -1,0 +1,199 @@
+/* nodemesh data path: struct and map layouts shared by every hook.
+ *
+ * The loader compiles all hooks as one BCC module, so every map below exists
+ * once and is shared by all programs. Python mirrors these structs in
+ * bpf/layout.py (checked against BCC's generated types by a test).
+ *
+ * Byte order: addresses and ports in maps are stored as the kernel hands them
+ * to sock_addr programs, i.e. in network byte order, so the hot path compares
+ * without conversions. Excluded ports are in host order (they come from users).
+ *
+ * Configuration comes only from -D flags, validated by bpf/config.py:
+ *   NM_MAX_ENROLLED   entries of nm_enrolled (netns cookies)
+ *   NM_MAX_RECORDS    entries of each original-destination LRU map
+ *   NM_MAX_CIDRS      entries of the capture LPM trie
+ *   NM_MAX_PORTS      entries of the excluded-ports set
+ *   NM_DNS_PORT       the UDP port treated as DNS (53)
+ */
+#ifndef NODEMESH_H
+#define NODEMESH_H
+
+#if !defined(NM_MAX_ENROLLED) || !defined(NM_MAX_RECORDS) || !defined(NM_MAX_CIDRS) || \
+    !defined(NM_MAX_PORTS) || !defined(NM_DNS_PORT)
+#error "nodemesh.h: the loader must pass every NM_* -D flag"
+#endif
+
+/* A context load at this exact point: without it the compiler may merge
+ * branch-dependent loads into a computed context pointer, which the verifier
+ * rejects ("dereference of modified ctx ptr"). */
+#define NM_CTX(field) (*(volatile __typeof__(field) *)&(field))
+
+#define NM_AF_INET 2
+#define NM_AF_INET6 10
+#define NM_IPPROTO_TCP 6
+#define NM_IPPROTO_UDP 17
+
+/* Value of nm_enrolled; key: the netns cookie (u64) of an enrolled pod. */
+struct nm_target {
+    __u32 proxy_ip4;  /* node proxy address */
+    __u16 proxy_port; /* outbound capture port (15001) */
+    __u16 dns_port;   /* node DNS port (15053); 0: DNS not redirected */
+};
+
+/* An original destination, as the app asked for it. */
+struct nm_orig {
+    __u32 ip4;
+    __u16 port;
+    __u16 pad;
+    __u64 netns_cookie; /* the pod the connection came from */
+};
+
+/* Key of nm_orig_tuple: the accepted socket as the proxy sees it. */
+struct nm_tuple {
+    __u32 peer_ip4;   /* pod address */
+    __u32 local_ip4;  /* proxy address */
+    __u16 peer_port;  /* pod's ephemeral port */
+    __u16 local_port; /* proxy port (15001) */
+};
+
+/* Key of the nm_capture LPM trie. */
+struct nm_cidr {
+    __u32 prefixlen;
+    __u32 ip4;
+};
+
+/* Counter slots of nm_counters (names in bpf/layout.py COUNTERS, same order). */
+enum nm_counter {
+    NM_C_CAPTURED = 0,         /* TCP connect rewritten to the proxy */
+    NM_C_DNS_CAPTURED,         /* UDP/53 connect or sendmsg rewritten to the DNS port */
+    NM_C_BYPASS_NOT_ENROLLED,  /* socket's netns is not enrolled */
+    NM_C_BYPASS_EXCLUDED_PORT, /* destination port excluded */
+    NM_C_BYPASS_NOT_CAPTURED,  /* destination outside the capture CIDRs */
+    NM_C_BYPASS_PROXY,         /* destination is the proxy itself (no loops) */
+    NM_C_BYPASS_OTHER,         /* loopback, other protocol, pure IPv6 */
+    NM_C_RECORD_FAILED,        /* could not store the record: not captured */
+    NM_C_RECORD_MOVED,         /* sock_ops moved a record to its 4-tuple */
+    NM_C_RECORD_MISS,          /* established captured connection without record */
+    NM_C_PEER_REWRITTEN,       /* getpeername answered with the original dst */
+    NM_C_PEER_MISS,            /* getpeername on a captured socket: no record */
+    NM_C_DNS_REPLY_REWRITTEN,  /* recvmsg source restored to the resolver */
+    NM_C_DNS_REPLY_MISS,       /* DNS reply from the proxy without record */
+    NM_C_MAX,
+};
+
+BPF_HASH(nm_enrolled, __u64, struct nm_target, NM_MAX_ENROLLED);
+BPF_LPM_TRIE(nm_capture, struct nm_cidr, __u8, NM_MAX_CIDRS);
+BPF_HASH(nm_excl_ports, __u16, __u8, NM_MAX_PORTS);
+BPF_TABLE("lru_hash", __u64, struct nm_orig, nm_orig_cookie, NM_MAX_RECORDS);
+BPF_TABLE("lru_hash", struct nm_tuple, struct nm_orig, nm_orig_tuple, NM_MAX_RECORDS);
+BPF_TABLE("lru_hash", __u64, struct nm_orig, nm_dns_cookie, NM_MAX_RECORDS);
+BPF_PERCPU_ARRAY(nm_counters, __u64, NM_C_MAX);
+
+static __always_inline void nm_count(__u32 slot)
+{
+    __u64 *v = nm_counters.lookup(&slot);
+    if (v)
+        *v += 1;
+}
+
+/* A connect/sendmsg rewrite: where to send instead. */
+struct nm_verdict {
+    __u32 ip4;
+    __u16 port;
+    __u16 pad;
+};
+
+/* The one capture decision, shared by connect4, connect6 (v4-mapped) and
+ * sendmsg4. Records the original destination by socket cookie and returns 1
+ * with the new destination in *v, or returns 0 (leave the socket alone). */
+static __always_inline int nm_decide(void *ctx, __u32 protocol, __u32 dst_ip4, __u16 dst_port,
+                                     struct nm_verdict *v)
+{
+    __u64 ns = bpf_get_netns_cookie(ctx);
+    struct nm_target *t = nm_enrolled.lookup(&ns);
+    if (!t) {
+        nm_count(NM_C_BYPASS_NOT_ENROLLED);
+        return 0;
+    }
+    if ((dst_ip4 & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000)) {
+        nm_count(NM_C_BYPASS_OTHER);
+        return 0;
+    }
+    if (dst_ip4 == t->proxy_ip4) {
+        nm_count(NM_C_BYPASS_PROXY);
+        return 0;
+    }
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct nm_orig o = {};
+    o.ip4 = dst_ip4;
+    o.port = dst_port;
+    o.netns_cookie = ns;
+    if (protocol == NM_IPPROTO_UDP) {
+        if (dst_port != bpf_htons(NM_DNS_PORT) || t->dns_port == 0) {
+            nm_count(NM_C_BYPASS_OTHER);
+            return 0;
+        }
+        if (nm_dns_cookie.update(&cookie, &o) != 0) {
+            nm_count(NM_C_RECORD_FAILED);
+            return 0;
+        }
+        v->ip4 = t->proxy_ip4;
+        v->port = t->dns_port;
+        nm_count(NM_C_DNS_CAPTURED);
+        return 1;
+    }
+    if (protocol != NM_IPPROTO_TCP) {
+        nm_count(NM_C_BYPASS_OTHER);
+        return 0;
+    }
+    __u16 hport = bpf_ntohs(dst_port);
+    if (nm_excl_ports.lookup(&hport)) {
+        nm_count(NM_C_BYPASS_EXCLUDED_PORT);
+        return 0;
+    }
+    struct nm_cidr k = {};
+    k.prefixlen = 32;
+    k.ip4 = dst_ip4;
+    if (!nm_capture.lookup(&k)) {
+        nm_count(NM_C_BYPASS_NOT_CAPTURED);
+        return 0;
+    }
+    if (nm_orig_cookie.update(&cookie, &o) != 0) {
+        nm_count(NM_C_RECORD_FAILED);
+        return 0;
+    }
+    v->ip4 = t->proxy_ip4;
+    v->port = t->proxy_port;
+    nm_count(NM_C_CAPTURED);
+    return 1;
+}
+
+/* The original destination of a socket that points at the proxy, for
+ * getpeername: TCP by the socket's 4-tuple, UDP (DNS) by socket cookie. */
+static __always_inline struct nm_orig *nm_orig_of(void *ctx, struct bpf_sock *sk, __u32 protocol,
+                                                  __u32 peer_ip4, __u16 peer_port)
+{
+    __u64 ns = bpf_get_netns_cookie(ctx);
+    struct nm_target *t = nm_enrolled.lookup(&ns);
+    if (!t || peer_ip4 != t->proxy_ip4)
+        return 0;
+    if (protocol == NM_IPPROTO_UDP) {
+        if (peer_port != t->dns_port || t->dns_port == 0)
+            return 0;
+        __u64 cookie = bpf_get_socket_cookie(ctx);
+        return nm_dns_cookie.lookup(&cookie);
+    }
+    if (peer_port != t->proxy_port)
+        return 0;
+    struct nm_tuple k = {};
+    k.peer_ip4 = sk->src_ip4;
+    k.local_ip4 = peer_ip4;
+    k.peer_port = bpf_htons((__u16)sk->src_port);
+    k.local_port = peer_port;
+    struct nm_orig *o = nm_orig_tuple.lookup(&k);
+    if (!o)
+        nm_count(NM_C_PEER_MISS);
+    return o;
+}
+
+#endif /* NODEMESH_H */
