@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from agent.cli.check import check
+from agent.cli.registry import apply_cmd, delete, describe, get, register
 from agent.cli.testbed import testbed
 
 
@@ -20,6 +21,11 @@ def cli() -> None:
 
 cli.add_command(testbed)
 cli.add_command(check)
+cli.add_command(apply_cmd)
+cli.add_command(register)
+cli.add_command(get)
+cli.add_command(describe)
+cli.add_command(delete)
 
 
 def main() -> None:

@@ -1,0 +1,266 @@
+"""`nodemesh apply|register|get|describe|delete`: the registry from the command line.
+
+The registry is the embedded store in ``--registry-dir`` unless ``--etcd URL``
+is given. Input is validated whole before anything is written.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agent.cli.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_NOT_FOUND,
+    EXIT_SYSTEM,
+    EXTRA_CODES,
+    UserError,
+    handled,
+)
+from agent.cli.output import OUTPUT_OPTION, emit_json, table
+from agent.control import apply as apply_mod
+from agent.control.backend import Backend
+from agent.control.consul import parse_consul
+from agent.control.embedded import EmbeddedBackend
+from agent.control.errors import (
+    BackendUnavailable,
+    InputError,
+    NotFound,
+    RegistryError,
+    StateCorruptError,
+)
+from agent.control.etcd import EtcdBackend
+from agent.control.model import DEFAULT_VIP_RANGE, Kind
+from agent.control.snapshot import Snapshot, SnapshotBuilder, endpoints
+from agent.control.validate import Located, parse_vip_range, parse_yaml
+
+# Most specific first: fail() takes the first match.
+EXTRA_CODES.setdefault(InputError, EXIT_BAD_INPUT)
+EXTRA_CODES.setdefault(StateCorruptError, EXIT_BAD_INPUT)
+EXTRA_CODES.setdefault(NotFound, EXIT_NOT_FOUND)
+EXTRA_CODES.setdefault(BackendUnavailable, EXIT_SYSTEM)
+EXTRA_CODES.setdefault(RegistryError, EXIT_SYSTEM)
+
+DEFAULT_REGISTRY_DIR = "/var/lib/nodemesh/registry"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def registry_options(fn: F) -> F:
+    fn = click.option("--registry-dir", envvar="NODEMESH_REGISTRY_DIR",
+                      default=DEFAULT_REGISTRY_DIR, show_default=True,
+                      help="embedded registry directory (env NODEMESH_REGISTRY_DIR)")(fn)
+    fn = click.option("--etcd", "etcd_url", envvar="NODEMESH_ETCD", default=None,
+                      help="use etcd at this client URL instead, e.g. http://127.0.0.1:2379 "
+                           "(env NODEMESH_ETCD)")(fn)
+    return fn
+
+
+def open_backend(registry_dir: str, etcd_url: str | None) -> Backend:
+    if etcd_url:
+        return EtcdBackend(etcd_url)
+    return EmbeddedBackend(registry_dir)
+
+
+def _snapshot(backend: Backend) -> Snapshot:
+    state = backend.read()
+    b = SnapshotBuilder()
+    b.reset(state.items)
+    return b.build(state.revision)
+
+
+VIP_RANGE_OPTION = click.option(
+    "--vip-range", envvar="NODEMESH_VIP_RANGE", default=DEFAULT_VIP_RANGE, show_default=True,
+    help="CIDR that service VIPs are allocated from (env NODEMESH_VIP_RANGE)")
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir()
+                       if p.suffix in (".yaml", ".yml", ".json") and p.is_file())
+        if not found:
+            raise UserError(f"{path} has no .yaml, .yml or .json files")
+        return found
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    return [path]
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text: {e.reason} at byte {e.start}", file=str(p)) from e
+
+
+def _report(plan: apply_mod.Plan, output: str) -> None:
+    if output == "json":
+        emit_json({"created": list(plan.created), "configured": list(plan.configured),
+                   "unchanged": list(plan.unchanged)})
+        return
+    for verb, names in (("created", plan.created), ("configured", plan.configured),
+                        ("unchanged", plan.unchanged)):
+        for n in names:
+            click.echo(f"{n} {verb}")
+
+
+@click.command("apply")
+@click.option("-f", "--filename", "path", required=True, type=click.Path(path_type=Path),
+              help="a YAML file, or a directory of them")
+@registry_options
+@VIP_RANGE_OPTION
+@OUTPUT_OPTION
+@handled
+def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str,
+              output: str) -> None:
+    """Create or update Services and Workloads from YAML (all or nothing)."""
+    net = parse_vip_range(vip_range)
+    resources: list[Located] = []
+    for f in _files(path):
+        resources += parse_yaml(_read_text(f), str(f), net)
+    backend = open_backend(registry_dir, etcd_url)
+    try:
+        _report(apply_mod.apply(backend, resources, net), output)
+    finally:
+        backend.close()
+
+
+@click.command("register")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--node", default=socket.gethostname(), show_default=True,
+              help="node the service runs on (its health checks run there)")
+@registry_options
+@VIP_RANGE_OPTION
+@OUTPUT_OPTION
+@handled
+def register(path: Path, node: str, registry_dir: str, etcd_url: str | None, vip_range: str,
+             output: str) -> None:
+    """Register Consul service definitions (HCL or JSON, with checks)."""
+    net = parse_vip_range(vip_range)
+    files = _files(path)
+    backend = open_backend(registry_dir, etcd_url)
+    try:
+        snap = _snapshot(backend)
+        resources: list[Located] = []
+        for f in files:
+            resources += parse_consul(_read_text(f), str(f), existing_services=snap.services,
+                                      node=node, vip_range=net)
+        _report(apply_mod.apply(backend, resources, net), output)
+    finally:
+        backend.close()
+
+
+KIND_CHOICE = click.Choice(["service", "services", "svc", "workload", "workloads", "wl"])
+
+
+def _kind(s: str) -> Kind:
+    return Kind.SERVICE if s.startswith("s") else Kind.WORKLOAD
+
+
+def _ports(s: Any) -> str:
+    return ",".join(f"{p.port}/{p.protocol.value}" for p in s.ports)
+
+
+@click.command("get")
+@click.argument("kind", type=KIND_CHOICE)
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("-A", "--all-namespaces", is_flag=True)
+@registry_options
+@OUTPUT_OPTION
+@handled
+def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
+        etcd_url: str | None, output: str) -> None:
+    """List services or workloads."""
+    backend = open_backend(registry_dir, etcd_url)
+    try:
+        snap = _snapshot(backend)
+    finally:
+        backend.close()
+    k = _kind(kind)
+    table_src: Any = snap.services if k == Kind.SERVICE else snap.workloads
+    picked = [v for (ns, n), v in sorted(table_src.items())
+              if (all_namespaces or ns == namespace) and (name is None or n == name)]
+    if name is not None and not picked:
+        raise NotFound(f"{k.value} {namespace}/{name} not found in {backend.location}")
+    if output == "json":
+        emit_json([v.to_doc() for v in picked])
+        return
+    if k == Kind.SERVICE:
+        rows = []
+        for s in picked:
+            eps = [e for p in s.ports for e in endpoints(snap, s, p.port)]
+            ok = sum(e.health != "critical" for e in eps)
+            rows.append([s.namespace, s.name, s.vip, _ports(s), f"{ok}/{len(eps)}"])
+        click.echo(table(["NAMESPACE", "NAME", "VIP", "PORTS", "HEALTHY/ENDPOINTS"], rows))
+    else:
+        click.echo(table(["NAMESPACE", "NAME", "ADDRESS", "NODE", "HEALTH", "LABELS"], [
+            [w.namespace, w.name, w.address, w.node or "-",
+             snap.effective_health(w.namespace, w.name).value,
+             ",".join(f"{a}={b}" for a, b in sorted(w.labels.items())) or "-"]
+            for w in picked]))
+
+
+@click.command("describe")
+@click.argument("kind", type=KIND_CHOICE)
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@registry_options
+@OUTPUT_OPTION
+@handled
+def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
+             output: str) -> None:
+    """Show one service (with its endpoints) or one workload (with its checks)."""
+    backend = open_backend(registry_dir, etcd_url)
+    try:
+        snap = _snapshot(backend)
+    finally:
+        backend.close()
+    k = _kind(kind)
+    obj: Any = (snap.services if k == Kind.SERVICE else snap.workloads).get((namespace, name))
+    if obj is None:
+        raise NotFound(f"{k.value} {namespace}/{name} not found in {backend.location}",
+                       hint=f"list them with: nodemesh get {k.value.lower()}s -A")
+    doc = obj.to_doc()
+    if k == Kind.SERVICE:
+        doc["endpoints"] = {str(p.port): [
+            {"workload": e.workload, "address": f"{e.address}:{e.port}", "health": e.health.value,
+             "weight": e.weight, "node": e.node} for e in endpoints(snap, obj, p.port)]
+            for p in obj.ports}
+    else:
+        doc["effectiveHealth"] = snap.effective_health(namespace, name).value
+        h = snap.health.get((namespace, name))
+        if h is not None:
+            doc["observed"] = h.to_doc()
+    doc["revision"] = snap.revision
+    if output == "json":
+        emit_json(doc)
+        return
+    import yaml
+
+    click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
+
+
+@click.command("delete")
+@click.argument("kind", type=KIND_CHOICE)
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@registry_options
+@handled
+def delete(kind: str, name: str, namespace: str, registry_dir: str,
+           etcd_url: str | None) -> None:
+    """Delete one service or workload."""
+    k = _kind(kind)
+    backend = open_backend(registry_dir, etcd_url)
+    try:
+        apply_mod.delete(backend, k, namespace, name)
+    finally:
+        backend.close()
+    click.echo(f"{k.value} {namespace}/{name} deleted")
+
+
+__all__ = ["apply_cmd", "delete", "describe", "get", "register"]

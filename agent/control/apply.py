@@ -1,0 +1,144 @@
+"""Apply, register and delete: validated resources into one atomic commit.
+
+How this works: :func:`plan` is pure. Given the current stored items and the
+validated resources of one input, it allocates VIPs (keeping a service's VIP
+across re-applies; otherwise the lowest free address of the range), rejects
+duplicates and VIPs already taken, and returns the puts for a single commit.
+Any error rejects the whole input: nothing is written. :func:`apply` reads the
+backend, plans, and commits guarded on the revision it read, retrying a few
+times if another writer got in between (so two applies never share a VIP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from agent.control.backend import Backend
+from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
+from agent.control.model import (
+    Kind,
+    Service,
+    Workload,
+    health_key,
+    resource_key,
+    service_from_doc,
+    split_key,
+)
+from agent.control.validate import IpNetwork, Located
+
+COMMIT_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    puts: Mapping[str, str]
+    created: tuple[str, ...]  # "Kind ns/name" lines for the user
+    configured: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+def _dump(r: Service | Workload) -> str:
+    return json.dumps(r.to_doc(), sort_keys=True, separators=(",", ":"))
+
+
+def _label(r: Service | Workload) -> str:
+    kind = "Service" if isinstance(r, Service) else "Workload"
+    return f"{kind} {r.namespace}/{r.name}"
+
+
+def _hosts(net: IpNetwork) -> Iterator[str]:
+    first = int(net.network_address) + 1
+    last = int(net.broadcast_address) - (1 if net.version == 4 else 0)
+    for i in range(first, last + 1):
+        yield str(ipaddress.ip_address(i))
+
+
+def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNetwork) -> Plan:
+    existing: dict[str, Service] = {}
+    for key, value in items.items():
+        parts = split_key(key)
+        if parts is not None and parts[0] == "service":
+            try:
+                existing[key] = service_from_doc(json.loads(value))
+            except (ValueError, KeyError, TypeError):
+                continue
+    vip_owner = {s.vip: k for k, s in existing.items()}
+    seen: dict[str, Located] = {}
+    final: list[Service | Workload] = []
+    for loc in resources:
+        r = loc.resource
+        if r.key in seen:
+            first = seen[r.key]
+            raise InputError(f"{_label(r)} is defined twice (first at {first.file}:{first.line})",
+                             file=loc.file, line=loc.line, path="metadata.name")
+        seen[r.key] = loc
+        if isinstance(r, Service) and r.vip:
+            owner = vip_owner.get(r.vip)
+            if owner is not None and owner != r.key:
+                o = split_key(owner)
+                who = f"{o[1]}/{o[2]}" if o else owner
+                raise InputError(f"VIP {r.vip} is already taken by Service {who}",
+                                 file=loc.file, line=loc.line, path="spec.vip",
+                                 hint="leave spec.vip out to get a free one allocated")
+            vip_owner[r.vip] = r.key
+        final.append(r)
+    # Second pass: allocate after every explicit VIP of this input is known.
+    free = (a for a in _hosts(vip_range) if a not in vip_owner)
+    puts: dict[str, str] = {}
+    created: list[str] = []
+    configured: list[str] = []
+    unchanged: list[str] = []
+    for i, r in enumerate(final):
+        if isinstance(r, Service) and not r.vip:
+            old = existing.get(r.key)
+            if old is not None and ipaddress.ip_address(old.vip) in vip_range:
+                r = replace(r, vip=old.vip)
+            else:
+                vip = next(free, None)
+                if vip is None:
+                    loc = resources[i]
+                    raise InputError(f"no free VIP left in {vip_range}", file=loc.file,
+                                     line=loc.line, path="spec.vip",
+                                     hint="delete unused services or widen --vip-range")
+                r = replace(r, vip=vip)
+            vip_owner[r.vip] = r.key
+        value = _dump(r)
+        before = items.get(r.key)
+        (created if before is None else unchanged if before == value else configured).append(
+            _label(r))
+        puts[r.key] = value
+    return Plan(puts, tuple(created), tuple(configured), tuple(unchanged))
+
+
+def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) -> Plan:
+    """Validate against the current state and commit everything at once, or nothing."""
+    for _ in range(COMMIT_ATTEMPTS):
+        state = backend.read()
+        p = plan(state.items, resources, vip_range)
+        try:
+            backend.commit(p.puts, expect_revision=state.revision)
+            return p
+        except ConflictError:
+            continue
+    raise RegistryError(f"registry at {backend.location} kept changing during apply; "
+                        f"gave up after {COMMIT_ATTEMPTS} attempts")
+
+
+def delete(backend: Backend, kind: Kind, namespace: str, name: str) -> None:
+    for _ in range(COMMIT_ATTEMPTS):
+        state = backend.read()
+        key = resource_key(kind, namespace, name)
+        if key not in state.items:
+            raise NotFound(f"{kind.value} {namespace}/{name} not found in {backend.location}")
+        deletes = [key]
+        if kind == Kind.WORKLOAD:
+            deletes.append(health_key(namespace, name))
+        try:
+            backend.commit({}, deletes, expect_revision=state.revision)
+            return
+        except ConflictError:
+            continue
+    raise RegistryError(f"registry at {backend.location} kept changing during delete")

@@ -1,0 +1,239 @@
+"""The registry model: services, workloads, health checks, and their stored form.
+
+How this works: a :class:`Service` owns a VIP and ports and selects
+:class:`Workload` s by labels (every selector label must match). A workload
+carries its address, named ports, weight, locality, declared health and its
+health checks. Health *status* observed by the agents lives apart from the
+workload spec (see :mod:`agent.control.snapshot`), so a re-apply of a workload
+never erases it.
+
+All values are frozen, slotted dataclasses validated in ``__post_init__``; the
+stored form is canonical JSON (``to_doc`` / ``*_from_doc``) under keys built by
+:func:`resource_key`. Validation of *user* input with file/line/field paths is in
+:mod:`agent.control.validate`; here we only guard invariants.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "/nodemesh/registry/"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_VIP_RANGE = "10.96.0.0/16"
+
+NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z", re.ASCII)
+LABEL_KEY_RE = re.compile(r"([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z",
+                          re.ASCII)
+LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?\Z", re.ASCII)
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    HTTP = "http"
+    HTTP2 = "http2"
+    GRPC = "grpc"
+
+
+class Health(enum.StrEnum):
+    """Consul's check states. Passing and warning endpoints take traffic."""
+
+    PASSING = "passing"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Kind(enum.StrEnum):
+    SERVICE = "Service"
+    WORKLOAD = "Workload"
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str
+    port: int
+    target_port: int | str  # a number, or the name of a workload port
+    protocol: Protocol = Protocol.TCP
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, f"port {self.port} out of range 1-65535")
+        if isinstance(self.target_port, int):
+            _check(1 <= self.target_port <= 65535, f"targetPort {self.target_port} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    vip: str
+    ports: tuple[ServicePort, ...]
+    selector: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(NAME_RE.match(self.name)), f"bad service name {self.name!r}")
+        _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
+        if self.vip:  # "" = to be allocated by apply
+            ipaddress.ip_address(self.vip)
+
+    @property
+    def key(self) -> str:
+        return resource_key(Kind.SERVICE, self.namespace, self.name)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "namespace": self.namespace, "vip": self.vip,
+            "selector": dict(sorted(self.selector.items())),
+            "ports": [{"name": p.name, "port": p.port, "targetPort": p.target_port,
+                       "protocol": p.protocol.value} for p in self.ports],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    """One active health check (Consul semantics)."""
+
+    name: str
+    kind: str  # "http" or "tcp"
+    target: str  # URL for http, "host:port" for tcp
+    interval_s: float = 10.0
+    timeout_s: float = 10.0
+    success_before_passing: int = 0
+    failures_before_critical: int = 0
+    deregister_critical_after_s: float | None = None
+    initial_status: Health = Health.CRITICAL
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("http", "tcp"), f"unknown check kind {self.kind!r}")
+        _check(self.interval_s > 0, "interval must be > 0")
+        _check(self.timeout_s > 0, "timeout must be > 0")
+        _check(self.success_before_passing >= 0, "success_before_passing must be >= 0")
+        _check(self.failures_before_critical >= 0, "failures_before_critical must be >= 0")
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind, "target": self.target,
+            "intervalS": self.interval_s, "timeoutS": self.timeout_s,
+            "successBeforePassing": self.success_before_passing,
+            "failuresBeforeCritical": self.failures_before_critical,
+            "deregisterCriticalAfterS": self.deregister_critical_after_s,
+            "initialStatus": self.initial_status.value,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    namespace: str
+    address: str
+    node: str = ""
+    service_account: str = "default"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ports: Mapping[str, int] = field(default_factory=dict)  # port name -> number
+    weight: int = 1
+    locality: str = ""  # region/zone/subzone
+    health: Health = Health.PASSING  # declared; checks override it once they ran
+    checks: tuple[CheckSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(bool(NAME_RE.match(self.name)), f"bad workload name {self.name!r}")
+        _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
+        ipaddress.ip_address(self.address)
+        _check(1 <= self.weight <= 10000, f"weight {self.weight} out of range 1-10000")
+        for n, p in self.ports.items():
+            _check(1 <= p <= 65535, f"port {n}={p} out of range")
+
+    @property
+    def key(self) -> str:
+        return resource_key(Kind.WORKLOAD, self.namespace, self.name)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "namespace": self.namespace, "address": self.address,
+            "node": self.node, "serviceAccount": self.service_account,
+            "labels": dict(sorted(self.labels.items())),
+            "ports": dict(sorted(self.ports.items())), "weight": self.weight,
+            "locality": self.locality, "health": self.health.value,
+            "checks": [c.to_doc() for c in self.checks],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    """What an agent observed for one workload (all its checks combined)."""
+
+    status: Health
+    output: str = ""
+    since_s: float = 0.0  # wall-clock time of the last change
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"status": self.status.value, "output": self.output, "sinceS": self.since_s}
+
+
+def resource_key(kind: Kind | str, namespace: str, name: str) -> str:
+    return f"{PREFIX}{str(kind).lower()}/{namespace}/{name}"
+
+
+def health_key(namespace: str, workload: str) -> str:
+    return f"{PREFIX}health/{namespace}/{workload}"
+
+
+GUARD_KEY = f"{PREFIX}meta/guard"
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """'<PREFIX>workload/ns/name' -> ('workload', 'ns', 'name'); None for other keys."""
+    if not key.startswith(PREFIX):
+        return None
+    parts = key[len(PREFIX):].split("/")
+    if len(parts) != 3 or parts[0] not in ("service", "workload", "health"):
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """A service selects a workload when every selector label matches; empty selects none."""
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def service_from_doc(d: Mapping[str, Any]) -> Service:
+    return Service(
+        name=d["name"], namespace=d["namespace"], vip=d["vip"],
+        selector=dict(d.get("selector", {})),
+        ports=tuple(ServicePort(p["name"], int(p["port"]), p["targetPort"],
+                                Protocol(p["protocol"])) for p in d["ports"]),
+    )
+
+
+def check_from_doc(c: Mapping[str, Any]) -> CheckSpec:
+    return CheckSpec(
+        name=c["name"], kind=c["kind"], target=c["target"],
+        interval_s=float(c["intervalS"]), timeout_s=float(c["timeoutS"]),
+        success_before_passing=int(c["successBeforePassing"]),
+        failures_before_critical=int(c["failuresBeforeCritical"]),
+        deregister_critical_after_s=c.get("deregisterCriticalAfterS"),
+        initial_status=Health(c.get("initialStatus", "critical")),
+    )
+
+
+def workload_from_doc(d: Mapping[str, Any]) -> Workload:
+    return Workload(
+        name=d["name"], namespace=d["namespace"], address=d["address"],
+        node=d.get("node", ""), service_account=d.get("serviceAccount", "default"),
+        labels=dict(d.get("labels", {})), ports={k: int(v) for k, v in d.get("ports", {}).items()},
+        weight=int(d.get("weight", 1)), locality=d.get("locality", ""),
+        health=Health(d.get("health", "passing")),
+        checks=tuple(check_from_doc(c) for c in d.get("checks", [])),
+    )
+
+
+def health_from_doc(d: Mapping[str, Any]) -> HealthStatus:
+    return HealthStatus(Health(d["status"]), str(d.get("output", "")), float(d.get("sinceS", 0)))

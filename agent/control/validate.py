@@ -1,0 +1,402 @@
+"""Pure validation of user input: Kubernetes-style YAML into model objects.
+
+How this works: :func:`parse_yaml` composes the YAML into nodes (keeping line
+numbers), turns each document into plain Python values plus a map from field
+path (``spec.ports[0].port``) to line, and validates it strictly: unknown
+fields, wrong types, out-of-range values and bad addresses are rejected with an
+:class:`InputError` naming the file, the line, the field path and the reason.
+There is no I/O here: callers pass the text and the file name.
+
+A Service without ``spec.vip`` comes out with ``vip=""``; :mod:`agent.control.apply`
+allocates one from the configured range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from agent.control.errors import InputError
+from agent.control.model import (
+    DEFAULT_NAMESPACE,
+    LABEL_KEY_RE,
+    LABEL_VALUE_RE,
+    NAME_RE,
+    CheckSpec,
+    Health,
+    Protocol,
+    Service,
+    ServicePort,
+    Workload,
+)
+
+API_VERSION = "nodemesh.io/v1"
+KINDS = ("Service", "Workload")
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A validated resource and where it came from (for apply-time errors)."""
+
+    resource: Service | Workload
+    file: str
+    line: int
+
+
+class _Doc:
+    """One document: values plus field-path -> line, for error messages."""
+
+    def __init__(self, file: str, lines: dict[str, int], start_line: int):
+        self.file = file
+        self.lines = lines
+        self.start_line = start_line
+
+    def fail(self, path: str, reason: str, hint: str | None = None) -> InputError:
+        p = path
+        while p and p not in self.lines:
+            p = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", p)
+        return InputError(reason, file=self.file, line=self.lines.get(p, self.start_line),
+                          path=path, hint=hint)
+
+
+def _to_python(node: yaml.Node, path: str, lines: dict[str, int], file: str,
+               loader: yaml.SafeLoader) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                raise InputError("mapping keys must be plain strings", file=file,
+                                 line=k.start_mark.line + 1, path=path)
+            key = str(k.value)
+            if key in out:
+                raise InputError(f"duplicate field {key!r}", file=file,
+                                 line=k.start_mark.line + 1, path=f"{path}.{key}".lstrip("."))
+            out[key] = _to_python(v, f"{path}.{key}".lstrip("."), lines, file, loader)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, f"{path}[{i}]", lines, file, loader) for i, v in enumerate(node.value)]
+    return loader.construct_object(node)
+
+
+def parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
+    """All documents of one file, validated; the first error raises InputError."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
+                         line=None if mark is None else mark.line + 1) from e
+    except yaml.YAMLError as e:
+        raise InputError(f"invalid YAML: {e}", file=file) from e
+    out: list[Located] = []
+    loader = yaml.SafeLoader("")
+    for node in nodes:
+        if node is None:
+            continue
+        lines: dict[str, int] = {}
+        value = _to_python(node, "", lines, file, loader)
+        doc = _Doc(file, lines, node.start_mark.line + 1)
+        out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line))
+    if not out:
+        raise InputError("no documents found (expected YAML with apiVersion/kind)", file=file)
+    return out
+
+
+def parse_vip_range(text: str, where: str = "--vip-range") -> IpNetwork:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        hint = None
+        with contextlib.suppress(ValueError):
+            hint = f"did you mean {ipaddress.ip_network(text, strict=False)}?"
+        raise InputError(f"{text!r} is not a network in CIDR form: {e}", file=where,
+                         hint=hint) from e
+    if net.num_addresses < 4:
+        raise InputError(f"{text!r} is too small for service VIPs", file=where)
+    return net
+
+
+# -- field helpers -------------------------------------------------------------------
+
+def _map(doc: _Doc, v: Any, path: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise doc.fail(path, f"expected a mapping, got {_tname(v)}")
+    return v
+
+
+def _tname(v: Any) -> str:
+    return {type(None): "nothing", bool: "a boolean", int: "a number", float: "a number",
+            str: "a string", list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
+
+
+def _only(doc: _Doc, m: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> None:
+    for k in m:
+        if k not in allowed:
+            raise doc.fail(f"{path}.{k}".lstrip("."), f"unknown field {k!r}",
+                           hint=f"allowed here: {', '.join(allowed)}")
+
+
+def _str(doc: _Doc, m: Mapping[str, Any], key: str, path: str, *, required: bool = False,
+         default: str = "") -> str:
+    p = f"{path}.{key}".lstrip(".")
+    if key not in m or m[key] is None:
+        if required:
+            raise doc.fail(p, f"missing required field {key!r}")
+        return default
+    v = m[key]
+    if not isinstance(v, str):
+        raise doc.fail(p, f"expected a string, got {_tname(v)} {v!r}")
+    return v
+
+
+def _int(doc: _Doc, m: Mapping[str, Any], key: str, path: str, lo: int, hi: int, *,
+         required: bool = False, default: int = 0) -> int:
+    p = f"{path}.{key}".lstrip(".")
+    if key not in m or m[key] is None:
+        if required:
+            raise doc.fail(p, f"missing required field {key!r}")
+        return default
+    v = m[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise doc.fail(p, f"expected an integer, got {_tname(v)} {v!r}")
+    if not lo <= v <= hi:
+        raise doc.fail(p, f"{v} is out of range {lo}-{hi}")
+    return v
+
+
+def _name(doc: _Doc, v: str, path: str) -> str:
+    if not NAME_RE.match(v):
+        raise doc.fail(path, f"{v!r} is not a valid name (lowercase letters, digits and '-', "
+                             "at most 63, starting and ending with a letter or digit)")
+    return v
+
+
+def _labels(doc: _Doc, v: Any, path: str) -> dict[str, str]:
+    if v is None:
+        return {}
+    m = _map(doc, v, path)
+    out = {}
+    for k, val in m.items():
+        if not isinstance(val, str) or not LABEL_VALUE_RE.match(val):
+            raise doc.fail(f"{path}.{k}", f"label value {val!r} must be a string of up to 63 "
+                                          "letters, digits, '-', '_' or '.'")
+        if not LABEL_KEY_RE.match(k):
+            raise doc.fail(f"{path}.{k}", f"label key {k!r} is not valid")
+        out[k] = val
+    return out
+
+
+def _ip(doc: _Doc, v: str, path: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise doc.fail(path, f"{v!r} is not an IP address") from None
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)", re.ASCII)
+
+
+def parse_duration_s(text: str) -> float:
+    """Go/Consul durations: '10s', '1m30s', '500ms'; a bare number means seconds."""
+    if re.fullmatch(r"\d+(\.\d+)?", text, re.ASCII):
+        return float(text)
+    if not text or _DURATION_RE.sub("", text) != "":
+        raise ValueError(f"{text!r} is not a duration (like 10s, 1m30s, 500ms)")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in _DURATION_RE.findall(text))
+
+
+def _duration(doc: _Doc, m: Mapping[str, Any], key: str, path: str, default: float | None,
+              ) -> float | None:
+    p = f"{path}.{key}".lstrip(".")
+    if key not in m or m[key] is None:
+        return default
+    v = m[key]
+    try:
+        s = float(v) if isinstance(v, int | float) and not isinstance(v, bool) \
+            else parse_duration_s(str(v))
+    except ValueError as e:
+        raise doc.fail(p, str(e)) from None
+    if s <= 0:
+        raise doc.fail(p, f"duration must be positive, got {v!r}")
+    return s
+
+
+# -- documents -----------------------------------------------------------------------
+
+def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Service | Workload:
+    m = _map(doc, value, "")
+    _only(doc, m, "", ("apiVersion", "kind", "metadata", "spec"))
+    api = _str(doc, m, "apiVersion", "", required=True)
+    if api != API_VERSION:
+        raise doc.fail("apiVersion", f"unsupported apiVersion {api!r}",
+                       hint=f"use apiVersion: {API_VERSION}")
+    kind = _str(doc, m, "kind", "", required=True)
+    if kind not in KINDS:
+        raise doc.fail("kind", f"unknown kind {kind!r}", hint=f"known kinds: {', '.join(KINDS)}")
+    meta = _map(doc, m.get("metadata"), "metadata")
+    _only(doc, meta, "metadata", ("name", "namespace", "labels", "annotations"))
+    name = _name(doc, _str(doc, meta, "name", "metadata", required=True), "metadata.name")
+    ns = _name(doc, _str(doc, meta, "namespace", "metadata", default=DEFAULT_NAMESPACE),
+               "metadata.namespace")
+    labels = _labels(doc, meta.get("labels"), "metadata.labels")
+    if "spec" not in m:
+        raise doc.fail("spec", "missing required field 'spec'")
+    spec = _map(doc, m["spec"], "spec")
+    if kind == "Service":
+        return _service(doc, spec, name, ns, vip_range)
+    return _workload(doc, spec, name, ns, labels)
+
+
+def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpNetwork,
+             ) -> Service:
+    _only(doc, spec, "spec", ("vip", "selector", "ports"))
+    vip = _str(doc, spec, "vip", "spec")
+    if vip:
+        vip = _ip(doc, vip, "spec.vip")
+        if ipaddress.ip_address(vip) not in vip_range:
+            raise doc.fail("spec.vip", f"VIP {vip} is outside the service range {vip_range}",
+                           hint="leave spec.vip out to get one allocated")
+    ports_v = spec.get("ports")
+    if not isinstance(ports_v, list) or not ports_v:
+        raise doc.fail("spec.ports", "expected a non-empty list of ports")
+    ports: list[ServicePort] = []
+    for i, pv in enumerate(ports_v):
+        path = f"spec.ports[{i}]"
+        p = _map(doc, pv, path)
+        _only(doc, p, path, ("name", "port", "targetPort", "protocol"))
+        number = _int(doc, p, "port", path, 1, 65535, required=True)
+        proto_s = _str(doc, p, "protocol", path, default="tcp").lower()
+        try:
+            proto = Protocol(proto_s)
+        except ValueError:
+            raise doc.fail(f"{path}.protocol", f"unknown protocol {proto_s!r}",
+                           hint="one of: " + ", ".join(x.value for x in Protocol)) from None
+        pname = _str(doc, p, "name", path, default=f"{proto.value}-{number}")
+        target: int | str = number
+        if "targetPort" in p:
+            t = p["targetPort"]
+            if isinstance(t, str):
+                target = _name(doc, t, f"{path}.targetPort")
+            else:
+                target = _int(doc, p, "targetPort", path, 1, 65535)
+        if any(q.port == number for q in ports):
+            raise doc.fail(f"{path}.port", f"port {number} is listed twice")
+        if any(q.name == pname for q in ports):
+            raise doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
+        ports.append(ServicePort(pname, number, target, proto))
+    selector = _labels(doc, spec.get("selector"), "spec.selector")
+    return Service(name=name, namespace=ns, vip=vip, ports=tuple(ports), selector=selector)
+
+
+def _workload(doc: _Doc, spec: dict[str, Any], name: str, ns: str, labels: dict[str, str],
+              ) -> Workload:
+    _only(doc, spec, "spec", ("address", "node", "serviceAccount", "ports", "weight",
+                              "locality", "health", "checks"))
+    address = _ip(doc, _str(doc, spec, "address", "spec", required=True), "spec.address")
+    ports: dict[str, int] = {}
+    pv = spec.get("ports")
+    if isinstance(pv, dict):
+        for k in pv:
+            _name(doc, k, f"spec.ports.{k}")
+            ports[k] = _int(doc, pv, k, "spec.ports", 1, 65535)
+    elif isinstance(pv, list):
+        for i, item in enumerate(pv):
+            path = f"spec.ports[{i}]"
+            im = _map(doc, item, path)
+            _only(doc, im, path, ("name", "port"))
+            n = _int(doc, im, "port", path, 1, 65535, required=True)
+            pname = _name(doc, _str(doc, im, "name", path, default=f"port-{n}"), f"{path}.name")
+            ports[pname] = n
+    elif pv is not None:
+        raise doc.fail("spec.ports", f"expected a mapping name: port or a list, got {_tname(pv)}")
+    health_s = _str(doc, spec, "health", "spec", default="passing")
+    try:
+        health = Health(health_s)
+    except ValueError:
+        raise doc.fail("spec.health", f"unknown health {health_s!r}",
+                       hint="one of: passing, warning, critical") from None
+    checks_v = spec.get("checks") or []
+    if not isinstance(checks_v, list):
+        raise doc.fail("spec.checks", f"expected a list, got {_tname(checks_v)}")
+    checks = tuple(check_from_fields(doc, _map(doc, c, f"spec.checks[{i}]"), f"spec.checks[{i}]",
+                                     f"{name}-check-{i}") for i, c in enumerate(checks_v))
+    return Workload(
+        name=name, namespace=ns, address=address,
+        node=_str(doc, spec, "node", "spec"),
+        service_account=_name(doc, _str(doc, spec, "serviceAccount", "spec", default="default"),
+                              "spec.serviceAccount"),
+        labels=labels, ports=ports,
+        weight=_int(doc, spec, "weight", "spec", 1, 10000, default=1),
+        locality=_str(doc, spec, "locality", "spec"), health=health, checks=checks,
+    )
+
+
+# Consul's snake_case names and our camelCase ones, both accepted.
+_CHECK_FIELDS = {
+    "name": "name", "id": "id", "checkid": "id", "http": "http", "tcp": "tcp",
+    "interval": "interval", "timeout": "timeout", "status": "status", "notes": "notes",
+    "success_before_passing": "sbp", "successBeforePassing": "sbp",
+    "failures_before_critical": "fbc", "failuresBeforeCritical": "fbc",
+    "deregister_critical_service_after": "dcsa", "deregisterCriticalServiceAfter": "dcsa",
+}
+
+
+def check_from_fields(doc: _Doc, m: Mapping[str, Any], path: str, default_name: str,
+                      ) -> CheckSpec:
+    """One health check, from YAML or from a Consul definition (already a mapping)."""
+    f: dict[str, Any] = {}
+    orig: dict[str, str] = {}
+    for k, v in m.items():
+        if k not in _CHECK_FIELDS:
+            raise doc.fail(f"{path}.{k}", f"unsupported check field {k!r}",
+                           hint="supported: http, tcp, interval, timeout, status, "
+                                "success_before_passing, failures_before_critical, "
+                                "deregister_critical_service_after")
+        f[_CHECK_FIELDS[k]] = v
+        orig[_CHECK_FIELDS[k]] = k
+
+    def named(canon: str, fallback: str) -> tuple[dict[str, Any], str]:
+        key = orig.get(canon, fallback)
+        return {key: f.get(canon)}, key
+    kinds = [k for k in ("http", "tcp") if k in f]
+    if len(kinds) != 1:
+        raise doc.fail(path, "a check needs exactly one of 'http' or 'tcp'")
+    kind = kinds[0]
+    target = f[kind]
+    if not isinstance(target, str) or not target:
+        raise doc.fail(f"{path}.{kind}", f"expected a non-empty string, got {target!r}")
+    if kind == "http" and not re.match(r"https?://[^/\s]+", target, re.ASCII):
+        raise doc.fail(f"{path}.http", f"{target!r} is not an http:// or https:// URL")
+    if kind == "tcp" and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}", target,
+                                          re.ASCII):
+        raise doc.fail(f"{path}.tcp", f"{target!r} is not HOST:PORT")
+    keys = {"interval": "interval", "timeout": "timeout",
+            "dcsa": "deregister_critical_service_after"}
+    durations = {k: _duration(doc, *named(k, fb), path, None) for k, fb in keys.items()}
+    interval = durations["interval"]
+    if interval is None:
+        raise doc.fail(f"{path}.interval", "missing required field 'interval'")
+    status_s = str(f.get("status", "critical"))
+    try:
+        status = Health(status_s)
+    except ValueError:
+        raise doc.fail(f"{path}.status", f"unknown status {status_s!r}") from None
+    name = str(f.get("name") or f.get("id") or default_name)
+    return CheckSpec(
+        name=name, kind=kind, target=target, interval_s=interval,
+        timeout_s=durations["timeout"] or min(10.0, interval),
+        success_before_passing=_int(doc, *named("sbp", "success_before_passing"), path, 0, 1000),
+        failures_before_critical=_int(doc, *named("fbc", "failures_before_critical"), path,
+                                      0, 1000),
+        deregister_critical_after_s=durations["dcsa"], initial_status=status,
+    )
