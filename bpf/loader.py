@@ -121,7 +121,7 @@ def compile_programs(build: BuildConfig) -> Any:
             hint="run scripts/setup.sh (installs python3-bpfcc) and use .venv/bin/python",
         ) from None
     try:
-        return BPF(text=sources(), cflags=[f"-I{SOURCES_DIR}", *build.cflags()])
+        return BPF(text=sources().encode(), cflags=[f"-I{SOURCES_DIR}", *build.cflags()])
     except Exception as e:
         raise CompileError(
             f"BCC could not compile {SOURCES_DIR}/*.c: {e} (compiler messages above)",
@@ -137,7 +137,7 @@ def _fresh_install(build: BuildConfig, pin_dir: str, cgroup: str) -> None:
         progs = []
         for hook in HOOKS:
             try:
-                fn = module.load_func(hook.func, hook.prog_type, attach_type=hook.attach_type)
+                fn = module.load_func(hook.func.encode(), hook.prog_type, attach_type=hook.attach_type)
             except Exception as e:
                 raise CompileError(f"the kernel refused program {hook.func}: {e}") from None
             progs.append((hook, int(fn.fd)))
@@ -147,7 +147,7 @@ def _fresh_install(build: BuildConfig, pin_dir: str, cgroup: str) -> None:
                                               f"attach {hook.func} to {cgroup}")))
         os.makedirs(pin_dir)
         for name in MAP_NAMES:
-            syscall.obj_pin(int(module[name].map_fd), pins.map_pin(pin_dir, name))
+            syscall.obj_pin(int(module[name.encode()].map_fd), pins.map_pin(pin_dir, name))
         for path, lfd in links:  # last: a directory with every link pin is complete
             syscall.obj_pin(lfd, path)
     finally:

@@ -21,6 +21,8 @@ def cli() -> None:
 
 cli.add_command(testbed)
 cli.add_command(check)
+cli.add_command(__import__("agent.cli.dataplane", fromlist=["status"]).status)
+cli.add_command(__import__("agent.cli.dataplane", fromlist=["uninstall"]).uninstall)
 cli.add_command(apply_cmd)
 cli.add_command(register)
 cli.add_command(get)
