@@ -31,6 +31,7 @@ import json
 import queue
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -132,7 +133,8 @@ class _WatchStream:
                             if key in deletes:
                                 deletes.remove(key)
                     self.q.put(("events", Events(rev, puts, tuple(deletes))))
-        except (OSError, ValueError, http.client.HTTPException) as e:
+        except (OSError, ValueError, KeyError, AttributeError, http.client.HTTPException) as e:
+            # AttributeError: http.client's reader after close() from another thread
             if not self._closed:
                 self.q.put(("error", f"watch stream failed: {e}"))
 
@@ -221,12 +223,14 @@ class EtcdBackend:
             self._watch = _WatchStream(self._host, self._port, self.url, after_revision + 1,
                                        self._timeout_s)
             self._watch_revision = after_revision
-        try:
-            kind, value = self._watch.q.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-        if kind == "created":
-            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                kind, value = self._watch.q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if kind != "created":
+                break
         if kind == "events":
             assert isinstance(value, Events)
             self._watch_revision = value.revision

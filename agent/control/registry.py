@@ -35,6 +35,7 @@ class RegistryStatus:
     stale_since_s: float | None  # monotonic clock
     last_error: str
     snapshots_built: int
+    full_reads: int  # initial read, compactions (etcd), every change (embedded)
 
 
 class Registry:
@@ -51,6 +52,7 @@ class Registry:
         self._stale_since: float | None = None
         self._last_error = ""
         self._built = 0
+        self._full_reads = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,7 +67,7 @@ class Registry:
 
     def status(self) -> RegistryStatus:
         return RegistryStatus(self._snapshot.revision, self.stale, self._stale_since,
-                              self._last_error, self._built)
+                              self._last_error, self._built, self._full_reads)
 
     def step(self, timeout_s: float | None = None) -> bool:
         """One read or watch call; True when the backend answered."""
@@ -86,6 +88,7 @@ class Registry:
             return False
         if change is not None:
             if isinstance(change, Reset):
+                self._full_reads += 1
                 self._builder.reset(change.items)
             else:
                 self._builder.apply(change.puts, change.deletes)
