@@ -1,0 +1,100 @@
+"""Where does a captured connection go? Pure decisions over a registry snapshot.
+
+How this works: :class:`Directory` indexes one snapshot by address once (the
+snapshot is immutable, so the index is built when a new snapshot arrives, not
+per connection). :func:`decide` takes the original destination the eBPF
+programs recorded and returns a :class:`Route`: the service and its healthy
+endpoints when the destination is a service VIP, the one workload when it is a
+pod address, or a :class:`RouteError` naming why not. Endpoint choice is
+:mod:`agent.dataplane.lb`'s job; connecting is the proxy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from agent.control.model import Health, Service, Workload
+from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
+from agent.dataplane.lb import Policy
+
+
+class RouteError(Exception):
+    """No route; ``flag`` is the Istio-style response flag for metrics and logs."""
+
+    def __init__(self, message: str, flag: str) -> None:
+        super().__init__(message)
+        self.flag = flag
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    service: Service | None  # None when the app dialled a pod address directly
+    port: int  # the port the app dialled
+    endpoints: tuple[Endpoint, ...]
+    policy: Policy
+
+    @property
+    def service_key(self) -> str:
+        return f"{self.service.namespace}/{self.service.name}" if self.service else ""
+
+    @property
+    def service_host(self) -> str:
+        """Istio's destination_service label: <name>.<namespace>.svc.cluster.local."""
+        return (
+            f"{self.service.name}.{self.service.namespace}.svc.cluster.local" if self.service else "unknown"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """One snapshot, indexed by workload address."""
+
+    snapshot: Snapshot
+    by_address: Mapping[str, Workload]
+
+    @classmethod
+    def build(cls, snapshot: Snapshot) -> Directory:
+        idx: dict[str, Workload] = {}
+        for w in snapshot.workloads.values():
+            idx[w.address] = w
+        return cls(snapshot, MappingProxyType(idx))
+
+    def workload_at(self, address: str) -> Workload | None:
+        return self.by_address.get(address)
+
+    def local_workload_at(self, address: str, node: str) -> Workload | None:
+        w = self.by_address.get(address)
+        return w if w is not None and w.node == node else None
+
+
+def policy_of(service: Service) -> Policy:
+    text = getattr(service, "lb_policy", "") or Policy.ROUND_ROBIN.value
+    return Policy.parse(str(text))
+
+
+def decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
+    snap = directory.snapshot
+    svc = snap.service_by_vip(dst_address)
+    if svc is not None:
+        if not any(p.port == dst_port for p in svc.ports):
+            raise RouteError(
+                f"service {svc.namespace}/{svc.name} ({dst_address}) has no port {dst_port}", flag="NR"
+            )
+        eps = healthy_endpoints(snap, svc, dst_port)
+        if not eps:
+            raise RouteError(f"service {svc.namespace}/{svc.name} has no healthy endpoint", flag="UH")
+        return Route(svc, dst_port, eps, policy_of(svc))
+    w = directory.workload_at(dst_address)
+    if w is not None:
+        health = snap.effective_health(w.namespace, w.name)
+        ep = Endpoint(
+            w.namespace, w.name, w.address, dst_port, w.weight, w.locality, w.node, w.service_account, health
+        )
+        return Route(None, dst_port, (ep,), Policy.ROUND_ROBIN)
+    raise RouteError(f"{dst_address}:{dst_port} is neither a service VIP nor a known workload", flag="NR")
+
+
+def is_healthy(e: Endpoint) -> bool:
+    return e.health != Health.CRITICAL

@@ -1,0 +1,126 @@
+"""Prometheus metrics with Istio's names and labels, plus nodemesh internals.
+
+How this works: :class:`MeshMetrics` owns the metric families on an injected
+``CollectorRegistry`` (tests get their own). The proxy reports one
+:class:`ConnLabels` per connection; label values come from the registry
+(workloads, services) and from verified identities, so their number is
+bounded by what is deployed. Kernel counters (eBPF) are read at scrape time by
+a collector (:class:`CallbackCollector`), never polled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+ISTIO_TCP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_service",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "connection_security_policy",
+    "response_flags",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnLabels:
+    reporter: str  # "source" (outbound) or "destination" (inbound)
+    source_workload: str = "unknown"
+    source_workload_namespace: str = "unknown"
+    source_principal: str = "unknown"
+    destination_service: str = "unknown"
+    destination_workload: str = "unknown"
+    destination_workload_namespace: str = "unknown"
+    destination_principal: str = "unknown"
+    connection_security_policy: str = "unknown"  # mutual_tls | none
+    response_flags: str = "-"
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(getattr(self, k) for k in ISTIO_TCP_LABELS)
+
+
+class MeshMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.tcp_opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", ISTIO_TCP_LABELS, registry=registry
+        )
+        self.tcp_closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", ISTIO_TCP_LABELS, registry=registry
+        )
+        self.tcp_sent = Counter(
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the client during TCP connections",
+            ISTIO_TCP_LABELS,
+            registry=registry,
+        )
+        self.tcp_received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received by the client during TCP connections",
+            ISTIO_TCP_LABELS,
+            registry=registry,
+        )
+        self.tunnel_rejections = Counter(
+            "nodemesh_tunnel_rejections",
+            "Inbound tunnel connections or streams refused, by reason",
+            ("reason",),
+            registry=registry,
+        )
+        self.outbound_failures = Counter(
+            "nodemesh_outbound_failures",
+            "Captured connections that could not be served, by flag",
+            ("response_flags",),
+            registry=registry,
+        )
+        self.tunnel_pool = Gauge(
+            "nodemesh_tunnel_pool_connections", "Open pooled HBONE connections", registry=registry
+        )
+        self.active = Gauge(
+            "nodemesh_active_connections", "Connections being relayed now", ("direction",), registry=registry
+        )
+
+    def opened(self, labels: ConnLabels) -> None:
+        self.tcp_opened.labels(*labels.values()).inc()
+
+    def closed(self, labels: ConnLabels, sent_bytes: int, received_bytes: int) -> None:
+        v = labels.values()
+        self.tcp_closed.labels(*v).inc()
+        if sent_bytes:
+            self.tcp_sent.labels(*v).inc(sent_bytes)
+        if received_bytes:
+            self.tcp_received.labels(*v).inc(received_bytes)
+
+
+class CallbackCollector(Collector):
+    """Turns a callable returning {name: value} into metric families at scrape time."""
+
+    def __init__(
+        self, prefix: str, read: Callable[[], dict[str, int]], *, kind: str = "counter", doc: str = ""
+    ) -> None:
+        self.prefix = prefix
+        self.read = read
+        self.kind = kind
+        self.doc = doc
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            values = self.read()
+        except Exception:
+            return []
+        out: list[Metric] = []
+        for name, value in sorted(values.items()):
+            full = f"{self.prefix}_{name}"
+            if self.kind == "counter":
+                out.append(CounterMetricFamily(full, self.doc or full, value=value))
+            else:
+                out.append(GaugeMetricFamily(full, self.doc or full, value=value))
+        return out
