@@ -241,7 +241,7 @@ class EtcdBackend:
             state = self.read()  # history is gone: start over from a full read
             self._watch_revision = state.revision
             return state
-        raise BackendUnavailable(f"etcd at {self.url}: {value}")
+        raise BackendUnavailable(f"etcd at {self.url} is unreachable: {value}")
 
     def close(self) -> None:
         if self._watch is not None:
