@@ -243,7 +243,7 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Service | 
     kind = _str(doc, m, "kind", "", required=True)
     if kind not in KINDS:
         raise doc.fail("kind", f"unknown kind {kind!r}", hint=f"known kinds: {', '.join(KINDS)}")
-    meta = _map(doc, m.get("metadata"), "metadata")
+    meta = _map(doc, m.get("metadata") or {}, "metadata")
     _only(doc, meta, "metadata", ("name", "namespace", "labels", "annotations"))
     name = _name(doc, _str(doc, meta, "name", "metadata", required=True), "metadata.name")
     ns = _name(doc, _str(doc, meta, "namespace", "metadata", default=DEFAULT_NAMESPACE),
