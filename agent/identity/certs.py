@@ -146,9 +146,9 @@ class WorkloadCert:
     """
 
     spiffe_id: SpiffeId
-    cert_pem: bytes
+    cert_pem: bytes = field(repr=False)
     key_pem: bytes = field(repr=False)
-    chain_pem: tuple[bytes, ...]
+    chain_pem: tuple[bytes, ...] = field(repr=False)
     not_before: datetime
     not_after: datetime
     serial: int

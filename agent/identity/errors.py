@@ -75,6 +75,7 @@ class RejectReason(enum.StrEnum):
     WRONG_TRUST_DOMAIN = "wrong_trust_domain"
     WRONG_KIND = "wrong_kind"
     UNEXPECTED_IDENTITY = "unexpected_identity"
+    UNKNOWN_SNI = "unknown_sni"
     HANDSHAKE_FAILED = "handshake_failed"
 
 
