@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bpf import loader, pins
 from bpf.config import SOURCES_DIR, BuildConfig, CaptureConfig, RedirectTarget
-from bpf.errors import BpfConfigError, NotInstalledError
+from bpf.errors import BpfConfigError, CompileError, NotInstalledError
 from bpf.layout import (
     COUNTERS,
     HOOKS,
@@ -161,3 +161,14 @@ def test_attach_cgroup_is_checked() -> None:
         loader.resolve_cgroup("nodemesh-no-such-cgroup-xyz")
     with pytest.raises(BpfConfigError, match="root cgroup"):
         loader.resolve_cgroup(loader._cgroup2_mount())
+
+
+def test_missing_kernel_headers_say_what_and_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.uname()
+    fake = os.uname_result((real.sysname, real.nodename, "0.0.0-nodemesh-none",
+                            real.version, real.machine))
+    monkeypatch.setattr(os, "uname", lambda: fake)
+    with pytest.raises(CompileError) as e:
+        loader.compile_programs(BuildConfig())
+    assert "0.0.0-nodemesh-none" in e.value.message and "headers" in e.value.message
+    assert e.value.hint is not None and "scripts/setup.sh" in e.value.hint
