@@ -108,7 +108,7 @@ class _IdentityContext(ssl.SSLContext):
     nodemesh_fingerprint: str = ""
 
 
-def _configure(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
+def configure(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
@@ -121,7 +121,12 @@ def _configure(ctx: ssl.SSLContext, bundle: TrustBundle) -> None:
 
 
 def _load_cert(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
-    data = cert.cert_pem + cert.key_pem
+    load_pem_pair(ctx, cert.cert_pem, cert.key_pem, what=f"cert for {cert.spiffe_id}")
+
+
+def load_pem_pair(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes, *, what: str) -> None:
+    """Load a cert and its key into ``ctx`` from memory (a memfd; nothing touches the disk)."""
+    data = cert_pem + key_pem
     fd = os.memfd_create("nodemesh-identity", os.MFD_CLOEXEC)
     try:
         view = memoryview(data)
@@ -129,7 +134,7 @@ def _load_cert(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
             view = view[os.write(fd, view):]
         ctx.load_cert_chain(f"/proc/self/fd/{fd}")
     except ssl.SSLError as e:
-        raise IdentityError(f"cert for {cert.spiffe_id}: OpenSSL refused cert or key ({e})") from None
+        raise IdentityError(f"{what}: OpenSSL refused cert or key ({e})") from None
     finally:
         os.close(fd)
 
@@ -137,7 +142,7 @@ def _load_cert(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
 def identity_context(cert: WorkloadCert, bundle: TrustBundle, *, server_side: bool) -> ssl.SSLContext:
     """A context that presents ``cert``; the building block of both sides."""
     ctx = _IdentityContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
-    _configure(ctx, bundle)
+    configure(ctx, bundle)
     if server_side:
         ctx.num_tickets = 0  # tunnels are pooled; resumption would only skip our verify
     _load_cert(ctx, cert)
@@ -192,7 +197,7 @@ class ServerContexts:
 
     def _listening_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        _configure(ctx, self._bundle)
+        configure(ctx, self._bundle)
         ctx.num_tickets = 0
         ctx.sni_callback = self._on_sni
         return ctx
