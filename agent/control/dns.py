@@ -146,8 +146,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a DatagramTransport
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self.server._spawn(self._handle(data, addr))
