@@ -1,0 +1,154 @@
+"""Pool of HBONE connections: one TLS connection carries many app connections.
+
+How this works: connections are keyed by (source identity, destination
+identity, destination node address), since the client certificate is the
+source workload's and the server certificate the destination workload's
+(DESIGN §6). :meth:`TunnelPool.open_stream` reuses a live connection with room
+for another stream, or dials one — a per-key lock makes concurrent callers
+share a single new dial instead of each paying a handshake. Dead connections
+are dropped on use; idle ones are closed by :meth:`reap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from agent.dataplane.h2.connection import H2Config, Headers
+from agent.dataplane.tunnel import TunnelConnection, TunnelError, TunnelStream
+from agent.identity.certs import WorkloadCert
+from agent.identity.errors import PeerRejected
+from agent.identity.spiffe import SpiffeId
+from agent.identity.tls import ClientContexts, connect_tls
+
+log = logging.getLogger(__name__)
+
+HBONE_PORT = 15008
+
+
+CertSource = Callable[[SpiffeId], Awaitable[WorkloadCert]]
+"""The current certificate of a local workload identity (issued or renewed on demand),
+e.g. :meth:`agent.identity.store.CertManager.ensure`."""
+
+
+PoolKey = tuple[SpiffeId, SpiffeId, str, int]
+
+
+@dataclass(slots=True)
+class _Entry:
+    conns: list[TunnelConnection] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_used: float = 0.0
+
+
+class TunnelPool:
+    def __init__(
+        self,
+        certs: CertSource,
+        contexts: ClientContexts,
+        *,
+        connect_timeout_s: float = 5.0,
+        max_streams_per_conn: int = 100,
+        idle_timeout_s: float = 300.0,
+        h2_config: H2Config | None = None,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
+        self.certs = certs
+        self.contexts = contexts
+        self.connect_timeout_s = connect_timeout_s
+        self.max_streams_per_conn = max_streams_per_conn
+        self.idle_timeout_s = idle_timeout_s
+        self.h2_config = h2_config or H2Config(client=True)
+        self._entries: dict[PoolKey, _Entry] = {}
+        self._on_change = on_change
+        self.dials = 0
+
+    @property
+    def size(self) -> int:
+        return sum(len(e.conns) for e in self._entries.values())
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.size)
+
+    def _usable(self, entry: _Entry) -> TunnelConnection | None:
+        entry.conns = [c for c in entry.conns if not c.closed]
+        for c in entry.conns:
+            if c.can_open() and c.active_streams < self.max_streams_per_conn:
+                return c
+        return None
+
+    async def open_stream(
+        self,
+        source: SpiffeId,
+        destination: SpiffeId,
+        node_address: str,
+        headers: Headers,
+        port: int = HBONE_PORT,
+    ) -> TunnelStream:
+        key = (source, destination, node_address, port)
+        entry = self._entries.setdefault(key, _Entry())
+        entry.last_used = time.monotonic()
+        conn = self._usable(entry)
+        if conn is None:
+            async with entry.lock:
+                conn = self._usable(entry)
+                if conn is None:
+                    conn = await self._dial(source, destination, node_address, port)
+                    entry.conns.append(conn)
+                    self._changed()
+        try:
+            return await conn.open_stream(headers)
+        except TunnelError:
+            if conn.closed:
+                self._changed()
+            raise
+
+    async def _dial(self, source: SpiffeId, destination: SpiffeId, host: str, port: int) -> TunnelConnection:
+        try:
+            reader, writer, _peer = await connect_tls(
+                host,
+                port,
+                source=await self.certs(source),
+                destination=destination,
+                contexts=self.contexts,
+                timeout_s=self.connect_timeout_s,
+            )
+        except TimeoutError:
+            raise TunnelError(f"connect to {host}:{port} timed out after {self.connect_timeout_s}s") from None
+        except PeerRejected as e:
+            raise TunnelError(f"tunnel peer {host}:{port} refused: {e} ({e.reason})") from e
+        except OSError as e:
+            raise TunnelError(f"cannot reach tunnel {host}:{port}: {e}") from e
+        self.dials += 1
+        return TunnelConnection(reader, writer, client=True, config=self.h2_config, name=f"{host}:{port}")
+
+    async def reap(self) -> int:
+        """Close connections idle (no stream) for longer than the idle timeout."""
+        now = time.monotonic()
+        closed = 0
+        for key, entry in list(self._entries.items()):
+            if now - entry.last_used < self.idle_timeout_s:
+                continue
+            for c in list(entry.conns):
+                if c.active_streams == 0:
+                    await c.close()
+                    entry.conns.remove(c)
+                    closed += 1
+            if not entry.conns:
+                del self._entries[key]
+        if closed:
+            self._changed()
+        return closed
+
+    async def close(self) -> None:
+        for entry in self._entries.values():
+            for c in entry.conns:
+                with contextlib.suppress(Exception):
+                    await c.close()
+        self._entries.clear()
+        self._changed()

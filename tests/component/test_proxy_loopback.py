@@ -1,0 +1,248 @@
+"""The node proxy's whole path on loopback: outbound → pooled HBONE mTLS → inbound → pod."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+from collections import Counter
+from datetime import UTC, datetime
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+from agent.identity.ca import MeshCA
+from agent.identity.clock import SystemClock
+from agent.identity.spiffe import SpiffeId, sni_name
+from agent.identity.store import CertManager, LocalIssuer
+from agent.identity.tls import ClientContexts
+from tests.component.harness import (
+    TD,
+    VIP,
+    build_snapshot,
+    client_exchange,
+    echo_server,
+    two_node_mesh,
+    web_service,
+    workload,
+)
+
+WEB = {"app": "web"}
+
+
+def mesh_workloads(n_web: int = 2) -> list:
+    ws = [workload("client", "127.0.0.5", "n1", sa="client")]
+    ws += [workload(f"web-{i}", f"127.0.0.{10 + i}", "n2", sa="web", labels=WEB) for i in range(1, n_web + 1)]
+    return ws
+
+
+def metric(node, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in node.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_vip_connection_crosses_the_tunnel_and_is_load_balanced() -> None:
+    async def main() -> None:
+        pods = [await echo_server(f"127.0.0.{10 + i}", 9000, f"web-{i}") for i in (1, 2)]
+        async with two_node_mesh(mesh_workloads(), [web_service()]) as mesh:
+            mesh.original_dst[("127.0.0.5", 0)] = (VIP, 80)
+            n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+            answers = [await client_exchange("127.0.0.5", n1.outbound_port, b"hi %d" % i) for i in range(10)]
+            who = Counter(a.split(b":")[0].decode() for a in answers)
+            assert who == {"web-1": 5, "web-2": 5}  # ROUND_ROBIN
+            assert all(a.endswith(b"hi %d" % i) for i, a in enumerate(answers))
+            # ten app connections, one TLS connection: the pool reuses the tunnel
+            assert n1.outbound.pool.dials == 1
+            # Istio metrics on both sides, with verified identities as principals
+            src = f"spiffe://{TD}/ns/default/sa/client"
+            dst = f"spiffe://{TD}/ns/default/sa/web"
+            assert (
+                metric(
+                    n1,
+                    "istio_tcp_connections_opened_total",
+                    reporter="source",
+                    source_principal=src,
+                    destination_principal=dst,
+                    destination_service="web.default.svc.cluster.local",
+                    connection_security_policy="mutual_tls",
+                )
+                == 10
+            )
+            await asyncio.sleep(0.05)
+            assert (
+                metric(
+                    n2,
+                    "istio_tcp_connections_closed_total",
+                    reporter="destination",
+                    source_principal=src,
+                    destination_workload="web-1",
+                )
+                == 5
+            )
+            assert metric(n1, "istio_tcp_sent_bytes_total", reporter="source") == sum(
+                len(b"hi %d" % i) for i in range(10)
+            )
+        for p in pods:
+            p.close()
+
+    asyncio.run(main())
+
+
+def test_large_transfer_is_byte_identical_and_half_close_works() -> None:
+    async def main() -> None:
+        async def sha_pod(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            h = hashlib.sha256()
+            n = 0
+            while chunk := await r.read(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+            # the client already shut its write side; the reply still gets through
+            w.write(f"{n} {h.hexdigest()}".encode())
+            await w.drain()
+            w.close()
+
+        pod = await asyncio.start_server(sha_pod, "127.0.0.11", 9000)
+        async with two_node_mesh(mesh_workloads(1), [web_service()]) as mesh:
+            mesh.original_dst[("127.0.0.5", 0)] = (VIP, 80)
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", mesh.nodes["n1"].outbound_port, local_addr=("127.0.0.5", 0)
+            )
+            h = hashlib.sha256()
+            block = bytes(range(256)) * 4096  # 1 MiB
+            total = 64 * len(block)
+            for i in range(64):
+                chunk = block[i:] + block[:i]
+                h.update(chunk)
+                w.write(chunk)
+                await w.drain()
+            w.write_eof()
+            reply = await asyncio.wait_for(r.read(), 30)
+            assert reply.decode() == f"{total} {h.hexdigest()}"
+            w.close()
+        pod.close()
+
+    asyncio.run(main())
+
+
+def test_dead_endpoint_is_skipped_within_the_attempt_budget() -> None:
+    async def main() -> None:
+        pod = await echo_server("127.0.0.12", 9000, "web-2")  # web-1 (127.0.0.11) has no listener
+        async with two_node_mesh(mesh_workloads(), [web_service()]) as mesh:
+            mesh.original_dst[("127.0.0.5", 0)] = (VIP, 80)
+            answers = [
+                await client_exchange("127.0.0.5", mesh.nodes["n1"].outbound_port, b"x") for _ in range(6)
+            ]
+            assert all(a == b"web-2:x" for a in answers)
+            assert (
+                metric(mesh.nodes["n2"], "nodemesh_tunnel_rejections_total", reason="upstream_connect_failed")
+                >= 1
+            )
+        pod.close()
+
+    asyncio.run(main())
+
+
+def _h2_client_ctx(ca: MeshCA, sid: SpiffeId) -> ssl.SSLContext:
+    cert = ca.issue(sid, now=datetime.now(UTC))
+    ctx = ClientContexts(ca.bundle, trust_domain=TD).get(cert)
+    return ctx
+
+
+def test_independent_h2_client_interoperates_with_inbound() -> None:
+    """The `h2` library (not our framing) opens CONNECT streams through our inbound."""
+
+    async def main() -> None:
+        pod = await echo_server("127.0.0.11", 9000, "web-1")
+        async with two_node_mesh(mesh_workloads(1), [web_service()]) as mesh:
+            port = mesh.nodes["n2"].hbone_port
+            ctx = _h2_client_ctx(mesh.ca, SpiffeId(TD, "default", "client"))
+            r, w = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname=sni_name(SpiffeId(TD, "default", "web"))
+            )
+            conn = h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+            )
+            conn.initiate_connection()
+            ok = conn.get_next_available_stream_id()
+            conn.send_headers(ok, [(":method", "CONNECT"), (":authority", "127.0.0.11:9000")])
+            conn.send_data(ok, b"via h2", end_stream=True)
+            bad = conn.get_next_available_stream_id()
+            conn.send_headers(
+                bad, [(":method", "CONNECT"), (":authority", "127.0.0.99:9000")], end_stream=True
+            )
+            w.write(conn.data_to_send())
+            statuses: dict[int, str] = {}
+            body = b""
+            ended: set[int] = set()
+            async with asyncio.timeout(10):
+                while len(ended) < 2:
+                    data = await r.read(65536)
+                    assert data
+                    for ev in conn.receive_data(data):
+                        if isinstance(ev, h2.events.ResponseReceived):
+                            statuses[ev.stream_id] = dict(ev.headers)[":status"]
+                        elif isinstance(ev, h2.events.DataReceived):
+                            body += ev.data
+                            conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                        elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                            ended.add(ev.stream_id)
+                    w.write(conn.data_to_send())
+            assert statuses == {ok: "200", bad: "400"}  # not a local workload: 4xx on that stream only
+            assert body == b"web-1:via h2"
+            w.close()
+        pod.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("case", ["other_trust_domain", "unknown_ca"])
+def test_foreign_client_certificates_are_refused_and_counted(case: str) -> None:
+    async def main() -> None:
+        async with two_node_mesh(mesh_workloads(1), [web_service()]) as mesh:
+            port = mesh.nodes["n2"].hbone_port
+            if case == "other_trust_domain":
+                foreign = MeshCA.create("evil.example", now=datetime.now(UTC))
+                sid = SpiffeId("evil.example", "default", "client")
+            else:
+                foreign = MeshCA.create(TD, now=datetime.now(UTC))  # same name, different key
+                sid = SpiffeId(TD, "default", "client")
+            certs = CertManager(LocalIssuer(foreign), SystemClock())
+            cert = await certs.ensure(sid)
+            ctx = ClientContexts(mesh.ca.bundle, trust_domain=TD).get(cert)
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+                r, w = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=ctx, server_hostname=sni_name(SpiffeId(TD, "default", "web"))
+                )
+                w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                await w.drain()
+                data = await asyncio.wait_for(r.read(100), 5)
+                if not data:
+                    raise ConnectionError("closed by the server")
+            await asyncio.sleep(0.05)
+            assert metric(mesh.nodes["n2"], "nodemesh_tunnel_rejections_total", reason="unknown_ca") == 1
+
+    asyncio.run(main())
+
+
+def test_snapshot_without_the_source_workload_refuses_and_counts() -> None:
+    async def main() -> None:
+        async with two_node_mesh(mesh_workloads(1), [web_service()]) as mesh:
+            mesh.original_dst[("127.0.0.6", 0)] = (VIP, 80)  # an enrolled pod nobody registered
+            # refused with a reset, as a connection to a closed port would be
+            with pytest.raises(ConnectionResetError):
+                await client_exchange("127.0.0.6", mesh.nodes["n1"].outbound_port, b"x")
+            assert metric(mesh.nodes["n1"], "nodemesh_outbound_failures_total", response_flags="UAEX") == 1
+            # once registered, the same pod is served
+            pod = await echo_server("127.0.0.11", 9000, "web-1")
+            ws = [*mesh_workloads(1), workload("late", "127.0.0.6", "n1", sa="late")]
+            mesh.set_snapshot(build_snapshot([web_service()], ws, revision=2))
+            assert await client_exchange("127.0.0.6", mesh.nodes["n1"].outbound_port, b"x") == b"web-1:x"
+            pod.close()
+
+    asyncio.run(main())
