@@ -21,6 +21,7 @@ def cli() -> None:
 
 cli.add_command(testbed)
 cli.add_command(check)
+cli.add_command(__import__("agent.cli.ca", fromlist=["ca"]).ca)
 cli.add_command(__import__("agent.cli.dataplane", fromlist=["status"]).status)
 cli.add_command(__import__("agent.cli.dataplane", fromlist=["uninstall"]).uninstall)
 cli.add_command(apply_cmd)

@@ -66,9 +66,11 @@ def make_root(trust_domain_uri: str, *, now: datetime, validity_s: int = ROOT_VA
     now = aware(now)
     key = key or new_key()
     td = trust_domain_uri.removeprefix("spiffe://")
+    serial = _serial()
+    # a distinct name per root, so old and new roots of a rotation never share an issuer name
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORG),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"nodemesh root CA {td} {now:%Y-%m-%d}"[:64]),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"nodemesh root {serial:032x}"[:30] + f" {td}"[:34]),
     ])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
@@ -76,7 +78,7 @@ def make_root(trust_domain_uri: str, *, now: datetime, validity_s: int = ROOT_VA
         .subject_name(name)
         .issuer_name(name)
         .public_key(key.public_key())
-        .serial_number(_serial())
+        .serial_number(serial)
         .not_valid_before(now - timedelta(seconds=DEFAULT_BACKDATE_S))
         .not_valid_after(now + timedelta(seconds=validity_s))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
