@@ -112,7 +112,7 @@ def verify_leaf(chain_der: Sequence[bytes], bundle: TrustBundle, *, now: datetim
     root_tds = bundle.trust_domains(root)
     if root_tds and td not in root_tds:
         raise _reject(RejectReason.WRONG_TRUST_DOMAIN,
-                      f"{_who(leaf)}: signed by the root of {root_tds}, which may not sign for {td!r}")
+                      f"{_who(leaf)}: expected trust domain {root_tds[0]!r} of its signing root, got {td!r}")
     return uris[0], td, segs
 
 
