@@ -223,10 +223,11 @@ class EtcdBackend:
             self._watch = _WatchStream(self._host, self._port, self.url, after_revision + 1,
                                        self._timeout_s)
             self._watch_revision = after_revision
+        watch = self._watch
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                kind, value = self._watch.q.get(timeout=max(0.0, deadline - time.monotonic()))
+                kind, value = watch.q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return None
             if kind != "created":
@@ -235,8 +236,9 @@ class EtcdBackend:
             assert isinstance(value, Events)
             self._watch_revision = value.revision
             return value
-        self._watch.close()
-        self._watch = None
+        watch.close()
+        if self._watch is watch:
+            self._watch = None
         if kind == "compacted":
             state = self.read()  # history is gone: start over from a full read
             self._watch_revision = state.revision

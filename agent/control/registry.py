@@ -139,7 +139,7 @@ class Registry:
 
     def stop(self) -> None:
         self._stop.set()
-        self.backend.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        self.backend.close()

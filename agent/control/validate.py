@@ -41,6 +41,9 @@ KINDS = ("Service", "Workload")
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# libyaml's parser when PyYAML was built with it (Debian's and the wheels are): ~10x faster.
+_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 @dataclass(frozen=True, slots=True)
 class Located:
@@ -90,7 +93,7 @@ def _to_python(node: yaml.Node, path: str, lines: dict[str, int], file: str,
 def parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
     """All documents of one file, validated; the first error raises InputError."""
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_FAST_LOADER))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
