@@ -85,6 +85,9 @@ def rejection_from_ssl_error(exc: BaseException) -> PeerRejected:
         return PeerRejected(_ALERTS[name], f"TLS alert {name}", remote=True)
     if name in _LOCAL:
         return PeerRejected(_LOCAL[name], f"TLS handshake: {name}")
+    if isinstance(exc, ConnectionResetError):
+        return PeerRejected(RejectReason.HANDSHAKE_FAILED, "connection reset during the TLS handshake",
+                            remote=True)
     return PeerRejected(RejectReason.HANDSHAKE_FAILED, f"TLS: {type(exc).__name__}: {exc}")
 
 
@@ -286,7 +289,7 @@ async def connect_tls(host: str, port: int, *, source: WorkloadCert, destination
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(host, port, ssl=ctx,
                                                            server_hostname=sni_name(destination))
-    except ssl.SSLError as e:
+    except (ssl.SSLError, ConnectionResetError) as e:  # a reset mid-handshake: the server refused us
         raise rejection_from_ssl_error(e) from None
     try:
         peer = contexts.verify_peer(writer.get_extra_info("ssl_object"), destination)
