@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import click
 
+from agent.cli.agent_cmd import agent_cmd
+from agent.cli.ca import ca
 from agent.cli.check import check
+from agent.cli.dataplane import status, uninstall
 from agent.cli.registry import apply_cmd, delete, describe, get, register
 from agent.cli.testbed import testbed
 
@@ -21,9 +24,10 @@ def cli() -> None:
 
 cli.add_command(testbed)
 cli.add_command(check)
-cli.add_command(__import__("agent.cli.ca", fromlist=["ca"]).ca)
-cli.add_command(__import__("agent.cli.dataplane", fromlist=["status"]).status)
-cli.add_command(__import__("agent.cli.dataplane", fromlist=["uninstall"]).uninstall)
+cli.add_command(ca)
+cli.add_command(status)
+cli.add_command(uninstall)
+cli.add_command(agent_cmd)
 cli.add_command(apply_cmd)
 cli.add_command(register)
 cli.add_command(get)

@@ -1,0 +1,40 @@
+"""`nodemesh agent`: run the node agent in the foreground (systemd runs exactly this)."""
+
+from __future__ import annotations
+
+import click
+
+from agent import config as config_mod
+from agent.cli.errors import EXIT_BAD_INPUT, EXIT_SYSTEM, EXTRA_CODES, handled
+
+EXTRA_CODES[config_mod.ConfigError] = EXIT_BAD_INPUT
+
+
+@click.command(name="agent")
+@click.option(
+    "--config",
+    "-c",
+    "config_path",
+    default="/etc/nodemesh/agent.yaml",
+    show_default=True,
+    envvar="NODEMESH_CONFIG",
+    help="agent configuration file (YAML)",
+)
+@click.option("--check-config", is_flag=True, help="validate the configuration and exit")
+@click.option(
+    "--no-interception",
+    is_flag=True,
+    hidden=True,
+    help="serve without eBPF interception (tests of the proxy alone)",
+)
+@handled
+def agent_cmd(config_path: str, check_config: bool, no_interception: bool) -> None:
+    """Run the node agent: interception, registry, identity, proxy, DNS, metrics."""
+    from agent import node
+
+    EXTRA_CODES[node.AgentError] = EXIT_SYSTEM
+    cfg = config_mod.load(config_path)
+    if check_config:
+        click.echo(f"{config_path}: ok (node {cfg.node})")
+        return
+    node.run(cfg, with_interception=not no_interception)

@@ -1,0 +1,255 @@
+"""The node agent's configuration file (YAML), validated once at start.
+
+How this works: :func:`load` reads the file and :func:`from_mapping` turns the
+document into frozen dataclasses, checking every key: an unknown key, a wrong
+type, an address that is not an address or a port out of range raises
+:class:`ConfigError` naming the file, the key path and what was expected.
+Nothing is started before the whole file is valid.
+
+Example (every key but ``node`` has a default)::
+
+    node: n1
+    trust_domain: cluster.local
+    addresses:
+      proxy: 10.244.1.1        # pods are redirected here (outbound 15001, DNS 15053)
+      hbone: 10.250.0.1        # other nodes reach this node's tunnel port (15008) here
+      metrics: 10.250.0.1      # Prometheus /metrics on 15020 (default: hbone)
+    ports: {outbound: 15001, hbone: 15008, dns: 15053, metrics: 15020, admin: 15000}
+    registry:
+      backend: embedded        # or etcd
+      dir: /var/lib/nodemesh/registry
+      # endpoints: [http://10.0.0.5:2379]   (etcd)
+    ca:
+      dir: /etc/nodemesh/ca    # single host: the agent runs the CA in-process
+    interception:
+      cgroup: /sys/fs/cgroup/unified/nodemesh   # pods live below this cgroup
+      bpffs_root: /sys/fs/bpf/nodemesh
+      capture_cidrs: [10.96.0.0/16, 10.244.0.0/16]
+      excluded_ports: []
+      enroll: [/run/netns/pod-a]               # pod network namespaces to capture
+    peers: {n2: 10.250.0.2}    # other nodes' HBONE addresses
+    dns_upstream: null          # host:port for non-mesh names; none: REFUSED
+    log_level: info
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    def __init__(self, message: str, *, where: str = "", source: str = "", hint: str | None = None) -> None:
+        loc = ": ".join(x for x in (source, where) if x)
+        super().__init__(f"{loc}: {message}" if loc else message)
+        self.message = str(self)
+        self.hint = hint
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    outbound: int = 15001
+    hbone: int = 15008
+    dns: int = 15053
+    metrics: int = 15020
+    admin: int = 15000
+
+
+@dataclass(frozen=True, slots=True)
+class Addresses:
+    proxy: str
+    hbone: str
+    metrics: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryConfig:
+    backend: str = "embedded"
+    dir: str = "/var/lib/nodemesh/registry"
+    endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptionConfig:
+    cgroup: str = ""
+    bpffs_root: str = "/sys/fs/bpf/nodemesh"
+    capture_cidrs: tuple[str, ...] = ("10.96.0.0/16",)
+    excluded_ports: tuple[int, ...] = ()
+    enroll: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    node: str
+    addresses: Addresses
+    trust_domain: str = "cluster.local"
+    ports: Ports = field(default_factory=Ports)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    ca_dir: str = "/etc/nodemesh/ca"
+    interception: InterceptionConfig = field(default_factory=InterceptionConfig)
+    peers: Mapping[str, str] = field(default_factory=dict)
+    dns_upstream: str | None = None
+    log_level: str = "info"
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, where=where, source=self.source, hint=hint)
+
+    def mapping(self, doc: Any, where: str, known: set[str]) -> Mapping[str, Any]:
+        if doc is None:
+            return {}
+        if not isinstance(doc, Mapping):
+            raise self.fail(where, f"expected a mapping, got {type(doc).__name__}")
+        for k in doc:
+            if k not in known:
+                raise self.fail(
+                    f"{where}.{k}" if where else str(k),
+                    f"unknown key (expected one of: {', '.join(sorted(known))})",
+                )
+        return doc
+
+    def string(self, doc: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+        v = doc.get(key, default)
+        if not isinstance(v, str) or not v:
+            raise self.fail(f"{where}{key}", f"expected a non-empty string, got {v!r}")
+        return v
+
+    def address(self, doc: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str:
+        v = self.string(doc, key, where, default)
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise self.fail(f"{where}{key}", f"expected an IP address, got {v!r}") from None
+
+    def port(self, doc: Mapping[str, Any], key: str, where: str, default: int) -> int:
+        v = doc.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+            raise self.fail(f"{where}{key}", f"expected a port number 1-65535, got {v!r}")
+        return v
+
+    def str_list(
+        self, doc: Mapping[str, Any], key: str, where: str, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        v = doc.get(key, list(default))
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self.fail(f"{where}{key}", f"expected a list of strings, got {v!r}")
+        return tuple(v)
+
+
+def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
+    r = _Reader(source)
+    top = r.mapping(
+        doc,
+        "",
+        {
+            "node",
+            "trust_domain",
+            "addresses",
+            "ports",
+            "registry",
+            "ca",
+            "interception",
+            "peers",
+            "dns_upstream",
+            "log_level",
+        },
+    )
+    if "node" not in top:
+        raise r.fail("node", "required key is missing")
+    node = r.string(top, "node", "")
+    td = r.string(top, "trust_domain", "", "cluster.local")
+    a = r.mapping(top.get("addresses"), "addresses", {"proxy", "hbone", "metrics"})
+    proxy = r.address(a, "proxy", "addresses.")
+    hbone = r.address(a, "hbone", "addresses.", proxy)
+    addresses = Addresses(proxy=proxy, hbone=hbone, metrics=r.address(a, "metrics", "addresses.", hbone))
+    p = r.mapping(top.get("ports"), "ports", {"outbound", "hbone", "dns", "metrics", "admin"})
+    d = Ports()
+    ports = Ports(
+        *(r.port(p, k, "ports.", getattr(d, k)) for k in ("outbound", "hbone", "dns", "metrics", "admin"))
+    )
+    g = r.mapping(top.get("registry"), "registry", {"backend", "dir", "endpoints"})
+    backend = r.string(g, "backend", "registry.", "embedded")
+    if backend not in ("embedded", "etcd"):
+        raise r.fail("registry.backend", f"expected 'embedded' or 'etcd', got {backend!r}")
+    registry = RegistryConfig(
+        backend,
+        r.string(g, "dir", "registry.", "/var/lib/nodemesh/registry"),
+        r.str_list(g, "endpoints", "registry.", ()),
+    )
+    if backend == "etcd" and not registry.endpoints:
+        raise r.fail("registry.endpoints", "the etcd backend needs at least one endpoint URL")
+    c = r.mapping(top.get("ca"), "ca", {"dir"})
+    ca_dir = r.string(c, "dir", "ca.", "/etc/nodemesh/ca")
+    i = r.mapping(
+        top.get("interception"),
+        "interception",
+        {"cgroup", "bpffs_root", "capture_cidrs", "excluded_ports", "enroll"},
+    )
+    cidrs = r.str_list(i, "capture_cidrs", "interception.", ("10.96.0.0/16",))
+    for n, cidr in enumerate(cidrs):
+        try:
+            ipaddress.IPv4Network(cidr, strict=True)
+        except ValueError as e:
+            raise r.fail(
+                f"interception.capture_cidrs[{n}]", f"{cidr!r} is not an IPv4 network ({e})"
+            ) from None
+    excl = i.get("excluded_ports", [])
+    if not isinstance(excl, list):
+        raise r.fail("interception.excluded_ports", f"expected a list of ports, got {excl!r}")
+    excluded = tuple(
+        r.port({"p": x}, "p", f"interception.excluded_ports[{n}]", 0) for n, x in enumerate(excl)
+    )
+    interception = InterceptionConfig(
+        cgroup=str(i.get("cgroup", "")),
+        bpffs_root=r.string(i, "bpffs_root", "interception.", "/sys/fs/bpf/nodemesh"),
+        capture_cidrs=cidrs,
+        excluded_ports=excluded,
+        enroll=r.str_list(i, "enroll", "interception.", ()),
+    )
+    peers_doc = top.get("peers") or {}
+    if not isinstance(peers_doc, Mapping):
+        raise r.fail("peers", "expected a mapping of node name to HBONE address")
+    peers = {str(k): r.address(peers_doc, k, "peers.") for k in peers_doc}
+    upstream = top.get("dns_upstream")
+    if upstream is not None and not isinstance(upstream, str):
+        raise r.fail("dns_upstream", f"expected host:port or null, got {upstream!r}")
+    level = r.string(top, "log_level", "", "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise r.fail("log_level", f"expected debug, info, warning or error, got {level!r}")
+    return AgentConfig(
+        node=node,
+        addresses=addresses,
+        trust_domain=td,
+        ports=ports,
+        registry=registry,
+        ca_dir=ca_dir,
+        interception=interception,
+        peers=peers,
+        dns_upstream=upstream,
+        log_level=level,
+    )
+
+
+def load(path: str) -> AgentConfig:
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            "file not found", source=path, hint="create it (see README: agent configuration)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", source=path) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML: {getattr(e, 'problem', e)}", where=where, source=path) from None
+    return from_mapping(doc, source=path)

@@ -1,0 +1,192 @@
+"""A whole mesh on the single-host testbed: CA, registry, one agent per node.
+
+How this works: :func:`start` takes a running testbed, creates the mesh CA and
+an embedded registry under a run directory, applies the given YAML, writes one
+agent config per node (proxy on the node's pod gateway, HBONE on its fabric
+address, interception attached to the node's cgroup with pins under a
+prefixed bpffs root, every pod of the node enrolled) and starts each agent
+*inside its node's network namespace*, as a real host would run it. Used by
+the demo, the end-to-end tests and the benchmarks. :meth:`MeshBed.stop` stops
+the agents (by PID), detaches the eBPF programs and removes the pins and the
+run directory — also after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import yaml
+
+from netns import cgroup, testbed
+from netns.topology import Node, Topology
+
+EXCLUDED_PORTS = (15000, 15001, 15008, 15020, 15021, 15053)
+NODEMESH = [sys.executable, "-m", "agent.cli.main"]
+
+
+@dataclass
+class MeshBed:
+    topo: Topology
+    run_dir: str
+    agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ca_dir(self) -> str:
+        return os.path.join(self.run_dir, "ca")
+
+    @property
+    def registry_dir(self) -> str:
+        return os.path.join(self.run_dir, "registry")
+
+    def bpffs_root(self, node: Node) -> str:
+        return f"/sys/fs/bpf/{self.topo.prefix}-{node.name}-nodemesh"
+
+    def config_path(self, node: Node) -> str:
+        return os.path.join(self.run_dir, f"agent-{node.name}.yaml")
+
+    def agent_config(self, node: Node) -> dict[str, object]:
+        return {
+            "node": node.name,
+            "trust_domain": "cluster.local",
+            "addresses": {"proxy": node.gateway, "hbone": node.fabric_address},
+            "registry": {"backend": "embedded", "dir": self.registry_dir},
+            "ca": {"dir": self.ca_dir},
+            "interception": {
+                "cgroup": cgroup.cgroup_path(node.cgroup),
+                "bpffs_root": self.bpffs_root(node),
+                "capture_cidrs": ["10.96.0.0/16", "10.244.0.0/16"],
+                "excluded_ports": list(EXCLUDED_PORTS),
+                "enroll": [f"/run/netns/{p.netns}" for p in node.pods],
+            },
+            "peers": {n.name: n.fabric_address for n in self.topo.nodes if n is not node},
+            "log_level": "info",
+        }
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*NODEMESH, *args], capture_output=True, text=True, check=check)
+
+    def apply(self, manifest: str) -> str:
+        path = os.path.join(self.run_dir, f"apply-{time.monotonic_ns()}.yaml")
+        with open(path, "w") as f:
+            f.write(manifest)
+        return self.cli("apply", "-f", path, "--registry-dir", self.registry_dir).stdout
+
+    def start_agent(self, node: Node, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+        with open(self.config_path(node), "w") as f:
+            yaml.safe_dump(self.agent_config(node), f)
+        log_path = os.path.join(self.run_dir, f"agent-{node.name}.log")
+        self.logs[node.name] = log_path
+        log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
+        proc = testbed.popen_in(
+            node.netns,
+            None,
+            [*NODEMESH, "agent", "-c", self.config_path(node)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+        )
+        log.close()
+        self.agents[node.name] = proc
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        line = b""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.strip() == b"ready" or not line:
+                break
+        if line.strip() != b"ready":
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"agent {node.name} did not become ready:\n{self.log_text(node.name)}")
+        return proc
+
+    def stop_agent(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int | None:
+        proc = self.agents.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        return proc.returncode
+
+    def log_text(self, name: str) -> str:
+        try:
+            with open(self.logs[name]) as f:
+                return f.read()[-4000:]
+        except (KeyError, OSError):
+            return ""
+
+    def exec(
+        self, pod: str, argv: Sequence[str], timeout_s: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        p = self.topo.pod(pod)
+        if p is None:
+            raise KeyError(pod)
+        proc = testbed.popen_in_pod(p, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(list(argv), proc.returncode, out.decode(), err.decode())
+
+    def stop(self) -> None:
+        for name in list(self.agents):
+            self.stop_agent(name)
+        for node in self.topo.nodes:
+            subprocess.run(
+                [*NODEMESH, "uninstall", "--bpffs-root", self.bpffs_root(node)],
+                capture_output=True,
+                check=False,
+            )
+            with contextlib.suppress(OSError):
+                if os.path.isdir(self.bpffs_root(node)):
+                    os.rmdir(self.bpffs_root(node))
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def workload_manifest(topo: Topology, roles: dict[str, tuple[str, dict[str, str], dict[str, int]]]) -> str:
+    """Workload documents for pods: roles maps pod name -> (service account, labels, ports)."""
+    docs = []
+    for pod in topo.pods():
+        sa, labels, ports = roles.get(pod.name, ("default", {}, {}))
+        docs.append(
+            {
+                "apiVersion": "nodemesh.io/v1",
+                "kind": "Workload",
+                "metadata": {"name": pod.name, "namespace": "default", "labels": labels},
+                "spec": {"address": pod.address, "node": pod.node, "serviceAccount": sa, "ports": ports},
+            }
+        )
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+@contextlib.contextmanager
+def running(topo: Topology, manifest: str, *, start_agents: bool = True) -> Iterator[MeshBed]:
+    run_dir = os.path.join("/run/nodemesh", f"{topo.prefix}-mesh")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    bed = MeshBed(topo, run_dir)
+    try:
+        bed.cli("ca", "init", "--dir", bed.ca_dir, "--trust-domain", "cluster.local")
+        bed.apply(manifest)
+        if start_agents:
+            for node in topo.nodes:
+                bed.start_agent(node)
+        yield bed
+    finally:
+        bed.stop()

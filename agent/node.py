@@ -1,0 +1,316 @@
+"""The node agent: interception, registry, identity, proxy, DNS and metrics in one process.
+
+How this works (the composition root; each part lives in its own package):
+
+1. interception — the eBPF programs are compiled and attached by a short-lived
+   loader process (``python -m bpf.loader install``: BCC and LLVM never live in
+   the agent), or adopted if already attached; the agent opens the pinned
+   maps, sets the capture CIDRs and enrolls the configured pod namespaces;
+2. registry — a :class:`Registry` watcher keeps the current snapshot; a task
+   rebuilds the address :class:`Directory` and makes sure every workload of
+   this node has a certificate when a new snapshot arrives;
+3. identity — the in-process CA issues workload certs, renewed at half life
+   by :class:`CertManager`; the inbound server contexts follow renewals;
+4. servers — outbound (15001) and DNS (15053) on the proxy address, HBONE
+   inbound (15008) on the node address, Prometheus metrics (15020);
+5. health — the Consul-style checks of this node's workloads.
+
+SIGTERM/SIGINT stop accepting, let open connections finish (drain) up to a
+deadline, then exit. The agent prints ``ready`` on stdout when it serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from agent.config import AgentConfig
+from agent.control.backend import Backend
+from agent.control.dns import MeshDns
+from agent.control.embedded import EmbeddedBackend
+from agent.control.etcd import EtcdBackend
+from agent.control.health import HealthMonitor
+from agent.control.registry import Registry
+from agent.dataplane.inbound import Inbound, InboundConfig
+from agent.dataplane.lb import Balancer
+from agent.dataplane.outbound import Outbound, OutboundConfig
+from agent.dataplane.pool import TunnelPool
+from agent.dataplane.route import Directory
+from agent.identity.ca import MeshCA
+from agent.identity.clock import SystemClock
+from agent.identity.spiffe import SpiffeId
+from agent.identity.store import CertManager, LocalIssuer
+from agent.identity.tls import ClientContexts, ServerContexts
+from agent.metrics.istio import CallbackCollector, MeshMetrics
+from bpf.config import CaptureConfig, RedirectTarget
+from bpf.maps import Dataplane
+
+log = logging.getLogger("nodemesh.agent")
+
+
+class AgentError(Exception):
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def install_datapath(cfg: AgentConfig) -> dict[str, object]:
+    """Compile+attach in a child process (keeps LLVM out of the agent), or adopt."""
+    ic = cfg.interception
+    proc = subprocess.run(
+        [sys.executable, "-m", "bpf.loader", "install", "--cgroup", ic.cgroup, "--bpffs-root", ic.bpffs_root],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise AgentError(
+            f"interception: the eBPF loader failed: {proc.stderr.strip()}",
+            hint="run `nodemesh check` to see what this host is missing",
+        )
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def open_backend(cfg: AgentConfig) -> Backend:
+    if cfg.registry.backend == "etcd":
+        return EtcdBackend(cfg.registry.endpoints[0])
+    return EmbeddedBackend(cfg.registry.dir)
+
+
+class DirectoryRef:
+    """The current :class:`Directory`; replaced whole when a snapshot arrives (readers never lock)."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Directory) -> None:
+        self.current = current
+
+    def __call__(self) -> Directory:
+        return self.current
+
+
+@dataclass
+class Agent:
+    cfg: AgentConfig
+    dataplane: Dataplane | None
+    registry: Registry
+    backend: Backend
+    certs: CertManager
+    server_contexts: ServerContexts
+    metrics: MeshMetrics
+    prom: CollectorRegistry
+    outbound: Outbound
+    inbound: Inbound
+    dns: MeshDns
+    directory: DirectoryRef
+
+    def local_identities(self) -> set[SpiffeId]:
+        td = self.cfg.trust_domain
+        return {
+            SpiffeId(td, w.namespace, w.service_account)
+            for w in self.directory.current.snapshot.workloads.values()
+            if w.node == self.cfg.node
+        }
+
+
+def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
+    dataplane: Dataplane | None = None
+    if with_interception:
+        if not cfg.interception.cgroup:
+            raise AgentError("interception.cgroup is not set", hint="the cgroup your pods run below")
+        install_datapath(cfg)
+        dataplane = Dataplane.open(cfg.interception.bpffs_root)
+        dataplane.set_capture(CaptureConfig(cfg.interception.capture_cidrs, cfg.interception.excluded_ports))
+        target = RedirectTarget(cfg.addresses.proxy, cfg.ports.outbound, cfg.ports.dns)
+        for ns in cfg.interception.enroll:
+            dataplane.enroll(ns, target)
+    try:
+        ca = MeshCA.load(cfg.ca_dir)
+    except Exception as e:
+        raise AgentError(f"ca.dir {cfg.ca_dir}: {e}", hint="create one: nodemesh ca init --dir DIR") from e
+    clock = SystemClock()
+    certs = CertManager(LocalIssuer(ca), clock)
+    server_contexts = ServerContexts(ca.bundle, trust_domain=cfg.trust_domain)
+    certs.subscribe(server_contexts.set_identity)
+    backend = open_backend(cfg)
+    registry = Registry(backend)
+    prom = CollectorRegistry()
+    metrics = MeshMetrics(prom)
+    directory = DirectoryRef(Directory.build(registry.snapshot))
+    pool = TunnelPool(
+        certs.ensure,
+        ClientContexts(ca.bundle, trust_domain=cfg.trust_domain),
+        on_change=lambda n: metrics.tunnel_pool.set(n),
+    )
+
+    def lookup(peer: tuple[str, int], local: tuple[str, int]) -> tuple[str, int] | None:
+        if dataplane is None:
+            return None
+        o = dataplane.lookup_original_dst(peer, local)
+        return None if o is None else (o.ip, o.port)
+
+    outbound = Outbound(
+        OutboundConfig(node=cfg.node, trust_domain=cfg.trust_domain, hbone_port=cfg.ports.hbone),
+        directory=directory,
+        original_dst=lookup,
+        node_address=cfg.peers.get,
+        pool=pool,
+        balancer=Balancer(),
+        metrics=metrics,
+    )
+    inbound = Inbound(
+        InboundConfig(node=cfg.node, trust_domain=cfg.trust_domain),
+        contexts=server_contexts,
+        directory=directory,
+        metrics=metrics,
+    )
+    upstream = None
+    if cfg.dns_upstream:
+        host, _, port = cfg.dns_upstream.rpartition(":")
+        upstream = (host, int(port))
+    dns = MeshDns(lambda: registry.snapshot, upstream=upstream)
+    if dataplane is not None:
+        dp = dataplane
+        prom.register(CallbackCollector("nodemesh_bpf", dp.counters, doc="eBPF redirect counters"))
+    prom.register(
+        CallbackCollector(
+            "nodemesh_registry",
+            lambda: {"revision": registry.snapshot.revision, "stale": int(registry.stale)},
+            kind="gauge",
+        )
+    )
+    return Agent(
+        cfg,
+        dataplane,
+        registry,
+        backend,
+        certs,
+        server_contexts,
+        metrics,
+        prom,
+        outbound,
+        inbound,
+        dns,
+        directory,
+    )
+
+
+async def _follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
+    seen = -1
+    while not stop.is_set():
+        snap = agent.registry.snapshot
+        if snap.revision != seen:
+            seen = snap.revision
+            agent.directory.current = Directory.build(snap)
+            want = agent.local_identities()
+            for sid in want:
+                try:
+                    await agent.certs.ensure(sid)
+                except Exception as e:
+                    log.warning("cannot issue a certificate for %s: %s", sid, e)
+            for sid in set(agent.certs.identities()) - want:
+                agent.certs.forget(sid)
+                agent.server_contexts.remove_identity(sid)
+        await agent.certs.renew_due()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+
+
+async def serve(agent: Agent, *, ready: Callable[[], None] | None = None, drain_s: float = 5.0) -> None:
+    cfg = agent.cfg
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    agent.registry.start()
+    agent.registry.wait_for(lambda s: True, 5.0)
+    tasks = [asyncio.create_task(_follow_snapshots(agent, stop), name="snapshots")]
+    # certificates before the first connection
+    agent.directory.current = Directory.build(agent.registry.snapshot)
+    for sid in agent.local_identities():
+        await agent.certs.ensure(sid)
+    ob = await asyncio.start_server(
+        agent.outbound.handle,
+        cfg.addresses.proxy,
+        cfg.ports.outbound,
+        reuse_address=True,
+        backlog=1024,
+        limit=1 << 20,
+    )
+    ib = await asyncio.start_server(
+        agent.inbound.handle,
+        cfg.addresses.hbone,
+        cfg.ports.hbone,
+        reuse_address=True,
+        backlog=1024,
+        limit=1 << 20,
+    )
+    await agent.dns.start(cfg.addresses.proxy, cfg.ports.dns)
+    http, _thread = start_http_server(cfg.ports.metrics, cfg.addresses.metrics, registry=agent.prom)
+    health = HealthMonitor(cfg.node, agent.backend, lambda: agent.registry.snapshot)
+    tasks.append(asyncio.create_task(health.run(stop), name="health"))
+    log.info(
+        "agent %s ready: outbound %s:%d, hbone %s:%d, dns %s:%d, metrics %s:%d",
+        cfg.node,
+        cfg.addresses.proxy,
+        cfg.ports.outbound,
+        cfg.addresses.hbone,
+        cfg.ports.hbone,
+        cfg.addresses.proxy,
+        cfg.ports.dns,
+        cfg.addresses.metrics,
+        cfg.ports.metrics,
+    )
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("agent %s stopping: draining for up to %.0fs", cfg.node, drain_s)
+    ob.close()
+    ib.close()
+    await agent.outbound.drain(drain_s)
+    await agent.inbound.close()
+    await agent.outbound.pool.close()
+    await agent.dns.stop()
+    http.shutdown()
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+    agent.registry.stop()
+    if agent.dataplane is not None:
+        agent.dataplane.close()
+
+
+def run(cfg: AgentConfig, *, with_interception: bool = True) -> None:
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    agent = build(cfg, with_interception=with_interception)
+
+    def ready() -> None:
+        print("ready", flush=True)
+        notify = os.environ.get("NOTIFY_SOCKET")
+        if notify:
+            import socket
+
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                addr = "\0" + notify[1:] if notify.startswith("@") else notify
+                with contextlib.suppress(OSError):
+                    s.sendto(b"READY=1", addr)
+
+    asyncio.run(serve(agent, ready=ready))
