@@ -14,6 +14,7 @@ call ``renew_due`` directly; nothing sleeps for real.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,7 @@ class CertManager:
         self._retry_at: dict[SpiffeId, datetime] = {}
         self._errors: dict[SpiffeId, str] = {}
         self._listeners: list[RenewListener] = []
+        self._locks: dict[SpiffeId, asyncio.Lock] = {}
 
     def subscribe(self, listener: RenewListener) -> None:
         """``listener(cert)`` runs after every issuance or renewal (it must not block)."""
@@ -96,6 +98,7 @@ class CertManager:
         self._certs.pop(spiffe_id, None)
         self._retry_at.pop(spiffe_id, None)
         self._errors.pop(spiffe_id, None)
+        self._locks.pop(spiffe_id, None)
 
     def due(self) -> list[SpiffeId]:
         now = self._clock.now()
@@ -122,6 +125,14 @@ class CertManager:
         return renewed
 
     async def _renew(self, spiffe_id: SpiffeId) -> WorkloadCert:
+        lock = self._locks.setdefault(spiffe_id, asyncio.Lock())
+        async with lock:  # many connections of a new workload at once: one issuance
+            cert = self._certs.get(spiffe_id)
+            if cert is not None and self._clock.now() < cert.renew_at:
+                return cert
+            return await self._issue(spiffe_id)
+
+    async def _issue(self, spiffe_id: SpiffeId) -> WorkloadCert:
         cert = await self._issuer.issue(spiffe_id, now=self._clock.now(), ttl_s=self.ttl_s)
         if cert.spiffe_id != spiffe_id:
             raise IdentityError(f"issuer: expected a cert for {spiffe_id}, got one for {cert.spiffe_id}")
