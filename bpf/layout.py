@@ -49,6 +49,21 @@ class Cidr(ctypes.Structure):
     ]
 
 
+class PeerAuth(ctypes.Structure):
+    _fields_ = [
+        ("mode", ctypes.c_uint32),
+        ("allowed_ip4", ctypes.c_uint32),
+    ]
+
+
+class PeerStats(ctypes.Structure):
+    _fields_ = [
+        ("proxied", ctypes.c_uint64),
+        ("plaintext", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64),
+    ]
+
+
 # (map name, key type, value type); value sizes of per-CPU maps are per CPU.
 MAPS: tuple[tuple[str, type[ctypes._SimpleCData[int]] | type[ctypes.Structure],
                   type[ctypes._SimpleCData[int]] | type[ctypes.Structure]], ...] = (
@@ -59,6 +74,8 @@ MAPS: tuple[tuple[str, type[ctypes._SimpleCData[int]] | type[ctypes.Structure],
     ("nm_orig_tuple", Tuple, Orig),
     ("nm_dns_cookie", ctypes.c_uint64, Orig),
     ("nm_counters", ctypes.c_uint32, ctypes.c_uint64),
+    ("nm_peer_auth", ctypes.c_uint32, PeerAuth),
+    ("nm_peer_stats", ctypes.c_uint32, PeerStats),
 )
 MAP_NAMES: tuple[str, ...] = tuple(m[0] for m in MAPS)
 
@@ -80,6 +97,7 @@ COUNTERS: tuple[str, ...] = (
     "dns_reply_miss",
 )
 
+PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_SOCK_OPS = 13
 PROG_TYPE_CGROUP_SOCK_ADDR = 18
 
@@ -104,6 +122,22 @@ HOOKS: tuple[Hook, ...] = (
     Hook("sendmsg4", "nm_sendmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, 14, "cgroup_udp4_sendmsg"),
     Hook("recvmsg4", "nm_recvmsg4", PROG_TYPE_CGROUP_SOCK_ADDR, 19, "cgroup_udp4_recvmsg"),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class TcProgram:
+    """A program the loader pins (``prog_<name>``) for the agent to attach with tc."""
+
+    name: str  # the .c file and the pin name
+    func: str
+    prog_type: int
+
+
+INBOUND_TC = TcProgram("inbound_tc", "nm_inbound_tc", PROG_TYPE_SCHED_CLS)
+TC_PROGRAMS: tuple[TcProgram, ...] = (INBOUND_TC,)
+
+# Same values as NM_PA_* in nodemesh.h.
+PEER_AUTH_MODES: dict[str, int] = {"DISABLE": 0, "PERMISSIVE": 1, "STRICT": 2}
 
 
 def ip4_to_map(address: str) -> int:

@@ -6,8 +6,9 @@ LLVM). It computes the version of the sources and ``-D`` flags; if
 cgroup, it *adopts* it: nothing is compiled or attached, maps and their
 records stay. Otherwise it removes any half-made directory, compiles all hooks
 as one BCC module (header first, then one ``.c`` per hook, so every map exists
-once), loads each program, creates one cgroup BPF link per hook, pins the maps
-and then the links. Other versions under the root are removed after the new
+once), loads each program, creates one cgroup BPF link per hook, pins the maps,
+the tc programs (attached later by the agent, per pod, see
+:mod:`bpf.peerauth`) and then the links. Other versions under the root are removed after the new
 one is attached (upgrade). A lock on the root directory serialises loaders.
 
 Cgroup links are multi-attach: like ``BPF_F_ALLOW_MULTI`` programs they run
@@ -35,7 +36,7 @@ from typing import Any
 from bpf import pins, syscall
 from bpf.config import DEFAULT_BPFFS_ROOT, SOURCES_DIR, BuildConfig
 from bpf.errors import BpfConfigError, BpfError, CompileError
-from bpf.layout import HOOKS, MAP_NAMES
+from bpf.layout import HOOKS, MAP_NAMES, TC_PROGRAMS
 
 HEADER = "nodemesh.h"
 
@@ -48,7 +49,8 @@ def sources() -> str:
     ``.c`` files then hit the include guard.
     """
     parts = []
-    for name in (HEADER, *(f"{h.name}.c" for h in HOOKS)):
+    for name in (HEADER, *(f"{h.name}.c" for h in HOOKS),
+                 *(f"{p.name}.c" for p in TC_PROGRAMS)):
         with open(os.path.join(SOURCES_DIR, name)) as f:
             parts.append(f"/* ---- {name} ---- */\n{f.read()}\n")
     return "".join(parts)
@@ -141,6 +143,13 @@ def _fresh_install(build: BuildConfig, pin_dir: str, cgroup: str) -> None:
             except Exception as e:
                 raise CompileError(f"the kernel refused program {hook.func}: {e}") from None
             progs.append((hook, int(fn.fd)))
+        tc_fds = []
+        for prog in TC_PROGRAMS:
+            try:
+                fn = module.load_func(prog.func.encode(), prog.prog_type)
+            except Exception as e:
+                raise CompileError(f"the kernel refused program {prog.func}: {e}") from None
+            tc_fds.append((pins.prog_pin(pin_dir, prog), int(fn.fd)))
         for hook, pfd in progs:
             links.append((pins.link_pin(pin_dir, hook),
                           syscall.link_create(pfd, cfd, hook.attach_type,
@@ -148,6 +157,8 @@ def _fresh_install(build: BuildConfig, pin_dir: str, cgroup: str) -> None:
         os.makedirs(pin_dir)
         for name in MAP_NAMES:
             syscall.obj_pin(int(module[name.encode()].map_fd), pins.map_pin(pin_dir, name))
+        for path, pfd in tc_fds:  # not attached here: the agent attaches them per pod
+            syscall.obj_pin(pfd, path)
         for path, lfd in links:  # last: a directory with every link pin is complete
             syscall.obj_pin(lfd, path)
     finally:

@@ -23,14 +23,18 @@ import threading
 from dataclasses import dataclass
 from types import TracebackType
 
-from bpf import pins, syscall
+from bpf import peerauth, pins, syscall
 from bpf.config import DEFAULT_BPFFS_ROOT, CaptureConfig, RedirectTarget
 from bpf.errors import BpfConfigError, BpfError
 from bpf.layout import (
     COUNTERS,
+    INBOUND_TC,
     MAP_NAMES,
+    PEER_AUTH_MODES,
     Cidr,
     Orig,
+    PeerAuth,
+    PeerStats,
     Target,
     Tuple,
     as_buffer,
@@ -260,6 +264,70 @@ class Dataplane:
             peer = (str(ipaddress.IPv6Address(peer[0]).ipv4_mapped or peer[0]), peer[1])
             local = (str(ipaddress.IPv6Address(local[0]).ipv4_mapped or local[0]), local[1])
         return self.lookup_original_dst((peer[0], peer[1]), (local[0], local[1]))
+
+    # --- peer authentication (bpf/peerauth.py) ------------------------------
+
+    def set_peer_auth(self, pod_ip: str, mode: str, allowed_source: str) -> None:
+        """Set the pod's mode: DISABLE, PERMISSIVE or STRICT; the next SYN sees it.
+
+        ``allowed_source`` is the node proxy's address as the pod sees it (its
+        gateway). The pod's counters are created at zero if missing and kept.
+        """
+        policy = peerauth.PeerAuthPolicy(pod_ip, mode, allowed_source)
+        key = as_buffer(ctypes.c_uint32(policy.key()))
+        try:
+            syscall.map_update(self._fd("nm_peer_stats"), key, as_buffer(PeerStats()),
+                               syscall.BPF_NOEXIST)
+        except BpfError as e:
+            if e.errno != errno_mod.EEXIST:
+                raise
+        syscall.map_update(self._fd("nm_peer_auth"), key, as_buffer(policy.value()))
+
+    def peer_auth(self, pod_ip: str) -> peerauth.PeerAuthPolicy | None:
+        key = peerauth.pod_key(pod_ip)
+        raw = syscall.map_lookup(self._fd("nm_peer_auth"), as_buffer(ctypes.c_uint32(key)),
+                                 ctypes.sizeof(PeerAuth))
+        if raw is None:
+            return None
+        v = PeerAuth.from_buffer_copy(raw)
+        modes = {n: m for m, n in PEER_AUTH_MODES.items()}
+        return peerauth.PeerAuthPolicy(ip4_from_map(key), modes.get(v.mode, "DISABLE"),
+                                       ip4_from_map(v.allowed_ip4))
+
+    def remove_peer_auth(self, pod_ip: str) -> bool:
+        """Forget the pod (policy and counters), e.g. when it is deleted."""
+        key = as_buffer(ctypes.c_uint32(peerauth.pod_key(pod_ip)))
+        had = syscall.map_delete(self._fd("nm_peer_auth"), key)
+        return syscall.map_delete(self._fd("nm_peer_stats"), key) or had
+
+    def peer_auth_counters(self, pod_ip: str) -> dict[str, int]:
+        """Connection attempts to the pod: ``proxied``, ``plaintext``, ``refused``."""
+        key = as_buffer(ctypes.c_uint32(peerauth.pod_key(pod_ip)))
+        raw = syscall.map_lookup(self._fd("nm_peer_stats"), key, ctypes.sizeof(PeerStats))
+        s = PeerStats.from_buffer_copy(raw) if raw is not None else PeerStats()
+        return {"proxied": int(s.proxied), "plaintext": int(s.plaintext),
+                "refused": int(s.refused)}
+
+    @property
+    def version(self) -> str:
+        return os.path.basename(os.path.normpath(self.pin_dir))
+
+    def attach_inbound_filter(self, netns: str, ifname: str) -> bool:
+        """Attach the pinned inbound program in ``netns`` (name or path) at ``ifname``.
+
+        Idempotent: False if this version's filter was already there.
+        """
+        peerauth.netns_path(netns)
+        peerauth.check_ifname(ifname)
+        fd = syscall.obj_get(pins.prog_pin(self.pin_dir, INBOUND_TC))
+        try:
+            return peerauth.attach_inbound_filter(netns, ifname, fd, self.version)
+        finally:
+            os.close(fd)
+
+    def detach_inbound_filter(self, netns: str, ifname: str) -> bool:
+        """Remove the inbound filter; False if it was not attached."""
+        return peerauth.detach_inbound_filter(netns, ifname)
 
     # --- observability ----------------------------------------------------
 

@@ -14,6 +14,9 @@
  *   NM_MAX_CIDRS      entries of the capture LPM trie
  *   NM_MAX_PORTS      entries of the excluded-ports set
  *   NM_DNS_PORT       the UDP port treated as DNS (53)
+ *
+ * The peer-authentication maps (nm_peer_auth, nm_peer_stats) are sized by
+ * NM_MAX_ENROLLED too: one entry per pod on the node.
  */
 #ifndef NODEMESH_H
 #define NODEMESH_H
@@ -195,5 +198,31 @@ static __always_inline struct nm_orig *nm_orig_of(void *ctx, struct bpf_sock *sk
         nm_count(NM_C_PEER_MISS);
     return o;
 }
+
+/* ---- peer authentication (inbound_tc.c) ----------------------------------
+ * A tc classifier at ingress of each enrolled pod's interface, inside the
+ * pod's netns, looks at connection-opening TCP packets (SYN without ACK) to
+ * the pod. Key of both maps: the pod's IPv4 address (network order). */
+#define NM_PA_OFF 0
+#define NM_PA_PERMISSIVE 1
+#define NM_PA_STRICT 2
+
+#define NM_TC_ACT_OK 0
+#define NM_TC_ACT_SHOT 2
+
+struct nm_peer_auth {
+    __u32 mode;           /* NM_PA_* */
+    __u32 allowed_ip4;    /* the node proxy as the pod sees it (its gateway) */
+};
+
+/* Counters of connection attempts to one pod; atomic adds. */
+struct nm_peer_stats {
+    __u64 proxied;   /* from allowed_ip4: passed */
+    __u64 plaintext; /* from elsewhere, PERMISSIVE: passed */
+    __u64 refused;   /* from elsewhere, STRICT: dropped */
+};
+
+BPF_HASH(nm_peer_auth, __u32, struct nm_peer_auth, NM_MAX_ENROLLED);
+BPF_HASH(nm_peer_stats, __u32, struct nm_peer_stats, NM_MAX_ENROLLED);
 
 #endif /* NODEMESH_H */

@@ -1,8 +1,9 @@
 """The data path as it lives in bpffs: find, inspect and remove pinned objects.
 
 How this works: an installed data path is one directory
-``<root>/<version>/`` holding a pin per map (``map_<name>``) and a pin per
-cgroup attachment (``link_<hook>``). Attachments are BPF links: the link pin
+``<root>/<version>/`` holding a pin per map (``map_<name>``), a pin per tc
+program (``prog_<name>``, attached by the agent inside pods' netns) and a pin
+per cgroup attachment (``link_<hook>``). Attachments are BPF links: the link pin
 *is* the attachment, so it outlives the loader process, a restarted loader
 finds it instead of attaching twice, and removing the pin (after an explicit
 link detach) is the uninstall. Links are pinned last, so a directory with
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from bpf import syscall
 from bpf.errors import BpfError, NotInstalledError
-from bpf.layout import HOOKS, MAP_NAMES, Hook
+from bpf.layout import HOOKS, MAP_NAMES, Hook, TcProgram
 
 
 def map_pin(pin_dir: str, name: str) -> str:
@@ -28,6 +29,10 @@ def map_pin(pin_dir: str, name: str) -> str:
 
 def link_pin(pin_dir: str, hook: Hook) -> str:
     return os.path.join(pin_dir, f"link_{hook.name}")
+
+
+def prog_pin(pin_dir: str, prog: TcProgram) -> str:
+    return os.path.join(pin_dir, f"prog_{prog.name}")
 
 
 def version_dirs(root: str) -> list[str]:
@@ -39,6 +44,7 @@ def version_dirs(root: str) -> list[str]:
 
 
 def is_complete(pin_dir: str) -> bool:
+    # The loader pins tc programs before the links, so the links imply them.
     return all(os.path.exists(map_pin(pin_dir, m)) for m in MAP_NAMES) and all(
         os.path.exists(link_pin(pin_dir, h)) for h in HOOKS
     )
