@@ -1,0 +1,132 @@
+"""Pure tests of peer authentication: validation, mode resolution, layouts (no root)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bpf import loader, peerauth
+from bpf.config import SOURCES_DIR
+from bpf.errors import BpfConfigError, BpfError
+from bpf.layout import MAPS, PEER_AUTH_MODES, TC_PROGRAMS, PeerAuth, PeerStats, ip4_to_map
+from bpf.maps import Dataplane
+from bpf.peerauth import PeerAuthPolicy, resolve_mode
+
+POD, GW = "10.244.1.2", "10.244.1.1"
+
+
+def _read(name: str) -> str:
+    with open(os.path.join(SOURCES_DIR, name)) as f:
+        return f.read()
+
+
+def test_policy_is_normalised_and_packed() -> None:
+    p = PeerAuthPolicy(POD, "strict", GW)
+    assert p.mode == "STRICT"
+    assert p.key() == ip4_to_map(POD)
+    v = p.value()
+    assert (v.mode, v.allowed_ip4) == (2, ip4_to_map(GW))
+    assert PeerAuthPolicy(POD, "Permissive", GW).value().mode == 1
+    assert PeerAuthPolicy(POD, "DISABLE", GW).value().mode == 0
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (("10.244.1", "STRICT", GW), "pod_ip"),
+    (("::1", "STRICT", GW), "pod_ip"),
+    ((0x0AF40102, "STRICT", GW), "pod_ip"),
+    (("0.0.0.0", "STRICT", GW), "pod_ip"),
+    ((POD, "MUTUAL", GW), "mode"),
+    ((POD, "", GW), "mode"),
+    ((POD, None, GW), "mode"),
+    ((POD, "STRICT", "gw"), "allowed_source"),
+    ((POD, "STRICT", "127.0.0.1"), "allowed_source"),
+    ((POD, "STRICT", "255.255.255.255"), "allowed_source"),
+    ((POD, "STRICT", POD), "allowed_source"),
+])
+def test_policy_rejects_bad_input_naming_the_field(args: tuple[object, ...], field: str) -> None:
+    with pytest.raises(BpfConfigError, match=field) as e:
+        PeerAuthPolicy(*args)  # type: ignore[arg-type]
+    assert e.value.where == field
+
+
+@given(st.text(max_size=20), st.text(max_size=12), st.text(max_size=20))
+def test_policy_parses_or_raises_our_error(pod: str, mode: str, src: str) -> None:
+    try:
+        p = PeerAuthPolicy(pod, mode, src)
+    except BpfConfigError:
+        return
+    assert p.mode in PEER_AUTH_MODES
+
+
+def test_resolve_mode_most_specific_wins() -> None:
+    assert resolve_mode("PERMISSIVE") == "PERMISSIVE"
+    assert resolve_mode("PERMISSIVE", "STRICT") == "STRICT"
+    assert resolve_mode("STRICT", None, "PERMISSIVE") == "PERMISSIVE"
+    assert resolve_mode("STRICT", "PERMISSIVE", "UNSET") == "PERMISSIVE"
+    assert resolve_mode("strict", "unset", None) == "STRICT"
+    assert resolve_mode("STRICT", "DISABLE") == "DISABLE"
+    with pytest.raises(BpfConfigError, match="mesh"):
+        resolve_mode("UNSET")
+    with pytest.raises(BpfConfigError, match="workload"):
+        resolve_mode("STRICT", None, "MUTUAL")
+
+
+def test_netns_and_ifname_validation() -> None:
+    for bad in ("", "a b", "../x", "relative/path", "-x", 3):
+        with pytest.raises(BpfConfigError, match="netns"):
+            peerauth.netns_path(bad)
+    with pytest.raises(BpfConfigError, match="does not exist"):
+        peerauth.netns_path("nodemesh-no-such-netns-xyz")
+    with pytest.raises(BpfConfigError, match="does not exist"):
+        peerauth.netns_path("/nonexistent/netns")
+    with pytest.raises(BpfConfigError, match="does not exist"):
+        peerauth.netns_path("/tmp")  # a directory, not a namespace
+    assert peerauth.check_ifname("t1-eth0") == "t1-eth0"
+    for bad_if in ("", "x" * 16, "a/b", "a b", "a:1", None):
+        with pytest.raises(BpfConfigError, match="ifname"):
+            peerauth.check_ifname(bad_if)
+
+
+def test_dataplane_validates_before_touching_a_map() -> None:
+    dp = Dataplane.__new__(Dataplane)  # no maps open: any map call would fail differently
+    dp.pin_dir, dp._fds, dp._max = "/nonexistent/v1-x", {}, {}
+    with pytest.raises(BpfConfigError, match="mode"):
+        dp.set_peer_auth(POD, "MUTUAL", GW)
+    with pytest.raises(BpfConfigError, match="pod_ip"):
+        dp.peer_auth_counters("10.0.0.256")
+    with pytest.raises(BpfConfigError, match="netns"):
+        dp.attach_inbound_filter("nodemesh-no-such-netns-xyz", "eth0")
+    with pytest.raises(BpfError, match="closed"):  # valid input does reach the map
+        dp.set_peer_auth(POD, "STRICT", GW)
+
+
+def test_c_constants_and_layouts_match_python() -> None:
+    header = _read("nodemesh.h")
+    for name, value in PEER_AUTH_MODES.items():
+        c_name = {"DISABLE": "OFF"}.get(name, name)
+        assert re.search(rf"#define NM_PA_{c_name} {value}\b", header), name
+    assert ctypes.sizeof(PeerAuth) == 8 and ctypes.sizeof(PeerStats) == 24
+    maps = {m[0]: m for m in MAPS}
+    assert maps["nm_peer_auth"][1:] == (ctypes.c_uint32, PeerAuth)
+    assert maps["nm_peer_stats"][1:] == (ctypes.c_uint32, PeerStats)
+    for name in ("nm_peer_auth", "nm_peer_stats"):
+        assert re.search(rf"BPF_HASH\({name}, __u32, struct {name}, NM_MAX_ENROLLED\)", header)
+
+
+def test_tc_program_is_part_of_the_one_module() -> None:
+    src = loader.sources()
+    for prog in TC_PROGRAMS:
+        assert f"---- {prog.name}.c ----" in src
+        assert f"int {prog.func}(struct __sk_buff *skb)" in _read(f"{prog.name}.c")
+    # The header comes first: every map exists once for all programs.
+    assert src.index("---- nodemesh.h ----") < src.index("---- inbound_tc.c ----")
+
+
+def test_filter_tag_carries_the_version() -> None:
+    assert peerauth.filter_tag("v1-0123456789ab") == "nm_inbound_tc:v1-0123456789ab"
+    assert 0 < peerauth.FILTER_PRIO < 0x10000
