@@ -10,6 +10,9 @@ bad input raises :class:`BpfConfigError` and leaves the maps as they were.
 The proxy learns where an accepted connection was going with
 :meth:`Dataplane.lookup_original_dst` (peer = the pod's ip:port, local = the
 proxy's ip:15001), or :meth:`Dataplane.original_dst_of` on the socket itself.
+
+Peer authentication (see :mod:`bpf.peerauth`): per pod, :meth:`Dataplane.set_peer_auth`
+then :meth:`Dataplane.attach_inbound_filter`; :meth:`Dataplane.peer_auth_counters`.
 """
 
 from __future__ import annotations

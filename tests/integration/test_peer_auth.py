@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bpf import loader, peerauth, pins
+from bpf import loader, peerauth, pins, syscall
 from bpf.errors import BpfConfigError
 from bpf.layout import INBOUND_TC
 from bpf.maps import Dataplane
@@ -205,6 +205,14 @@ def test_attach_is_idempotent_and_detach_removes_the_filter(env: Env) -> None:
     pod = env.pod
     assert env.dp.attach_inbound_filter(pod.netns, pod.ifname) is False
     assert env.dp.attach_inbound_filter(kernel.netns_path(pod.netns), pod.ifname) is False
+    assert _filter_state(env) == (["bpf"], True)
+    # A filter left by another data path version is replaced in place, not doubled.
+    fd = syscall.obj_get(pins.prog_pin(env.pin_dir, INBOUND_TC))
+    try:
+        assert peerauth.attach_inbound_filter(pod.netns, pod.ifname, fd, "v1-older") is True
+    finally:
+        os.close(fd)
+    assert env.dp.attach_inbound_filter(pod.netns, pod.ifname) is True
     assert _filter_state(env) == (["bpf"], True)
     env.dp.set_peer_auth(pod.address, "STRICT", pod.gateway)
     try:
