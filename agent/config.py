@@ -28,6 +28,11 @@ Example (every key but ``node`` has a default)::
       excluded_ports: []
       enroll: [/run/netns/pod-a]               # pod network namespaces to capture
     peers: {n2: 10.250.0.2}    # other nodes' HBONE addresses
+    peer_authentication:       # inbound plaintext to pods: PERMISSIVE (delivered, counted),
+      mode: PERMISSIVE         # STRICT (refused unless it comes from the node proxy), DISABLE
+      namespaces: {}           # namespace -> mode
+      workloads: {}            # "namespace/name" -> mode (most specific wins)
+    cert_ttl_s: 86400          # workload certificate lifetime; renewed at half life
     dns_upstream: null          # host:port for non-mesh names; none: REFUSED
     log_level: info
 """
@@ -82,6 +87,19 @@ class InterceptionConfig:
     enroll: tuple[str, ...] = ()
 
 
+PEER_AUTH_MODES = ("PERMISSIVE", "STRICT", "DISABLE")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthConfig:
+    mode: str = "PERMISSIVE"
+    namespaces: Mapping[str, str] = field(default_factory=dict)
+    workloads: Mapping[str, str] = field(default_factory=dict)  # "ns/name" -> mode
+
+    def mode_of(self, namespace: str, name: str) -> str:
+        return self.workloads.get(f"{namespace}/{name}") or self.namespaces.get(namespace) or self.mode
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str
@@ -94,6 +112,8 @@ class AgentConfig:
     peers: Mapping[str, str] = field(default_factory=dict)
     dns_upstream: str | None = None
     log_level: str = "info"
+    peer_authentication: PeerAuthConfig = field(default_factory=PeerAuthConfig)
+    cert_ttl_s: int = 86400
 
 
 class _Reader:
@@ -160,6 +180,8 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "peers",
             "dns_upstream",
             "log_level",
+            "peer_authentication",
+            "cert_ttl_s",
         },
     )
     if "node" not in top:
@@ -224,6 +246,30 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     level = r.string(top, "log_level", "", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise r.fail("log_level", f"expected debug, info, warning or error, got {level!r}")
+    pa = r.mapping(top.get("peer_authentication"), "peer_authentication", {"mode", "namespaces", "workloads"})
+
+    def mode(value: object, where: str) -> str:
+        if not isinstance(value, str) or value.upper() not in PEER_AUTH_MODES:
+            raise r.fail(where, f"expected one of {', '.join(PEER_AUTH_MODES)}, got {value!r}")
+        return value.upper()
+
+    def modes(key: str) -> dict[str, str]:
+        doc = pa.get(key) or {}
+        if not isinstance(doc, Mapping):
+            raise r.fail(f"peer_authentication.{key}", "expected a mapping of name to mode")
+        return {str(k): mode(v, f"peer_authentication.{key}.{k}") for k, v in doc.items()}
+
+    peer_auth = PeerAuthConfig(
+        mode(pa.get("mode", "PERMISSIVE"), "peer_authentication.mode"),
+        modes("namespaces"),
+        modes("workloads"),
+    )
+    for k in peer_auth.workloads:
+        if k.count("/") != 1:
+            raise r.fail(f"peer_authentication.workloads.{k}", "expected a key of the form namespace/name")
+    ttl = top.get("cert_ttl_s", 86400)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 60 <= ttl <= 7 * 86400:
+        raise r.fail("cert_ttl_s", f"expected seconds between 60 and 604800, got {ttl!r}")
     return AgentConfig(
         node=node,
         addresses=addresses,
@@ -235,6 +281,8 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         peers=peers,
         dns_upstream=upstream,
         log_level=level,
+        peer_authentication=peer_auth,
+        cert_ttl_s=ttl,
     )
 
 

@@ -36,6 +36,7 @@ NODEMESH = [sys.executable, "-m", "agent.cli.main"]
 class MeshBed:
     topo: Topology
     run_dir: str
+    extra: dict[str, object] = field(default_factory=dict)  # top-level keys merged into every agent config
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -54,6 +55,9 @@ class MeshBed:
         return os.path.join(self.run_dir, f"agent-{node.name}.yaml")
 
     def agent_config(self, node: Node) -> dict[str, object]:
+        return {**self._base_config(node), **self.extra}
+
+    def _base_config(self, node: Node) -> dict[str, object]:
         return {
             "node": node.name,
             "trust_domain": "cluster.local",
@@ -176,11 +180,13 @@ def workload_manifest(topo: Topology, roles: dict[str, tuple[str, dict[str, str]
 
 
 @contextlib.contextmanager
-def running(topo: Topology, manifest: str, *, start_agents: bool = True) -> Iterator[MeshBed]:
+def running(
+    topo: Topology, manifest: str, *, start_agents: bool = True, extra: dict[str, object] | None = None
+) -> Iterator[MeshBed]:
     run_dir = os.path.join("/run/nodemesh", f"{topo.prefix}-mesh")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    bed = MeshBed(topo, run_dir)
+    bed = MeshBed(topo, run_dir, extra=dict(extra or {}))
     try:
         bed.cli("ca", "init", "--dir", bed.ca_dir, "--trust-domain", "cluster.local")
         bed.apply(manifest)

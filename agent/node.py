@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 from agent.config import AgentConfig
 from agent.control.backend import Backend
@@ -54,6 +55,7 @@ from agent.identity.tls import ClientContexts, ServerContexts
 from agent.metrics.istio import CallbackCollector, MeshMetrics
 from bpf.config import CaptureConfig, RedirectTarget
 from bpf.maps import Dataplane
+from netns import kernel
 
 log = logging.getLogger("nodemesh.agent")
 
@@ -87,6 +89,34 @@ def open_backend(cfg: AgentConfig) -> Backend:
     if cfg.registry.backend == "etcd":
         return EtcdBackend(cfg.registry.endpoints[0])
     return EmbeddedBackend(cfg.registry.dir)
+
+
+class PeerAuthCollector:
+    """nodemesh_peer_auth_connections_total{workload, verdict}: new inbound TCP connections to
+    this node's pods as the tc filter judged them (proxied, plaintext, refused), read at scrape."""
+
+    def __init__(self, dp: Dataplane, directory: DirectoryRef, node: str) -> None:
+        self.dp = dp
+        self.directory = directory
+        self.node = node
+
+    def collect(self) -> list[CounterMetricFamily]:
+        fam = CounterMetricFamily(
+            "nodemesh_peer_auth_connections",
+            "New inbound TCP connections to local pods by peer-auth verdict",
+            labels=("workload", "namespace", "verdict"),
+        )
+        snap = self.directory.current.snapshot
+        for w in snap.workloads.values():
+            if w.node != self.node:
+                continue
+            try:
+                counters = self.dp.peer_auth_counters(w.address)
+            except Exception:
+                continue
+            for verdict, n in counters.items():
+                fam.add_metric((w.name, w.namespace, verdict), n)
+        return [fam]
 
 
 class DirectoryRef:
@@ -141,7 +171,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     except Exception as e:
         raise AgentError(f"ca.dir {cfg.ca_dir}: {e}", hint="create one: nodemesh ca init --dir DIR") from e
     clock = SystemClock()
-    certs = CertManager(LocalIssuer(ca), clock)
+    certs = CertManager(LocalIssuer(ca), clock, ttl_s=cfg.cert_ttl_s)
     server_contexts = ServerContexts(ca.bundle, trust_domain=cfg.trust_domain)
     certs.subscribe(server_contexts.set_identity)
     backend = open_backend(cfg)
@@ -184,6 +214,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     if dataplane is not None:
         dp = dataplane
         prom.register(CallbackCollector("nodemesh_bpf", dp.counters, doc="eBPF redirect counters"))
+        prom.register(PeerAuthCollector(dp, directory, cfg.node))
     prom.register(
         CallbackCollector(
             "nodemesh_registry",
@@ -207,13 +238,49 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     )
 
 
+def pod_interfaces(netns: str) -> list[tuple[str, str]]:
+    """(ifname, IPv4 address) of a pod's interfaces other than loopback."""
+    name = netns.removeprefix("/run/netns/")
+    out: list[tuple[str, str]] = []
+    with kernel.ipr(name) as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for a in ipr.get_addr(family=2):
+            ifname = names.get(a["index"], "")
+            if ifname != "lo":
+                out.append((ifname, a.get_attr("IFA_ADDRESS")))
+    return out
+
+
+def apply_peer_auth(agent: Agent) -> None:
+    """Set each enrolled pod's inbound mode (mesh-wide, per namespace, per workload) and
+    make sure its tc filter is attached. Idempotent: run at start and on every snapshot."""
+    dp = agent.dataplane
+    if dp is None:
+        return
+    directory = agent.directory.current
+    for ns in agent.cfg.interception.enroll:
+        try:
+            for ifname, address in pod_interfaces(ns):
+                w = directory.workload_at(address)
+                mode = (
+                    agent.cfg.peer_authentication.mode_of(w.namespace, w.name)
+                    if w is not None
+                    else agent.cfg.peer_authentication.mode
+                )
+                dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy)
+                dp.attach_inbound_filter(ns, ifname)
+        except Exception as e:  # a pod that went away must not stop the others
+            log.warning("peer authentication for %s: %s", ns, e)
+
+
 async def _follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
-    seen = -1
+    seen: object = None
     while not stop.is_set():
         snap = agent.registry.snapshot
-        if snap.revision != seen:
-            seen = snap.revision
+        if snap is not seen:  # a new snapshot object (revisions may repeat across a full re-read)
+            seen = snap
             agent.directory.current = Directory.build(snap)
+            await asyncio.to_thread(apply_peer_auth, agent)
             want = agent.local_identities()
             for sid in want:
                 try:
@@ -235,7 +302,12 @@ async def serve(agent: Agent, *, ready: Callable[[], None] | None = None, drain_
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     agent.registry.start()
-    agent.registry.wait_for(lambda s: True, 5.0)
+    for _ in range(100):  # the first read (up to 5 s); a stale registry still starts, and says so
+        if not agent.registry.stale:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        log.warning("registry %s not read yet: starting with an empty snapshot", agent.backend.location)
     tasks = [asyncio.create_task(_follow_snapshots(agent, stop), name="snapshots")]
     # certificates before the first connection
     agent.directory.current = Directory.build(agent.registry.snapshot)

@@ -142,20 +142,15 @@ def check_ifname(ifname: object) -> str:
 
 @contextmanager
 def _ipr(path: str) -> Iterator[Any]:
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    # netns.kernel.ipr runs rtnetlink on a thread inside the netns (no fork: safe in the agent)
+    from netns import kernel
+    from netns.errors import NetnsError
 
     try:
-        handle = IPRoute(netns=path, flags=0)  # flags=0: never create the netns
-    except (OSError, NetlinkError) as e:
-        raise BpfError(f"cannot open rtnetlink in {path}: {e}",
-                       errno=getattr(e, "code", None) or getattr(e, "errno", 0) or 0) from e
-    try:
-        yield handle
-    except NetlinkError as e:
-        raise BpfError(f"tc in netns {path}: {e}", errno=e.code) from e
-    finally:
-        handle.close()
+        with kernel.ipr(path) as handle:
+            yield handle
+    except (NetnsError, OSError) as e:
+        raise BpfError(f"tc in netns {path}: {e}", errno=getattr(e, "errno", 0) or 0) from e
 
 
 def _index(ipr: Any, ifname: str, path: str) -> int:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import ctypes
 import errno as errno_mod
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -130,12 +132,75 @@ def write_sysctl(netns: str, key: str, value: str) -> None:
     run_in_netns(netns, write)
 
 
+_Call = tuple[str, tuple[Any, ...], dict[str, Any], "Future[Any]"]
+
+
+class _NetnsIPRoute:
+    """An IPRoute whose every call runs on one worker thread that lives inside a netns.
+
+    pyroute2 opens its netlink socket lazily on the calling thread, and its own
+    ``netns=`` support forks a child for that; a fork from an asyncio process
+    shares the loop's signal wakeup pipe, so a signal to the child would look
+    like one to the agent. Here the socket is made on a thread that has
+    entered the namespace, and stays there; nothing forks.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self._calls: queue.Queue[_Call | None] = queue.Queue()
+        started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._run, args=(fd, started), name=f"ipr:{name}", daemon=True)
+        self._thread.start()
+        started.result()
+
+    def _run(self, fd: int, started: Future[None]) -> None:
+        try:
+            setns_fd(fd)
+            handle = IPRoute()
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(None)
+        try:
+            while (item := self._calls.get()) is not None:
+                method, args, kwargs, fut = item
+                try:
+                    result = getattr(handle, method)(*args, **kwargs)
+                    if isinstance(result, Iterator):  # pyroute2 may answer lazily: read it here
+                        result = list(result)
+                    fut.set_result(result)
+                except BaseException as e:
+                    fut.set_exception(e)
+        finally:
+            handle.close()
+
+    def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fut: Future[Any] = Future()
+        self._calls.put((method, args, kwargs, fut))
+        return fut.result()
+
+    def __getattr__(self, method: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._call(method, args, kwargs)
+
+        return call
+
+    def close(self) -> None:
+        self._calls.put(None)
+        self._thread.join()
+
+
 @contextmanager
 def ipr(netns: str) -> Iterator[Any]:
-    """An rtnetlink handle bound inside ``netns`` (never creates the netns)."""
-    if not netns_exists(netns):
-        raise NotFoundError(f"network namespace {netns!r} does not exist")
-    handle = IPRoute(netns=netns, flags=0)
+    """An rtnetlink handle bound inside ``netns`` (a name or a path; never creates it)."""
+    path = netns if os.path.isabs(netns) else netns_path(netns)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"network namespace {netns!r} does not exist") from None
+    try:
+        handle = _NetnsIPRoute(fd, os.path.basename(path))
+    finally:
+        os.close(fd)
     try:
         yield handle
     except NetlinkError as e:
