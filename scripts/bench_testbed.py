@@ -34,15 +34,26 @@ def main() -> int:
     ups, downs = [], []
     try:
         for _ in range(args.rounds):
-            ups.append(timed([*cli, "up", "-n", str(args.nodes), "-m", str(args.pods_per_node), "-p", PREFIX]))
+            ups.append(
+                timed([*cli, "up", "-n", str(args.nodes), "-m", str(args.pods_per_node), "-p", PREFIX])
+            )
             downs.append(timed([*cli, "down", "-p", PREFIX]))
     finally:
         subprocess.run([*cli, "down", "-p", PREFIX], stdout=subprocess.DEVNULL)
-    print(json.dumps({
-        "nodes": args.nodes, "pods_per_node": args.pods_per_node, "rounds": args.rounds,
-        "up_s_median": round(statistics.median(ups), 3), "up_s_all": [round(x, 3) for x in ups],
-        "down_s_median": round(statistics.median(downs), 3), "down_s_all": [round(x, 3) for x in downs],
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "nodes": args.nodes,
+                "pods_per_node": args.pods_per_node,
+                "rounds": args.rounds,
+                "up_s_median": round(statistics.median(ups), 3),
+                "up_s_all": [round(x, 3) for x in ups],
+                "down_s_median": round(statistics.median(downs), 3),
+                "down_s_all": [round(x, 3) for x in downs],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
