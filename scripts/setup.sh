@@ -38,6 +38,7 @@ KREL=$(uname -r)
 PACKAGES=(
   python3 python3-venv python3-bpfcc bpftool iproute2 procps
   curl dnsutils tcpdump socat
+  haproxy nginx-light wrk iperf3
   etcd-server etcd-client
 )
 
