@@ -163,19 +163,24 @@ class MeshBed:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-def workload_manifest(topo: Topology, roles: dict[str, tuple[str, dict[str, str], dict[str, int]]]) -> str:
-    """Workload documents for pods: roles maps pod name -> (service account, labels, ports)."""
+Role = tuple[str, dict[str, str], dict[str, int]] | tuple[str, dict[str, str], dict[str, int], int]
+
+
+def workload_manifest(topo: Topology, roles: dict[str, Role]) -> str:
+    """Workload documents for pods: roles maps pod name -> (service account, labels, ports[, weight])."""
     docs = []
     for pod in topo.pods():
-        sa, labels, ports = roles.get(pod.name, ("default", {}, {}))
-        docs.append(
-            {
-                "apiVersion": "nodemesh.io/v1",
-                "kind": "Workload",
-                "metadata": {"name": pod.name, "namespace": "default", "labels": labels},
-                "spec": {"address": pod.address, "node": pod.node, "serviceAccount": sa, "ports": ports},
-            }
-        )
+        role = roles.get(pod.name, ("default", {}, {}))
+        spec: dict[str, object] = {
+            "address": pod.address, "node": pod.node, "serviceAccount": role[0], "ports": role[2],
+        }
+        if len(role) == 4:
+            spec["weight"] = role[3]
+        docs.append({
+            "apiVersion": "nodemesh.io/v1", "kind": "Workload",
+            "metadata": {"name": pod.name, "namespace": "default", "labels": role[1]},
+            "spec": spec,
+        })
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 

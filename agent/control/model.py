@@ -70,6 +70,9 @@ class ServicePort:
             _check(1 <= self.target_port <= 65535, f"targetPort {self.target_port} out of range")
 
 
+LB_POLICIES = ("ROUND_ROBIN", "RANDOM", "WEIGHTED_ROUND_ROBIN", "WEIGHTED_RANDOM", "LEAST_REQUEST")
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -77,9 +80,11 @@ class Service:
     vip: str
     ports: tuple[ServicePort, ...]
     selector: Mapping[str, str] = field(default_factory=dict)
+    lb_policy: str = "ROUND_ROBIN"  # one of LB_POLICIES (Istio's simple load balancers)
 
     def __post_init__(self) -> None:
         _check(bool(NAME_RE.match(self.name)), f"bad service name {self.name!r}")
+        _check(self.lb_policy in LB_POLICIES, f"unknown load-balancing policy {self.lb_policy!r}")
         _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
         if self.vip:  # "" = to be allocated by apply
             ipaddress.ip_address(self.vip)
@@ -94,6 +99,7 @@ class Service:
             "selector": dict(sorted(self.selector.items())),
             "ports": [{"name": p.name, "port": p.port, "targetPort": p.target_port,
                        "protocol": p.protocol.value} for p in self.ports],
+            "loadBalancer": self.lb_policy,
         }
 
 
@@ -210,6 +216,7 @@ def service_from_doc(d: Mapping[str, Any]) -> Service:
         selector=dict(d.get("selector", {})),
         ports=tuple(ServicePort(p["name"], int(p["port"]), p["targetPort"],
                                 Protocol(p["protocol"])) for p in d["ports"]),
+        lb_policy=d.get("loadBalancer", "ROUND_ROBIN"),
     )
 
 

@@ -27,6 +27,7 @@ from agent.control.model import (
     DEFAULT_NAMESPACE,
     LABEL_KEY_RE,
     LABEL_VALUE_RE,
+    LB_POLICIES,
     NAME_RE,
     CheckSpec,
     Health,
@@ -262,7 +263,11 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Service | 
 
 def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpNetwork,
              ) -> Service:
-    _only(doc, spec, "spec", ("vip", "selector", "ports"))
+    _only(doc, spec, "spec", ("vip", "selector", "ports", "loadBalancer"))
+    lb = _str(doc, spec, "loadBalancer", "spec", default="ROUND_ROBIN").upper()
+    if lb not in LB_POLICIES:
+        raise doc.fail("spec.loadBalancer", f"unknown load-balancing policy {lb!r}",
+                       hint="one of: " + ", ".join(LB_POLICIES))
     vip = _str(doc, spec, "vip", "spec")
     if vip:
         vip = _ip(doc, vip, "spec.vip")
@@ -298,7 +303,8 @@ def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpN
             raise doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
         ports.append(ServicePort(pname, number, target, proto))
     selector = _labels(doc, spec.get("selector"), "spec.selector")
-    return Service(name=name, namespace=ns, vip=vip, ports=tuple(ports), selector=selector)
+    return Service(name=name, namespace=ns, vip=vip, ports=tuple(ports), selector=selector,
+                   lb_policy=lb)
 
 
 def _workload(doc: _Doc, spec: dict[str, Any], name: str, ns: str, labels: dict[str, str],

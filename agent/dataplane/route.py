@@ -70,8 +70,7 @@ class Directory:
 
 
 def policy_of(service: Service) -> Policy:
-    text = getattr(service, "lb_policy", "") or Policy.ROUND_ROBIN.value
-    return Policy.parse(str(text))
+    return Policy.parse(service.lb_policy)
 
 
 def decide(directory: Directory, dst_address: str, dst_port: int) -> Route:

@@ -27,6 +27,24 @@ BULK_VIP = "10.96.0.11"
 
 SERVICES = f"""apiVersion: nodemesh.io/v1
 kind: Service
+metadata: {{name: web-weighted, namespace: default}}
+spec:
+  vip: 10.96.0.12
+  selector: {{app: web}}
+  loadBalancer: WEIGHTED_ROUND_ROBIN
+  ports: [{{name: http, port: 80, targetPort: http, protocol: http}}]
+---
+apiVersion: nodemesh.io/v1
+kind: Service
+metadata: {{name: web-random, namespace: default}}
+spec:
+  vip: 10.96.0.13
+  selector: {{app: web}}
+  loadBalancer: RANDOM
+  ports: [{{name: http, port: 80, targetPort: http, protocol: http}}]
+---
+apiVersion: nodemesh.io/v1
+kind: Service
 metadata: {{name: web, namespace: default}}
 spec:
   vip: {WEB_VIP}
@@ -42,11 +60,11 @@ spec:
   ports: [{{name: tcp, port: 9000, targetPort: 9000, protocol: tcp}}]
 ---
 """
-ROLES = {
+ROLES: dict[str, meshbed.Role] = {
     "n1-p1": ("client", {"app": "client"}, {}),
     "n1-p2": ("client", {"app": "client"}, {}),
-    "n2-p1": ("web", {"app": "web"}, {"http": 8080}),
-    "n2-p2": ("web", {"app": "web"}, {"http": 8080}),
+    "n2-p1": ("web", {"app": "web"}, {"http": 8080}, 1),
+    "n2-p2": ("web", {"app": "web"}, {"http": 8080}, 3),
     "n2-p3": ("bulk", {"app": "bulk"}, {}),
 }
 
@@ -173,6 +191,26 @@ def test_300_requests_follow_round_robin(mesh: Mesh) -> None:
     assert sum(got.values()) == 300, r.stderr
     # ROUND_ROBIN on one agent: an exact alternation (other tests' traffic may shift the phase by one)
     assert abs(got["n2-p1"] - got["n2-p2"]) <= 2, got
+
+
+def _split(mesh: Mesh, pod: str, vip: str, n: int = 300) -> Counter[str]:
+    script = f"for i in $(seq {n}); do curl -s --max-time 5 http://{vip}/whoami; echo; done"
+    r = mesh.bed.exec(pod, ["sh", "-c", script], timeout_s=120)
+    got = Counter(line for line in r.stdout.splitlines() if line)
+    assert sum(got.values()) == n, r.stderr
+    return got
+
+
+def test_300_requests_follow_weights_with_weighted_round_robin(mesh: Mesh) -> None:
+    got = _split(mesh, "n1-p2", "10.96.0.12")
+    # weights 1:3 -> exactly a quarter and three quarters with smooth weighted round robin
+    assert (got["n2-p1"], got["n2-p2"]) == (75, 225), got
+
+
+def test_300_requests_random_is_within_tolerance(mesh: Mesh) -> None:
+    got = _split(mesh, "n1-p2", "10.96.0.13")
+    # RANDOM ignores weights: 150 each, standard deviation ~8.7; allow 4 sigma
+    assert 115 <= got["n2-p1"] <= 185, got
 
 
 def test_the_fabric_carries_tls_only(mesh: Mesh) -> None:

@@ -223,3 +223,24 @@ def test_cli_get_describe_delete_register(tmp_path: Path) -> None:
     assert code == 0
     code, out = run(["delete", "workload", "web-1"], reg)
     assert code == 3 and "not found" in out
+
+
+def test_service_load_balancer_policy_is_validated() -> None:
+    from agent.control.model import Service
+    from agent.control.validate import parse_vip_range, parse_yaml
+
+    base = """apiVersion: nodemesh.io/v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80}]
+"""
+    (svc,) = parse_yaml(base + "  loadBalancer: least_request\n", "f.yaml", parse_vip_range("10.96.0.0/16"))
+    assert isinstance(svc.resource, Service) and svc.resource.lb_policy == "LEAST_REQUEST"
+    import pytest as _pytest
+
+    from agent.control.errors import InputError
+
+    with _pytest.raises(InputError, match=r"spec\.loadBalancer.*unknown load-balancing policy 'FASTEST'"):
+        parse_yaml(base + "  loadBalancer: FASTEST\n", "f.yaml", parse_vip_range("10.96.0.0/16"))
