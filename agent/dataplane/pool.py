@@ -7,6 +7,12 @@ source workload's and the server certificate the destination workload's
 for another stream, or dials one — a per-key lock makes concurrent callers
 share a single new dial instead of each paying a handshake. Dead connections
 are dropped on use; idle ones are closed by :meth:`reap`.
+
+Certificate renewal: a connection remembers the fingerprint of the source
+certificate it was opened with. Once the source identity has a renewed cert,
+that connection takes no new streams (its open streams finish undisturbed)
+and new streams go over a connection handshaked with the new cert; drained
+old connections are closed by :meth:`reap`.
 """
 
 from __future__ import annotations
@@ -75,10 +81,14 @@ class TunnelPool:
         if self._on_change is not None:
             self._on_change(self.size)
 
-    def _usable(self, entry: _Entry) -> TunnelConnection | None:
+    def _usable(self, entry: _Entry, fingerprint: str) -> TunnelConnection | None:
         entry.conns = [c for c in entry.conns if not c.closed]
         for c in entry.conns:
-            if c.can_open() and c.active_streams < self.max_streams_per_conn:
+            if (
+                c.cert_fingerprint == fingerprint
+                and c.can_open()
+                and c.active_streams < self.max_streams_per_conn
+            ):
                 return c
         return None
 
@@ -93,12 +103,13 @@ class TunnelPool:
         key = (source, destination, node_address, port)
         entry = self._entries.setdefault(key, _Entry())
         entry.last_used = time.monotonic()
-        conn = self._usable(entry)
+        cert = await self.certs(source)
+        conn = self._usable(entry, cert.fingerprint_sha256)
         if conn is None:
             async with entry.lock:
-                conn = self._usable(entry)
+                conn = self._usable(entry, cert.fingerprint_sha256)
                 if conn is None:
-                    conn = await self._dial(source, destination, node_address, port)
+                    conn = await self._dial(cert, destination, node_address, port)
                     entry.conns.append(conn)
                     self._changed()
         try:
@@ -108,12 +119,14 @@ class TunnelPool:
                 self._changed()
             raise
 
-    async def _dial(self, source: SpiffeId, destination: SpiffeId, host: str, port: int) -> TunnelConnection:
+    async def _dial(
+        self, source: WorkloadCert, destination: SpiffeId, host: str, port: int
+    ) -> TunnelConnection:
         try:
             reader, writer, _peer = await connect_tls(
                 host,
                 port,
-                source=await self.certs(source),
+                source=source,
                 destination=destination,
                 contexts=self.contexts,
                 timeout_s=self.connect_timeout_s,
@@ -125,17 +138,20 @@ class TunnelPool:
         except OSError as e:
             raise TunnelError(f"cannot reach tunnel {host}:{port}: {e}") from e
         self.dials += 1
-        return TunnelConnection(reader, writer, client=True, config=self.h2_config, name=f"{host}:{port}")
+        conn = TunnelConnection(reader, writer, client=True, config=self.h2_config, name=f"{host}:{port}")
+        conn.cert_fingerprint = source.fingerprint_sha256
+        return conn
 
     async def reap(self) -> int:
         """Close connections idle (no stream) for longer than the idle timeout."""
         now = time.monotonic()
         closed = 0
         for key, entry in list(self._entries.items()):
-            if now - entry.last_used < self.idle_timeout_s:
-                continue
+            newest = entry.conns[-1].cert_fingerprint if entry.conns else ""
+            idle = now - entry.last_used >= self.idle_timeout_s
             for c in list(entry.conns):
-                if c.active_streams == 0:
+                superseded = c.cert_fingerprint != newest  # renewed: drained old connection
+                if c.active_streams == 0 and (idle or superseded):
                     await c.close()
                     entry.conns.remove(c)
                     closed += 1

@@ -61,6 +61,7 @@ class TunnelStream:
         self._writable.set()
         if not self.headers.done():
             self.headers.set_exception(TunnelError(f"stream reset by peer (code {code})"))
+            self.headers.exception()  # nobody may be waiting (server side): not an unhandled error
 
     # used by the relay
     async def read(self) -> tuple[bytes, int]:
@@ -109,6 +110,7 @@ class TunnelStream:
         if self._reset is None and not self.conn.closed:
             self.conn.h2.end_stream(self.stream_id)
             self.conn.flush()
+            self.conn._forget_if_closed(self.stream_id)
 
     def reset(self, code: int = ErrorCode.CANCEL) -> None:
         if self._reset is None and not self.conn.closed:
@@ -149,6 +151,7 @@ class TunnelConnection:
         self._handlers: set[asyncio.Task[None]] = set()
         self.closed = False
         self.name = name
+        self.cert_fingerprint = ""  # client side: the source cert it was handshaked with (pool)
         self._settled = asyncio.Event()  # peer SETTINGS seen
         self.h2.initiate()
         self.flush()
@@ -218,6 +221,8 @@ class TunnelConnection:
             st = self._streams.get(ev.stream_id)
             if st is not None:
                 st._on_data(ev.data, ev.flow_bytes, ev.end_stream)
+                if ev.end_stream:
+                    self._forget_if_closed(ev.stream_id)
             else:
                 self.h2.acknowledge_received(ev.stream_id, ev.flow_bytes)
         elif isinstance(ev, h2c.HeadersReceived):
@@ -236,6 +241,7 @@ class TunnelConnection:
                     st.headers.set_result(ev.headers)
                 if ev.end_stream:
                     st._on_data(b"", 0, True)
+                    self._forget_if_closed(ev.stream_id)
         elif isinstance(ev, h2c.StreamReset):
             st = self._streams.pop(ev.stream_id, None)
             if st is not None:
@@ -262,6 +268,12 @@ class TunnelConnection:
             st.reset(ErrorCode.INTERNAL_ERROR)
         finally:
             self._streams.pop(st.stream_id, None)
+
+    def _forget_if_closed(self, stream_id: int) -> None:
+        """Drop a stream closed both ways from the table (its object lives on while the relay
+        drains what it buffered), so ``active_streams`` counts only streams in use."""
+        if not self.h2.is_open(stream_id):
+            self._streams.pop(stream_id, None)
 
     def _close_all(self, why: str) -> None:
         if self.closed:

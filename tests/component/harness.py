@@ -13,7 +13,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
@@ -25,7 +25,7 @@ from agent.dataplane.outbound import Outbound, OutboundConfig
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.route import Directory
 from agent.identity.ca import MeshCA
-from agent.identity.clock import SystemClock
+from agent.identity.clock import Clock, SystemClock
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import CertManager, LocalIssuer
 from agent.identity.tls import ClientContexts, ServerContexts
@@ -68,10 +68,17 @@ class Mesh:
         self.directory = Directory.build(snap)
 
 
-async def start_node(mesh: Mesh, name: str, hbone_ports: dict[str, int], *, ca: MeshCA | None = None) -> Node:
+async def start_node(
+    mesh: Mesh,
+    name: str,
+    hbone_ports: dict[str, int],
+    *,
+    ca: MeshCA | None = None,
+    clock: Clock | None = None,
+) -> Node:
     ca = ca or mesh.ca
-    clock = SystemClock()
-    certs = CertManager(LocalIssuer(ca), clock)
+    clock = clock or SystemClock()
+    certs = CertManager(LocalIssuer(ca), clock, ttl_s=4 * 3600)
     registry = CollectorRegistry()
     metrics = MeshMetrics(registry)
     server_contexts = ServerContexts(ca.bundle, trust_domain=TD)
@@ -135,12 +142,14 @@ async def client_exchange(src: str, port: int, payload: bytes) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def two_node_mesh(workloads: list[Workload], services: list[Service]) -> AsyncIterator[Mesh]:
-    ca = MeshCA.create(TD, now=datetime.now(UTC))
+async def two_node_mesh(
+    workloads: list[Workload], services: list[Service], *, clock: Clock | None = None
+) -> AsyncIterator[Mesh]:
+    ca = MeshCA.create(TD, now=datetime.now(UTC) - timedelta(days=1))
     mesh = Mesh(ca, Directory.build(build_snapshot(services, workloads)), {})
     ports: dict[str, int] = {}
     for n in ("n1", "n2"):
-        mesh.nodes[n] = await start_node(mesh, n, ports)
+        mesh.nodes[n] = await start_node(mesh, n, ports, clock=clock)
     # one node's outbound dials the other's inbound
     for node in mesh.nodes.values():
         other = next(p for name, p in ports.items() if name != node.name)

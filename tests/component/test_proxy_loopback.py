@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import h2.config
 import h2.connection
@@ -14,7 +14,7 @@ import h2.events
 import pytest
 
 from agent.identity.ca import MeshCA
-from agent.identity.clock import SystemClock
+from agent.identity.clock import FakeClock, SystemClock
 from agent.identity.spiffe import SpiffeId, sni_name
 from agent.identity.store import CertManager, LocalIssuer
 from agent.identity.tls import ClientContexts
@@ -244,5 +244,69 @@ def test_snapshot_without_the_source_workload_refuses_and_counts() -> None:
             mesh.set_snapshot(build_snapshot([web_service()], ws, revision=2))
             assert await client_exchange("127.0.0.6", mesh.nodes["n1"].outbound_port, b"x") == b"web-1:x"
             pod.close()
+
+    asyncio.run(main())
+
+
+def test_certificate_renewal_while_traffic_flows() -> None:
+    """Certs renew at half life (driven by an injected clock); connections keep flowing,
+    the pool moves new streams to a tunnel handshaked with the new cert, none fails."""
+
+    async def main() -> None:
+        # 4 h certs, renewed at half life. The issuing clock starts 2 h (less 30 s) before real
+        # time, so after advancing it by 2 h both the first certs and the renewed ones are valid
+        # in real time, where the TLS handshakes check them.
+        clock = FakeClock(datetime.now(UTC) - timedelta(hours=2) + timedelta(seconds=30))
+        pods = [await echo_server(f"127.0.0.{10 + i}", 9000, f"web-{i}") for i in (1, 2)]
+        async with two_node_mesh(mesh_workloads(), [web_service()], clock=clock) as mesh:
+            mesh.original_dst[("127.0.0.5", 0)] = (VIP, 80)
+            n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+            web = SpiffeId(TD, "default", "web")
+            client = SpiffeId(TD, "default", "client")
+            old_server = n2.certs.current(web)
+            assert old_server is not None
+            failures = 0
+            done = 0
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                nonlocal failures, done
+                while not stop.is_set():
+                    try:
+                        got = await client_exchange("127.0.0.5", n1.outbound_port, b"x")
+                        failures += not got.endswith(b":x")
+                    except OSError:
+                        failures += 1
+                    done += 1
+
+            # one long-lived connection stays open across the renewal
+            r, w = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=("127.0.0.5", 0))
+            w.write(b"long-lived ")
+            await w.drain()
+            loops = [asyncio.create_task(traffic()) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            before = done
+            assert n1.outbound.pool.dials == 1  # concurrent connections share one tunnel
+            clock.advance(2 * 3600)
+            renewed = [*(await n1.certs.renew_due()), *(await n2.certs.renew_due())]
+            assert {c.spiffe_id for c in renewed} >= {web, client}
+            await asyncio.sleep(0.5)
+            await n1.outbound.pool.reap()
+            assert n1.outbound.pool.size == 2  # the old tunnel still carries the long-lived stream
+            stop.set()
+            await asyncio.gather(*loops)
+            w.write(b"still flowing")
+            w.write_eof()
+            assert (await r.read()).endswith(b":long-lived still flowing")
+            w.close()
+            assert failures == 0 and done - before > 20
+            new_server = n2.certs.current(web)
+            assert new_server is not None and new_server.fingerprint_sha256 != old_server.fingerprint_sha256
+            assert n1.outbound.pool.dials == 2  # a second tunnel, handshaked with the renewed client cert
+            await asyncio.sleep(0.1)
+            await n1.outbound.pool.reap()
+            assert n1.outbound.pool.size == 1  # drained, the old tunnel is closed
+        for p in pods:
+            p.close()
 
     asyncio.run(main())

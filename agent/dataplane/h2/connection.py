@@ -191,6 +191,10 @@ class H2Connection:
     def open_streams(self) -> int:
         return len(self._streams)
 
+    def is_open(self, stream_id: int) -> bool:
+        """False once the stream is closed both ways or reset."""
+        return stream_id in self._streams
+
     def can_open_stream(self) -> bool:
         return (
             not self.goaway_received
