@@ -17,7 +17,8 @@ from agent.identity.ca import MeshCA
 from agent.identity.clock import FakeClock, SystemClock
 from agent.identity.spiffe import SpiffeId, sni_name
 from agent.identity.store import CertManager, LocalIssuer
-from agent.identity.tls import ClientContexts
+from agent.identity.certs import WorkloadCert, key_pem, new_key, sign_leaf
+from agent.identity.tls import ClientContexts, client_context
 from tests.component.harness import (
     TD,
     VIP,
@@ -201,20 +202,38 @@ def test_independent_h2_client_interoperates_with_inbound() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("case", ["other_trust_domain", "unknown_ca"])
-def test_foreign_client_certificates_are_refused_and_counted(case: str) -> None:
+def _client_cert(mesh_ca: MeshCA, case: str) -> WorkloadCert:
+    """A client certificate that the inbound must refuse, and why."""
+    now = datetime.now(UTC)
+    sid = SpiffeId(TD, "default", "client")
+    if case == "wrong_trust_domain":
+        return MeshCA.create("evil.example", now=now - timedelta(days=1)).issue(
+            SpiffeId("evil.example", "default", "client"), now=now
+        )
+    if case == "unknown_ca":  # same trust domain name, a different key
+        return MeshCA.create(TD, now=now - timedelta(days=1)).issue(sid, now=now)
+    key = new_key()
+    if case == "expired":
+        nb, na, uris = now - timedelta(hours=2), now - timedelta(hours=1), [sid.uri]
+    else:  # san_count: two URI SANs
+        nb, na, uris = (
+            now - timedelta(hours=1),
+            now + timedelta(hours=1),
+            [sid.uri, f"spiffe://{TD}/ns/x/sa/y"],
+        )
+    cert = sign_leaf(mesh_ca.root, mesh_ca.key, key.public_key(), uris=uris, not_before=nb, not_after=na)
+    return WorkloadCert.from_x509(sid, cert, key_pem(key), [mesh_ca.root])
+
+
+@pytest.mark.parametrize("case", ["wrong_trust_domain", "unknown_ca", "expired", "san_count"])
+def test_bad_client_certificates_are_refused_logged_and_counted(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     async def main() -> None:
         async with two_node_mesh(mesh_workloads(1), [web_service()]) as mesh:
             port = mesh.nodes["n2"].hbone_port
-            if case == "other_trust_domain":
-                foreign = MeshCA.create("evil.example", now=datetime.now(UTC))
-                sid = SpiffeId("evil.example", "default", "client")
-            else:
-                foreign = MeshCA.create(TD, now=datetime.now(UTC))  # same name, different key
-                sid = SpiffeId(TD, "default", "client")
-            certs = CertManager(LocalIssuer(foreign), SystemClock())
-            cert = await certs.ensure(sid)
-            ctx = ClientContexts(mesh.ca.bundle, trust_domain=TD).get(cert)
+            cert = _client_cert(mesh.ca, case)
+            ctx = client_context(cert, mesh.ca.bundle)
             with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
                 r, w = await asyncio.open_connection(
                     "127.0.0.1", port, ssl=ctx, server_hostname=sni_name(SpiffeId(TD, "default", "web"))
@@ -225,9 +244,13 @@ def test_foreign_client_certificates_are_refused_and_counted(case: str) -> None:
                 if not data:
                     raise ConnectionError("closed by the server")
             await asyncio.sleep(0.05)
-            assert metric(mesh.nodes["n2"], "nodemesh_tunnel_rejections_total", reason="unknown_ca") == 1
+            reason = "unknown_ca" if case in ("wrong_trust_domain", "unknown_ca") else case
+            # a root of another trust domain is an unknown CA to OpenSSL: refused in the handshake
+            assert metric(mesh.nodes["n2"], "nodemesh_tunnel_rejections_total", reason=reason) == 1
 
-    asyncio.run(main())
+    with caplog.at_level("WARNING"):
+        asyncio.run(main())
+    assert any("refused tunnel from 127.0.0.1" in r.getMessage() for r in caplog.records)
 
 
 def test_snapshot_without_the_source_workload_refuses_and_counts() -> None:
