@@ -14,10 +14,9 @@ import h2.events
 import pytest
 
 from agent.identity.ca import MeshCA
-from agent.identity.clock import FakeClock, SystemClock
-from agent.identity.spiffe import SpiffeId, sni_name
-from agent.identity.store import CertManager, LocalIssuer
 from agent.identity.certs import WorkloadCert, key_pem, new_key, sign_leaf
+from agent.identity.clock import FakeClock
+from agent.identity.spiffe import SpiffeId, sni_name
 from agent.identity.tls import ClientContexts, client_context
 from tests.component.harness import (
     TD,
