@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,11 @@ def test_demo_runs_and_cleans_up() -> None:
         [sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "hello n1-p1 (10.244.1.2), this is n2-p1" in res.stdout  # across nodes
-    assert "hello n2-p2 (10.244.2.3), this is n2-p1" in res.stdout  # same node
+    out = res.stdout
+    # six calls by service name, round robin over pods on both nodes
+    for pod, node in (("n1-p2", "n1"), ("n2-p1", "n2"), ("n2-p2", "n2")):
+        assert out.count(f"hello from {pod} on node {node}") == 2, out
+    assert "data path: ok" in out  # nodemesh status
+    assert 'connection_security_policy="mutual_tls"' in out and 'source_workload="n1-p1"' in out
     assert not [n for n in kernel.list_netns() if n.startswith("demo-")]
+    assert not [p for p in os.listdir("/sys/fs/bpf") if p.startswith("demo-")]
