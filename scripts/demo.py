@@ -56,10 +56,15 @@ def main() -> int:
     testbed.up(topo)
     servers: list[subprocess.Popen[bytes]] = []
     try:
-        subprocess.run([sys.executable, "-m", "agent.cli.main", "testbed", "status", "-p", PREFIX], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "agent.cli.main", "testbed", "status", "-p", PREFIX], check=True
+        )
         say("the mesh: CA, registry (service `web` on n1-p2, n2-p1, n2-p2), one agent per node")
         with meshbed.running(topo, SERVICE + meshbed.workload_manifest(topo, ROLES)) as bed:
-            show(["nodemesh", "get", "services"], bed.cli("get", "services", "--registry-dir", bed.registry_dir))
+            show(
+                ["nodemesh", "get", "services"],
+                bed.cli("get", "services", "--registry-dir", bed.registry_dir),
+            )
             for name, (_sa, labels, _ports, *_w) in ROLES.items():
                 if labels.get("app") != "web":
                     continue
@@ -68,23 +73,42 @@ def main() -> int:
                 os.makedirs(os.path.join(WWW, name), exist_ok=True)
                 with open(os.path.join(WWW, name, "index.html"), "w") as f:
                     f.write(f"hello from {name} on node {pod.node}\n")
-                servers.append(testbed.popen_in_pod(
-                    pod, [sys.executable, "-m", "http.server", "8080", "--bind", pod.address,
-                          "--directory", os.path.join(WWW, name)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                servers.append(
+                    testbed.popen_in_pod(
+                        pod,
+                        [
+                            sys.executable,
+                            "-m",
+                            "http.server",
+                            "8080",
+                            "--bind",
+                            pod.address,
+                            "--directory",
+                            os.path.join(WWW, name),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                )
             time.sleep(1.0)
             say("pod n1-p1 calls the service by name: http://web.default.svc.cluster.local/")
             print("(captured by eBPF in the kernel, resolved by the node's DNS, balanced round robin;")
             print(" n2's pods are reached through the HBONE mTLS tunnel, n1-p2 directly)")
             for _ in range(6):
-                r = bed.exec("n1-p1", ["curl", "-sS", "--max-time", "5", "http://web.default.svc.cluster.local/"])
+                r = bed.exec(
+                    "n1-p1", ["curl", "-sS", "--max-time", "5", "http://web.default.svc.cluster.local/"]
+                )
                 sys.stdout.write(r.stdout or r.stderr)
             n1 = topo.nodes[0]
             say("nodemesh status (node n1)")
             show(["nodemesh", "status"], bed.cli("status", "--bpffs-root", bed.bpffs_root(n1), check=False))
             say(f"Istio metrics from n1's agent (http://{n1.fabric_address}:15020/metrics)")
-            scrape = testbed.popen_in(n1.netns, None, ["curl", "-sS", f"http://{n1.fabric_address}:15020/metrics"],
-                                      stdout=subprocess.PIPE)
+            scrape = testbed.popen_in(
+                n1.netns,
+                None,
+                ["curl", "-sS", f"http://{n1.fabric_address}:15020/metrics"],
+                stdout=subprocess.PIPE,
+            )
             text = scrape.communicate(timeout=10)[0].decode()
             for line in text.splitlines():
                 if line.startswith("istio_tcp_connections_opened_total{"):
@@ -96,8 +120,10 @@ def main() -> int:
         say("nodemesh testbed down --prefix demo")
         rep = testbed.down(PREFIX)
         shutil.rmtree(WWW, ignore_errors=True)
-        print(f"removed the agents' eBPF programs and pins, {len(rep.netns_removed)} network namespaces "
-              "and the testbed's cgroups")
+        print(
+            f"removed the agents' eBPF programs and pins, {len(rep.netns_removed)} network namespaces "
+            "and the testbed's cgroups"
+        )
     return 0
 
 
