@@ -34,12 +34,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 KREL=$(uname -r)
 
 # Debian packages. Runtime: BCC (python3-bpfcc), bpftool, iproute2 (tc for strict
-# inbound), kernel headers. Tests and demo: real clients and servers.
+# inbound), kernel headers. Tests and demo: real clients and servers. Ops checks:
+# systemd-analyze (unit), Prometheus + promtool (scrape test), vagrant (validate).
 PACKAGES=(
   python3 python3-venv python3-bpfcc bpftool iproute2 procps
   curl dnsutils tcpdump socat
   haproxy nginx-light wrk iperf3
   etcd-server etcd-client
+  systemd prometheus vagrant
 )
 
 missing=()
