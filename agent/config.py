@@ -14,7 +14,7 @@ Example (every key but ``node`` has a default)::
       proxy: 10.244.1.1        # pods are redirected here (outbound 15001, DNS 15053)
       hbone: 10.250.0.1        # other nodes reach this node's tunnel port (15008) here
       metrics: 10.250.0.1      # Prometheus /metrics on 15020 (default: hbone)
-    ports: {outbound: 15001, hbone: 15008, dns: 15053, metrics: 15020, admin: 15000}
+    ports: {outbound: 15001, hbone: 15008, dns: 15053, metrics: 15020, admin: 15000, health: 15021}
     registry:
       backend: embedded        # or etcd
       dir: /var/lib/nodemesh/registry
@@ -33,6 +33,8 @@ Example (every key but ``node`` has a default)::
       namespaces: {}           # namespace -> mode
       workloads: {}            # "namespace/name" -> mode (most specific wins)
     cert_ttl_s: 86400          # workload certificate lifetime; renewed at half life
+    drain_s: 10                # on stop or restart: how long open connections may finish
+    runtime_dir: /run/nodemesh # the restart handoff socket lives here
     dns_upstream: null          # host:port for non-mesh names; none: REFUSED
     log_level: info
 """
@@ -62,6 +64,7 @@ class Ports:
     dns: int = 15053
     metrics: int = 15020
     admin: int = 15000
+    health: int = 15021
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,8 @@ class AgentConfig:
     log_level: str = "info"
     peer_authentication: PeerAuthConfig = field(default_factory=PeerAuthConfig)
     cert_ttl_s: int = 86400
+    drain_s: float = 10.0
+    runtime_dir: str = "/run/nodemesh"
 
 
 class _Reader:
@@ -182,6 +187,8 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "log_level",
             "peer_authentication",
             "cert_ttl_s",
+            "drain_s",
+            "runtime_dir",
         },
     )
     if "node" not in top:
@@ -192,11 +199,10 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     proxy = r.address(a, "proxy", "addresses.")
     hbone = r.address(a, "hbone", "addresses.", proxy)
     addresses = Addresses(proxy=proxy, hbone=hbone, metrics=r.address(a, "metrics", "addresses.", hbone))
-    p = r.mapping(top.get("ports"), "ports", {"outbound", "hbone", "dns", "metrics", "admin"})
+    port_keys = ("outbound", "hbone", "dns", "metrics", "admin", "health")
+    p = r.mapping(top.get("ports"), "ports", set(port_keys))
     d = Ports()
-    ports = Ports(
-        *(r.port(p, k, "ports.", getattr(d, k)) for k in ("outbound", "hbone", "dns", "metrics", "admin"))
-    )
+    ports = Ports(*(r.port(p, k, "ports.", getattr(d, k)) for k in port_keys))
     g = r.mapping(top.get("registry"), "registry", {"backend", "dir", "endpoints"})
     backend = r.string(g, "backend", "registry.", "embedded")
     if backend not in ("embedded", "etcd"):
@@ -270,6 +276,9 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     ttl = top.get("cert_ttl_s", 86400)
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 60 <= ttl <= 7 * 86400:
         raise r.fail("cert_ttl_s", f"expected seconds between 60 and 604800, got {ttl!r}")
+    drain = top.get("drain_s", 10)
+    if isinstance(drain, bool) or not isinstance(drain, int | float) or not 0 <= drain <= 3600:
+        raise r.fail("drain_s", f"expected seconds between 0 and 3600, got {drain!r}")
     return AgentConfig(
         node=node,
         addresses=addresses,
@@ -283,6 +292,8 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         log_level=level,
         peer_authentication=peer_auth,
         cert_ttl_s=ttl,
+        drain_s=drain,
+        runtime_dir=r.string(top, "runtime_dir", "", "/run/nodemesh"),
     )
 
 

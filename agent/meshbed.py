@@ -73,6 +73,8 @@ class MeshBed:
             },
             "peers": {n.name: n.fabric_address for n in self.topo.nodes if n is not node},
             "log_level": "info",
+            "runtime_dir": self.run_dir,
+            "drain_s": 5,
         }
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -84,21 +86,25 @@ class MeshBed:
             f.write(manifest)
         return self.cli("apply", "-f", path, "--registry-dir", self.registry_dir).stdout
 
-    def start_agent(self, node: Node, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+    def spawn_agent(self, node: Node) -> subprocess.Popen[bytes]:
+        """Start the agent of ``node`` in its netns (not waiting for it); stdout is a pipe."""
         with open(self.config_path(node), "w") as f:
             yaml.safe_dump(self.agent_config(node), f)
         log_path = os.path.join(self.run_dir, f"agent-{node.name}.log")
         self.logs[node.name] = log_path
-        log = open(log_path, "ab")  # noqa: SIM115 - the child keeps it
-        proc = testbed.popen_in(
-            node.netns,
-            None,
-            [*NODEMESH, "agent", "-c", self.config_path(node)],
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-        log.close()
+        with open(log_path, "ab") as log:  # the child keeps its own descriptor
+            proc = testbed.popen_in(
+                node.netns,
+                None,
+                [*NODEMESH, "agent", "-c", self.config_path(node)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+            )
         self.agents[node.name] = proc
+        return proc
+
+    def start_agent(self, node: Node, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+        proc = self.spawn_agent(node)
         assert proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         line = b""
@@ -172,15 +178,21 @@ def workload_manifest(topo: Topology, roles: dict[str, Role]) -> str:
     for pod in topo.pods():
         role = roles.get(pod.name, ("default", {}, {}))
         spec: dict[str, object] = {
-            "address": pod.address, "node": pod.node, "serviceAccount": role[0], "ports": role[2],
+            "address": pod.address,
+            "node": pod.node,
+            "serviceAccount": role[0],
+            "ports": role[2],
         }
         if len(role) == 4:
             spec["weight"] = role[3]
-        docs.append({
-            "apiVersion": "nodemesh.io/v1", "kind": "Workload",
-            "metadata": {"name": pod.name, "namespace": "default", "labels": role[1]},
-            "spec": spec,
-        })
+        docs.append(
+            {
+                "apiVersion": "nodemesh.io/v1",
+                "kind": "Workload",
+                "metadata": {"name": pod.name, "namespace": "default", "labels": role[1]},
+                "spec": spec,
+            }
+        )
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 

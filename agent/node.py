@@ -15,8 +15,8 @@ How this works (the composition root; each part lives in its own package):
    inbound (15008) on the node address, Prometheus metrics (15020);
 5. health — the Consul-style checks of this node's workloads.
 
-SIGTERM/SIGINT stop accepting, let open connections finish (drain) up to a
-deadline, then exit. The agent prints ``ready`` on stdout when it serves.
+The process lifecycle (listeners, handoff on restart, admin API, status,
+reload, drain) is :mod:`agent.lifecycle`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 
 from agent.config import AgentConfig
@@ -40,7 +37,6 @@ from agent.control.backend import Backend
 from agent.control.dns import MeshDns
 from agent.control.embedded import EmbeddedBackend
 from agent.control.etcd import EtcdBackend
-from agent.control.health import HealthMonitor
 from agent.control.registry import Registry
 from agent.dataplane.inbound import Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
@@ -273,7 +269,7 @@ def apply_peer_auth(agent: Agent) -> None:
             log.warning("peer authentication for %s: %s", ns, e)
 
 
-async def _follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
+async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
     seen: object = None
     while not stop.is_set():
         snap = agent.registry.snapshot
@@ -291,98 +287,6 @@ async def _follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
                 agent.certs.forget(sid)
                 agent.server_contexts.remove_identity(sid)
         await agent.certs.renew_due()
+        await agent.outbound.pool.reap()  # idle tunnels, and tunnels superseded by a renewed cert
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)
-
-
-async def serve(agent: Agent, *, ready: Callable[[], None] | None = None, drain_s: float = 5.0) -> None:
-    cfg = agent.cfg
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    agent.registry.start()
-    for _ in range(100):  # the first read (up to 5 s); a stale registry still starts, and says so
-        if not agent.registry.stale:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        log.warning("registry %s not read yet: starting with an empty snapshot", agent.backend.location)
-    tasks = [asyncio.create_task(_follow_snapshots(agent, stop), name="snapshots")]
-    # certificates before the first connection
-    agent.directory.current = Directory.build(agent.registry.snapshot)
-    for sid in agent.local_identities():
-        await agent.certs.ensure(sid)
-    ob = await asyncio.start_server(
-        agent.outbound.handle,
-        cfg.addresses.proxy,
-        cfg.ports.outbound,
-        reuse_address=True,
-        backlog=1024,
-        limit=1 << 20,
-    )
-    ib = await asyncio.start_server(
-        agent.inbound.handle,
-        cfg.addresses.hbone,
-        cfg.ports.hbone,
-        reuse_address=True,
-        backlog=1024,
-        limit=1 << 20,
-    )
-    await agent.dns.start(cfg.addresses.proxy, cfg.ports.dns)
-    http, _thread = start_http_server(cfg.ports.metrics, cfg.addresses.metrics, registry=agent.prom)
-    health = HealthMonitor(cfg.node, agent.backend, lambda: agent.registry.snapshot)
-    tasks.append(asyncio.create_task(health.run(stop), name="health"))
-    log.info(
-        "agent %s ready: outbound %s:%d, hbone %s:%d, dns %s:%d, metrics %s:%d",
-        cfg.node,
-        cfg.addresses.proxy,
-        cfg.ports.outbound,
-        cfg.addresses.hbone,
-        cfg.ports.hbone,
-        cfg.addresses.proxy,
-        cfg.ports.dns,
-        cfg.addresses.metrics,
-        cfg.ports.metrics,
-    )
-    if ready is not None:
-        ready()
-    await stop.wait()
-    log.info("agent %s stopping: draining for up to %.0fs", cfg.node, drain_s)
-    ob.close()
-    ib.close()
-    await agent.outbound.drain(drain_s)
-    await agent.inbound.close()
-    await agent.outbound.pool.close()
-    await agent.dns.stop()
-    http.shutdown()
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
-    agent.registry.stop()
-    if agent.dataplane is not None:
-        agent.dataplane.close()
-
-
-def run(cfg: AgentConfig, *, with_interception: bool = True) -> None:
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    agent = build(cfg, with_interception=with_interception)
-
-    def ready() -> None:
-        print("ready", flush=True)
-        notify = os.environ.get("NOTIFY_SOCKET")
-        if notify:
-            import socket
-
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                addr = "\0" + notify[1:] if notify.startswith("@") else notify
-                with contextlib.suppress(OSError):
-                    s.sendto(b"READY=1", addr)
-
-    asyncio.run(serve(agent, ready=ready))

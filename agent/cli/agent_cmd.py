@@ -30,11 +30,11 @@ EXTRA_CODES[config_mod.ConfigError] = EXIT_BAD_INPUT
 @handled
 def agent_cmd(config_path: str, check_config: bool, no_interception: bool) -> None:
     """Run the node agent: interception, registry, identity, proxy, DNS, metrics."""
-    from agent import node
+    from agent import lifecycle, node
 
     EXTRA_CODES[node.AgentError] = EXIT_SYSTEM
     cfg = config_mod.load(config_path)
     if check_config:
         click.echo(f"{config_path}: ok (node {cfg.node})")
         return
-    node.run(cfg, with_interception=not no_interception)
+    lifecycle.run(cfg, config_path=config_path, with_interception=not no_interception)

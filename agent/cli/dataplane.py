@@ -32,7 +32,9 @@ EXTRA_CODES.setdefault(NotInstalledError, EXIT_NOT_FOUND)
 EXTRA_CODES.setdefault(BpfError, EXIT_SYSTEM)
 
 BPFFS_OPTION = click.option(
-    "--bpffs-root", default=DEFAULT_BPFFS_ROOT, show_default=True,
+    "--bpffs-root",
+    default=DEFAULT_BPFFS_ROOT,
+    show_default=True,
     help="bpffs directory holding the pinned data path versions",
 )
 
@@ -43,8 +45,7 @@ def collect(bpffs_root: str) -> dict[str, Any]:
     hooks = pins.hook_states(pin_dir)
     with Dataplane(pin_dir) as dp:
         enrolled = len(dp.enrolled())
-        fill = {name: {"entries": f.entries, "max_entries": f.max_entries}
-                for name, f in dp.fill().items()}
+        fill = {name: {"entries": f.entries, "max_entries": f.max_entries} for name, f in dp.fill().items()}
         counters = dp.counters()
     counters.pop("lookup_miss", None)  # a proxy-side count: not known here
     return {
@@ -52,8 +53,14 @@ def collect(bpffs_root: str) -> dict[str, Any]:
         "bpffs_root": bpffs_root,
         "pin_dir": pin_dir,
         "hooks": [
-            {"hook": h.hook, "attached": h.attached, "cgroup": h.cgroup, "prog_id": h.prog_id,
-             "link_id": h.link_id, "programs_on_cgroup": h.programs_on_cgroup}
+            {
+                "hook": h.hook,
+                "attached": h.attached,
+                "cgroup": h.cgroup,
+                "prog_id": h.prog_id,
+                "link_id": h.link_id,
+                "programs_on_cgroup": h.programs_on_cgroup,
+            }
             for h in hooks
         ],
         "enrolled": enrolled,
@@ -62,12 +69,7 @@ def collect(bpffs_root: str) -> dict[str, Any]:
     }
 
 
-@click.command()
-@BPFFS_OPTION
-@OUTPUT_OPTION
-@handled
-def status(bpffs_root: str, output: str) -> None:
-    """Is the data path in place? Hooks and where they are attached, maps, counters."""
+def _datapath_status(bpffs_root: str, output: str) -> None:
     require_root()
     try:
         doc = collect(bpffs_root)
@@ -82,17 +84,139 @@ def status(bpffs_root: str, output: str) -> None:
     if output == "json":
         emit_json(doc)
     else:
-        click.echo(f"data path: {'ok' if doc['ok'] else 'NOT IN PLACE'}  ({doc['pin_dir']})")
-        click.echo(table(
+        _print_datapath(doc)
+    if not doc["ok"]:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+def _print_datapath(doc: dict[str, Any]) -> None:
+    click.echo(f"data path: {'ok' if doc['ok'] else 'NOT IN PLACE'}  ({doc['pin_dir']})")
+    click.echo(
+        table(
             ["HOOK", "ATTACHED", "CGROUP", "PROG", "PROGS ON CGROUP"],
-            [[h["hook"], "yes" if h["attached"] else "NO", h["cgroup"] or "-", h["prog_id"],
-              h["programs_on_cgroup"]] for h in doc["hooks"]],
-        ))
-        click.echo(f"\nenrolled netns: {doc['enrolled']}\n")
-        click.echo(table(["MAP", "ENTRIES", "MAX"],
-                         [[n, m["entries"], m["max_entries"]] for n, m in doc["maps"].items()]))
-        click.echo("")
-        click.echo(table(["COUNTER", "VALUE"], sorted(doc["counters"].items())))
+            [
+                [
+                    h["hook"],
+                    "yes" if h["attached"] else "NO",
+                    h["cgroup"] or "-",
+                    h["prog_id"],
+                    h["programs_on_cgroup"],
+                ]
+                for h in doc["hooks"]
+            ],
+        )
+    )
+    click.echo(f"\nenrolled netns: {doc['enrolled']}\n")
+    click.echo(
+        table(
+            ["MAP", "ENTRIES", "MAX"], [[n, m["entries"], m["max_entries"]] for n, m in doc["maps"].items()]
+        )
+    )
+    click.echo("")
+    click.echo(table(["COUNTER", "VALUE"], sorted(doc["counters"].items())))
+
+
+def fetch_status(host: str, port: int, netns: str | None, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GET /status from an agent (inside ``netns`` if given, e.g. a testbed node)."""
+    import json
+    import socket
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, port), timeout=timeout_s)
+
+    if netns:
+        from netns import kernel
+
+        sock = kernel.run_in_netns(netns, connect)
+    else:
+        sock = connect()
+    with sock:
+        sock.sendall(f"GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        first = head.split(b"\r\n")[0]
+        raise click.ClickException(f"agent at {host}:{port} answered {first!r}")
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def _print_agent(doc: dict[str, Any]) -> None:
+    ok = "ok" if doc["ok"] else "DEGRADED"
+    click.echo(
+        f"agent {doc['node']}: {ok}  (pid {doc['pid']}, up {doc['uptime_s']}s"
+        f"{', draining' if doc['draining'] else ''})"
+    )
+    ic = doc["interception"]
+    if "hooks" in ic:
+        hooks = ic["hooks"]
+        attached = sum(1 for h in hooks if h["attached"])
+        click.echo(
+            f"  interception: {'ok' if ic['ok'] else 'NOT IN PLACE'}  {attached}/{len(hooks)} hooks on "
+            f"{hooks[0]['cgroup'] if hooks else '-'}, {ic['enrolled']} pods enrolled, "
+            f"captured {ic['counters'].get('captured', 0)}"
+        )
+    else:
+        click.echo(f"  interception: NOT IN PLACE ({ic.get('error', '')})")
+    r = doc["registry"]
+    stale = f"STALE for {r['stale_for_s']}s: {r['last_error']}" if r["stale"] else "current"
+    click.echo(f"  registry: {r['backend']} {r['location']} revision {r['revision']}, {stale}")
+    click.echo("  listeners: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["listeners"].items())))
+    p = doc["proxy"]
+    click.echo(f"  proxy: {p['workloads_on_node']} local workloads, {p['tunnel_connections']} pooled tunnels")
+    if doc["certificates"]:
+        click.echo(
+            table(
+                ["CERTIFICATE", "EXPIRES IN", "RENEW AT"],
+                [[c["spiffe_id"], f"{c['expires_in_s']}s", c["renew_at"]] for c in doc["certificates"]],
+            )
+        )
+    if doc["config"]["restart_needed"]:
+        click.echo(f"  config: changed keys need a restart: {', '.join(doc['config']['restart_needed'])}")
+
+
+@click.command()
+@click.option(
+    "--admin", "admin", default="127.0.0.1:15000", show_default=True, help="the local agent's admin API"
+)
+@click.option("--node", default=None, help="a remote node's address: asks its health port (15021) instead")
+@click.option("--netns", default=None, help="ask from inside this network namespace (e.g. a testbed node)")
+@click.option("--bpffs-root", default=None, help="show only the eBPF data path pinned here (no agent needed)")
+@OUTPUT_OPTION
+@handled
+def status(admin: str, node: str | None, netns: str | None, bpffs_root: str | None, output: str) -> None:
+    """Is the mesh working on this node? Interception, registry, certificates, listeners.
+
+    Exit codes: 0 healthy; 1 degraded (data path not in place, registry stale,
+    certificate expired, not ready); 3 no agent answered.
+    """
+    if bpffs_root is not None:
+        _datapath_status(bpffs_root, output)
+        return
+    if node:
+        host, _, port_s = node.rpartition(":") if node.count(":") == 1 else (node, "", "")
+        host, port = (host, int(port_s)) if port_s else (node, 15021)
+    else:
+        host, _, port_s = admin.rpartition(":")
+        port = int(port_s)
+    try:
+        doc = fetch_status(host, port, netns)
+    except (OSError, ValueError) as e:
+        if output == "json":
+            emit_json({"ok": False, "error": f"no agent answered at {host}:{port}: {e}"})
+        else:
+            click.echo(f"agent: NOT REACHABLE at {host}:{port} ({e})")
+            click.echo(
+                "hint: is it running? systemctl status nodemesh-agent; "
+                "for the data path alone: nodemesh status --bpffs-root /sys/fs/bpf/nodemesh"
+            )
+        sys.exit(EXIT_NOT_FOUND)
+    if output == "json":
+        emit_json(doc)
+    else:
+        _print_agent(doc)
     if not doc["ok"]:
         sys.exit(EXIT_CHECK_FAILED)
 
@@ -108,5 +232,8 @@ def uninstall(bpffs_root: str, output: str) -> None:
     if output == "json":
         emit_json({"bpffs_root": bpffs_root, "removed": removed})
     else:
-        click.echo(f"removed {len(removed)} pins under {bpffs_root}" if removed
-                   else f"nothing pinned under {bpffs_root}")
+        click.echo(
+            f"removed {len(removed)} pins under {bpffs_root}"
+            if removed
+            else f"nothing pinned under {bpffs_root}"
+        )

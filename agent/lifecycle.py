@@ -1,0 +1,412 @@
+"""The agent process: listeners, readiness, status, reload, drain, restart handoff.
+
+How this works: :func:`serve` takes a built :class:`agent.node.Agent`.
+
+- Listeners come from the previous agent of this node if one is running
+  (:mod:`agent.handoff`), else they are opened fresh. Then the proxy, DNS,
+  admin (127.0.0.1:15000), metrics (15020) and health (15021) servers start on
+  them, ``ready`` is printed and ``READY=1`` sent to systemd.
+- ``SIGTERM``/``SIGINT``: stop accepting, let open connections finish up to the
+  drain deadline, then exit. The eBPF programs stay attached: pods'
+  connections are refused until an agent listens again (never sent around
+  the mesh in plaintext).
+- A successor taking the sockets over: the same drain, but the ports never
+  close, so no connection is refused during a restart.
+- ``SIGHUP`` or a change of the config file: reload what can change at run
+  time (peer authentication, peers, capture CIDRs and excluded ports, enrolled
+  pods, DNS upstream, log level) and log which changed keys need a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import generate_latest
+
+from agent import config as config_mod
+from agent import handoff
+from agent.admin import HttpEndpoints, Request, Response, listen_tcp
+from agent.config import AgentConfig
+from agent.control.health import HealthMonitor
+from agent.dataplane.route import Directory
+from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots
+from bpf.config import CaptureConfig, RedirectTarget
+
+log = logging.getLogger("nodemesh.agent")
+
+RELOADABLE = (
+    "peer_authentication",
+    "peers",
+    "dns_upstream",
+    "log_level",
+    "interception.capture_cidrs",
+    "interception.excluded_ports",
+    "interception.enroll",
+)
+DRAIN_S = 10.0
+
+
+def _listen_udp(host: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    s.setblocking(False)
+    return s
+
+
+def open_listeners(cfg: AgentConfig) -> dict[str, socket.socket]:
+    a, p = cfg.addresses, cfg.ports
+    opened: dict[str, socket.socket] = {}
+    try:
+        opened["outbound"] = listen_tcp(a.proxy, p.outbound)
+        opened["hbone"] = listen_tcp(a.hbone, p.hbone)
+        opened["dns_udp"] = _listen_udp(a.proxy, p.dns)
+        opened["dns_tcp"] = listen_tcp(a.proxy, p.dns, backlog=128)
+        opened["admin"] = listen_tcp("127.0.0.1", p.admin, backlog=16)
+        opened["metrics"] = listen_tcp(a.metrics, p.metrics, backlog=64)
+        opened["health"] = listen_tcp(a.metrics, p.health, backlog=64)
+    except OSError as e:
+        for s in opened.values():
+            s.close()
+        raise OSError(
+            e.errno, f"cannot listen: {e.strerror} (is another agent running without handoff?)"
+        ) from e
+    return opened
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of config fields that differ."""
+    if dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new):
+        out: list[str] = []
+        for f in dataclasses.fields(old):
+            out += _diff(getattr(old, f.name), getattr(new, f.name), f"{prefix}{f.name}.")
+        return out
+    return [prefix.rstrip(".")] if old != new else []
+
+
+class Lifecycle:
+    def __init__(self, agent: Agent, config_path: str | None) -> None:
+        self.agent = agent
+        self.config_path = config_path
+        self.started_s = time.time()
+        self.stop = asyncio.Event()
+        self.handed_off = False
+        self.ready = False
+        self.listeners: dict[str, socket.socket] = {}
+        self.servers: list[asyncio.Server] = []
+        self.endpoints: list[HttpEndpoints] = []
+        self._config_mtime = self._mtime()
+        self.reloads = 0
+        self.restart_needed: list[str] = []
+
+    def _mtime(self) -> float:
+        try:
+            return os.stat(self.config_path).st_mtime if self.config_path else 0.0
+        except OSError:
+            return 0.0
+
+    # -- status --------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        a = self.agent
+        cfg = a.cfg
+        reg = a.registry.status()
+        now = time.time()
+        interception: dict[str, Any]
+        if a.dataplane is None:
+            interception = {"ok": False, "error": "interception is disabled"}
+        else:
+            from agent.cli.dataplane import collect
+
+            try:
+                interception = collect(cfg.interception.bpffs_root)
+            except Exception as e:
+                interception = {"ok": False, "error": str(e)}
+        certs: list[dict[str, Any]] = []
+        certs_ok = True
+        for c in a.certs.status():
+            left = (c.not_after.timestamp() - now) if c.not_after else None
+            certs.append(
+                {
+                    "spiffe_id": c.spiffe_id.uri,
+                    "not_after": c.not_after.isoformat() if c.not_after else None,
+                    "expires_in_s": round(left) if left is not None else None,
+                    "renew_at": c.renew_at.isoformat() if c.renew_at else None,
+                    "error": c.last_error,
+                }
+            )
+        registry = {
+            "backend": cfg.registry.backend,
+            "location": a.backend.location,
+            "revision": reg.revision,
+            "stale": reg.stale,
+            "stale_for_s": round(time.monotonic() - reg.stale_since_s, 1) if reg.stale_since_s else None,
+            "last_error": reg.last_error,
+        }
+        listeners = {name: f"{s.getsockname()[0]}:{s.getsockname()[1]}" for name, s in self.listeners.items()}
+        doc = {
+            "node": cfg.node,
+            "pid": os.getpid(),
+            "uptime_s": round(now - self.started_s, 1),
+            "ready": self.ready,
+            "draining": self.stop.is_set(),
+            "interception": interception,
+            "registry": registry,
+            "certificates": certs,
+            "listeners": listeners,
+            "proxy": {
+                "tunnel_connections": a.outbound.pool.size,
+                "tunnel_dials": a.outbound.pool.dials,
+                "workloads_on_node": sum(
+                    1 for w in a.directory.current.snapshot.workloads.values() if w.node == cfg.node
+                ),
+            },
+            "config": {
+                "path": self.config_path,
+                "reloads": self.reloads,
+                "restart_needed": self.restart_needed,
+            },
+        }
+        doc["ok"] = bool(interception.get("ok")) and not reg.stale and certs_ok and self.ready
+        return doc
+
+    # -- http handlers ---------------------------------------------------------------------------
+
+    async def _status(self, _r: Request) -> Response:
+        return Response.json(await asyncio.to_thread(self.status))
+
+    async def _ready(self, _r: Request) -> Response:
+        ok = self.ready and not self.stop.is_set()
+        return Response.text("ready\n" if ok else "not ready\n", 200 if ok else 503)
+
+    async def _config(self, _r: Request) -> Response:
+        return Response.json(dataclasses.asdict(self.agent.cfg))
+
+    async def _workloads(self, _r: Request) -> Response:
+        snap = self.agent.directory.current.snapshot
+        return Response.json(
+            [
+                {**w.to_doc(), "health": str(snap.effective_health(w.namespace, w.name))}
+                for w in snap.workloads.values()
+                if w.node == self.agent.cfg.node
+            ]
+        )
+
+    async def _certs(self, _r: Request) -> Response:
+        return Response.json(self.status()["certificates"])
+
+    async def _metrics(self, _r: Request) -> Response:
+        body = await asyncio.to_thread(generate_latest, self.agent.prom)
+        return Response(200, body, "text/plain; version=0.0.4; charset=utf-8")
+
+    # -- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        if not self.config_path:
+            return
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e.message)
+            return
+        old = self.agent.cfg
+        changed = _diff(old, new)
+        if not changed:
+            return
+        live = [k for k in changed if any(k == r or k.startswith(r + ".") for r in RELOADABLE)]
+        restart = [k for k in changed if k not in live]
+        dp = self.agent.dataplane
+        if dp is not None:
+            if new.interception.capture_cidrs != old.interception.capture_cidrs or (
+                new.interception.excluded_ports != old.interception.excluded_ports
+            ):
+                dp.set_capture(CaptureConfig(new.interception.capture_cidrs, new.interception.excluded_ports))
+            target = RedirectTarget(old.addresses.proxy, old.ports.outbound, old.ports.dns)
+            for ns in set(new.interception.enroll) - set(old.interception.enroll):
+                dp.enroll(ns, target)
+            for ns in set(old.interception.enroll) - set(new.interception.enroll):
+                with contextlib.suppress(Exception):
+                    dp.unenroll(ns)
+        # fields that need a restart keep their running values
+        kept = {
+            f.name: getattr(old, f.name)
+            for f in dataclasses.fields(old)
+            if f.name not in {"peer_authentication", "peers", "dns_upstream", "log_level", "interception"}
+        }
+        interception = dataclasses.replace(
+            old.interception,
+            capture_cidrs=new.interception.capture_cidrs,
+            excluded_ports=new.interception.excluded_ports,
+            enroll=new.interception.enroll,
+        )
+        self.agent.cfg = AgentConfig(
+            **kept,
+            peer_authentication=new.peer_authentication,
+            peers=new.peers,
+            dns_upstream=new.dns_upstream,
+            log_level=new.log_level,
+            interception=interception,
+        )
+        self.agent.outbound.node_address = self.agent.cfg.peers.get
+        logging.getLogger().setLevel(new.log_level.upper())
+        apply_peer_auth(self.agent)
+        self.reloads += 1
+        self.restart_needed = sorted(set(self.restart_needed) | set(restart))
+        log.info(
+            "configuration reloaded: %s changed%s",
+            ", ".join(live) or "nothing live",
+            f"; these need a restart to take effect: {', '.join(restart)}" if restart else "",
+        )
+
+    async def _watch_config(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 1.0)
+            m = self._mtime()
+            if m != self._config_mtime:
+                self._config_mtime = m
+                self.reload()
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _handed_off(self) -> None:
+        self.handed_off = True
+        self.stop.set()
+
+    async def serve(self, ready: Callable[[], None] | None = None, drain_s: float = DRAIN_S) -> None:
+        a = self.agent
+        cfg = a.cfg
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        a.registry.start()
+        for _ in range(100):  # the first read (up to 5 s); a stale registry still starts, and says so
+            if not a.registry.stale:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            st = a.registry.status()
+            a.registry.stop()
+            raise AgentError(
+                f"registry ({cfg.registry.backend}) {a.backend.location} unreachable at start: "
+                f"{st.last_error or 'no answer in 5 s'}",
+                hint="check registry.endpoints / registry.dir in the config; once running, the agent "
+                "rides out registry outages on its last snapshot",
+            )
+        a.directory.current = Directory.build(a.registry.snapshot)
+        for sid in a.local_identities():  # certificates before the first connection
+            await a.certs.ensure(sid)
+        ctl_path = handoff.socket_path(cfg.runtime_dir, cfg.node)
+        taken = await asyncio.to_thread(handoff.take_over, ctl_path)
+        if taken is not None:
+            ctl, self.listeners = taken
+            log.info("took over %d listening sockets from the running agent", len(self.listeners))
+        else:
+            ctl, self.listeners = None, open_listeners(cfg)
+        ls = self.listeners
+        self.servers = [
+            await asyncio.start_server(a.outbound.handle, sock=ls["outbound"], limit=1 << 20),
+            await asyncio.start_server(a.inbound.handle, sock=ls["hbone"], limit=1 << 20),
+        ]
+        await a.dns.start_on(ls["dns_udp"], ls["dns_tcp"])
+        admin = HttpEndpoints(
+            {
+                "/status": self._status,
+                "/config_dump": self._config,
+                "/workloads": self._workloads,
+                "/certs": self._certs,
+                "/healthz/ready": self._ready,
+            },
+            "admin",
+        )
+        metrics = HttpEndpoints({"/metrics": self._metrics}, "metrics")
+        health = HttpEndpoints({"/healthz/ready": self._ready, "/status": self._status}, "health")
+        for ep, name in ((admin, "admin"), (metrics, "metrics"), (health, "health")):
+            await ep.start(ls[name])
+        self.endpoints = [admin, metrics, health]
+        tasks = [
+            asyncio.create_task(follow_snapshots(a, self.stop), name="snapshots"),
+            asyncio.create_task(
+                HealthMonitor(cfg.node, a.backend, lambda: a.registry.snapshot).run(self.stop)
+            ),
+            asyncio.create_task(self._watch_config(), name="config"),
+        ]
+        if ctl is not None:
+            await asyncio.to_thread(handoff.confirm, ctl)  # the old agent drains from here on
+        hs = handoff.HandoffServer(ctl_path, lambda: self.listeners, self._handed_off)
+        await hs.start()
+        self.ready = True
+        log.info(
+            "agent %s ready (%s): %s",
+            cfg.node,
+            "took over" if ctl is not None else "fresh",
+            ", ".join(f"{n} {s.getsockname()[0]}:{s.getsockname()[1]}" for n, s in ls.items()),
+        )
+        if ready is not None:
+            ready()
+        await self.stop.wait()
+        log.info(
+            "agent %s %s: draining for up to %.0fs",
+            cfg.node,
+            "handed its sockets to a new agent" if self.handed_off else "stopping",
+            drain_s,
+        )
+        hs.close()
+        for srv in self.servers:
+            srv.close()  # our copy of the listening socket; a successor keeps its own
+        for ep in self.endpoints:
+            ep.close()
+        await a.dns.stop()
+        await a.outbound.drain(drain_s)
+        await a.inbound.close()
+        await a.outbound.pool.close()
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for s in self.listeners.values():
+            s.close()
+        a.registry.stop()
+        if a.dataplane is not None:
+            a.dataplane.close()
+        log.info("agent %s stopped", cfg.node)
+
+
+def sd_notify(message: bytes) -> None:
+    notify = os.environ.get("NOTIFY_SOCKET")
+    if not notify:
+        return
+    addr = "\0" + notify[1:] if notify.startswith("@") else notify
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+        s.sendto(message, addr)
+
+
+def run(cfg: AgentConfig, *, config_path: str | None = None, with_interception: bool = True) -> None:
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    agent = build(cfg, with_interception=with_interception)
+    life = Lifecycle(agent, config_path)
+
+    def ready() -> None:
+        print("ready", flush=True)
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving".encode())
+
+    asyncio.run(life.serve(ready=ready, drain_s=cfg.drain_s))
