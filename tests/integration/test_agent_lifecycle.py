@@ -339,7 +339,7 @@ def test_config_errors_name_the_key_or_file_and_exit_non_zero(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err.decode()
     assert message in err.decode(), err.decode()
     assert "Traceback" not in err.decode()
