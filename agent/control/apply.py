@@ -38,6 +38,7 @@ class Plan:
     created: tuple[str, ...]  # "Kind ns/name" lines for the user
     configured: tuple[str, ...]
     unchanged: tuple[str, ...]
+    revision: int = 0  # the backend revision of the commit (0 before it is committed)
 
 
 def _dump(r: Service | Workload) -> str:
@@ -119,8 +120,8 @@ def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) 
         state = backend.read()
         p = plan(state.items, resources, vip_range)
         try:
-            backend.commit(p.puts, expect_revision=state.revision)
-            return p
+            revision = backend.commit(p.puts, expect_revision=state.revision)
+            return replace(p, revision=revision)
         except ConflictError:
             continue
     raise RegistryError(f"registry at {backend.location} kept changing during apply; "

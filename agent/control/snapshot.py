@@ -4,8 +4,8 @@ How this works: a backend hands us stored key/value pairs (JSON text). A
 :class:`SnapshotBuilder` decodes them as they arrive (a full reset, or puts and
 deletes from a watch) and :meth:`SnapshotBuilder.build` freezes the current
 state into a :class:`Snapshot` tagged with the backend revision. Membership
-(which workloads a service selects) is computed once per snapshot through a
-label index, so readers never scan.
+(which workloads a service selects) is kept through a label index and
+recomputed only for the services a change touches; readers never scan.
 
 The data path only ever reads a ``Snapshot``: :func:`healthy_endpoints` is the
 pure function the proxy uses to get the endpoints of ``VIP:port`` that may take
@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from agent.control.model import (
     Health,
@@ -117,77 +118,188 @@ def healthy_endpoints(snapshot: Snapshot, service: Service, port: int) -> tuple[
 
 
 class SnapshotBuilder:
-    """Mutable decoded state, fed by a backend; freezes into Snapshots."""
+    """Mutable decoded state, fed by a backend; freezes into Snapshots.
+
+    Incremental: a put whose stored text equals what we hold is skipped, others
+    decode only their own key. The label index, each service's members and the
+    VIP map persist between builds; ``build`` recomputes members only for the
+    services a change may have affected (a workload whose labels did not change
+    touches no membership), and copies a table into the new snapshot only when
+    it changed; an unchanged table's read-only copy is shared with the previous
+    snapshot.
+    """
 
     def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self.raw: dict[str, str] = {}
         self._services: dict[NsName, Service] = {}
         self._workloads: dict[NsName, Workload] = {}
         self._health: dict[NsName, HealthStatus] = {}
-        self.raw: dict[str, str] = {}
+        # (namespace, label key, label value) -> workloads / services (by selector) having it
+        self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
+        self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
+        self._members: dict[NsName, tuple[NsName, ...]] = {}
+        self._vip_owners: dict[str, set[NsName]] = {}
+        self._dirty: set[NsName] = set()  # services whose members must be recomputed
+        self._changed: set[str] = set()  # tables changed since the last build
+        self._frozen: dict[str, Mapping[Any, Any]] = {}
 
     def reset(self, items: Mapping[str, str]) -> None:
-        self._services.clear()
-        self._workloads.clear()
-        self._health.clear()
-        self.raw.clear()
+        self._clear()
         self.apply(items, ())
 
     def apply(self, puts: Mapping[str, str], deletes: Iterable[str]) -> None:
         for key in deletes:
-            self.raw.pop(key, None)
+            if self.raw.pop(key, None) is None:
+                continue
             parts = split_key(key)
             if parts is not None:
-                self._table(parts[0]).pop((parts[1], parts[2]), None)
+                self._drop(parts[0], (parts[1], parts[2]))
         for key, value in puts.items():
+            if self.raw.get(key) == value:
+                continue  # same text, same decoded object
             parts = split_key(key)
             if parts is None:
                 continue
             self.raw[key] = value
             kind, ns, name = parts
             try:
-                doc = json.loads(value)
-                obj: Service | Workload | HealthStatus
-                if kind == "service":
-                    obj = service_from_doc(doc)
-                elif kind == "workload":
-                    obj = workload_from_doc(doc)
-                else:
-                    obj = health_from_doc(doc)
-            except (ValueError, KeyError, TypeError) as e:
+                obj = _decode(kind, value)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 # Written by someone else, not through our validation: skip, keep serving.
                 log.warning("registry: ignoring invalid stored value at %s: %s", key, e)
-                self._table(kind).pop((ns, name), None)
+                self._drop(kind, (ns, name))
                 continue
-            self._table(kind)[(ns, name)] = obj
+            self._put((ns, name), obj)
 
-    def _table(self, kind: str) -> dict[NsName, object]:
-        if kind == "service":
-            return self._services  # type: ignore[return-value]
+    # -- bookkeeping -------------------------------------------------------------------
+
+    def _put(self, key: NsName, obj: Service | Workload | HealthStatus) -> None:
+        if isinstance(obj, Workload):
+            old_w = self._workloads.get(key)
+            self._workloads[key] = obj
+            self._changed.add("workloads")
+            if old_w is None or old_w.labels != obj.labels:
+                if old_w is not None:
+                    self._unindex_workload(key, old_w)
+                self._index_workload(key, obj)
+        elif isinstance(obj, Service):
+            old_s = self._services.get(key)
+            if old_s is not None:
+                self._unindex_service(key, old_s)
+            self._services[key] = obj
+            self._index_service(key, obj)
+            self._changed.add("services")
+        else:
+            self._health[key] = obj
+            self._changed.add("health")
+
+    def _drop(self, kind: str, key: NsName) -> None:
         if kind == "workload":
-            return self._workloads  # type: ignore[return-value]
-        return self._health  # type: ignore[return-value]
+            w = self._workloads.pop(key, None)
+            if w is not None:
+                self._unindex_workload(key, w)
+                self._changed.add("workloads")
+        elif kind == "service":
+            s = self._services.pop(key, None)
+            if s is not None:
+                self._unindex_service(key, s)
+                self._changed.add("services")
+        elif self._health.pop(key, None) is not None:
+            self._changed.add("health")
+
+    def _index_workload(self, key: NsName, w: Workload) -> None:
+        for lk, lv in w.labels.items():
+            self._wl_index.setdefault((w.namespace, lk, lv), set()).add(key)
+        self._touch_selecting(w)
+
+    def _unindex_workload(self, key: NsName, w: Workload) -> None:
+        for lk, lv in w.labels.items():
+            ik = (w.namespace, lk, lv)
+            keys = self._wl_index.get(ik)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._wl_index[ik]
+        self._touch_selecting(w)
+
+    def _touch_selecting(self, w: Workload) -> None:
+        """Mark dirty every service whose selector shares a label with ``w``."""
+        for lk, lv in w.labels.items():
+            self._dirty.update(self._svc_index.get((w.namespace, lk, lv), ()))
+
+    def _index_service(self, key: NsName, s: Service) -> None:
+        for lk, lv in s.selector.items():
+            self._svc_index.setdefault((s.namespace, lk, lv), set()).add(key)
+        self._vip_owners.setdefault(s.vip, set()).add(key)
+        self._dirty.add(key)
+        self._changed.add("by_vip")
+
+    def _unindex_service(self, key: NsName, s: Service) -> None:
+        for lk, lv in s.selector.items():
+            ik = (s.namespace, lk, lv)
+            keys = self._svc_index.get(ik)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._svc_index[ik]
+        owners = self._vip_owners.get(s.vip)
+        if owners is not None:
+            owners.discard(key)
+            if not owners:
+                del self._vip_owners[s.vip]
+        self._dirty.add(key)
+        self._changed.add("by_vip")
+
+    def _select(self, s: Service) -> tuple[NsName, ...]:
+        if not s.selector:
+            return ()
+        sets = sorted((self._wl_index.get((s.namespace, k, v), set())
+                       for k, v in s.selector.items()), key=len)
+        chosen = sets[0].intersection(*sets[1:])
+        return tuple(sorted(k for k in chosen if selects(s.selector, self._workloads[k].labels)))
+
+    # -- freezing ----------------------------------------------------------------------
+
+    def _view(self, name: str, table: Mapping[Any, Any]) -> Mapping[Any, Any]:
+        if name in self._changed or name not in self._frozen:
+            self._frozen[name] = MappingProxyType(dict(table))
+        return self._frozen[name]
 
     def build(self, revision: int) -> Snapshot:
-        index: dict[tuple[str, str, str], set[NsName]] = {}
-        for key, w in self._workloads.items():
-            for lk, lv in w.labels.items():
-                index.setdefault((w.namespace, lk, lv), set()).add(key)
-        members: dict[NsName, tuple[NsName, ...]] = {}
-        by_vip: dict[str, NsName] = {}
-        for skey, s in self._services.items():
-            by_vip[s.vip] = skey
-            if not s.selector:
-                members[skey] = ()
+        for skey in self._dirty:
+            s = self._services.get(skey)
+            if s is None:
+                self._members.pop(skey, None)
+                self._changed.add("members")
                 continue
-            sets = [index.get((s.namespace, k, v), set()) for k, v in s.selector.items()]
-            chosen = set.intersection(*sets) if sets else set()
-            members[skey] = tuple(sorted(
-                k for k in chosen if selects(s.selector, self._workloads[k].labels)))
-        return Snapshot(
+            members = self._select(s)
+            if self._members.get(skey) != members:
+                self._members[skey] = members
+                self._changed.add("members")
+        self._dirty.clear()
+        # Several services claiming one VIP (stored without our validation): the
+        # smallest (namespace, name) wins, whatever order the changes came in.
+        by_vip = ({vip: min(owners) for vip, owners in self._vip_owners.items()}
+                  if "by_vip" in self._changed or "by_vip" not in self._frozen else {})
+        snap = Snapshot(
             revision=revision,
-            services=MappingProxyType(dict(self._services)),
-            workloads=MappingProxyType(dict(self._workloads)),
-            health=MappingProxyType(dict(self._health)),
-            members=MappingProxyType(members),
-            by_vip=MappingProxyType(by_vip),
+            services=self._view("services", self._services),
+            workloads=self._view("workloads", self._workloads),
+            health=self._view("health", self._health),
+            members=self._view("members", self._members),
+            by_vip=self._view("by_vip", by_vip),
         )
+        self._changed.clear()
+        return snap
+
+
+def _decode(kind: str, value: str) -> Service | Workload | HealthStatus:
+    doc = json.loads(value)
+    if kind == "service":
+        return service_from_doc(doc)
+    if kind == "workload":
+        return workload_from_doc(doc)
+    return health_from_doc(doc)
