@@ -98,8 +98,8 @@ def test_incremental_equals_full_rebuild(batches: list[list[tuple[str, str | Non
     assert content(got) == content(want)
     assert dict(got.members) == reference_members(got)
     assert inc.raw == full.raw
-    for vip, key in got.by_vip.items():
-        assert got.services[key].vip == vip
+    for vip, skey in got.by_vip.items():
+        assert got.services[skey].vip == vip
     # earlier snapshots are immutable: later changes never show through
     for snap, frozen in kept:
         assert content(snap) == frozen
