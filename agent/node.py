@@ -27,7 +27,7 @@ import json
 import logging
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
@@ -141,6 +141,7 @@ class Agent:
     inbound: Inbound
     dns: MeshDns
     directory: DirectoryRef
+    peer_auth_errors: dict[str, str] = field(default_factory=dict)  # pod netns -> why not enforced
 
     def local_identities(self) -> set[SpiffeId]:
         td = self.cfg.trust_domain
@@ -254,6 +255,7 @@ def apply_peer_auth(agent: Agent) -> None:
     if dp is None:
         return
     directory = agent.directory.current
+    agent.peer_auth_errors.clear()
     for ns in agent.cfg.interception.enroll:
         try:
             for ifname, address in pod_interfaces(ns):
@@ -265,8 +267,9 @@ def apply_peer_auth(agent: Agent) -> None:
                 )
                 dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy)
                 dp.attach_inbound_filter(ns, ifname)
-        except Exception as e:  # a pod that went away must not stop the others
-            log.warning("peer authentication for %s: %s", ns, e)
+        except Exception as e:  # a pod that went away must not stop the others; status shows it
+            agent.peer_auth_errors[ns] = str(e)
+            log.error("peer authentication NOT enforced for %s: %s", ns, e)
 
 
 async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:

@@ -173,6 +173,9 @@ def _print_agent(doc: dict[str, Any]) -> None:
                 [[c["spiffe_id"], f"{c['expires_in_s']}s", c["renew_at"]] for c in doc["certificates"]],
             )
         )
+    pa = doc.get("peer_authentication", {})
+    for ns, err in pa.get("errors", {}).items():
+        click.echo(f"  peer authentication NOT ENFORCED for {ns}: {err}")
     if doc["config"]["restart_needed"]:
         click.echo(f"  config: changed keys need a restart: {', '.join(doc['config']['restart_needed'])}")
 

@@ -130,7 +130,7 @@ class Inbound:
             self.metrics.active.labels("inbound").dec()
             with contextlib.suppress(Exception):
                 pod.close()
-        # reporter=destination: "sent" is what the client sent, i.e. tunnel -> pod
+        # relay(a=tunnel, b=pod): a -> b is the request direction
         self.metrics.closed(labels, res.sent_bytes, res.received_bytes)
 
     async def close(self) -> None:

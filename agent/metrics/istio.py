@@ -91,13 +91,14 @@ class MeshMetrics:
     def opened(self, labels: ConnLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()
 
-    def closed(self, labels: ConnLabels, sent_bytes: int, received_bytes: int) -> None:
+    def closed(self, labels: ConnLabels, request_bytes: int, response_bytes: int) -> None:
+        """A connection ended; ``request_bytes`` went client to server, ``response_bytes`` back."""
         v = labels.values()
         self.tcp_closed.labels(*v).inc()
-        if sent_bytes:
-            self.tcp_sent.labels(*v).inc(sent_bytes)
-        if received_bytes:
-            self.tcp_received.labels(*v).inc(received_bytes)
+        if request_bytes:
+            self.tcp_received.labels(*v).inc(request_bytes)
+        if response_bytes:
+            self.tcp_sent.labels(*v).inc(response_bytes)
 
 
 class CallbackCollector(Collector):

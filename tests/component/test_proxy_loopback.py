@@ -85,9 +85,11 @@ def test_vip_connection_crosses_the_tunnel_and_is_load_balanced() -> None:
                 )
                 == 5
             )
-            assert metric(n1, "istio_tcp_sent_bytes_total", reporter="source") == sum(
+            # Istio's directions: received = request bytes (client to server), sent = response bytes
+            assert metric(n1, "istio_tcp_received_bytes_total", reporter="source") == sum(
                 len(b"hi %d" % i) for i in range(10)
             )
+            assert metric(n1, "istio_tcp_sent_bytes_total", reporter="source") == sum(len(a) for a in answers)
         for p in pods:
             p.close()
 

@@ -199,15 +199,14 @@ def test_promql_counts_the_connections_and_bytes_between_two_workloads(scraped: 
         assert opened == CONNECTIONS, (reporter, opened)
         closed = scraped.wait_for(f"sum(istio_tcp_connections_closed_total{{{sel}}})", CONNECTIONS)
         assert closed == CONNECTIONS, (reporter, closed)
-        # Both directions are counted exactly. Istio's meaning is received = request bytes
-        # (client to server), sent = response bytes; this agent counts them the other way round
-        # (reported to the agent's owner): once swapped, compare the pair in order.
+        # Both directions are counted exactly, with Istio's meaning: received = request bytes
+        # (client to server), sent = response bytes.
         total = CONNECTIONS * (REQUEST_BYTES + RESPONSE_BYTES)
         both = f"sum(istio_tcp_received_bytes_total{{{sel}}}) + sum(istio_tcp_sent_bytes_total{{{sel}}})"
         assert scraped.wait_for(both, total) == total, (reporter, scraped.scalar(both))
         received = scraped.scalar(f"sum(istio_tcp_received_bytes_total{{{sel}}})")
         sent = scraped.scalar(f"sum(istio_tcp_sent_bytes_total{{{sel}}})")
-        assert {received, sent} == {CONNECTIONS * REQUEST_BYTES, CONNECTIONS * RESPONSE_BYTES}, (
+        assert (received, sent) == (CONNECTIONS * REQUEST_BYTES, CONNECTIONS * RESPONSE_BYTES), (
             reporter, received, sent
         )
     # both pods behind the service got a share, and nothing else was counted between these two
