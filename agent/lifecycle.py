@@ -325,9 +325,9 @@ class Lifecycle:
             ctl, self.listeners = None, open_listeners(cfg)
         ls = self.listeners
         self.servers = [
-            await asyncio.start_server(a.outbound.handle, sock=ls["outbound"], limit=1 << 20),
-            await asyncio.start_server(a.inbound.handle, sock=ls["hbone"], limit=1 << 20),
+            await asyncio.start_server(a.outbound.handle, sock=ls["outbound"], limit=1 << 20, backlog=1024)
         ]
+        inbound_task = asyncio.create_task(a.inbound.serve(ls["hbone"]), name="inbound")
         await a.dns.start_on(ls["dns_udp"], ls["dns_tcp"])
         admin = HttpEndpoints(
             {
@@ -374,6 +374,7 @@ class Lifecycle:
         hs.close()
         for srv in self.servers:
             srv.close()  # our copy of the listening socket; a successor keeps its own
+        inbound_task.cancel()
         for ep in self.endpoints:
             ep.close()
         await a.dns.stop()

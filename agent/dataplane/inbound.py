@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from agent.dataplane.route import Directory
 from agent.dataplane.tunnel import TunnelConnection, TunnelStream
 from agent.identity.errors import PeerRejected
 from agent.identity.spiffe import SpiffeId
-from agent.identity.tls import ServerContexts, accept_tls
+from agent.identity.tls import ServerContexts, accept_tls_socket
 from agent.metrics.istio import ConnLabels, MeshMetrics
 
 log = logging.getLogger(__name__)
@@ -55,33 +56,51 @@ class Inbound:
         self.metrics = metrics
         self.h2_config = h2_config or H2Config(client=False)
         self._conns: set[TunnelConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """asyncio.start_server callback on plain TCP: the TLS handshake happens here,
-        so a refused client is counted and logged with its reason."""
-        peer = writer.get_extra_info("peername")
+    async def serve(self, sock: socket.socket) -> None:
+        """Accept on the listening socket until cancelled; each connection in its own task.
+
+        The TLS handshake runs on the accepted socket itself (not on a stream that is
+        already reading), so a refused client is counted and logged with its reason.
+        """
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
         try:
-            tp = await accept_tls(writer, self.contexts, timeout_s=self.config.handshake_timeout_s)
+            while True:
+                conn, peer = await loop.sock_accept(sock)
+                task = asyncio.create_task(self._handle(conn, peer))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except asyncio.CancelledError:
+            raise
+        except OSError as e:  # the listening socket was closed under us
+            log.info("inbound: accept loop ends: %s", e)
+
+    async def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            reader, writer, tp = await accept_tls_socket(
+                conn, self.contexts, timeout_s=self.config.handshake_timeout_s
+            )
         except (PeerRejected, TimeoutError, OSError) as e:
             reason = str(e.reason) if isinstance(e, PeerRejected) else "handshake_failed"
             log.warning("inbound: refused tunnel from %s:%s: %s (%s)", peer[0], peer[1], e, reason)
             self.metrics.tunnel_rejections.labels(reason).inc()
-            writer.transport.abort()
             return
         client = tp.peer
 
         async def on_stream(stream: TunnelStream) -> None:
             await self._serve_stream(stream, client, peer)
 
-        conn = TunnelConnection(
+        tunnel = TunnelConnection(
             reader, writer, client=False, on_stream=on_stream, config=self.h2_config, name=f"from {peer}"
         )
-        self._conns.add(conn)
+        self._conns.add(tunnel)
         try:
-            await conn._task
+            await tunnel.wait_closed()
         finally:
-            self._conns.discard(conn)
-            await conn.close()
+            self._conns.discard(tunnel)
+            await tunnel.close()
 
     async def _serve_stream(self, stream: TunnelStream, client: SpiffeId, peer: tuple[str, int]) -> None:
         try:
@@ -136,6 +155,8 @@ class Inbound:
     async def close(self) -> None:
         for c in list(self._conns):
             await c.close()
+        for t in list(self._tasks):
+            t.cancel()
 
 
 def _workload_of(directory: Directory, address: str | None) -> str:

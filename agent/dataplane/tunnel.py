@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -145,6 +146,10 @@ class TunnelConnection:
     ) -> None:
         self.reader = reader
         self.writer = writer
+        sock = writer.get_extra_info("socket")
+        if sock is not None:  # small frames (acks, window updates, requests) must not wait for Nagle
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.h2 = H2Connection(config or H2Config(client=client))
         self._streams: dict[int, TunnelStream] = {}
         self._on_stream = on_stream
@@ -172,6 +177,11 @@ class TunnelConnection:
         except (ConnectionError, RuntimeError) as e:
             self._close_all(f"write failed: {e}")
             raise TunnelError(f"tunnel write failed: {e}") from e
+
+    async def wait_closed(self) -> None:
+        """Until the peer or we close the connection."""
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._task)
 
     def can_open(self) -> bool:
         return not self.closed and self.h2.can_open_stream()

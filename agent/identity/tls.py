@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
@@ -274,6 +275,39 @@ async def accept_tls(writer: asyncio.StreamWriter, contexts: ServerContexts, *,
     if local is None:  # cannot happen: the SNI callback refuses unknown names
         raise PeerRejected(RejectReason.UNKNOWN_SNI, "no destination identity selected by SNI")
     return TunnelPeer(local=local, peer=contexts.verify_peer(sslobj))
+
+
+async def accept_tls_socket(
+    sock: socket.socket, contexts: ServerContexts, *, timeout_s: float, limit: int = 1 << 20,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, TunnelPeer]:
+    """Server side, from a freshly accepted socket: TLS handshake, then verify the client.
+
+    Unlike upgrading a stream that is already reading (``start_tls``), no byte of the
+    ClientHello can be consumed by a plain-text reader first, whatever the event loop.
+    Raises :class:`PeerRejected` (handshake or verification) or ``TimeoutError``.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    try:
+        transport, _ = await loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=contexts.context, ssl_handshake_timeout=timeout_s)
+    except (ssl.SSLError, ConnectionError) as e:
+        sock.close()
+        raise rejection_from_ssl_error(e) from None
+    except BaseException:
+        sock.close()
+        raise
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    sslobj = writer.get_extra_info("ssl_object")
+    try:
+        local = contexts.local_identity(sslobj)
+        if local is None:  # cannot happen: the SNI callback refuses unknown names
+            raise PeerRejected(RejectReason.UNKNOWN_SNI, "no destination identity selected by SNI")
+        return reader, writer, TunnelPeer(local=local, peer=contexts.verify_peer(sslobj))
+    except BaseException:
+        transport.abort()
+        raise
 
 
 async def connect_tls(host: str, port: int, *, source: WorkloadCert, destination: SpiffeId,

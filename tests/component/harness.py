@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import CollectorRegistry
 
+from agent.admin import listen_tcp
 from agent.control.model import Kind, Service, ServicePort, Workload, resource_key
 from agent.control.snapshot import Snapshot, SnapshotBuilder
 from agent.dataplane.inbound import Inbound, InboundConfig
@@ -55,6 +56,7 @@ class Node:
     outbound_port: int = 0
     hbone_port: int = 0
     servers: list[asyncio.Server] = field(default_factory=list)
+    inbound_task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -109,10 +111,11 @@ async def start_node(
         if w.node == name:
             await certs.ensure(SpiffeId(TD, w.namespace, w.service_account))
     ob = await asyncio.start_server(outbound.handle, "127.0.0.1", 0)
-    ib = await asyncio.start_server(inbound.handle, "127.0.0.1", 0)
-    node.servers = [ob, ib]
+    ib_sock = listen_tcp("127.0.0.1", 0)
+    node.inbound_task = asyncio.create_task(inbound.serve(ib_sock))
+    node.servers = [ob]
     node.outbound_port = ob.sockets[0].getsockname()[1]
-    node.hbone_port = ib.sockets[0].getsockname()[1]
+    node.hbone_port = ib_sock.getsockname()[1]
     hbone_ports[name] = node.hbone_port
     return node
 
@@ -166,6 +169,8 @@ async def two_node_mesh(
         for node in mesh.nodes.values():
             for s in node.servers:
                 s.close()
+            if node.inbound_task is not None:
+                node.inbound_task.cancel()
             await node.inbound.close()
             await node.outbound.pool.close()
 
