@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
+import uvloop
 from prometheus_client import CollectorRegistry
 
 from agent.admin import listen_tcp
@@ -32,7 +34,15 @@ from agent.identity.store import CertManager, LocalIssuer
 from agent.identity.tls import ClientContexts, ServerContexts
 from agent.metrics.istio import MeshMetrics
 
+T = TypeVar("T")
 TD = "cluster.local"
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a test's main on uvloop, the event loop the agent runs on."""
+    return uvloop.run(coro)
+
+
 VIP = "10.96.0.10"
 
 

@@ -24,6 +24,7 @@ from tests.component.harness import (
     build_snapshot,
     client_exchange,
     echo_server,
+    run,
     two_node_mesh,
     web_service,
     workload,
@@ -93,7 +94,7 @@ def test_vip_connection_crosses_the_tunnel_and_is_load_balanced() -> None:
         for p in pods:
             p.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_large_transfer_is_byte_identical_and_half_close_works() -> None:
@@ -129,7 +130,7 @@ def test_large_transfer_is_byte_identical_and_half_close_works() -> None:
             w.close()
         pod.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_dead_endpoint_is_skipped_within_the_attempt_budget() -> None:
@@ -147,7 +148,7 @@ def test_dead_endpoint_is_skipped_within_the_attempt_budget() -> None:
             )
         pod.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def _h2_client_ctx(ca: MeshCA, sid: SpiffeId) -> ssl.SSLContext:
@@ -200,7 +201,7 @@ def test_independent_h2_client_interoperates_with_inbound() -> None:
             w.close()
         pod.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def _client_cert(mesh_ca: MeshCA, case: str) -> WorkloadCert:
@@ -250,7 +251,7 @@ def test_bad_client_certificates_are_refused_logged_and_counted(
             assert metric(mesh.nodes["n2"], "nodemesh_tunnel_rejections_total", reason=reason) == 1
 
     with caplog.at_level("WARNING"):
-        asyncio.run(main())
+        run(main())
     assert any("refused tunnel from 127.0.0.1" in r.getMessage() for r in caplog.records)
 
 
@@ -269,7 +270,7 @@ def test_snapshot_without_the_source_workload_refuses_and_counts() -> None:
             assert await client_exchange("127.0.0.6", mesh.nodes["n1"].outbound_port, b"x") == b"web-1:x"
             pod.close()
 
-    asyncio.run(main())
+    run(main())
 
 
 def test_certificate_renewal_while_traffic_flows() -> None:
@@ -333,4 +334,4 @@ def test_certificate_renewal_while_traffic_flows() -> None:
         for p in pods:
             p.close()
 
-    asyncio.run(main())
+    run(main())
