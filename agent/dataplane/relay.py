@@ -20,6 +20,7 @@ from typing import Protocol
 from agent.dataplane.tunnel import TunnelStream
 
 CHUNK_BYTES = 256 * 1024
+DRAIN_ABOVE_BYTES = 1 << 20  # below this the kernel and transport buffers absorb the write
 
 
 class End(Protocol):
@@ -49,7 +50,8 @@ class SocketEnd:
 
     async def write(self, data: bytes) -> None:
         self.writer.write(data)
-        await self.writer.drain()
+        if self.writer.transport.get_write_buffer_size() >= DRAIN_ABOVE_BYTES or self.writer.is_closing():
+            await self.writer.drain()  # backpressure: wait until the peer reads
 
     def write_eof(self) -> None:
         if not self.writer.is_closing() and self.writer.can_write_eof():

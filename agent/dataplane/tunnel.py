@@ -27,6 +27,7 @@ from agent.dataplane.h2.frames import ErrorCode, H2ProtocolError
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
+DRAIN_ABOVE_BYTES = 1 << 20
 
 
 class TunnelError(Exception):
@@ -172,6 +173,10 @@ class TunnelConnection:
             self.writer.write(data)
 
     async def drain(self) -> None:
+        # Waiting is only needed when the transport holds more than its high-water mark;
+        # skipping the await otherwise saves a task switch per message on the hot path.
+        if self.writer.transport.get_write_buffer_size() < DRAIN_ABOVE_BYTES and not self.writer.is_closing():
+            return
         try:
             await self.writer.drain()
         except (ConnectionError, RuntimeError) as e:
