@@ -21,6 +21,8 @@ Example (every key but ``node`` has a default)::
       # endpoints: [http://10.0.0.5:2379]   (etcd)
     ca:
       dir: /etc/nodemesh/ca    # single host: the agent runs the CA in-process
+      # several hosts: service: 10.0.0.5:15012 (nodemesh ca serve) and
+      # node_dir: /etc/nodemesh/node (nodemesh ca issue-node); dir is then unused
     interception:
       cgroup: /sys/fs/cgroup/unified/nodemesh   # pods live below this cgroup
       bpffs_root: /sys/fs/bpf/nodemesh
@@ -111,6 +113,8 @@ class AgentConfig:
     ports: Ports = field(default_factory=Ports)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     ca_dir: str = "/etc/nodemesh/ca"
+    ca_service: str = ""  # host:port of `nodemesh ca serve` (several hosts); "" = CA in-process
+    ca_node_dir: str = ""  # node.crt, node.key, bundle.pem from `nodemesh ca issue-node`
     interception: InterceptionConfig = field(default_factory=InterceptionConfig)
     peers: Mapping[str, str] = field(default_factory=dict)
     dns_upstream: str | None = None
@@ -214,8 +218,18 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     )
     if backend == "etcd" and not registry.endpoints:
         raise r.fail("registry.endpoints", "the etcd backend needs at least one endpoint URL")
-    c = r.mapping(top.get("ca"), "ca", {"dir"})
+    c = r.mapping(top.get("ca"), "ca", {"dir", "service", "node_dir"})
     ca_dir = r.string(c, "dir", "ca.", "/etc/nodemesh/ca")
+    ca_service = str(c.get("service") or "")
+    ca_node_dir = str(c.get("node_dir") or "")
+    if ca_service:
+        host, sep, port_s = ca_service.rpartition(":")
+        if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+            raise r.fail("ca.service", f"expected host:port of the CA service, got {ca_service!r}")
+        if not ca_node_dir:
+            raise r.fail(
+                "ca.node_dir", "required with ca.service: the directory `nodemesh ca issue-node` wrote"
+            )
     i = r.mapping(
         top.get("interception"),
         "interception",
@@ -286,6 +300,8 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         ports=ports,
         registry=registry,
         ca_dir=ca_dir,
+        ca_service=ca_service,
+        ca_node_dir=ca_node_dir,
         interception=interception,
         peers=peers,
         dns_upstream=upstream,

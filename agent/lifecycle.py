@@ -403,6 +403,31 @@ def sd_notify(message: bytes) -> None:
         s.sendto(message, addr)
 
 
+def spawn_successor(config_path: str, *, with_interception: bool = True, timeout_s: float = 120.0) -> int:
+    """Start a new agent in its own session that takes over the running agent's sockets;
+    return its PID once it serves. Under systemd it announces itself as the unit's new main
+    process (``MAINPID=``; the unit has ``NotifyAccess=all``) and the old one drains and exits."""
+    import subprocess
+
+    argv = [sys.executable, "-m", "agent.cli.main", "agent", "-c", config_path]
+    if not with_interception:
+        argv.append("--no-interception")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == b"ready":
+            proc.stdout.close()  # the agent prints nothing more on stdout
+            return proc.pid
+        if not line:
+            break
+    proc.kill()
+    raise AgentError(
+        f"the new agent did not become ready (exit {proc.wait()}); the running one keeps serving"
+    )
+
+
 def run(cfg: AgentConfig, *, config_path: str | None = None, with_interception: bool = True) -> None:
     logging.basicConfig(
         level=cfg.log_level.upper(),

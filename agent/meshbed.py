@@ -37,6 +37,7 @@ class MeshBed:
     topo: Topology
     run_dir: str
     extra: dict[str, object] = field(default_factory=dict)  # top-level keys merged into every agent config
+    node_extra: dict[str, dict[str, object]] = field(default_factory=dict)  # node name -> more keys
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
 
@@ -55,7 +56,7 @@ class MeshBed:
         return os.path.join(self.run_dir, f"agent-{node.name}.yaml")
 
     def agent_config(self, node: Node) -> dict[str, object]:
-        return {**self._base_config(node), **self.extra}
+        return {**self._base_config(node), **self.extra, **self.node_extra.get(node.name, {})}
 
     def _base_config(self, node: Node) -> dict[str, object]:
         return {

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -43,10 +44,13 @@ from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.route import Directory
+from agent.identity.bundle import TrustBundle
 from agent.identity.ca import MeshCA
 from agent.identity.clock import SystemClock
+from agent.identity.errors import IdentityError
+from agent.identity.service import CaClient, RemoteIssuer
 from agent.identity.spiffe import SpiffeId
-from agent.identity.store import CertManager, LocalIssuer
+from agent.identity.store import CertManager, Issuer, LocalIssuer
 from agent.identity.tls import ClientContexts, ServerContexts
 from agent.metrics.istio import CallbackCollector, MeshMetrics
 from bpf.config import CaptureConfig, RedirectTarget
@@ -152,6 +156,42 @@ class Agent:
         }
 
 
+def identity_source(cfg: AgentConfig, clock: SystemClock) -> tuple[Issuer, TrustBundle]:
+    """Single host: the CA in-process from ``ca.dir``. Several hosts: the CA service at
+    ``ca.service``, authenticated by this node's cert in ``ca.node_dir``."""
+    if not cfg.ca_service:
+        try:
+            ca = MeshCA.load(cfg.ca_dir)
+        except Exception as e:
+            raise AgentError(
+                f"ca.dir {cfg.ca_dir}: {e}", hint="create one: nodemesh ca init --dir DIR"
+            ) from e
+        return LocalIssuer(ca), ca.bundle
+    d = cfg.ca_node_dir
+    try:
+        with open(os.path.join(d, "node.crt"), "rb") as f:
+            cert_pem = f.read()
+        with open(os.path.join(d, "node.key"), "rb") as f:
+            key_pem = f.read()
+        bundle = TrustBundle.load(os.path.join(d, "bundle.pem"))
+    except (OSError, IdentityError) as e:
+        raise AgentError(
+            f"ca.node_dir {d}: {e}",
+            hint="write it with: nodemesh ca issue-node --dir CA --node NAME --out DIR",
+        ) from e
+    host, _, port = cfg.ca_service.rpartition(":")
+    client = CaClient(
+        host,
+        int(port),
+        node_cert_pem=cert_pem,
+        node_key_pem=key_pem,
+        bundle=bundle,
+        trust_domain=cfg.trust_domain,
+        clock=clock,
+    )
+    return RemoteIssuer(client), bundle
+
+
 def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     dataplane: Dataplane | None = None
     if with_interception:
@@ -163,13 +203,10 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         target = RedirectTarget(cfg.addresses.proxy, cfg.ports.outbound, cfg.ports.dns)
         for ns in cfg.interception.enroll:
             dataplane.enroll(ns, target)
-    try:
-        ca = MeshCA.load(cfg.ca_dir)
-    except Exception as e:
-        raise AgentError(f"ca.dir {cfg.ca_dir}: {e}", hint="create one: nodemesh ca init --dir DIR") from e
     clock = SystemClock()
-    certs = CertManager(LocalIssuer(ca), clock, ttl_s=cfg.cert_ttl_s)
-    server_contexts = ServerContexts(ca.bundle, trust_domain=cfg.trust_domain)
+    issuer, bundle = identity_source(cfg, clock)
+    certs = CertManager(issuer, clock, ttl_s=cfg.cert_ttl_s)
+    server_contexts = ServerContexts(bundle, trust_domain=cfg.trust_domain)
     certs.subscribe(server_contexts.set_identity)
     backend = open_backend(cfg)
     registry = Registry(backend)
@@ -178,7 +215,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     directory = DirectoryRef(Directory.build(registry.snapshot))
     pool = TunnelPool(
         certs.ensure,
-        ClientContexts(ca.bundle, trust_domain=cfg.trust_domain),
+        ClientContexts(bundle, trust_domain=cfg.trust_domain),
         on_change=lambda n: metrics.tunnel_pool.set(n),
     )
 

@@ -27,8 +27,14 @@ EXTRA_CODES[config_mod.ConfigError] = EXIT_BAD_INPUT
     hidden=True,
     help="serve without eBPF interception (tests of the proxy alone)",
 )
+@click.option(
+    "--successor",
+    is_flag=True,
+    help="restart without refusing a connection: start a new agent in the background that takes "
+    "the running agent's sockets over; return once it serves (systemd's ExecReload runs this)",
+)
 @handled
-def agent_cmd(config_path: str, check_config: bool, no_interception: bool) -> None:
+def agent_cmd(config_path: str, check_config: bool, no_interception: bool, successor: bool) -> None:
     """Run the node agent: interception, registry, identity, proxy, DNS, metrics."""
     from agent import lifecycle, node
 
@@ -36,5 +42,9 @@ def agent_cmd(config_path: str, check_config: bool, no_interception: bool) -> No
     cfg = config_mod.load(config_path)
     if check_config:
         click.echo(f"{config_path}: ok (node {cfg.node})")
+        return
+    if successor:
+        pid = lifecycle.spawn_successor(config_path, with_interception=not no_interception)
+        click.echo(f"a new agent (pid {pid}) serves node {cfg.node}; the previous one drains and exits")
         return
     lifecycle.run(cfg, config_path=config_path, with_interception=not no_interception)

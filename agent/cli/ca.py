@@ -153,3 +153,53 @@ def issue_node_cmd(directory: str, node_name: str, out_dir: str, ttl_days: int) 
     write_atomic(os.path.join(out_dir, "node.crt"), cert, mode=0o644)
     TrustBundle(mesh.bundle.roots).save(os.path.join(out_dir, BUNDLE_FILE))
     click.echo(f"wrote node cert for {NodeId(mesh.trust_domain, node_name)} to {out_dir}")
+
+
+@ca.command("serve")
+@click.option("--dir", "directory", required=True, type=_EXISTING_DIR, help="the CA directory")
+@click.option("--listen", default="0.0.0.0:15012", show_default=True, help="address:port to serve on")
+@click.option("--registry-dir", default="/var/lib/nodemesh/registry", show_default=True,
+              envvar="NODEMESH_REGISTRY_DIR", help="embedded registry (placement of workloads)")
+@click.option("--etcd", "etcd_url", default=None, envvar="NODEMESH_ETCD", help="etcd registry instead")
+@handled
+def serve_cmd(directory: str, listen: str, registry_dir: str, etcd_url: str | None) -> None:
+    """The CA service for several hosts: signs a workload identity for a node agent only if
+    the registry places such a workload (namespace and service account) on that node."""
+    import asyncio
+    import signal
+
+    from agent.control.embedded import EmbeddedBackend
+    from agent.control.etcd import EtcdBackend
+    from agent.control.registry import Registry
+    from agent.identity.clock import SystemClock
+    from agent.identity.service import CaService
+    from agent.identity.spiffe import SpiffeId
+
+    host, sep, port_s = listen.rpartition(":")
+    if not sep or not port_s.isdigit():
+        raise UserError(f"--listen: expected address:port, got {listen!r}")
+    mesh = MeshCA.load(directory)
+    registry = Registry(EtcdBackend(etcd_url) if etcd_url else EmbeddedBackend(registry_dir))
+    registry.start()
+
+    def placement(node: str, sid: SpiffeId) -> bool:
+        return sid.trust_domain == mesh.trust_domain and any(
+            w.node == node and w.namespace == sid.namespace and w.service_account == sid.service_account
+            for w in registry.snapshot.workloads.values()
+        )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        svc = CaService(mesh, placement, SystemClock())
+        async with svc.serving(host, int(port_s)) as (h, p):
+            click.echo(f"CA service for {mesh.trust_domain} on {h}:{p}", err=True)
+            click.echo("ready", nl=True)
+            await stop.wait()
+
+    try:
+        asyncio.run(main())
+    finally:
+        registry.stop()

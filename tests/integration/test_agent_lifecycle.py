@@ -343,3 +343,57 @@ def test_config_errors_name_the_key_or_file_and_exit_non_zero(
     assert proc.returncode == code, err.decode()
     assert message in err.decode(), err.decode()
     assert "Traceback" not in err.decode()
+
+
+def test_systemd_reload_starts_a_successor_that_announces_itself(
+    bed: meshbed.MeshBed, tmp_path: object
+) -> None:
+    """`systemctl reload` runs `nodemesh agent --successor`: it returns once a new agent
+    serves (holding the old one's sockets), which tells systemd MAINPID=<new> and READY=1."""
+    import socket as socket_mod
+
+    node = bed.topo.node("n2")
+    assert node is not None
+    old = bed.agents["n2"]
+    notify_path = os.path.join(bed.run_dir, "notify.sock")
+    listener = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(30)
+    new_pid = 0
+    try:
+        env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+        # the successor keeps the command's stderr (the journal, under systemd): log it to a file
+        with open(bed.logs["n2"], "ab") as log:
+            proc = testbed.popen_in(
+                node.netns,
+                None,
+                [*meshbed.NODEMESH, "agent", "--successor", "-c", bed.config_path(node)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+            )
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, bed.log_text("n2")
+        assert "serves node n2; the previous one drains and exits" in out.decode()
+        message = listener.recv(4096).decode()
+        fields = dict(line.split("=", 1) for line in message.splitlines())
+        assert fields["READY"] == "1"
+        new_pid = int(fields["MAINPID"])
+        assert new_pid != old.pid
+        assert old.wait(timeout=30) == 0  # drained and gone
+        rc, st = status(bed, "n2")
+        assert rc == 0 and st["pid"] == new_pid and st["ok"] is True
+        # the mesh still works through the new agent
+        assert _try_connect(bed, "n1-p1", ECHO_VIP, 7000, "after-reload").startswith("connected")
+    finally:
+        listener.close()
+        if new_pid:
+            os.kill(new_pid, signal.SIGTERM)  # we started it (through --successor): stop it by PID
+            for _ in range(300):
+                try:
+                    os.kill(new_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+        bed.agents.pop("n2", None)
+        bed.start_agent(node)  # leave the module's mesh as it was
