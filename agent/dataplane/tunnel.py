@@ -159,6 +159,8 @@ class TunnelConnection:
         self.name = name
         self.cert_fingerprint = ""  # client side: the source cert it was handshaked with (pool)
         self._settled = asyncio.Event()  # peer SETTINGS seen
+        self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = False
         self.h2.initiate()
         self.flush()
         self._task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"tunnel-read {name}")
@@ -168,6 +170,15 @@ class TunnelConnection:
         return len(self._streams)
 
     def flush(self) -> None:
+        """Send what the HTTP/2 core queued, at the end of this event-loop pass: frames of
+        every stream written in the same pass leave in one TLS write (fewer records and
+        syscalls under load, no added wait: the callback runs before the loop polls)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self.h2.data_to_send()
         if data and not self.writer.is_closing():
             self.writer.write(data)
@@ -303,7 +314,7 @@ class TunnelConnection:
     async def close(self, timeout_s: float = 2.0) -> None:
         if not self.closed:
             self.h2.close()
-            self.flush()
+            self._flush_now()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(timeout_s):
                     await self.writer.drain()
