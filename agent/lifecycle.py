@@ -314,6 +314,7 @@ class Lifecycle:
                 "rides out registry outages on its last snapshot",
             )
         a.directory.current = Directory.build(a.registry.snapshot)
+        await asyncio.to_thread(apply_peer_auth, a)  # STRICT pods are enforced before we serve
         for sid in a.local_identities():  # certificates before the first connection
             await a.certs.ensure(sid)
         ctl_path = handoff.socket_path(cfg.runtime_dir, cfg.node)
