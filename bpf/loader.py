@@ -56,19 +56,9 @@ def sources() -> str:
     return "".join(parts)
 
 
-def _cgroup2_mount() -> str:
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "cgroup2":
-                return fields[1]
-    raise BpfError("no cgroup v2 hierarchy is mounted", errno=errno_mod.ENOENT,
-                   hint="run scripts/setup.sh")
-
-
 def resolve_cgroup(cgroup: str, *, allow_root: bool = False) -> str:
     """Absolute path of a cgroup v2 directory (given absolute or relative to the mount)."""
-    mount = _cgroup2_mount()
+    mount = pins.cgroup2_mount()
     path = os.path.realpath(cgroup if os.path.isabs(cgroup) else os.path.join(mount, cgroup))
     if os.path.commonpath([mount, path]) != mount:
         raise BpfConfigError(f"{path} is not inside the cgroup v2 mount {mount}", where="cgroup")

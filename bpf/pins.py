@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from bpf import syscall
 from bpf.errors import BpfError, NotInstalledError
 from bpf.layout import HOOKS, MAP_NAMES, Hook, TcProgram
+from netns import cgroup
+from netns.errors import NetnsError
 
 
 def map_pin(pin_dir: str, name: str) -> str:
@@ -69,14 +71,12 @@ def installed_dir(root: str) -> str:
     return complete[0]
 
 
-def _cgroup2_mount() -> str:
-    with open("/proc/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 3 and fields[2] == "cgroup2":
-                return fields[1]
-    raise BpfError("no cgroup v2 hierarchy is mounted", errno=errno_mod.ENOENT,
-                   hint="run scripts/setup.sh")
+def cgroup2_mount() -> str:
+    """The cgroup v2 mount point, as a BpfError when there is none."""
+    try:
+        return cgroup.cgroup2_mount()
+    except NetnsError as e:
+        raise BpfError(e.message, errno=errno_mod.ENOENT, hint="run scripts/setup.sh") from None
 
 
 def _walk_cgroups(path: str, depth: int) -> Iterator[os.DirEntry[str]]:
@@ -94,7 +94,7 @@ def _walk_cgroups(path: str, depth: int) -> Iterator[os.DirEntry[str]]:
 
 def cgroup_path_of_id(cgroup_id: int) -> str | None:
     """The cgroup directory whose id (kernfs inode) is ``cgroup_id``."""
-    mount = _cgroup2_mount()
+    mount = cgroup2_mount()
     if os.stat(mount).st_ino == cgroup_id:
         return mount
     for e in _walk_cgroups(mount, 0):

@@ -160,7 +160,7 @@ def test_attach_cgroup_is_checked() -> None:
     with pytest.raises(BpfConfigError, match="does not exist"):
         loader.resolve_cgroup("nodemesh-no-such-cgroup-xyz")
     with pytest.raises(BpfConfigError, match="root cgroup"):
-        loader.resolve_cgroup(loader._cgroup2_mount())
+        loader.resolve_cgroup(loader.pins.cgroup2_mount())
 
 
 def test_missing_kernel_headers_say_what_and_how(monkeypatch: pytest.MonkeyPatch) -> None:
