@@ -20,7 +20,7 @@ from typing import Protocol
 from agent.dataplane.tunnel import TunnelStream
 
 CHUNK_BYTES = 256 * 1024
-DRAIN_ABOVE_BYTES = 1 << 20  # below this the kernel and transport buffers absorb the write
+DRAIN_ABOVE_BYTES = 256 * 1024  # below this the kernel and transport buffers absorb the write
 
 
 class End(Protocol):
@@ -97,6 +97,10 @@ class RelayResult:
 async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResult:
     result = RelayResult(0, 0)
     last = [time.monotonic()]
+    # a tunnel stream feeding a socket writes to it directly while it can (see set_sink)
+    for src, dst in ((a, b), (b, a)):
+        if isinstance(src, TunnelEnd) and isinstance(dst, SocketEnd):
+            src.stream.set_sink(dst.writer.transport)
 
     async def pump(src: End, dst: End, forward: bool) -> None:
         while True:
@@ -113,8 +117,15 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
             src.ack(credit)
             last[0] = time.monotonic()
 
+    def direct() -> int:
+        return sum(e.stream.direct_bytes for e in (a, b) if isinstance(e, TunnelEnd))
+
     async def watchdog() -> None:
+        seen = direct()
         while True:
+            if direct() != seen:  # bytes written straight to a socket count as activity too
+                seen = direct()
+                last[0] = time.monotonic()
             idle = time.monotonic() - last[0]
             if idle >= idle_timeout_s:
                 result.idle_timeout = True
@@ -144,4 +155,8 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
         for t in (*pumps, dog):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+    if isinstance(a, TunnelEnd):
+        result.sent_bytes += a.stream.direct_bytes
+    if isinstance(b, TunnelEnd):
+        result.received_bytes += b.stream.direct_bytes
     return result

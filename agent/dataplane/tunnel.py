@@ -27,7 +27,7 @@ from agent.dataplane.h2.frames import ErrorCode, H2ProtocolError
 log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
-DRAIN_ABOVE_BYTES = 1 << 20
+DRAIN_ABOVE_BYTES = 256 * 1024
 
 
 class TunnelError(Exception):
@@ -47,14 +47,37 @@ class TunnelStream:
         self.request_headers: Headers = []
         self.bytes_in = 0
         self.bytes_out = 0
+        self.direct_bytes = 0  # written straight to the sink (not through read())
+        self._sink: asyncio.WriteTransport | None = None
+
+    def set_sink(self, transport: asyncio.WriteTransport) -> None:
+        """Where this stream's data goes (the relay's socket). While nothing is queued and
+        the sink holds less than DRAIN_ABOVE_BYTES, received data is written to it at once
+        and credited back, without waking the relay task: one event-loop pass less per
+        message. Otherwise data queues for :meth:`read`, whose caller drains before it
+        credits (backpressure); order is kept because direct writes only happen with an
+        empty queue."""
+        self._sink = transport
 
     # called by the connection
     def _on_data(self, data: bytes, flow: int, end: bool) -> None:
-        if data or flow:
+        sink = self._sink
+        if (
+            data
+            and sink is not None
+            and not self._chunks
+            and not sink.is_closing()
+            and sink.get_write_buffer_size() < DRAIN_ABOVE_BYTES
+        ):
+            sink.write(data)
+            self.direct_bytes += len(data)
+            self.ack(flow)
+        elif data or flow:
             self._chunks.append((data, flow))
         if end:
             self._eof = True
-        self._readable.set()
+        if self._chunks or end:
+            self._readable.set()
 
     def _on_reset(self, code: int) -> None:
         self._reset = code
