@@ -184,6 +184,7 @@ class TunnelConnection:
         self._settled = asyncio.Event()  # peer SETTINGS seen
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
+        self._flushed_this_pass = False
         self.h2.initiate()
         self.flush()
         self._task = asyncio.get_running_loop().create_task(self._read_loop(), name=f"tunnel-read {name}")
@@ -193,12 +194,21 @@ class TunnelConnection:
         return len(self._streams)
 
     def flush(self) -> None:
-        """Send what the HTTP/2 core queued, at the end of this event-loop pass: frames of
-        every stream written in the same pass leave in one TLS write (fewer records and
-        syscalls under load, no added wait: the callback runs before the loop polls)."""
-        if not self._flush_scheduled:
+        """Send what the HTTP/2 core queued. The first flush of an event-loop pass writes at
+        once (no added latency for a lone message); later ones in the same pass are joined
+        into one TLS write at the end of the pass (fewer records and syscalls under load)."""
+        if self._flush_scheduled:
+            return
+        if not self._flushed_this_pass:
+            self._flush_now()
+            self._flushed_this_pass = True
+            self._loop.call_soon(self._end_pass)
+        else:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush_now)
+
+    def _end_pass(self) -> None:
+        self._flushed_this_pass = False
 
     def _flush_now(self) -> None:
         self._flush_scheduled = False
