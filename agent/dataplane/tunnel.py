@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
 DRAIN_ABOVE_BYTES = 256 * 1024
+URGENT_BELOW_BYTES = 16 * 1024  # smaller writes are sent at once, larger ones batched per loop pass
 
 
 class TunnelError(Exception):
@@ -110,7 +111,7 @@ class TunnelStream:
         """Credit ``flow`` bytes back to the peer (they were written onwards)."""
         if flow:
             self.conn.h2.acknowledge_received(self.stream_id, flow)
-            self.conn.flush()
+            self.conn.flush(urgent=False)
 
     async def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -128,7 +129,7 @@ class TunnelStream:
             self.conn.h2.send_data(self.stream_id, view[:n])
             self.bytes_out += n
             view = view[n:]
-            self.conn.flush()
+            self.conn.flush(urgent=n < URGENT_BELOW_BYTES)
             await self.conn.drain()
 
     def write_eof(self) -> None:
@@ -193,13 +194,13 @@ class TunnelConnection:
     def active_streams(self) -> int:
         return len(self._streams)
 
-    def flush(self) -> None:
-        """Send what the HTTP/2 core queued. The first flush of an event-loop pass writes at
-        once (no added latency for a lone message); later ones in the same pass are joined
-        into one TLS write at the end of the pass (fewer records and syscalls under load)."""
+    def flush(self, urgent: bool = True) -> None:
+        """Send what the HTTP/2 core queued. The first urgent flush of an event-loop pass (a
+        small message: latency matters) writes at once; everything else in the pass (bulk
+        data, credit updates, more messages) is joined into one TLS write at its end."""
         if self._flush_scheduled:
             return
-        if not self._flushed_this_pass:
+        if urgent and not self._flushed_this_pass:
             self._flush_now()
             self._flushed_this_pass = True
             self._loop.call_soon(self._end_pass)
