@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -274,11 +273,3 @@ def status(topo: Topology) -> dict[str, Any]:
             }
         )
     return {"prefix": topo.prefix, "fabric_cidr": topo.fabric_cidr, "nodes": nodes}
-
-
-def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise KernelError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)

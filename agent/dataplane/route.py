@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from agent.control.model import Health, Service, Workload
+from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
 from agent.dataplane.lb import Policy
 
@@ -93,7 +93,3 @@ def decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
         )
         return Route(None, dst_port, (ep,), Policy.ROUND_ROBIN)
     raise RouteError(f"{dst_address}:{dst_port} is neither a service VIP nor a known workload", flag="NR")
-
-
-def is_healthy(e: Endpoint) -> bool:
-    return e.health != Health.CRITICAL

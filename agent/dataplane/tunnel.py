@@ -182,7 +182,6 @@ class TunnelConnection:
         self.closed = False
         self.name = name
         self.cert_fingerprint = ""  # client side: the source cert it was handshaked with (pool)
-        self._settled = asyncio.Event()  # peer SETTINGS seen
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._flushed_this_pass = False
@@ -311,8 +310,6 @@ class TunnelConnection:
             for st in targets:
                 if st is not None:
                     st._writable.set()
-        elif isinstance(ev, h2c.SettingsReceived):
-            self._settled.set()
         elif isinstance(ev, h2c.ConnectionTerminated):
             log.debug("tunnel %s: peer sent GOAWAY (code %d)", self.name, ev.error_code)
 
