@@ -69,6 +69,7 @@ class _WatchStream:
     def __init__(self, host: str, port: int, url: str, start_revision: int, timeout_s: float):
         self.start_revision = start_revision
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.established = False  # etcd confirmed the watch ("created")
         self._conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
         body = json.dumps({"create_request": {
             "key": _b64(PREFIX), "range_end": _b64(prefix_end(PREFIX)),
@@ -229,9 +230,14 @@ class EtcdBackend:
             try:
                 kind, value = watch.q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
+                if not watch.established:  # a new watch etcd has not confirmed: not "no news"
+                    raise BackendUnavailable(
+                        f"etcd at {self.url} is unreachable: the watch was not confirmed in {timeout_s}s"
+                    ) from None
                 return None
             if kind != "created":
                 break
+            watch.established = True
         if kind == "events":
             assert isinstance(value, Events)
             self._watch_revision = value.revision
