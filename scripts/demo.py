@@ -101,7 +101,7 @@ def main() -> int:
                 sys.stdout.write(r.stdout or r.stderr)
             n1 = topo.nodes[0]
             say("nodemesh status (node n1)")
-            show(["nodemesh", "status"], bed.cli("status", "--bpffs-root", bed.bpffs_root(n1), check=False))
+            show(["nodemesh", "status"], bed.cli("status", "--netns", n1.netns, check=False))
             say(f"Istio metrics from n1's agent (http://{n1.fabric_address}:15020/metrics)")
             scrape = testbed.popen_in(
                 n1.netns,

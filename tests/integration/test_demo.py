@@ -21,7 +21,7 @@ def test_demo_runs_and_cleans_up() -> None:
     # six calls by service name, round robin over pods on both nodes
     for pod, node in (("n1-p2", "n1"), ("n2-p1", "n2"), ("n2-p2", "n2")):
         assert out.count(f"hello from {pod} on node {node}") == 2, out
-    assert "data path: ok" in out  # nodemesh status
+    assert "agent n1: ok" in out and "interception: ok  7/7 hooks" in out  # nodemesh status
     assert 'connection_security_policy="mutual_tls"' in out and 'source_workload="n1-p1"' in out
     assert not [n for n in kernel.list_netns() if n.startswith("demo-")]
     assert not [p for p in os.listdir("/sys/fs/bpf") if p.startswith("demo-")]
