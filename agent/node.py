@@ -35,9 +35,8 @@ from prometheus_client.core import CounterMetricFamily
 
 from agent.config import AgentConfig
 from agent.control.backend import Backend
+from agent.control.backends import open_backend
 from agent.control.dns import MeshDns
-from agent.control.embedded import EmbeddedBackend
-from agent.control.etcd import EtcdBackend
 from agent.control.registry import Registry
 from agent.dataplane.inbound import Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
@@ -83,12 +82,6 @@ def install_datapath(cfg: AgentConfig) -> dict[str, object]:
         )
     result: dict[str, object] = json.loads(proc.stdout)
     return result
-
-
-def open_backend(cfg: AgentConfig) -> Backend:
-    if cfg.registry.backend == "etcd":
-        return EtcdBackend(cfg.registry.endpoints[0])
-    return EmbeddedBackend(cfg.registry.dir)
 
 
 class PeerAuthCollector:
@@ -208,7 +201,8 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     certs = CertManager(issuer, clock, ttl_s=cfg.cert_ttl_s)
     server_contexts = ServerContexts(bundle, trust_domain=cfg.trust_domain)
     certs.subscribe(server_contexts.set_identity)
-    backend = open_backend(cfg)
+    backend = open_backend(cfg.registry.dir,
+                           cfg.registry.endpoints[0] if cfg.registry.backend == "etcd" else None)
     registry = Registry(backend)
     prom = CollectorRegistry()
     metrics = MeshMetrics(prom)

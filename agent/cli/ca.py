@@ -168,8 +168,7 @@ def serve_cmd(directory: str, listen: str, registry_dir: str, etcd_url: str | No
     import asyncio
     import signal
 
-    from agent.control.embedded import EmbeddedBackend
-    from agent.control.etcd import EtcdBackend
+    from agent.control.backends import open_backend
     from agent.control.registry import Registry
     from agent.identity.clock import SystemClock
     from agent.identity.service import CaService
@@ -179,7 +178,7 @@ def serve_cmd(directory: str, listen: str, registry_dir: str, etcd_url: str | No
     if not sep or not port_s.isdigit():
         raise UserError(f"--listen: expected address:port, got {listen!r}")
     mesh = MeshCA.load(directory)
-    registry = Registry(EtcdBackend(etcd_url) if etcd_url else EmbeddedBackend(registry_dir))
+    registry = Registry(open_backend(registry_dir, etcd_url))
     registry.start()
 
     def placement(node: str, sid: SpiffeId) -> bool:

@@ -23,9 +23,8 @@ from agent.cli.errors import (
 )
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from agent.control import apply as apply_mod
-from agent.control.backend import Backend
+from agent.control.backends import open_backend, read_snapshot
 from agent.control.consul import parse_consul
-from agent.control.embedded import EmbeddedBackend
 from agent.control.errors import (
     BackendUnavailable,
     InputError,
@@ -33,9 +32,8 @@ from agent.control.errors import (
     RegistryError,
     StateCorruptError,
 )
-from agent.control.etcd import EtcdBackend
 from agent.control.model import DEFAULT_VIP_RANGE, Kind
-from agent.control.snapshot import Snapshot, SnapshotBuilder, endpoints
+from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 
 # Most specific first: fail() takes the first match.
@@ -60,17 +58,13 @@ def registry_options(fn: F) -> F:
     return fn
 
 
-def open_backend(registry_dir: str, etcd_url: str | None) -> Backend:
-    if etcd_url:
-        return EtcdBackend(etcd_url)
-    return EmbeddedBackend(registry_dir)
-
-
-def _snapshot(backend: Backend) -> Snapshot:
-    state = backend.read()
-    b = SnapshotBuilder()
-    b.reset(state.items)
-    return b.build(state.revision)
+def _read(registry_dir: str, etcd_url: str | None) -> tuple[Snapshot, str]:
+    """The registry's current snapshot and where it was read from."""
+    backend = open_backend(registry_dir, etcd_url)
+    try:
+        return read_snapshot(backend), backend.location
+    finally:
+        backend.close()
 
 
 VIP_RANGE_OPTION = click.option(
@@ -144,7 +138,7 @@ def register(path: Path, node: str, registry_dir: str, etcd_url: str | None, vip
     files = _files(path)
     backend = open_backend(registry_dir, etcd_url)
     try:
-        snap = _snapshot(backend)
+        snap = read_snapshot(backend)
         resources: list[Located] = []
         for f in files:
             resources += parse_consul(_read_text(f), str(f), existing_services=snap.services,
@@ -176,17 +170,13 @@ def _ports(s: Any) -> str:
 def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
         etcd_url: str | None, output: str) -> None:
     """List services or workloads."""
-    backend = open_backend(registry_dir, etcd_url)
-    try:
-        snap = _snapshot(backend)
-    finally:
-        backend.close()
+    snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     table_src: Any = snap.services if k == Kind.SERVICE else snap.workloads
     picked = [v for (ns, n), v in sorted(table_src.items())
               if (all_namespaces or ns == namespace) and (name is None or n == name)]
     if name is not None and not picked:
-        raise NotFound(f"{k.value} {namespace}/{name} not found in {backend.location}")
+        raise NotFound(f"{k.value} {namespace}/{name} not found in {location}")
     if output == "json":
         emit_json([v.to_doc() for v in picked])
         return
@@ -215,15 +205,11 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
 def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
              output: str) -> None:
     """Show one service (with its endpoints) or one workload (with its checks)."""
-    backend = open_backend(registry_dir, etcd_url)
-    try:
-        snap = _snapshot(backend)
-    finally:
-        backend.close()
+    snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     obj: Any = (snap.services if k == Kind.SERVICE else snap.workloads).get((namespace, name))
     if obj is None:
-        raise NotFound(f"{k.value} {namespace}/{name} not found in {backend.location}",
+        raise NotFound(f"{k.value} {namespace}/{name} not found in {location}",
                        hint=f"list them with: nodemesh get {k.value.lower()}s -A")
     doc = obj.to_doc()
     if k == Kind.SERVICE:
