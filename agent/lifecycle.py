@@ -41,6 +41,7 @@ from agent.control.health import HealthMonitor
 from agent.dataplane.route import Directory
 from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots
 from bpf.config import CaptureConfig, RedirectTarget
+from bpf.maps import datapath_status
 
 log = logging.getLogger("nodemesh.agent")
 
@@ -129,10 +130,8 @@ class Lifecycle:
         if a.dataplane is None:
             interception = {"ok": False, "error": "interception is disabled"}
         else:
-            from agent.cli.dataplane import collect
-
             try:
-                interception = collect(cfg.interception.bpffs_root)
+                interception = datapath_status(cfg.interception.bpffs_root)
             except Exception as e:
                 interception = {"ok": False, "error": str(e)}
         certs: list[dict[str, Any]] = []

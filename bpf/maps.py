@@ -25,6 +25,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from bpf import peerauth, pins, syscall
 from bpf.config import DEFAULT_BPFFS_ROOT, CaptureConfig, RedirectTarget
@@ -355,3 +356,34 @@ class Dataplane:
             n = len(syscall.map_keys(self._fd(name), int(info["key_size"]), self._max[name]))
             out[name] = MapFill(n, self._max[name])
         return out
+
+
+def datapath_status(bpffs_root: str) -> dict[str, Any]:
+    """Hooks and where they are attached, enrolled pods, map fill, counters, as read from
+    the pins (raises NotInstalledError if nothing is pinned). ``nodemesh status`` shows it."""
+    pin_dir = pins.installed_dir(bpffs_root)
+    hooks = pins.hook_states(pin_dir)
+    with Dataplane(pin_dir) as dp:
+        enrolled = len(dp.enrolled())
+        fill = {name: {"entries": f.entries, "max_entries": f.max_entries} for name, f in dp.fill().items()}
+        counters = dp.counters()
+    counters.pop("lookup_miss", None)  # a proxy-side count: not known here
+    return {
+        "ok": all(h.attached for h in hooks),
+        "bpffs_root": bpffs_root,
+        "pin_dir": pin_dir,
+        "hooks": [
+            {
+                "hook": h.hook,
+                "attached": h.attached,
+                "cgroup": h.cgroup,
+                "prog_id": h.prog_id,
+                "link_id": h.link_id,
+                "programs_on_cgroup": h.programs_on_cgroup,
+            }
+            for h in hooks
+        ],
+        "enrolled": enrolled,
+        "maps": fill,
+        "counters": counters,
+    }

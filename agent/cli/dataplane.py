@@ -22,10 +22,10 @@ from agent.cli.errors import (
     require_root,
 )
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
-from bpf import loader, pins
+from bpf import loader
 from bpf.config import DEFAULT_BPFFS_ROOT
 from bpf.errors import BpfConfigError, BpfError, NotInstalledError
-from bpf.maps import Dataplane
+from bpf.maps import datapath_status
 
 EXTRA_CODES.setdefault(BpfConfigError, EXIT_BAD_INPUT)
 EXTRA_CODES.setdefault(NotInstalledError, EXIT_NOT_FOUND)
@@ -39,40 +39,10 @@ BPFFS_OPTION = click.option(
 )
 
 
-def collect(bpffs_root: str) -> dict[str, Any]:
-    """The status document (raises NotInstalledError if nothing is pinned)."""
-    pin_dir = pins.installed_dir(bpffs_root)
-    hooks = pins.hook_states(pin_dir)
-    with Dataplane(pin_dir) as dp:
-        enrolled = len(dp.enrolled())
-        fill = {name: {"entries": f.entries, "max_entries": f.max_entries} for name, f in dp.fill().items()}
-        counters = dp.counters()
-    counters.pop("lookup_miss", None)  # a proxy-side count: not known here
-    return {
-        "ok": all(h.attached for h in hooks),
-        "bpffs_root": bpffs_root,
-        "pin_dir": pin_dir,
-        "hooks": [
-            {
-                "hook": h.hook,
-                "attached": h.attached,
-                "cgroup": h.cgroup,
-                "prog_id": h.prog_id,
-                "link_id": h.link_id,
-                "programs_on_cgroup": h.programs_on_cgroup,
-            }
-            for h in hooks
-        ],
-        "enrolled": enrolled,
-        "maps": fill,
-        "counters": counters,
-    }
-
-
 def _datapath_status(bpffs_root: str, output: str) -> None:
     require_root()
     try:
-        doc = collect(bpffs_root)
+        doc = datapath_status(bpffs_root)
     except NotInstalledError as e:
         if output == "json":
             emit_json({"ok": False, "bpffs_root": bpffs_root, "error": e.message})
