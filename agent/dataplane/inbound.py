@@ -142,11 +142,11 @@ class Inbound:
         pod = SocketEnd(r, wr)
         await stream.respond(200)
         self.metrics.opened(labels)
-        self.metrics.active.labels("inbound").inc()
+        self.metrics.active_inbound.inc()
         try:
             res = await relay(TunnelEnd(stream), pod, idle_timeout_s=self.config.idle_timeout_s)
         finally:
-            self.metrics.active.labels("inbound").dec()
+            self.metrics.active_inbound.dec()
             with contextlib.suppress(Exception):
                 pod.close()
         # relay(a=tunnel, b=pod): a -> b is the request direction

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ class Outbound:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    def _fail(self, app: SocketEnd, flag: str, why: str, labels: ConnLabels | None = None) -> None:
+    def _fail(self, app: SocketEnd, flag: str, why: str) -> None:
         log.info("outbound: %s (%s)", why, flag)
         self.metrics.outbound_failures.labels(flag).inc()
         app.abort()
@@ -157,19 +158,19 @@ class Outbound:
 
     async def _relay(self, app: SocketEnd, upstream: End, ep: Endpoint, labels: ConnLabels) -> None:
         self.metrics.opened(labels)
-        self.metrics.active.labels("outbound").inc()
+        self.metrics.active_outbound.inc()
         self.balancer.started(ep)
         try:
             res = await relay(app, upstream, idle_timeout_s=self.config.idle_timeout_s)
         finally:
             self.balancer.finished(ep)
-            self.metrics.active.labels("outbound").dec()
+            self.metrics.active_outbound.dec()
         if isinstance(upstream, SocketEnd):
             upstream.close()
         flags = "-" if not res.error else "UC"
         if res.idle_timeout:
             flags = "IT"
-        final = labels if flags == "-" else ConnLabels(**{**_asdict(labels), "response_flags": flags})
+        final = labels if flags == "-" else dataclasses.replace(labels, response_flags=flags)
         self.metrics.closed(final, res.sent_bytes, res.received_bytes)
 
     async def drain(self, timeout_s: float) -> None:
@@ -178,7 +179,3 @@ class Outbound:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
             for t in pending:
                 t.cancel()
-
-
-def _asdict(labels: ConnLabels) -> dict[str, str]:
-    return {k: getattr(labels, k) for k in ConnLabels.__slots__}

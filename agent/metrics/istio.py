@@ -87,6 +87,9 @@ class MeshMetrics:
         self.active = Gauge(
             "nodemesh_active_connections", "Connections being relayed now", ("direction",), registry=registry
         )
+        # resolved once: the data path updates these per connection
+        self.active_outbound = self.active.labels("outbound")
+        self.active_inbound = self.active.labels("inbound")
 
     def opened(self, labels: ConnLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()
