@@ -1,0 +1,250 @@
+"""The few etcd v3 protobuf messages nodemesh sends and reads, encoded by hand.
+
+How this works: etcd's API is gRPC with protobuf messages (``etcdserverpb`` in
+etcd's ``rpc.proto`` and ``mvccpb`` in ``kv.proto``). We use a handful of them
+and only some of their fields, so instead of generated code (and a protobuf
+runtime) this module writes and reads the protobuf wire format directly:
+varints, and length-delimited fields for bytes and nested messages. grpcio
+carries the bytes (its serializers are left as the identity).
+
+Field numbers are etcd's; unknown fields in responses are skipped, as
+protobuf requires, so a newer etcd that adds fields still decodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+# wire types
+_VARINT = 0
+_I64 = 1
+_LEN = 2
+_I32 = 5
+
+
+class WireError(ValueError):
+    """Bytes that are not the protobuf message we expected."""
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64  # int64 negatives are ten-byte two's complement
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _tag(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+def f_bytes(field: int, value: bytes) -> bytes:
+    return _tag(field, _LEN) + _varint(len(value)) + value
+
+
+def f_int(field: int, value: int) -> bytes:
+    return _tag(field, _VARINT) + _varint(value) if value else b""
+
+
+def f_bool(field: int, value: bool) -> bytes:
+    return _tag(field, _VARINT) + b"\x01" if value else b""
+
+
+def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
+    """(field number, wire type, value) for each field; LEN values as memoryviews."""
+    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
+    i, end = 0, len(mv)
+    while i < end:
+        key = 0
+        shift = 0
+        while True:
+            if i >= end:
+                raise WireError("truncated field tag")
+            b = mv[i]
+            i += 1
+            key |= (b & 0x7F) << shift
+            if b < 0x80:
+                break
+            shift += 7
+        field, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            v = 0
+            shift = 0
+            while True:
+                if i >= end:
+                    raise WireError("truncated varint")
+                b = mv[i]
+                i += 1
+                v |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            if v >= 1 << 63:
+                v -= 1 << 64
+            yield field, wire, v
+        elif wire == _LEN:
+            n = 0
+            shift = 0
+            while True:
+                if i >= end:
+                    raise WireError("truncated length")
+                b = mv[i]
+                i += 1
+                n |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
+            if i + n > end:
+                raise WireError(f"field {field} says {n} bytes, {end - i} left")
+            yield field, wire, mv[i:i + n]
+            i += n
+        elif wire == _I64:
+            i += 8
+        elif wire == _I32:
+            i += 4
+        else:
+            raise WireError(f"unsupported wire type {wire} for field {field}")
+        if i > end:
+            raise WireError("truncated fixed-width field")
+
+
+# -- requests ----------------------------------------------------------------------------
+
+def range_request(key: bytes, range_end: bytes, *, revision: int = 0) -> bytes:
+    return f_bytes(1, key) + f_bytes(2, range_end) + f_int(4, revision)
+
+
+def _put(key: bytes, value: bytes) -> bytes:
+    return f_bytes(1, key) + f_bytes(2, value)
+
+
+def request_op_put(key: bytes, value: bytes) -> bytes:
+    return f_bytes(2, _put(key, value))
+
+
+def request_op_delete(key: bytes) -> bytes:
+    return f_bytes(3, f_bytes(1, key))
+
+
+# Compare.CompareResult / CompareTarget
+CMP_LESS = 2
+TARGET_MOD = 2
+
+
+def compare_mod_less(key: bytes, mod_revision: int) -> bytes:
+    return f_int(1, CMP_LESS) + f_int(2, TARGET_MOD) + f_bytes(3, key) + f_int(6, mod_revision)
+
+
+def txn_request(compares: Iterable[bytes], success: Iterable[bytes]) -> bytes:
+    return b"".join([*(f_bytes(1, c) for c in compares), *(f_bytes(2, op) for op in success)])
+
+
+def compaction_request(revision: int, physical: bool) -> bytes:
+    return f_int(1, revision) + f_bool(2, physical)
+
+
+def watch_create_request(key: bytes, range_end: bytes, start_revision: int) -> bytes:
+    create = f_bytes(1, key) + f_bytes(2, range_end) + f_int(3, start_revision)
+    return f_bytes(1, create)
+
+
+# -- responses ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+
+
+def header_revision(buf: bytes | memoryview) -> int:
+    for f, _, v in fields(buf):
+        if f == 3 and isinstance(v, int):
+            return v
+    return 0
+
+
+def key_value(buf: bytes | memoryview) -> KeyValue:
+    key = value = b""
+    mod = 0
+    for f, _, v in fields(buf):
+        if f == 1 and isinstance(v, memoryview):
+            key = bytes(v)
+        elif f == 5 and isinstance(v, memoryview):
+            value = bytes(v)
+        elif f == 3 and isinstance(v, int):
+            mod = v
+    return KeyValue(key, value, mod)
+
+
+def range_response(buf: bytes) -> tuple[int, list[KeyValue]]:
+    """(header revision, kvs)."""
+    rev = 0
+    kvs: list[KeyValue] = []
+    for f, _, v in fields(buf):
+        if f == 1 and isinstance(v, memoryview):
+            rev = header_revision(v)
+        elif f == 2 and isinstance(v, memoryview):
+            kvs.append(key_value(v))
+    return rev, kvs
+
+
+def txn_response(buf: bytes) -> tuple[int, bool]:
+    """(header revision, succeeded)."""
+    rev = 0
+    ok = False
+    for f, _, v in fields(buf):
+        if f == 1 and isinstance(v, memoryview):
+            rev = header_revision(v)
+        elif f == 2 and isinstance(v, int):
+            ok = bool(v)
+    return rev, ok
+
+
+EVENT_PUT = 0
+EVENT_DELETE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WatchResponse:
+    revision: int  # header revision
+    created: bool
+    canceled: bool
+    compact_revision: int
+    cancel_reason: str
+    events: tuple[tuple[int, KeyValue], ...]  # (EVENT_PUT | EVENT_DELETE, kv)
+
+
+def watch_response(buf: bytes) -> WatchResponse:
+    rev = compact = 0
+    created = canceled = False
+    reason = ""
+    events: list[tuple[int, KeyValue]] = []
+    for f, _, v in fields(buf):
+        if isinstance(v, memoryview):
+            if f == 1:
+                rev = header_revision(v)
+            elif f == 6:
+                reason = bytes(v).decode(errors="replace")
+            elif f == 11:
+                etype = EVENT_PUT
+                kv = KeyValue(b"", b"", 0)
+                for ef, _, ev in fields(v):
+                    if ef == 1 and isinstance(ev, int):
+                        etype = ev
+                    elif ef == 2 and isinstance(ev, memoryview):
+                        kv = key_value(ev)
+                events.append((etype, kv))
+        elif f == 3:
+            created = bool(v)
+        elif f == 4:
+            canceled = bool(v)
+        elif f == 5:
+            compact = v
+    return WatchResponse(rev, created, canceled, compact, reason, tuple(events))
