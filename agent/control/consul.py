@@ -48,7 +48,7 @@ class _TextDoc(_Doc):
     """Line numbers found by looking for the field's name in the text."""
 
     def __init__(self, file: str, text: str):
-        super().__init__(file, {}, 1)
+        super().__init__(file, 1)
         self._text_lines = text.splitlines()
 
     def fail(self, path: str, reason: str, hint: str | None = None) -> InputError:

@@ -170,16 +170,65 @@ def header_revision(buf: bytes | memoryview) -> int:
     return 0
 
 
+def _uvarint(b: bytes, i: int, end: int) -> tuple[int, int]:
+    x = 0
+    shift = 0
+    while True:
+        if i >= end:
+            raise WireError("truncated varint")
+        c = b[i]
+        i += 1
+        x |= (c & 0x7F) << shift
+        if c < 0x80:
+            return x, i
+        shift += 7
+
+
 def key_value(buf: bytes | memoryview) -> KeyValue:
+    """mvccpb.KeyValue: key=1, mod_revision=3, value=5 (others skipped).
+
+    The hottest decoder (one per key in a watch or range answer), so it walks
+    the bytes itself instead of going through :func:`fields`."""
+    b = bytes(buf)
     key = value = b""
     mod = 0
-    for f, _, v in fields(buf):
-        if f == 1 and isinstance(v, memoryview):
-            key = bytes(v)
-        elif f == 5 and isinstance(v, memoryview):
-            value = bytes(v)
-        elif f == 3 and isinstance(v, int):
-            mod = v
+    i, end = 0, len(b)
+    while i < end:
+        tag = b[i]
+        if tag >= 0x80:
+            tag, i = _uvarint(b, i, end)
+        else:
+            i += 1
+        field, wt = tag >> 3, tag & 7
+        if wt == _VARINT:
+            if i < end and b[i] < 0x80:
+                v = b[i]
+                i += 1
+            else:
+                v, i = _uvarint(b, i, end)
+            if field == 3:
+                mod = v
+        elif wt == _LEN:
+            if i < end and b[i] < 0x80:
+                n = b[i]
+                i += 1
+            else:
+                n, i = _uvarint(b, i, end)
+            if i + n > end:
+                raise WireError(f"field {field} says {n} bytes, {end - i} left")
+            if field == 1:
+                key = b[i:i + n]
+            elif field == 5:
+                value = b[i:i + n]
+            i += n
+        elif wt == _I64:
+            i += 8
+        elif wt == _I32:
+            i += 4
+        else:
+            raise WireError(f"unsupported wire type {wt} for field {field}")
+        if i > end:
+            raise WireError("truncated fixed-width field")
     return KeyValue(key, value, mod)
 
 

@@ -32,6 +32,21 @@ LABEL_KEY_RE = re.compile(r"([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61
 LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?\Z", re.ASCII)
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_V4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z", re.ASCII)
+
+
+def canonical_ip(text: str) -> str:
+    """The canonical text of an IPv4/IPv6 address; ValueError if ``text`` is not one.
+
+    Canonical dotted quads (the common case, and every address we store) are
+    recognised by one regex match, ~10x cheaper than :mod:`ipaddress`; anything
+    else goes through ``ipaddress`` (IPv6, or IPv4 it would reject)."""
+    if _CANONICAL_V4.match(text):
+        return text
+    return str(ipaddress.ip_address(text))
+
+
 class Protocol(enum.StrEnum):
     TCP = "tcp"
     HTTP = "http"
@@ -87,7 +102,7 @@ class Service:
         _check(self.lb_policy in LB_POLICIES, f"unknown load-balancing policy {self.lb_policy!r}")
         _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
         if self.vip:  # "" = to be allocated by apply
-            ipaddress.ip_address(self.vip)
+            canonical_ip(self.vip)
 
     @property
     def key(self) -> str:
@@ -152,7 +167,7 @@ class Workload:
     def __post_init__(self) -> None:
         _check(bool(NAME_RE.match(self.name)), f"bad workload name {self.name!r}")
         _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
-        ipaddress.ip_address(self.address)
+        canonical_ip(self.address)
         _check(1 <= self.weight <= 10000, f"weight {self.weight} out of range 1-10000")
         for n, p in self.ports.items():
             _check(1 <= p <= 65535, f"port {n}={p} out of range")
@@ -231,14 +246,29 @@ def check_from_doc(c: Mapping[str, Any]) -> CheckSpec:
     )
 
 
+_HEALTH = {h.value: h for h in Health}
+_EMPTY_CHECKS: tuple[CheckSpec, ...] = ()
+
+
+def _str_map(v: Any, what: str) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise TypeError(f"{what} must be a mapping, got {type(v).__name__}")
+    return v
+
+
 def workload_from_doc(d: Mapping[str, Any]) -> Workload:
+    # The agent decodes every stored workload on every change: no copies of the
+    # fresh dicts json.loads made, enum members by dict lookup.
+    ports = _str_map(d.get("ports", {}), "ports")
+    checks = d.get("checks")
     return Workload(
         name=d["name"], namespace=d["namespace"], address=d["address"],
         node=d.get("node", ""), service_account=d.get("serviceAccount", "default"),
-        labels=dict(d.get("labels", {})), ports={k: int(v) for k, v in d.get("ports", {}).items()},
+        labels=_str_map(d.get("labels", {}), "labels"),
+        ports={k: int(v) for k, v in ports.items()} if ports else ports,
         weight=int(d.get("weight", 1)), locality=d.get("locality", ""),
-        health=Health(d.get("health", "passing")),
-        checks=tuple(check_from_doc(c) for c in d.get("checks", [])),
+        health=_HEALTH[d.get("health", "passing")],
+        checks=tuple(check_from_doc(c) for c in checks) if checks else _EMPTY_CHECKS,
     )
 
 

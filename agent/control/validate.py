@@ -36,6 +36,7 @@ from agent.control.model import (
     Service,
     ServicePort,
     Workload,
+    canonical_ip,
 )
 
 API_VERSION = "nodemesh.io/v1"
@@ -44,7 +45,42 @@ KINDS = ("Service", "Workload")
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # libyaml's parser when PyYAML was built with it (Debian's and the wheels are): ~10x faster.
-_FAST_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+try:
+    from yaml import CSafeLoader as _BaseLoader
+except ImportError:  # pragma: no cover - PyYAML without libyaml
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_TAG_CACHE: dict[str, str] = {}
+_TAG_CACHE_MAX = 100_000
+
+
+class _FastLoader(_BaseLoader):
+    """The safe loader, minus work it does per node for features we never use.
+
+    - No path resolvers (the safe loader has none), so descending/ascending is a no-op.
+    - A plain scalar's implicit tag depends on its text alone, so it is cached (a
+      manifest repeats ``apiVersion``, ``app``, ``80`` ... many times); quoted
+      scalars are strings without asking the regexes.
+    """
+
+    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
+        return None
+
+    def ascend_resolver(self) -> None:
+        return None
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode:
+            if not implicit[0]:
+                return _STR_TAG
+            tag = _TAG_CACHE.get(value)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+                if len(_TAG_CACHE) < _TAG_CACHE_MAX:
+                    _TAG_CACHE[value] = tag
+            return tag
+        return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,22 +93,44 @@ class Located:
 
 
 class _Doc:
-    """One document: values plus field-path -> line, for error messages."""
+    """One document, for error messages: a failing field path is mapped to its line
+    by walking the composed YAML nodes (only on the error path; the happy path never
+    builds path strings)."""
 
-    def __init__(self, file: str, lines: dict[str, int], start_line: int):
+    def __init__(self, file: str, start_line: int, root: yaml.Node | None = None):
         self.file = file
-        self.lines = lines
         self.start_line = start_line
+        self.root = root
+
+    def line_of(self, path: str) -> int:
+        """Line of the deepest node along ``path`` (``spec.ports[0].port``; label keys
+        may themselves contain dots)."""
+        node = self.root
+        if node is None:
+            return self.start_line
+        rest = path
+        while rest:
+            nxt: yaml.Node | None = None
+            if isinstance(node, yaml.SequenceNode):
+                m = re.match(r"\[(\d+)\]\.?", rest)
+                if m and int(m.group(1)) < len(node.value):
+                    nxt, rest = node.value[int(m.group(1))], rest[m.end():]
+            elif isinstance(node, yaml.MappingNode):
+                best = ""
+                for k, v in node.value:
+                    key = k.value if isinstance(k, yaml.ScalarNode) else None
+                    if (isinstance(key, str) and len(key) > len(best)
+                            and (rest == key or rest.startswith((key + ".", key + "[")))):
+                        best, nxt = key, v
+                rest = rest[len(best):].removeprefix(".")
+            if nxt is None:
+                break
+            node = nxt
+        return int(node.start_mark.line) + 1
 
     def fail(self, path: str, reason: str, hint: str | None = None) -> InputError:
-        p = path
-        while p and p not in self.lines:
-            p = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", p)
-        return InputError(reason, file=self.file, line=self.lines.get(p, self.start_line),
-                          path=path, hint=hint)
+        return InputError(reason, file=self.file, line=self.line_of(path), path=path, hint=hint)
 
-
-_STR_TAG = "tag:yaml.org,2002:str"
 
 
 @contextlib.contextmanager
@@ -88,26 +146,51 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _to_python(node: yaml.Node, path: str, lines: dict[str, int], file: str,
-               loader: yaml.SafeLoader) -> Any:
-    lines[path] = node.start_mark.line + 1
-    if node.tag == _STR_TAG and isinstance(node, yaml.ScalarNode):
-        return node.value  # what the constructor returns for a string, without its overhead
-    if isinstance(node, yaml.MappingNode):
+class _BadNode(Exception):
+    def __init__(self, node: yaml.Node, reason: str, key: str = ""):
+        super().__init__(reason)
+        self.node, self.reason, self.key = node, reason, key
+
+
+def _to_python(node: yaml.Node, loader: yaml.SafeLoader) -> Any:
+    """Plain Python values from composed nodes (strings without the constructor)."""
+    if type(node) is yaml.ScalarNode:
+        if node.tag == _STR_TAG:
+            return node.value
+        return loader.construct_object(node)
+    if type(node) is yaml.MappingNode:
         out: dict[str, Any] = {}
         for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                raise InputError("mapping keys must be plain strings", file=file,
-                                 line=k.start_mark.line + 1, path=path)
+            if type(k) is not yaml.ScalarNode:
+                raise _BadNode(k, "mapping keys must be plain strings")
             key = str(k.value)
             if key in out:
-                raise InputError(f"duplicate field {key!r}", file=file,
-                                 line=k.start_mark.line + 1, path=f"{path}.{key}".lstrip("."))
-            out[key] = _to_python(v, f"{path}.{key}".lstrip("."), lines, file, loader)
+                raise _BadNode(k, f"duplicate field {key!r}", key)
+            out[key] = _to_python(v, loader)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_to_python(v, f"{path}[{i}]", lines, file, loader) for i, v in enumerate(node.value)]
+    if type(node) is yaml.SequenceNode:
+        return [_to_python(v, loader) for v in node.value]
     return loader.construct_object(node)
+
+
+def _path_to(root: yaml.Node, target: yaml.Node, path: str = "") -> str | None:
+    """The field path of ``target`` (a node or a mapping key) under ``root``."""
+    if root is target:
+        return path
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            p = f"{path}.{k.value}".lstrip(".")
+            if k is target:
+                return p
+            found = _path_to(v, target, p)
+            if found is not None:
+                return found
+    elif isinstance(root, yaml.SequenceNode):
+        for i, v in enumerate(root.value):
+            found = _path_to(v, target, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
@@ -118,7 +201,7 @@ def parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
 
 def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
     try:
-        nodes = list(yaml.compose_all(text, Loader=_FAST_LOADER))
+        nodes = list(yaml.compose_all(text, Loader=_FastLoader))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
@@ -130,9 +213,12 @@ def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
     for node in nodes:
         if node is None:
             continue
-        lines: dict[str, int] = {}
-        value = _to_python(node, "", lines, file, loader)
-        doc = _Doc(file, lines, node.start_mark.line + 1)
+        try:
+            value = _to_python(node, loader)
+        except _BadNode as e:
+            raise InputError(e.reason, file=file, line=e.node.start_mark.line + 1,
+                             path=_path_to(node, e.node) or "") from None
+        doc = _Doc(file, node.start_mark.line + 1, node)
         out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line))
     if not out:
         raise InputError("no documents found (expected YAML with apiVersion/kind)", file=file)
@@ -225,7 +311,7 @@ def _labels(doc: _Doc, v: Any, path: str) -> dict[str, str]:
 
 def _ip(doc: _Doc, v: str, path: str) -> str:
     try:
-        return str(ipaddress.ip_address(v))
+        return canonical_ip(v)
     except ValueError:
         raise doc.fail(path, f"{v!r} is not an IP address") from None
 
