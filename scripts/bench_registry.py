@@ -104,7 +104,8 @@ def agent_main(url: str) -> int:
             sys.stdout.flush()
 
     def report(s: Snapshot) -> None:
-        say(f"snap {s.revision} {time.monotonic_ns()} {len(s.workloads)}")
+        say(f"snap {s.revision} {time.monotonic_ns()} {len(s.workloads)} "
+            f"{time.process_time_ns()}")
 
     reg = Registry(EtcdBackend(url), poll_timeout_s=0.5, on_snapshot=report)
     reg.start()
@@ -126,6 +127,7 @@ class Agent:
             [sys.executable, str(Path(__file__).resolve()), "--agent", url],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self.snaps: list[tuple[int, int]] = []  # (revision, monotonic ns)
+        self.cpu: dict[int, int] = {}  # revision -> process CPU ns used so far
         self.mem: list[int] = []
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -138,6 +140,7 @@ class Agent:
             with self._cond:
                 if f[0] == "snap":
                     self.snaps.append((int(f[1]), int(f[2])))
+                    self.cpu[int(f[1])] = int(f[4])
                 elif f[0] == "mem":
                     self.mem.append(int(f[1]))
                 self._cond.notify_all()
@@ -154,6 +157,14 @@ class Agent:
                 if left <= 0 or self.proc.poll() is not None:
                     raise SystemExit(f"agent {self.proc.pid} did not reach revision {revision}")
                 self._cond.wait(min(left, 1.0))
+
+    def cpu_ms(self, revision: int) -> float:
+        """Process CPU spent from the snapshot before ``revision`` to the one holding it."""
+        with self._cond:
+            revs = sorted(self.cpu)
+            at = next(r for r in revs if r >= revision)
+            before = [r for r in revs if r < at]
+            return (self.cpu[at] - self.cpu[before[-1]]) / 1e6 if before else 0.0
 
     def rss_kib(self, timeout_s: float = 30.0) -> int:
         assert self.proc.stdin is not None
@@ -239,8 +250,9 @@ class Writer:
 def measure(writer: Writer, agents_: list[Agent], text: str) -> dict[str, float]:
     t0, t1, t2, rev = writer.apply(text)
     last = max(a.seen_at(rev) for a in agents_)
+    cpu = statistics.mean(a.cpu_ms(rev) for a in agents_)
     return {"total": (last - t0) / 1e6, "parse": (t1 - t0) / 1e6,
-            "commit": (t2 - t1) / 1e6, "to_agents": (last - t2) / 1e6}
+            "commit": (t2 - t1) / 1e6, "to_agents": (last - t2) / 1e6, "agent_cpu": cpu}
 
 
 def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
@@ -253,6 +265,7 @@ def summary(samples: list[dict[str, float]]) -> dict[str, Any]:
         "commit_to_last_agent_p50_ms": round(
             statistics.median(s["to_agents"] for s in samples), 1),
         "commit_to_last_agent_p99_ms": round(pct([s["to_agents"] for s in samples], 99), 1),
+        "agent_cpu_per_update_p50_ms": round(statistics.median(s["agent_cpu"] for s in samples), 1),
     }
 
 
@@ -289,8 +302,9 @@ def main() -> int:
             print(f"{n:>6} endpoints, all changed: apply->3 agents p50 {r['p50_ms']} ms, "
                   f"p99 {r['p99_ms']} ms (parse+validate p50 {r['parse_validate_p50_ms']} ms; "
                   f"plan+commit p50 {r['plan_commit_p50_ms']} ms; commit->last agent p50 "
-                  f"{r['commit_to_last_agent_p50_ms']} p99 {r['commit_to_last_agent_p99_ms']} ms;"
-                  f" {rounds} rounds)", flush=True)
+                  f"{r['commit_to_last_agent_p50_ms']} p99 {r['commit_to_last_agent_p99_ms']} ms; "
+                  f"agent CPU per update p50 {r['agent_cpu_per_update_p50_ms']} ms; {rounds} rounds)",
+                  flush=True)
             # one workload changed in a registry of n
             one = []
             for _ in range(rounds):

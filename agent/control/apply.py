@@ -42,7 +42,9 @@ class Plan:
 
 
 def _dump(r: Service | Workload) -> str:
-    return json.dumps(r.to_doc(), sort_keys=True, separators=(",", ":"))
+    """Canonical stored text: a fixed field order (labels and ports sorted), no spaces."""
+    doc = r.to_stored() if isinstance(r, Workload) else r.to_doc()
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def _label(r: Service | Workload) -> str:

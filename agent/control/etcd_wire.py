@@ -170,7 +170,10 @@ def header_revision(buf: bytes | memoryview) -> int:
     return 0
 
 
-def _uvarint(b: bytes, i: int, end: int) -> tuple[int, int]:
+def _varint_at(b: bytes, i: int, end: int) -> tuple[int, int]:
+    """(value, next index) of the varint at ``b[i]``."""
+    if i < end and b[i] < 0x80:
+        return b[i], i + 1
     x = 0
     shift = 0
     while True:
@@ -184,63 +187,82 @@ def _uvarint(b: bytes, i: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def key_value(buf: bytes | memoryview) -> KeyValue:
-    """mvccpb.KeyValue: key=1, mod_revision=3, value=5 (others skipped).
+def _skip(b: bytes, wt: int, i: int, end: int) -> int:
+    """Index after a field value of wire type ``wt`` starting at ``i``."""
+    if wt == _VARINT:
+        return _varint_at(b, i, end)[1]
+    if wt == _LEN:
+        n, i = _varint_at(b, i, end)
+        i += n
+    elif wt == _I64:
+        i += 8
+    elif wt == _I32:
+        i += 4
+    else:
+        raise WireError(f"unsupported wire type {wt}")
+    if i > end:
+        raise WireError("field runs past the end of its message")
+    return i
+
+
+def _kv_at(b: bytes, i: int, end: int) -> KeyValue:
+    """mvccpb.KeyValue in ``b[i:end]``: key=1, mod_revision=3, value=5 (others skipped).
 
     The hottest decoder (one per key in a watch or range answer), so it walks
-    the bytes itself instead of going through :func:`fields`."""
-    b = bytes(buf)
+    indexes into one buffer instead of slicing views field by field."""
     key = value = b""
     mod = 0
-    i, end = 0, len(b)
     while i < end:
         tag = b[i]
-        if tag >= 0x80:
-            tag, i = _uvarint(b, i, end)
-        else:
+        if tag < 0x80:
             i += 1
-        field, wt = tag >> 3, tag & 7
-        if wt == _VARINT:
-            if i < end and b[i] < 0x80:
-                v = b[i]
+        else:
+            tag, i = _varint_at(b, i, end)
+        wt = tag & 7
+        if tag == 0x0A or tag == 0x2A:  # key, value
+            n = b[i] if i < end else 0x80
+            if n < 0x80:
                 i += 1
             else:
-                v, i = _uvarint(b, i, end)
-            if field == 3:
-                mod = v
-        elif wt == _LEN:
-            if i < end and b[i] < 0x80:
-                n = b[i]
-                i += 1
-            else:
-                n, i = _uvarint(b, i, end)
+                n, i = _varint_at(b, i, end)
             if i + n > end:
-                raise WireError(f"field {field} says {n} bytes, {end - i} left")
-            if field == 1:
+                raise WireError(f"field {tag >> 3} says {n} bytes, {end - i} left")
+            if tag == 0x0A:
                 key = b[i:i + n]
-            elif field == 5:
+            else:
                 value = b[i:i + n]
             i += n
-        elif wt == _I64:
-            i += 8
-        elif wt == _I32:
-            i += 4
+        elif tag == 0x18:  # mod_revision
+            mod, i = _varint_at(b, i, end)
         else:
-            raise WireError(f"unsupported wire type {wt} for field {field}")
-        if i > end:
-            raise WireError("truncated fixed-width field")
+            i = _skip(b, wt, i, end)
     return KeyValue(key, value, mod)
+
+
+def key_value(buf: bytes | memoryview) -> KeyValue:
+    b = bytes(buf)
+    return _kv_at(b, 0, len(b))
 
 
 def range_response(buf: bytes) -> tuple[int, list[KeyValue]]:
     """(header revision, kvs)."""
+    b = bytes(buf)
     rev = 0
     kvs: list[KeyValue] = []
-    for f, _, v in fields(buf):
-        if f == 1 and isinstance(v, memoryview):
-            rev = header_revision(v)
-        elif f == 2 and isinstance(v, memoryview):
-            kvs.append(key_value(v))
+    i, end = 0, len(b)
+    while i < end:
+        tag, i = _varint_at(b, i, end)
+        if tag == 0x0A or tag == 0x12:  # header, kvs
+            n, i = _varint_at(b, i, end)
+            if i + n > end:
+                raise WireError(f"field {tag >> 3} says {n} bytes, {end - i} left")
+            if tag == 0x0A:
+                rev = header_revision(b[i:i + n])
+            else:
+                kvs.append(_kv_at(b, i, i + n))
+            i += n
+        else:
+            i = _skip(b, tag & 7, i, end)
     return rev, kvs
 
 
@@ -271,29 +293,54 @@ class WatchResponse:
 
 
 def watch_response(buf: bytes) -> WatchResponse:
+    b = bytes(buf)
     rev = compact = 0
     created = canceled = False
     reason = ""
     events: list[tuple[int, KeyValue]] = []
-    for f, _, v in fields(buf):
-        if isinstance(v, memoryview):
-            if f == 1:
-                rev = header_revision(v)
-            elif f == 6:
-                reason = bytes(v).decode(errors="replace")
-            elif f == 11:
+    i, end = 0, len(b)
+    while i < end:
+        tag, i = _varint_at(b, i, end)
+        field, wt = tag >> 3, tag & 7
+        if wt == _LEN:
+            n, i = _varint_at(b, i, end)
+            j = i + n
+            if j > end:
+                raise WireError(f"field {field} says {n} bytes, {end - i} left")
+            if field == 11:  # Event{type=1, kv=2, prev_kv=3}
                 etype = EVENT_PUT
                 kv = KeyValue(b"", b"", 0)
-                for ef, _, ev in fields(v):
-                    if ef == 1 and isinstance(ev, int):
-                        etype = ev
-                    elif ef == 2 and isinstance(ev, memoryview):
-                        kv = key_value(ev)
+                k = i
+                while k < j:
+                    t = b[k]
+                    if t < 0x80:
+                        k += 1
+                    else:
+                        t, k = _varint_at(b, k, j)
+                    if t == 0x08:
+                        etype, k = _varint_at(b, k, j)
+                    elif t == 0x12:
+                        m, k = _varint_at(b, k, j)
+                        if k + m > j:
+                            raise WireError(f"event kv says {m} bytes, {j - k} left")
+                        kv = _kv_at(b, k, k + m)
+                        k += m
+                    else:
+                        k = _skip(b, t & 7, k, j)
                 events.append((etype, kv))
-        elif f == 3:
-            created = bool(v)
-        elif f == 4:
-            canceled = bool(v)
-        elif f == 5:
-            compact = v
+            elif field == 1:
+                rev = header_revision(b[i:j])
+            elif field == 6:
+                reason = b[i:j].decode(errors="replace")
+            i = j
+        elif wt == _VARINT:
+            v, i = _varint_at(b, i, end)
+            if field == 3:
+                created = bool(v)
+            elif field == 4:
+                canceled = bool(v)
+            elif field == 5:
+                compact = v - (1 << 64) if v >= 1 << 63 else v
+        else:
+            i = _skip(b, wt, i, end)
     return WatchResponse(rev, created, canceled, compact, reason, tuple(events))

@@ -186,6 +186,30 @@ class Workload:
             "checks": [c.to_doc() for c in self.checks],
         }
 
+    def to_stored(self) -> dict[str, Any]:
+        """The stored form: :meth:`to_doc` without fields at their default (what
+        :func:`workload_from_doc` fills back in). Every agent decodes every stored
+        workload on every change, so the text is kept short."""
+        d: dict[str, Any] = {"name": self.name, "namespace": self.namespace,
+                             "address": self.address}
+        if self.node:
+            d["node"] = self.node
+        if self.service_account != "default":
+            d["serviceAccount"] = self.service_account
+        if self.labels:
+            d["labels"] = dict(sorted(self.labels.items()))
+        if self.ports:
+            d["ports"] = dict(sorted(self.ports.items()))
+        if self.weight != 1:
+            d["weight"] = self.weight
+        if self.locality:
+            d["locality"] = self.locality
+        if self.health != Health.PASSING:
+            d["health"] = self.health.value
+        if self.checks:
+            d["checks"] = [c.to_doc() for c in self.checks]
+        return d
+
 
 @dataclass(frozen=True, slots=True)
 class HealthStatus:

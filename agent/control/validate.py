@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import ipaddress
+import operator
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -55,32 +56,46 @@ _TAG_CACHE: dict[str, str] = {}
 _TAG_CACHE_MAX = 100_000
 
 
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+# PyYAML's implicit resolvers (YAML 1.1: null, bool, int, float, timestamp, ...) by
+# first character, as SafeLoader.resolve looks them up.
+_IMPLICIT: dict[str | None, list[tuple[str, re.Pattern[str]]]] = dict(
+    _BaseLoader.yaml_implicit_resolvers)
+
+
 class _FastLoader(_BaseLoader):
     """The safe loader, minus work it does per node for features we never use.
 
-    - No path resolvers (the safe loader has none), so descending/ascending is a no-op.
-    - A plain scalar's implicit tag depends on its text alone, so it is cached (a
-      manifest repeats ``apiVersion``, ``app``, ``80`` ... many times); quoted
-      scalars are strings without asking the regexes.
+    - No path resolvers (the safe loader has none): the per-node descend/ascend
+      hooks become C builtins that do nothing useful, instead of Python calls.
+    - Implicit tags are resolved with the same regexes as ``SafeLoader.resolve``
+      but without its generic machinery; a plain scalar whose first character
+      starts no implicit type is a string at once, and results are cached (a
+      manifest repeats ``apiVersion``, ``80``, ``true`` ... many times).
     """
 
-    def descend_resolver(self, current_node: Any, current_index: Any) -> None:
-        return None
-
-    def ascend_resolver(self) -> None:
-        return None
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # The C composer looks these up on the instance: builtins with compatible
+        # signatures whose results it ignores.
+        self.descend_resolver = operator.is_  # type: ignore[method-assign,assignment]
+        self.ascend_resolver = bool  # type: ignore[method-assign,assignment]
 
     def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
         if kind is yaml.ScalarNode:
             if not implicit[0]:
                 return _STR_TAG
+            rs = _IMPLICIT.get(value[0] if value else "")
+            if rs is None:
+                return _STR_TAG
             tag = _TAG_CACHE.get(value)
             if tag is None:
-                tag = super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+                tag = next((t for t, rx in rs if rx.match(value)), _STR_TAG)
                 if len(_TAG_CACHE) < _TAG_CACHE_MAX:
                     _TAG_CACHE[value] = tag
             return tag
-        return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call]
+        return _MAP_TAG if kind is yaml.MappingNode else _SEQ_TAG
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +233,10 @@ def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
         except _BadNode as e:
             raise InputError(e.reason, file=file, line=e.node.start_mark.line + 1,
                              path=_path_to(node, e.node) or "") from None
+        except yaml.MarkedYAMLError as e:  # a value no safe constructor takes (!!python/..., <<)
+            mark = e.problem_mark or e.context_mark
+            raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
+                             line=None if mark is None else mark.line + 1) from None
         doc = _Doc(file, node.start_mark.line + 1, node)
         out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line))
     if not out:

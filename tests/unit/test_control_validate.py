@@ -244,3 +244,28 @@ spec:
 
     with _pytest.raises(InputError, match=r"spec\.loadBalancer.*unknown load-balancing policy 'FASTEST'"):
         parse_yaml(base + "  loadBalancer: FASTEST\n", "f.yaml", parse_vip_range("10.96.0.0/16"))
+
+
+_SCALARS = ["80", "0x1F", "0o17", "017", "1_000", "-3", "+4", "1.5", "1e3", "6.02e+23", ".inf", "-.Inf",
+            ".nan", "1:30", "190:20:30", "true", "True", "yes", "No", "on", "OFF", "y", "n", "null", "~",
+            "Null", "", "2002-12-14", "2001-12-14t21:59:43.10-05:00", "10.1.2.3", "w-1", "abc",
+            "'80'", '"true"', "!!str 80", "!!int '7'", "! 80", "<<", "=", "-", "0", "00", "-0",
+            "|\n  block\n", ">-\n  folded\n  text\n"]
+
+
+@pytest.mark.parametrize("scalar", _SCALARS)
+def test_fast_loader_reads_scalars_exactly_like_pyyaml_safe_load(scalar: str) -> None:
+    import yaml
+
+    from agent.control.validate import _FastLoader, _to_python
+    text = f"v: {scalar}\nlist: [{scalar if chr(10) not in scalar else 'x'}]\n"
+    try:
+        want = yaml.safe_load(text)
+    except yaml.YAMLError:
+        with pytest.raises(yaml.YAMLError):
+            _to_python(yaml.compose(text, Loader=_FastLoader), yaml.SafeLoader(""))
+        with pytest.raises(InputError, match=r"f\.yaml:2: invalid YAML"):
+            parse_yaml(f"apiVersion: nodemesh.io/v1\nkind: {scalar}\n", "f.yaml", NET)
+        return
+    got = _to_python(yaml.compose(text, Loader=_FastLoader), yaml.SafeLoader(""))
+    assert got == want and [type(v) for v in got.values()] == [type(v) for v in want.values()]

@@ -83,3 +83,22 @@ def test_any_bytes_decode_or_raise_wire_error(raw: bytes) -> None:
         w.txn_response(raw)
     except w.WireError:
         pass
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=300), st.binary(max_size=400),
+                          st.integers(min_value=1, max_value=2**62),
+                          st.sampled_from([w.EVENT_PUT, w.EVENT_DELETE])), max_size=20),
+       st.integers(min_value=1, max_value=2**62))
+def test_watch_events_round_trip_with_multibyte_lengths_and_revisions(
+        events: list[tuple[bytes, bytes, int, int]], revision: int) -> None:
+    raw = w.f_bytes(1, w.f_int(3, revision)) + b"".join(
+        w.f_bytes(11, w.f_int(1, t) + w.f_bytes(2, _kv(k, v, mod)) + w.f_bytes(3, _kv(k, b"old", 1)))
+        for k, v, mod, t in events)
+    r = w.watch_response(raw)
+    assert r.revision == revision
+    assert [(t, kv.key, kv.value, kv.mod_revision) for t, kv in r.events] == [
+        (t, k, v, mod) for k, v, mod, t in events]
+    rev, kvs = w.range_response(w.f_bytes(1, w.f_int(3, revision))
+                                + b"".join(w.f_bytes(2, _kv(k, v, mod)) for k, v, mod, _ in events))
+    assert rev == revision and [(kv.key, kv.value, kv.mod_revision) for kv in kvs] == [
+        (k, v, mod) for k, v, mod, _ in events]
