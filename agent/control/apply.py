@@ -34,17 +34,19 @@ COMMIT_ATTEMPTS = 5
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    puts: Mapping[str, str]
+    puts: Mapping[str, str]  # only what is created or changed
     created: tuple[str, ...]  # "Kind ns/name" lines for the user
     configured: tuple[str, ...]
     unchanged: tuple[str, ...]
     revision: int = 0  # the backend revision of the commit (0 before it is committed)
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per value
+
+
 def _dump(r: Service | Workload) -> str:
     """Canonical stored text: a fixed field order (labels and ports sorted), no spaces."""
-    doc = r.to_stored() if isinstance(r, Workload) else r.to_doc()
-    return json.dumps(doc, separators=(",", ":"))
+    return _ENCODE(r.to_stored() if isinstance(r, Workload) else r.to_doc())
 
 
 def _label(r: Service | Workload) -> str:
@@ -70,33 +72,34 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
                 continue
     vip_owner = {s.vip: k for k, s in existing.items()}
     seen: dict[str, Located] = {}
-    final: list[Service | Workload] = []
+    final: list[tuple[str, Service | Workload]] = []
     for loc in resources:
         r = loc.resource
-        if r.key in seen:
-            first = seen[r.key]
+        key = r.key
+        if key in seen:
+            first = seen[key]
             raise InputError(f"{_label(r)} is defined twice (first at {first.file}:{first.line})",
                              file=loc.file, line=loc.line, path="metadata.name")
-        seen[r.key] = loc
+        seen[key] = loc
         if isinstance(r, Service) and r.vip:
             owner = vip_owner.get(r.vip)
-            if owner is not None and owner != r.key:
+            if owner is not None and owner != key:
                 o = split_key(owner)
                 who = f"{o[1]}/{o[2]}" if o else owner
                 raise InputError(f"VIP {r.vip} is already taken by Service {who}",
                                  file=loc.file, line=loc.line, path="spec.vip",
                                  hint="leave spec.vip out to get a free one allocated")
-            vip_owner[r.vip] = r.key
-        final.append(r)
+            vip_owner[r.vip] = key
+        final.append((key, r))
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
     created: list[str] = []
     configured: list[str] = []
     unchanged: list[str] = []
-    for i, r in enumerate(final):
+    for i, (key, r) in enumerate(final):
         if isinstance(r, Service) and not r.vip:
-            old = existing.get(r.key)
+            old = existing.get(key)
             if old is not None and ipaddress.ip_address(old.vip) in vip_range:
                 r = replace(r, vip=old.vip)
             else:
@@ -107,12 +110,14 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
                                      line=loc.line, path="spec.vip",
                                      hint="delete unused services or widen --vip-range")
                 r = replace(r, vip=vip)
-            vip_owner[r.vip] = r.key
+            vip_owner[r.vip] = key
         value = _dump(r)
-        before = items.get(r.key)
-        (created if before is None else unchanged if before == value else configured).append(
-            _label(r))
-        puts[r.key] = value
+        before = items.get(key)
+        if before == value:
+            unchanged.append(_label(r))  # nothing to write: agents would skip it anyway
+            continue
+        (created if before is None else configured).append(_label(r))
+        puts[key] = value
     return Plan(puts, tuple(created), tuple(configured), tuple(unchanged))
 
 
@@ -121,6 +126,8 @@ def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) 
     for _ in range(COMMIT_ATTEMPTS):
         state = backend.read()
         p = plan(state.items, resources, vip_range)
+        if not p.puts:
+            return replace(p, revision=state.revision)  # all unchanged: nothing to commit
         try:
             revision = backend.commit(p.puts, expect_revision=state.revision)
             return replace(p, revision=revision)

@@ -133,6 +133,8 @@ class GrpcConnection:
                                          max_frame_bytes=1 << 20))
         self._h2.initiate()
         self._calls: dict[int, _Call] = {}
+        self._rbuf = bytearray(256 << 10)
+        self._rview = memoryview(self._rbuf)
         self._lock = threading.Lock()
         self._wlock = threading.Lock()
         self.broken: str | None = None
@@ -161,13 +163,15 @@ class GrpcConnection:
             raise GrpcUnavailable(self.broken)
         self._sock.settimeout(timeout_s)
         try:
-            data = self._sock.recv(1 << 20)
+            # into one reused buffer: a fresh 1 MiB bytes per recv() is an mmap/munmap pair
+            n = self._sock.recv_into(self._rbuf)
         except TimeoutError:
             raise
         except OSError as e:
             self._break(f"receive failed: {e}")
-        if not data:
+        if not n:
             self._break("connection closed by the server")
+        data = bytes(self._rview[:n])
         try:
             events = self._h2.receive_data(data)
         except H2ProtocolError as e:

@@ -67,11 +67,6 @@ class Kind(enum.StrEnum):
     WORKLOAD = "Workload"
 
 
-def _check(cond: bool, what: str) -> None:
-    if not cond:
-        raise ValueError(what)
-
-
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
@@ -80,9 +75,10 @@ class ServicePort:
     protocol: Protocol = Protocol.TCP
 
     def __post_init__(self) -> None:
-        _check(1 <= self.port <= 65535, f"port {self.port} out of range 1-65535")
-        if isinstance(self.target_port, int):
-            _check(1 <= self.target_port <= 65535, f"targetPort {self.target_port} out of range")
+        if not (1 <= self.port <= 65535):
+            raise ValueError(f"port {self.port} out of range 1-65535")
+        if isinstance(self.target_port, int) and not (1 <= self.target_port <= 65535):
+            raise ValueError(f"targetPort {self.target_port} out of range")
 
 
 LB_POLICIES = ("ROUND_ROBIN", "RANDOM", "WEIGHTED_ROUND_ROBIN", "WEIGHTED_RANDOM", "LEAST_REQUEST")
@@ -98,9 +94,12 @@ class Service:
     lb_policy: str = "ROUND_ROBIN"  # one of LB_POLICIES (Istio's simple load balancers)
 
     def __post_init__(self) -> None:
-        _check(bool(NAME_RE.match(self.name)), f"bad service name {self.name!r}")
-        _check(self.lb_policy in LB_POLICIES, f"unknown load-balancing policy {self.lb_policy!r}")
-        _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"bad service name {self.name!r}")
+        if self.lb_policy not in LB_POLICIES:
+            raise ValueError(f"unknown load-balancing policy {self.lb_policy!r}")
+        if not NAME_RE.match(self.namespace):
+            raise ValueError(f"bad namespace {self.namespace!r}")
         if self.vip:  # "" = to be allocated by apply
             canonical_ip(self.vip)
 
@@ -133,11 +132,16 @@ class CheckSpec:
     initial_status: Health = Health.CRITICAL
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("http", "tcp"), f"unknown check kind {self.kind!r}")
-        _check(self.interval_s > 0, "interval must be > 0")
-        _check(self.timeout_s > 0, "timeout must be > 0")
-        _check(self.success_before_passing >= 0, "success_before_passing must be >= 0")
-        _check(self.failures_before_critical >= 0, "failures_before_critical must be >= 0")
+        if self.kind not in ("http", "tcp"):
+            raise ValueError(f"unknown check kind {self.kind!r}")
+        if not self.interval_s > 0:
+            raise ValueError("interval must be > 0")
+        if not self.timeout_s > 0:
+            raise ValueError("timeout must be > 0")
+        if not (self.success_before_passing >= 0):
+            raise ValueError("success_before_passing must be >= 0")
+        if not (self.failures_before_critical >= 0):
+            raise ValueError("failures_before_critical must be >= 0")
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -165,12 +169,16 @@ class Workload:
     checks: tuple[CheckSpec, ...] = ()
 
     def __post_init__(self) -> None:
-        _check(bool(NAME_RE.match(self.name)), f"bad workload name {self.name!r}")
-        _check(bool(NAME_RE.match(self.namespace)), f"bad namespace {self.namespace!r}")
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"bad workload name {self.name!r}")
+        if not NAME_RE.match(self.namespace):
+            raise ValueError(f"bad namespace {self.namespace!r}")
         canonical_ip(self.address)
-        _check(1 <= self.weight <= 10000, f"weight {self.weight} out of range 1-10000")
+        if not (1 <= self.weight <= 10000):
+            raise ValueError(f"weight {self.weight} out of range 1-10000")
         for n, p in self.ports.items():
-            _check(1 <= p <= 65535, f"port {n}={p} out of range")
+            if not (1 <= p <= 65535):
+                raise ValueError(f"port {n}={p} out of range")
 
     @property
     def key(self) -> str:

@@ -16,7 +16,7 @@ from agent.control.backend import Backend, Events, Reset
 from agent.control.embedded import EmbeddedBackend
 from agent.control.errors import ConflictError, NotFound, StateCorruptError
 from agent.control.etcd import EtcdBackend
-from agent.control.model import PREFIX, Kind
+from agent.control.model import PREFIX, Kind, resource_key
 from agent.control.registry import Registry
 from agent.control.snapshot import SnapshotBuilder, healthy_endpoints
 from agent.control.validate import parse_vip_range, parse_yaml
@@ -164,6 +164,13 @@ def test_registry_apply_get_and_delete(make_backend: type) -> None:
     # re-apply keeps the VIP and changes nothing
     p2 = apply_mod.apply(b, parse_yaml(DOCS, "docs.yaml", NET), NET)
     assert p2.unchanged == ("Service shop/web", "Workload shop/web-1")
+    assert not p2.puts and p2.revision == p.revision == b.read().revision  # nothing written
+    # one changed document among unchanged ones writes only that one
+    p3 = apply_mod.apply(b, parse_yaml(DOCS.replace("10.244.1.2", "10.244.1.3"), "docs.yaml", NET),
+                         NET)
+    assert (p3.configured, p3.unchanged) == (("Workload shop/web-1",), ("Service shop/web",))
+    assert list(p3.puts) == [resource_key(Kind.WORKLOAD, "shop", "web-1")]
+    apply_mod.apply(b, parse_yaml(DOCS, "docs.yaml", NET), NET)
     apply_mod.delete(b, Kind.WORKLOAD, "shop", "web-1")
     with pytest.raises(NotFound):
         apply_mod.delete(b, Kind.WORKLOAD, "shop", "web-1")
