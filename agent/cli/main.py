@@ -6,33 +6,44 @@ Errors are turned into messages and exit codes in one place
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from agent.cli.agent_cmd import agent_cmd
-from agent.cli.ca import ca
-from agent.cli.check import check
-from agent.cli.dataplane import status, uninstall
-from agent.cli.registry import apply_cmd, delete, describe, get, register
-from agent.cli.testbed import testbed
+# name -> (module, attribute). Commands are imported only when run (or listed by
+# --help): `nodemesh apply` should not pay for pyroute2, BPF or the CA code.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "testbed": ("agent.cli.testbed", "testbed"),
+    "check": ("agent.cli.check", "check"),
+    "ca": ("agent.cli.ca", "ca"),
+    "status": ("agent.cli.dataplane", "status"),
+    "uninstall": ("agent.cli.dataplane", "uninstall"),
+    "agent": ("agent.cli.agent_cmd", "agent_cmd"),
+    "apply": ("agent.cli.registry", "apply_cmd"),
+    "register": ("agent.cli.registry", "register"),
+    "get": ("agent.cli.registry", "get"),
+    "describe": ("agent.cli.registry", "describe"),
+    "delete": ("agent.cli.registry", "delete"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = _COMMANDS.get(cmd_name)
+        if spec is None:
+            return None
+        cmd = getattr(importlib.import_module(spec[0]), spec[1])
+        assert isinstance(cmd, click.Command)
+        return cmd
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nodemesh")
 def cli() -> None:
     """nodemesh: a sidecarless service mesh for Linux hosts."""
-
-
-cli.add_command(testbed)
-cli.add_command(check)
-cli.add_command(ca)
-cli.add_command(status)
-cli.add_command(uninstall)
-cli.add_command(agent_cmd)
-cli.add_command(apply_cmd)
-cli.add_command(register)
-cli.add_command(get)
-cli.add_command(describe)
-cli.add_command(delete)
 
 
 def main() -> None:
