@@ -39,6 +39,7 @@ from agent.admin import HttpEndpoints, Request, Response, listen_tcp
 from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
 from agent.dataplane.route import Directory
+from agent.gcpause import freeze_startup_objects
 from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots
 from bpf.config import CaptureConfig, RedirectTarget
 from bpf.maps import datapath_status
@@ -438,6 +439,7 @@ def run(cfg: AgentConfig, *, config_path: str | None = None, with_interception: 
     life = Lifecycle(agent, config_path)
 
     def ready() -> None:
+        freeze_startup_objects()  # later full collections skip everything alive by now
         print("ready", flush=True)
         sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving".encode())
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from agent.control.backend import Backend, Change, Reset
 from agent.control.errors import RegistryError
 from agent.control.snapshot import Snapshot, SnapshotBuilder
+from agent.gcpause import paused
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,13 @@ class Registry:
             self._last_error = e.message
             return False
         if change is not None:
-            if isinstance(change, Reset):
-                self._full_reads += 1
-                self._builder.reset(change.items)
-            else:
-                self._builder.apply(change.puts, change.deletes)
-            self._publish(self._builder.build(change.revision))
+            with paused():  # no collection in the middle of decoding a change
+                if isinstance(change, Reset):
+                    self._full_reads += 1
+                    self._builder.reset(change.items)
+                else:
+                    self._builder.apply(change.puts, change.deletes)
+                self._publish(self._builder.build(change.revision))
         self._have_state = True
         if self._stale_since is not None:
             log.info("registry: %s reachable again", self.backend.location)

@@ -296,8 +296,23 @@ class SnapshotBuilder:
         return snap
 
 
+# The C scanner json.loads ends in, called directly: stored values are compact JSON
+# objects written by us, and every agent decodes every one of them on every change.
+_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _loads(value: str) -> Any:
+    try:
+        doc, end = _SCAN(value, 0)
+        if end == len(value):
+            return doc
+    except (StopIteration, ValueError):
+        pass
+    return json.loads(value)  # whitespace around it, or not JSON: the full parser decides
+
+
 def _decode(kind: str, value: str) -> Service | Workload | HealthStatus:
-    doc = json.loads(value)
+    doc = _loads(value)
     if kind == "service":
         return service_from_doc(doc)
     if kind == "workload":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,3 +129,28 @@ def test_unchanged_tables_are_shared_and_members_follow_labels() -> None:
     s4 = b.build(4)
     assert s4.members[("a", "web")] == ()
     assert s3.members[("a", "web")] == (("a", "w1"),)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12)
+
+
+@given(json_values, st.sampled_from([(",", ":"), (", ", ": ")]))
+def test_fast_stored_value_decoder_equals_json_loads(value: object, seps: tuple[str, str]) -> None:
+    from agent.control.snapshot import _loads
+    text = json.dumps(value, separators=seps)
+    assert _loads(text) == json.loads(text)
+
+
+@given(st.text(alphabet='{}[]",:01 \nabtrue', max_size=20))
+def test_fast_stored_value_decoder_fails_exactly_where_json_loads_does(text: str) -> None:
+    from agent.control.snapshot import _loads
+    try:
+        want = json.loads(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _loads(text)
+        return
+    assert _loads(text) == want
