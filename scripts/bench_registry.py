@@ -10,10 +10,9 @@ the CLOCK_MONOTONIC time (shared by all processes on the host) at which it
 published each revision, and its RSS.
 
 The writer is, by default, the library calls ``nodemesh apply -f FILE`` makes
-(a fresh etcd connection per apply like the CLI; the registry read started on
-a thread, then read file -> ``parse_yaml`` -> ``apply``), run in the benchmark
-process; ``--writer cli`` runs the real ``nodemesh apply -f FILE --etcd URL``
-as a subprocess instead, which adds
+(read file -> ``parse_yaml`` -> ``apply``, with a fresh etcd connection per
+apply like the CLI), run in the benchmark process; ``--writer cli`` runs the
+real ``nodemesh apply -f FILE --etcd URL`` as a subprocess instead, which adds
 the interpreter start, imports and exit (~0.15 s here) to every sample.
 
 For each size (10, 1,000, 10,000 endpoints) it applies a Service plus N
@@ -233,15 +232,13 @@ class Writer:
             finally:
                 probe.close()
             return t0, t2, t2, rev
-        # what `nodemesh apply -f FILE --etcd URL` runs, minus click and output: the
-        # registry read starts first and overlaps the parse
+        # what `nodemesh apply -f FILE --etcd URL` runs, minus click and output
         t0 = time.monotonic_ns()
+        resources = parse_yaml(self.file.read_text(encoding="utf-8"), str(self.file), NET)
+        t1 = time.monotonic_ns()
         backend = EtcdBackend(self.url)
         try:
-            state = apply_mod.Prefetch(backend)
-            resources = parse_yaml(self.file.read_text(encoding="utf-8"), str(self.file), NET)
-            t1 = time.monotonic_ns()
-            plan = apply_mod.apply(backend, resources, NET, state=state.result())
+            plan = apply_mod.apply(backend, resources, NET)
         finally:
             backend.close()
         return t0, t1, time.monotonic_ns(), plan.revision

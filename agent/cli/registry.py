@@ -113,14 +113,12 @@ def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: st
               output: str) -> None:
     """Create or update Services and Workloads from YAML (all or nothing)."""
     net = parse_vip_range(vip_range)
-    files = _files(path)
+    resources: list[Located] = []
+    for f in _files(path):
+        resources += parse_yaml(_read_text(f), str(f), net)
     backend = open_backend(registry_dir, etcd_url)
     try:
-        state = apply_mod.Prefetch(backend)  # the registry is read while we parse
-        resources: list[Located] = []
-        for f in files:
-            resources += parse_yaml(_read_text(f), str(f), net)
-        _report(apply_mod.apply(backend, resources, net, state=state.result()), output)
+        _report(apply_mod.apply(backend, resources, net), output)
     finally:
         backend.close()
 

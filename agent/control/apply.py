@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from agent.control.backend import Backend, Reset
+from agent.control.backend import Backend
 from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
 from agent.control.model import (
     Kind,
@@ -122,38 +121,10 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
     return Plan(puts, tuple(created), tuple(configured), tuple(unchanged))
 
 
-class Prefetch:
-    """``backend.read()`` on a thread, started before the input is parsed: with etcd
-    the server assembles the range while we parse, instead of after."""
-
-    def __init__(self, backend: Backend):
-        self._result: Reset | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(backend,), name="prefetch",
-                                         daemon=True)
-        self._thread.start()
-
-    def _run(self, backend: Backend) -> None:
-        try:
-            self._result = backend.read()
-        except BaseException as e:  # re-raised in the caller's thread by result()
-            self._error = e
-
-    def result(self) -> Reset:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return self._result
-
-
-def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork, *,
-          state: Reset | None = None) -> Plan:
-    """Validate against the current state and commit everything at once, or nothing.
-    ``state``: a read of ``backend`` made just before (see :class:`Prefetch`)."""
+def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) -> Plan:
+    """Validate against the current state and commit everything at once, or nothing."""
     for _ in range(COMMIT_ATTEMPTS):
-        if state is None:
-            state = backend.read()
+        state = backend.read()
         p = plan(state.items, resources, vip_range)
         if not p.puts:
             return replace(p, revision=state.revision)  # all unchanged: nothing to commit
@@ -161,8 +132,7 @@ def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork, 
             revision = backend.commit(p.puts, expect_revision=state.revision)
             return replace(p, revision=revision)
         except ConflictError:
-            state = None  # someone wrote meanwhile: read again and re-plan
-            continue
+            continue  # someone wrote meanwhile: read again and re-plan
     raise RegistryError(f"registry at {backend.location} kept changing during apply; "
                         f"gave up after {COMMIT_ATTEMPTS} attempts")
 
