@@ -13,8 +13,10 @@ protobuf requires, so a newer etcd that adds fields still decodes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # wire types
 _VARINT = 0
@@ -156,11 +158,14 @@ def watch_create_request(key: bytes, range_end: bytes, start_revision: int) -> b
 
 # -- responses ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class KeyValue:
+class KeyValue(NamedTuple):
     key: bytes
     value: bytes
     mod_revision: int
+
+
+# One per key in every answer: built with tuple.__new__ directly (no Python frame).
+_kv = functools.partial(tuple.__new__, KeyValue)
 
 
 def header_revision(buf: bytes | memoryview) -> int:
@@ -236,7 +241,7 @@ def _kv_at(b: bytes, i: int, end: int) -> KeyValue:
             mod, i = _varint_at(b, i, end)
         else:
             i = _skip(b, wt, i, end)
-    return KeyValue(key, value, mod)
+    return _kv((key, value, mod))
 
 
 def key_value(buf: bytes | memoryview) -> KeyValue:

@@ -293,14 +293,13 @@ def workload_from_doc(d: Mapping[str, Any]) -> Workload:
     # fresh dicts json.loads made, enum members by dict lookup.
     ports = _str_map(d.get("ports", {}), "ports")
     checks = d.get("checks")
+    # positional, in field order (cheaper than keywords; the round-trip test guards the order)
     return Workload(
-        name=d["name"], namespace=d["namespace"], address=d["address"],
-        node=d.get("node", ""), service_account=d.get("serviceAccount", "default"),
-        labels=_str_map(d.get("labels", {}), "labels"),
-        ports={k: int(v) for k, v in ports.items()} if ports else ports,
-        weight=int(d.get("weight", 1)), locality=d.get("locality", ""),
-        health=_HEALTH[d.get("health", "passing")],
-        checks=tuple(check_from_doc(c) for c in checks) if checks else _EMPTY_CHECKS,
+        d["name"], d["namespace"], d["address"], d.get("node", ""),
+        d.get("serviceAccount", "default"), _str_map(d.get("labels", {}), "labels"),
+        {k: int(v) for k, v in ports.items()} if ports else ports,
+        int(d.get("weight", 1)), d.get("locality", ""), _HEALTH[d.get("health", "passing")],
+        tuple(check_from_doc(c) for c in checks) if checks else _EMPTY_CHECKS,
     )
 
 
