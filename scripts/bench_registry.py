@@ -28,7 +28,7 @@ one decoded builder state and snapshot in this process.
 etcd is started on 127.0.0.1 with random free ports and a temp data dir and is
 killed by PID at the end, like the agents.
 
-    .venv/bin/python scripts/bench_registry.py [--rounds 30] [--sizes 10,1000,10000]
+    .venv/bin/python scripts/bench_registry.py [--rounds 100] [--sizes 10,1000,10000]
         [--writer library|cli] [--json out.json]
 """
 
@@ -286,7 +286,7 @@ def line(r: dict[str, Any], writer: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--sizes", default="10,1000,10000")
     ap.add_argument("--writer", choices=("library", "cli"), default="library")
     ap.add_argument("--json", type=Path)
