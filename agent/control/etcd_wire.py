@@ -58,62 +58,24 @@ def f_bool(field: int, value: bool) -> bytes:
     return _tag(field, _VARINT) + b"\x01" if value else b""
 
 
-def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
-    """(field number, wire type, value) for each field; LEN values as memoryviews."""
-    mv = buf if isinstance(buf, memoryview) else memoryview(buf)
-    i, end = 0, len(mv)
+def fields(buf: bytes | memoryview) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) for each varint or LEN field; others skipped."""
+    b = bytes(buf)
+    i, end = 0, len(b)
     while i < end:
-        key = 0
-        shift = 0
-        while True:
-            if i >= end:
-                raise WireError("truncated field tag")
-            b = mv[i]
-            i += 1
-            key |= (b & 0x7F) << shift
-            if b < 0x80:
-                break
-            shift += 7
+        key, i = _varint_at(b, i, end)
         field, wire = key >> 3, key & 7
         if wire == _VARINT:
-            v = 0
-            shift = 0
-            while True:
-                if i >= end:
-                    raise WireError("truncated varint")
-                b = mv[i]
-                i += 1
-                v |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
-            if v >= 1 << 63:
-                v -= 1 << 64
-            yield field, wire, v
+            v, i = _varint_at(b, i, end)
+            yield field, wire, v - (1 << 64) if v >= 1 << 63 else v
         elif wire == _LEN:
-            n = 0
-            shift = 0
-            while True:
-                if i >= end:
-                    raise WireError("truncated length")
-                b = mv[i]
-                i += 1
-                n |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
+            n, i = _varint_at(b, i, end)
             if i + n > end:
                 raise WireError(f"field {field} says {n} bytes, {end - i} left")
-            yield field, wire, mv[i:i + n]
+            yield field, wire, b[i:i + n]
             i += n
-        elif wire == _I64:
-            i += 8
-        elif wire == _I32:
-            i += 4
         else:
-            raise WireError(f"unsupported wire type {wire} for field {field}")
-        if i > end:
-            raise WireError("truncated fixed-width field")
+            i = _skip(b, wire, i, end)
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -276,7 +238,7 @@ def txn_response(buf: bytes) -> tuple[int, bool]:
     rev = 0
     ok = False
     for f, _, v in fields(buf):
-        if f == 1 and isinstance(v, memoryview):
+        if f == 1 and isinstance(v, bytes):
             rev = header_revision(v)
         elif f == 2 and isinstance(v, int):
             ok = bool(v)
