@@ -213,23 +213,14 @@ def key_value(buf: bytes | memoryview) -> KeyValue:
 
 def range_response(buf: bytes) -> tuple[int, list[KeyValue]]:
     """(header revision, kvs)."""
-    b = bytes(buf)
     rev = 0
     kvs: list[KeyValue] = []
-    i, end = 0, len(b)
-    while i < end:
-        tag, i = _varint_at(b, i, end)
-        if tag == 0x0A or tag == 0x12:  # header, kvs
-            n, i = _varint_at(b, i, end)
-            if i + n > end:
-                raise WireError(f"field {tag >> 3} says {n} bytes, {end - i} left")
-            if tag == 0x0A:
-                rev = header_revision(b[i:i + n])
-            else:
-                kvs.append(_kv_at(b, i, i + n))
-            i += n
-        else:
-            i = _skip(b, tag & 7, i, end)
+    for field, _, v in fields(buf):
+        if isinstance(v, bytes):
+            if field == 2:
+                kvs.append(_kv_at(v, 0, len(v)))
+            elif field == 1:
+                rev = header_revision(v)
     return rev, kvs
 
 
@@ -259,55 +250,43 @@ class WatchResponse:
     events: tuple[tuple[int, KeyValue], ...]  # (EVENT_PUT | EVENT_DELETE, kv)
 
 
+def _event(b: bytes) -> tuple[int, KeyValue]:
+    """mvccpb.Event: type=1 (PUT=0, DELETE=1), kv=2 (prev_kv=3 is never asked for)."""
+    etype = EVENT_PUT
+    kv = _kv((b"", b"", 0))
+    i, end = 0, len(b)
+    while i < end:
+        t, i = _varint_at(b, i, end)
+        if t == 0x08:
+            etype, i = _varint_at(b, i, end)
+        elif t == 0x12:
+            n, i = _varint_at(b, i, end)
+            if i + n > end:
+                raise WireError(f"event kv says {n} bytes, {end - i} left")
+            kv = _kv_at(b, i, i + n)
+            i += n
+        else:
+            i = _skip(b, t & 7, i, end)
+    return etype, kv
+
+
 def watch_response(buf: bytes) -> WatchResponse:
-    b = bytes(buf)
     rev = compact = 0
     created = canceled = False
     reason = ""
     events: list[tuple[int, KeyValue]] = []
-    i, end = 0, len(b)
-    while i < end:
-        tag, i = _varint_at(b, i, end)
-        field, wt = tag >> 3, tag & 7
-        if wt == _LEN:
-            n, i = _varint_at(b, i, end)
-            j = i + n
-            if j > end:
-                raise WireError(f"field {field} says {n} bytes, {end - i} left")
-            if field == 11:  # Event{type=1, kv=2, prev_kv=3}
-                etype = EVENT_PUT
-                kv = KeyValue(b"", b"", 0)
-                k = i
-                while k < j:
-                    t = b[k]
-                    if t < 0x80:
-                        k += 1
-                    else:
-                        t, k = _varint_at(b, k, j)
-                    if t == 0x08:
-                        etype, k = _varint_at(b, k, j)
-                    elif t == 0x12:
-                        m, k = _varint_at(b, k, j)
-                        if k + m > j:
-                            raise WireError(f"event kv says {m} bytes, {j - k} left")
-                        kv = _kv_at(b, k, k + m)
-                        k += m
-                    else:
-                        k = _skip(b, t & 7, k, j)
-                events.append((etype, kv))
+    for field, _, v in fields(buf):
+        if isinstance(v, bytes):
+            if field == 11:
+                events.append(_event(v))
             elif field == 1:
-                rev = header_revision(b[i:j])
+                rev = header_revision(v)
             elif field == 6:
-                reason = b[i:j].decode(errors="replace")
-            i = j
-        elif wt == _VARINT:
-            v, i = _varint_at(b, i, end)
-            if field == 3:
-                created = bool(v)
-            elif field == 4:
-                canceled = bool(v)
-            elif field == 5:
-                compact = v - (1 << 64) if v >= 1 << 63 else v
-        else:
-            i = _skip(b, wt, i, end)
+                reason = v.decode(errors="replace")
+        elif field == 3:
+            created = bool(v)
+        elif field == 4:
+            canceled = bool(v)
+        elif field == 5:
+            compact = v
     return WatchResponse(rev, created, canceled, compact, reason, tuple(events))
