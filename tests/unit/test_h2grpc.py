@@ -1,0 +1,96 @@
+"""The gRPC client against peers that are not etcd: clear errors, never a hang or a crash."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from agent.control.errors import BackendUnavailable
+from agent.control.etcd import EtcdBackend
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[[bytes], str]]:
+    """A loopback server that answers any connection with fixed bytes, then closes."""
+    socks: list[socket.socket] = []
+
+    def start(reply: bytes) -> str:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        socks.append(srv)
+
+        def serve() -> None:
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                with c:
+                    try:
+                        c.settimeout(0.3)  # take everything the client sends first
+                        with contextlib.suppress(TimeoutError):
+                            while c.recv(65536):
+                                pass
+                        if reply == b"silence":  # hold the connection, say nothing
+                            c.settimeout(5)
+                            while c.recv(65536):
+                                pass
+                            continue
+                        c.sendall(reply)
+                        c.shutdown(socket.SHUT_WR)  # a clean end (FIN), not a reset
+                        c.settimeout(5)
+                        while c.recv(65536):
+                            pass
+                    except OSError:
+                        pass
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+    yield start
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.parametrize("reply, says", [
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "HTTP/2 error"),
+    (b"", "closed by the server"),
+    (b"\x00\x00\x04\x04\x00\x00\x00\x00\x00", "closed by the server"),  # a SETTINGS frame, then EOF
+])
+def test_a_peer_that_is_not_etcd_is_reported_as_unreachable(
+        fake_server: Callable[[bytes], str], reply: bytes, says: str) -> None:
+    url = fake_server(reply)
+    b = EtcdBackend(url, timeout_s=2.0)
+    try:
+        with pytest.raises(BackendUnavailable, match=f"etcd at {url} is unreachable: .*{says}"):
+            b.read()
+        with pytest.raises(BackendUnavailable):
+            b.changes(0, 1.0)
+    finally:
+        b.close()
+
+
+def test_a_silent_peer_times_out_with_a_message(fake_server: Callable[[bytes], str]) -> None:
+    url = fake_server(b"silence")
+    b = EtcdBackend(url, timeout_s=0.5)
+    try:
+        with pytest.raises(BackendUnavailable, match=r"no answer to /etcdserverpb.KV/Range within 0.5s"):
+            b.read()
+    finally:
+        b.close()
+
+
+def test_nothing_listening_is_unreachable_at_once() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    b = EtcdBackend(f"http://127.0.0.1:{port}", timeout_s=2.0)
+    with pytest.raises(BackendUnavailable, match="Connection refused"):
+        b.commit({"k": "v"})
+    b.close()
