@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -172,17 +173,21 @@ class MeshDns:
 
     async def start(self, host: str = "127.0.0.1", port: int = 15053) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        us = socket.socket(family, socket.SOCK_DGRAM)
-        ts = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            ts.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            us.bind((host, port))
-            ts.bind((host, us.getsockname()[1]))  # port 0: TCP takes the UDP port
-            ts.listen(128)
-        except OSError:
-            us.close()
-            ts.close()
-            raise
+        for attempt in range(20):
+            us = socket.socket(family, socket.SOCK_DGRAM)
+            ts = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                ts.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                us.bind((host, port))
+                ts.bind((host, us.getsockname()[1]))  # port 0: TCP takes the UDP port
+                ts.listen(128)
+                break
+            except OSError as e:
+                us.close()
+                ts.close()
+                # port 0: the kernel's free UDP port may be taken for TCP; pick another
+                if port != 0 or e.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
         await self.start_on(us, ts)
         bound = us.getsockname()
         return bound[0], bound[1]
