@@ -66,19 +66,20 @@ def _conn_error(url: str, e: BaseException) -> BackendUnavailable:
 
 
 def _events(resp: wire.WatchResponse) -> Events:
+    """The net effect of one watch answer: the last event per key wins."""
     puts: dict[str, str] = {}
-    deletes: list[str] = []
+    deletes: dict[str, None] = {}  # ordered set: O(1) when a key is deleted, then put again
     rev = 0
     for etype, kv in resp.events:
         key = kv.key.decode()
-        rev = max(rev, kv.mod_revision)
+        if kv.mod_revision > rev:
+            rev = kv.mod_revision
         if etype == wire.EVENT_DELETE:
             puts.pop(key, None)
-            deletes.append(key)
+            deletes[key] = None
         else:
             puts[key] = kv.value.decode()
-            if key in deletes:
-                deletes.remove(key)
+            deletes.pop(key, None)
     return Events(rev, puts, tuple(deletes))
 
 

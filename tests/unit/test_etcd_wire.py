@@ -102,3 +102,14 @@ def test_watch_events_round_trip_with_multibyte_lengths_and_revisions(
                                 + b"".join(w.f_bytes(2, _kv(k, v, mod)) for k, v, mod, _ in events))
     assert rev == revision and [(kv.key, kv.value, kv.mod_revision) for kv in kvs] == [
         (k, v, mod) for k, v, mod, _ in events]
+
+
+def test_a_watch_answer_becomes_the_net_effect_per_key() -> None:
+    from agent.control.etcd import _events
+    kv = w.KeyValue
+    resp = w.WatchResponse(9, False, False, 0, "", (
+        (w.EVENT_PUT, kv(b"/a", b"1", 5)), (w.EVENT_DELETE, kv(b"/a", b"", 6)),  # put, then gone
+        (w.EVENT_DELETE, kv(b"/b", b"", 6)), (w.EVENT_PUT, kv(b"/b", b"2", 7)),  # gone, then back
+        (w.EVENT_DELETE, kv(b"/c", b"", 7))))
+    ev = _events(resp)
+    assert (ev.revision, dict(ev.puts), ev.deletes) == (7, {"/b": "2"}, ("/a", "/c"))
