@@ -218,6 +218,15 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     )
     if backend == "etcd" and not registry.endpoints:
         raise r.fail("registry.endpoints", "the etcd backend needs at least one endpoint URL")
+    from agent.control.errors import RegistryError
+    from agent.control.etcd import parse_endpoints
+
+    for n, url in enumerate(registry.endpoints):
+        try:
+            parse_endpoints([url])
+        except RegistryError as e:
+            raise r.fail(f"registry.endpoints[{n}]", e.message,
+                         hint="list every member of the etcd cluster, e.g. http://10.0.0.5:2379") from None
     c = r.mapping(top.get("ca"), "ca", {"dir", "service", "node_dir"})
     ca_dir = r.string(c, "dir", "ca.", "/etc/nodemesh/ca")
     ca_service = str(c.get("service") or "")

@@ -201,8 +201,8 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     certs = CertManager(issuer, clock, ttl_s=cfg.cert_ttl_s)
     server_contexts = ServerContexts(bundle, trust_domain=cfg.trust_domain)
     certs.subscribe(server_contexts.set_identity)
-    backend = open_backend(cfg.registry.dir,
-                           cfg.registry.endpoints[0] if cfg.registry.backend == "etcd" else None)
+    backend = open_backend(cfg.registry.dir, ",".join(cfg.registry.endpoints)
+                           if cfg.registry.backend == "etcd" else None)
     registry = Registry(backend)
     prom = CollectorRegistry()
     metrics = MeshMetrics(prom)

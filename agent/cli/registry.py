@@ -53,8 +53,8 @@ def registry_options(fn: F) -> F:
                       default=DEFAULT_REGISTRY_DIR, show_default=True,
                       help="embedded registry directory (env NODEMESH_REGISTRY_DIR)")(fn)
     fn = click.option("--etcd", "etcd_url", envvar="NODEMESH_ETCD", default=None,
-                      help="use etcd at this client URL instead, e.g. http://127.0.0.1:2379 "
-                           "(env NODEMESH_ETCD)")(fn)
+                      help="use etcd at this client URL instead, e.g. http://127.0.0.1:2379; "
+                           "several members comma-separated (env NODEMESH_ETCD)")(fn)
     return fn
 
 

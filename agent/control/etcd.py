@@ -31,7 +31,8 @@ import queue
 import threading
 import time
 import urllib.parse
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agent.control import etcd_wire as wire
@@ -83,20 +84,27 @@ def _events(resp: wire.WatchResponse) -> Events:
     return Events(rev, puts, tuple(deletes))
 
 
+# etcd ends a watch carrying this metadata when its member loses the cluster's leader
+# (instead of staying silent on a member cut off from the others), so we move on.
+_REQUIRE_LEADER = (("hasleader", "true"),)
+
+
 class _WatchStream:
     """One Watch call on its own connection, read by a daemon thread into ``self.q``."""
 
-    def __init__(self, host: str, port: int, url: str, start_revision: int, timeout_s: float):
+    def __init__(self, ep: _Endpoint, start_revision: int, timeout_s: float):
         self.start_revision = start_revision
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.established = False  # etcd confirmed the watch ("created")
-        self._url = url
+        self.started = time.monotonic()
+        self.endpoint = ep
+        self._conn = GrpcConnection(ep.host, ep.port, timeout_s=timeout_s, keepalive=True)
         try:
-            self._conn = GrpcConnection(host, port, timeout_s=timeout_s, keepalive=True)
             self._sid = self._conn.open_stream(
-                _WATCH, wire.watch_create_request(_KEY, _END, start_revision))
-        except GrpcUnavailable as e:
-            raise _conn_error(url, e) from e
+                _WATCH, wire.watch_create_request(_KEY, _END, start_revision), _REQUIRE_LEADER)
+        except GrpcUnavailable:
+            self._conn.close()
+            raise
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="etcd-watch", daemon=True)
         self._thread.start()
@@ -125,13 +133,43 @@ class _WatchStream:
         self._conn.close()
 
 
-class EtcdBackend:
-    def __init__(self, url: str, *, timeout_s: float = 5.0):
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    url: str
+    host: str
+    port: int
+
+
+def parse_endpoints(urls: str | Sequence[str]) -> tuple[_Endpoint, ...]:
+    """``http://a:2379,http://b:2379`` (or a list) -> endpoints; RegistryError names a bad one."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    out = []
+    for raw in items:
+        url = raw.strip()
         u = urllib.parse.urlsplit(url)
-        if u.scheme != "http" or not u.hostname:
+        try:
+            port = u.port or 2379
+        except ValueError:
+            port = 0
+        if u.scheme != "http" or not u.hostname or not port or u.path not in ("", "/"):
             raise RegistryError(f"etcd URL must look like http://HOST:PORT, got {url!r}")
-        self.url = url
-        self._host, self._port = u.hostname, u.port or 2379
+        out.append(_Endpoint(url, u.hostname, port))
+    if not out:
+        raise RegistryError("no etcd endpoint given")
+    return tuple(out)
+
+
+class EtcdBackend:
+    """etcd at one or several client URLs (the members of one cluster).
+
+    Calls go to the current member; when it cannot be reached, the next one is
+    tried, and so on once around the list, before the call fails. The watch
+    does the same when it has to be re-created."""
+
+    def __init__(self, urls: str | Sequence[str], *, timeout_s: float = 5.0):
+        self._eps = parse_endpoints(urls)
+        self.url = ",".join(ep.url for ep in self._eps)
+        self._current = 0  # index of the member calls go to
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._conn: GrpcConnection | None = None
@@ -142,24 +180,44 @@ class EtcdBackend:
     def location(self) -> str:
         return self.url
 
+    def _unreachable(self, errors: list[str]) -> BackendUnavailable:
+        return _conn_error(self.url, Exception("; ".join(errors)))
+
     def _call(self, method: str, request: bytes) -> bytes:
         with self._lock:
-            for attempt in (1, 2):  # one retry on a connection the server closed meanwhile
+            errors: list[str] = []
+            tried = 0
+            while tried < len(self._eps):
+                ep = self._eps[self._current]
                 fresh = self._conn is None
                 try:
                     if self._conn is None:
-                        self._conn = GrpcConnection(self._host, self._port, timeout_s=self._timeout_s)
+                        self._conn = GrpcConnection(ep.host, ep.port, timeout_s=self._timeout_s)
                     return self._conn.unary(method, request)
                 except GrpcUnavailable as e:
                     if self._conn is not None:
                         self._conn.close()
                         self._conn = None
-                    if attempt == 2 or fresh:
-                        raise _conn_error(self.url, e) from e
+                    if not fresh:
+                        continue  # a kept connection the server closed meanwhile: reconnect once
+                    errors.append(f"{ep.url}: {e}" if len(self._eps) > 1 else str(e))
+                    tried += 1
+                    self._current = (self._current + 1) % len(self._eps)
                 except GrpcError as e:
-                    raise RegistryError(f"etcd at {self.url} rejected {method.rsplit('/', 1)[-1]}: "
+                    raise RegistryError(f"etcd at {ep.url} rejected {method.rsplit('/', 1)[-1]}: "
                                         f"{e.message}") from e
-        raise AssertionError("unreachable")
+            raise self._unreachable(errors)
+
+    def _open_watch(self, start_revision: int) -> _WatchStream:
+        errors: list[str] = []
+        for _ in self._eps:
+            ep = self._eps[self._current]
+            try:
+                return _WatchStream(ep, start_revision, self._timeout_s)
+            except GrpcUnavailable as e:
+                errors.append(f"{ep.url}: {e}" if len(self._eps) > 1 else str(e))
+                self._current = (self._current + 1) % len(self._eps)
+        raise self._unreachable(errors)
 
     def read(self) -> Reset:
         raw = self._call(_RANGE, wire.range_request(_KEY, _END))
@@ -197,8 +255,7 @@ class EtcdBackend:
             self._watch.close()
             self._watch = None
         if self._watch is None:
-            self._watch = _WatchStream(self._host, self._port, self.url, after_revision + 1,
-                                       self._timeout_s)
+            self._watch = self._open_watch(after_revision + 1)
             self._watch_revision = after_revision
         watch = self._watch
         deadline = time.monotonic() + timeout_s
@@ -207,9 +264,11 @@ class EtcdBackend:
                 kind, value = watch.q.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 if not watch.established:  # a new watch etcd has not confirmed: not "no news"
+                    if time.monotonic() - watch.started > self._timeout_s:
+                        self._drop_watch(watch)  # a member that accepts but never answers
                     raise BackendUnavailable(
-                        f"etcd at {self.url} is unreachable: the watch was not confirmed in {timeout_s}s"
-                    ) from None
+                        f"etcd at {watch.endpoint.url} is unreachable: the watch was not confirmed "
+                        f"in {timeout_s}s") from None
                 return None
             if kind != "created":
                 break
@@ -218,14 +277,22 @@ class EtcdBackend:
             assert isinstance(value, Events)
             self._watch_revision = value.revision
             return value
-        watch.close()
-        if self._watch is watch:
-            self._watch = None
         if kind == "compacted":
+            watch.close()
+            self._watch = None
             state = self.read()  # history is gone: start over from a full read
             self._watch_revision = state.revision
             return state
-        raise BackendUnavailable(f"etcd at {self.url} is unreachable: {value}")
+        self._drop_watch(watch)
+        raise BackendUnavailable(f"etcd at {watch.endpoint.url} is unreachable: {value}")
+
+    def _drop_watch(self, watch: _WatchStream) -> None:
+        """A watch that failed: the next one starts on the next member."""
+        watch.close()
+        if self._watch is watch:
+            self._watch = None
+        if self._eps[self._current] == watch.endpoint:
+            self._current = (self._current + 1) % len(self._eps)
 
     def close(self) -> None:
         if self._watch is not None:

@@ -215,7 +215,7 @@ class GrpcConnection:
             self._h2.send_data(sid, part, end_stream=end_stream and not view)
             self._flush()
 
-    def _start(self, method: str) -> int:
+    def _start(self, method: str, metadata: tuple[tuple[str, str], ...] = ()) -> int:
         if self.broken is not None:
             raise GrpcUnavailable(self.broken)
         if self.goaway:
@@ -223,6 +223,7 @@ class GrpcConnection:
         sid = self._h2.send_headers(None, [
             (":method", "POST"), (":scheme", "http"), (":path", method),
             (":authority", self.where), ("content-type", "application/grpc"), ("te", "trailers"),
+            *metadata,
         ])
         self._calls[sid] = _Call()
         return sid
@@ -257,9 +258,10 @@ class GrpcConnection:
             raise GrpcError(13, f"{method} answered with {len(call.messages)} messages, expected 1")
         return call.messages[0]
 
-    def open_stream(self, method: str, first_request: bytes) -> int:
+    def open_stream(self, method: str, first_request: bytes,
+                    metadata: tuple[tuple[str, str], ...] = ()) -> int:
         with self._lock:
-            sid = self._start(method)
+            sid = self._start(method, metadata)
             self._send_message(sid, first_request, False, self.timeout_s)
             return sid
 

@@ -31,24 +31,35 @@ def free_port() -> int:
 
 
 class Etcd:
-    def __init__(self, prefix: str):
-        self.dir = tempfile.mkdtemp(prefix=f"nodemesh-{prefix}-etcd-")
+    def __init__(self, prefix: str, name: str = "t"):
+        self.name = name
+        self.token = f"nodemesh-{prefix}"  # shared by the members of one cluster
+        self.dir = tempfile.mkdtemp(prefix=f"nodemesh-{prefix}-etcd-{name}-")
         self.client_port = free_port()
         self.peer_port = free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
+        self.peer_url = f"http://127.0.0.1:{self.peer_port}"
+        self.initial_cluster = f"{name}={self.peer_url}"  # the members of a cluster, for --initial-cluster
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = open(os.path.join(self.dir, "etcd.log"), "ab")  # noqa: SIM115
 
-    def start(self, timeout_s: float = 15.0) -> None:
-        peer = f"http://127.0.0.1:{self.peer_port}"
+    def launch(self) -> None:
         self.proc = subprocess.Popen([
-            ETCD, "--name", "t", "--data-dir", os.path.join(self.dir, "data"),
+            ETCD, "--name", self.name, "--data-dir", os.path.join(self.dir, "data"),
             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"t={peer}", "--max-txn-ops", "100000",
+            "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster, "--initial-cluster-token", self.token,
+            "--max-txn-ops", "100000",
             "--max-request-bytes", str(64 * 1024 * 1024), "--quota-backend-bytes",
             str(2 * 1024 ** 3), "--log-level", "warn",
         ], stdout=self._log, stderr=self._log)
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        self.launch()
+        self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float = 15.0) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,6 +93,24 @@ def running_etcd() -> Iterator[Etcd]:
         yield e
     finally:
         e.close()
+
+
+@contextlib.contextmanager
+def running_cluster(members: int = 3) -> Iterator[list[Etcd]]:
+    """A real etcd cluster of ``members`` on loopback (each stopped by PID at the end)."""
+    token = secrets.token_hex(3)
+    made = [Etcd(token, f"m{i + 1}") for i in range(members)]
+    cluster = ",".join(f"{m.name}={m.peer_url}" for m in made)
+    try:
+        for m in made:
+            m.initial_cluster = cluster
+            m.launch()  # all at once: no member is healthy before a quorum is up
+        for m in made:
+            m.wait_healthy(30)
+        yield made
+    finally:
+        for m in made:
+            m.close()
 
 
 class Partition:
