@@ -11,7 +11,8 @@
 #      importable in it) with this checkout installed into it (not editable);
 #   3. /etc/nodemesh/agent.yaml from deploy/agent.yaml.in, only if there is none:
 #      an existing configuration is never overwritten;
-#   4. the unit deploy/nodemesh-agent.service as /etc/systemd/system/nodemesh-agent.service,
+#   4. the units deploy/nodemesh-agent.service and deploy/nodemesh-ca.service (the CA
+#      service, for the one host that holds the CA) into /etc/systemd/system,
 #      then `systemctl daemon-reload` — only when systemd is the running init
 #      (/run/systemd/system exists). In a container or CI job without systemd it says
 #      so and goes on. It never enables or starts the unit: that is the operator's step
@@ -101,7 +102,8 @@ fi
 # 4. The unit.
 install -d -m 0755 "$UNIT_DIR"
 install -m 0644 "$ROOT/deploy/nodemesh-agent.service" "$UNIT_DIR/nodemesh-agent.service"
-say "installed $UNIT_DIR/nodemesh-agent.service"
+install -m 0644 "$ROOT/deploy/nodemesh-ca.service" "$UNIT_DIR/nodemesh-ca.service"
+say "installed $UNIT_DIR/nodemesh-agent.service and nodemesh-ca.service (the CA: one host only)"
 if [ -n "$DESTDIR" ]; then
   say "DESTDIR install: not calling systemctl"
 elif [ -d /run/systemd/system ]; then

@@ -2,10 +2,12 @@
 # scripts/provision/node.sh — a Vagrant node VM: the agent, two demo pods, traffic, status.
 #
 #   NODE_NAME=node1 NODE_INDEX=1 NODE_IP=192.168.56.11 ETCD_URL=http://192.168.56.10:2379 \
-#   PEERS="node2=192.168.56.12" SHARE=/vagrant/.nodemesh bash scripts/provision/node.sh
+#   CA_ADDR=192.168.56.10:15012 PEERS="node2=192.168.56.12" SHARE=/vagrant/.nodemesh \
+#   bash scripts/provision/node.sh
 #
 # 1. scripts/install.sh (unless NODEMESH_SKIP_INSTALL=1: then NODEMESH_BIN is used);
-# 2. the mesh CA from SHARE/ca (written there by control.sh) into $ETC/ca;
+# 2. this node's credential for the CA service, from SHARE/nodes/NODE_NAME (written there
+#    by control.sh) into $ETC/node; the CA key itself never comes here;
 # 3. pods as network namespaces: a bridge nm-br0 holding the pods' gateway
 #    10.244.NODE_INDEX.1/24 and one veth per pod — "web" (.2, serves :8080) and
 #    "client" (.3) — in the network namespace this script runs in;
@@ -24,6 +26,7 @@ die() { printf 'node %s: error: %s\n' "${NODE_NAME:-?}" "$*" >&2; exit 1; }
 # the checkout (Vagrant uploads this script elsewhere and passes NODEMESH_SRC=/vagrant)
 ROOT=${NODEMESH_SRC:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 : "${NODE_NAME:?set NODE_NAME}" "${NODE_INDEX:?set NODE_INDEX}" "${NODE_IP:?set NODE_IP}" "${ETCD_URL:?set ETCD_URL}"
+: "${CA_ADDR:?set CA_ADDR (host:port of the CA service, nodemesh ca serve)}"
 PEERS=${PEERS:-}
 SHARE=${SHARE:-/vagrant/.nodemesh}
 DESTDIR=${DESTDIR:-}
@@ -48,10 +51,11 @@ else
   NODEMESH=$DESTDIR/opt/nodemesh/venv/bin/nodemesh
 fi
 
-# 2. the CA
-[ -e "$SHARE/ca/ca.crt" ] || die "no mesh CA in $SHARE/ca: provision the control VM first"
-install -d -m 0700 "$ETC/ca"
-cp -a "$SHARE/ca/." "$ETC/ca/"
+# 2. the node credential
+[ -e "$SHARE/nodes/$NODE_NAME/node.crt" ] \
+  || die "no node credential in $SHARE/nodes/$NODE_NAME: provision the control VM first"
+install -d -m 0700 "$ETC/node"
+cp -a "$SHARE/nodes/$NODE_NAME/." "$ETC/node/"
 
 # 3. pods
 if ! ip link show nm-br0 >/dev/null 2>&1; then
@@ -84,7 +88,7 @@ node: $NODE_NAME
 trust_domain: cluster.local
 addresses: {proxy: $GATEWAY, hbone: $NODE_IP, metrics: $NODE_IP}
 registry: {backend: etcd, endpoints: [$ETCD_URL]}
-ca: {dir: $ETC/ca}
+ca: {service: $CA_ADDR, node_dir: $ETC/node}
 interception:
   cgroup: $CGROUP
   bpffs_root: $BPFFS_ROOT

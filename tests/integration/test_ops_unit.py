@@ -84,14 +84,22 @@ def test_install_again_keeps_the_config(installed: str) -> None:
     assert "node: n1" in text and text.endswith("# edited by the operator\n")
 
 
-def test_unit_passes_systemd_analyze_verify(installed: str, tmp_path: str) -> None:
-    # verify resolves ExecStart=: check a copy whose paths point into the DESTDIR install
-    with open(UNIT) as f:
+@pytest.mark.parametrize("unit", ["nodemesh-agent.service", "nodemesh-ca.service"])
+def test_unit_passes_systemd_analyze_verify(installed: str, tmp_path: str, unit: str) -> None:
+    with open(os.path.join(installed, "etc/systemd/system", unit)) as a, \
+            open(os.path.join(ROOT, "deploy", unit)) as b:
+        assert a.read() == b.read()  # install.sh installs it as it is
+    # verify resolves ExecStart= and EnvironmentFile=: check a copy whose paths point
+    # into the DESTDIR install
+    with open(os.path.join(ROOT, "deploy", unit)) as f:
         text = f.read()
+    default = os.path.join(str(tmp_path), "default-nodemesh-ca")
+    with open(default, "w") as f:
+        f.write("NODEMESH_CA_LISTEN=127.0.0.1:15012\n")
     rendered = text.replace("/opt/nodemesh/", f"{installed}/opt/nodemesh/").replace(
         "/etc/nodemesh/", f"{installed}/etc/nodemesh/"
-    )
-    path = os.path.join(str(tmp_path), "nodemesh-agent.service")
+    ).replace("/etc/default/nodemesh-ca", default)
+    path = os.path.join(str(tmp_path), unit)
     with open(path, "w") as f:
         f.write(rendered)
     r = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)
@@ -139,6 +147,14 @@ def test_a_config_error_exits_2_naming_the_key(tmp_path: str) -> None:
     r = subprocess.run([*meshbed.NODEMESH, "agent", "--check-config", "-c", path],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "portz" in r.stderr and path in r.stderr, r.stderr
+    # every etcd member is checked, and the bad one is named by its index
+    with open(path, "w") as f:
+        f.write("node: n1\naddresses: {proxy: 10.244.0.1}\nregistry: {backend: etcd, endpoints: "
+                "[http://10.0.0.5:2379, '10.0.0.6:2379']}\n")
+    r = subprocess.run([*meshbed.NODEMESH, "agent", "--check-config", "-c", path],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "registry.endpoints[1]" in r.stderr and "10.0.0.6:2379" in r.stderr, \
+        r.stderr
 
 
 # --- the unit's capabilities, for real ------------------------------------------------

@@ -75,7 +75,8 @@ class SimNode:
         env = {
             **os.environ,
             "NODE_NAME": "node1", "NODE_INDEX": "1", "NODE_IP": "192.168.56.11",
-            "ETCD_URL": "http://192.168.56.10:2379", "PEERS": "node2=192.168.56.12",
+            "ETCD_URL": "http://192.168.56.10:2379", "CA_ADDR": "192.168.56.10:15012",
+            "PEERS": "node2=192.168.56.12",
             "SHARE": self.share, "DESTDIR": self.destdir, "POD_PREFIX": f"{self.prefix}-",
             "CGROUP": self.cgroup, "BPFFS_ROOT": f"/sys/fs/bpf/{self.prefix}-nodemesh",
             "NODEMESH_SKIP_INSTALL": "1", "NODEMESH_BIN": NODEMESH, "NODEMESH_NO_START": "1",
@@ -111,9 +112,13 @@ def sim_node() -> Iterator[SimNode]:
 
 def test_node_provisioning_in_a_simulated_node(sim_node: SimNode) -> None:
     r = sim_node.provision()
-    assert r.returncode != 0 and "no mesh CA" in r.stderr, r.stdout + r.stderr  # control VM first
-    subprocess.run([NODEMESH, "ca", "init", "--dir", os.path.join(sim_node.share, "ca"),
-                    "--trust-domain", "cluster.local"], check=True, capture_output=True)
+    assert r.returncode != 0 and "no node credential" in r.stderr, r.stdout + r.stderr  # control first
+    # what control.sh does: the CA on the control VM, only node credentials in the share
+    ca_dir = os.path.join(sim_node.tmp, "control-ca")
+    subprocess.run([NODEMESH, "ca", "init", "--dir", ca_dir, "--trust-domain", "cluster.local"],
+                   check=True, capture_output=True)
+    subprocess.run([NODEMESH, "ca", "issue-node", "--dir", ca_dir, "--node", "node1",
+                    "--out", os.path.join(sim_node.share, "nodes", "node1")], check=True, capture_output=True)
     r = sim_node.provision()
     assert r.returncode == 0, r.stdout + r.stderr
     cfg_path = os.path.join(sim_node.destdir, "etc/nodemesh/agent.yaml")
@@ -127,7 +132,12 @@ def test_node_provisioning_in_a_simulated_node(sim_node: SimNode) -> None:
     assert cfg["addresses"] == {"proxy": "10.244.1.1", "hbone": "192.168.56.11", "metrics": "192.168.56.11"}
     pods = [f"/run/netns/{sim_node.prefix}-node1-web", f"/run/netns/{sim_node.prefix}-node1-client"]
     assert cfg["interception"]["enroll"] == pods and cfg["interception"]["cgroup"] == sim_node.cgroup
-    assert os.path.exists(os.path.join(sim_node.destdir, "etc/nodemesh/ca/ca.crt"))
+    node_dir = os.path.join(sim_node.destdir, "etc/nodemesh/node")
+    assert cfg["ca"] == {"service": "192.168.56.10:15012", "node_dir": node_dir}
+    assert sorted(os.listdir(node_dir)) == ["bundle.pem", "node.crt", "node.key"]
+    assert os.stat(os.path.join(node_dir, "node.key")).st_mode & 0o077 == 0
+    keys = [os.path.join(d, f) for d, _, fs in os.walk(sim_node.destdir) for f in fs if f == "ca.key"]
+    assert keys == [], f"the CA key reached the node: {keys}"
     assert os.path.isdir(sim_node.cgroup)
     # the pods are wired to the node's bridge: the client pod reaches its gateway (the proxy address)
     ping = subprocess.run(
