@@ -77,3 +77,29 @@ def test_all_members_down_names_every_one_and_bad_urls_are_refused(cluster: list
     for bad in ("127.0.0.1:2379", "https://a:1", "http://a:2379/v3", "http://a:99999", ""):
         with pytest.raises(RegistryError, match="etcd URL must look like http://HOST:PORT"):
             EtcdBackend(f"{cluster[1].url},{bad}")
+
+
+def test_a_member_cut_off_from_the_quorum_makes_its_agents_stale(cluster: list[Etcd]) -> None:
+    # Only m3 is given: when m1 and m2 die, m3 is alive but has no leader. Its watches
+    # would stay silent; the agent must not take that silence for "no changes".
+    r = Registry(EtcdBackend(cluster[2].url, timeout_s=2.0), poll_timeout_s=0.2)
+    r.start()
+    try:
+        assert r.wait_for(lambda s: True, 5) is not None
+        deadline = time.monotonic() + 10
+        while r.stale and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not r.stale, r.status()
+        cluster[0].kill()
+        cluster[1].kill()
+        deadline = time.monotonic() + 30
+        while not r.stale and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.stale, "an agent on a leaderless member still claims to be current"
+        assert "leader" in r.status().last_error, r.status()
+    finally:
+        r.stop()
+        for m in cluster[:2]:
+            m.launch()
+        for m in cluster[:2]:
+            m.wait_healthy(30)
