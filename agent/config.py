@@ -81,6 +81,9 @@ class RegistryConfig:
     backend: str = "embedded"
     dir: str = "/var/lib/nodemesh/registry"
     endpoints: tuple[str, ...] = ()
+    tls_ca: str = ""  # https:// endpoints: the CA of etcd's server cert ("" = system CAs)
+    tls_cert: str = ""  # etcd --client-cert-auth: our client certificate and key
+    tls_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,15 +210,20 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     p = r.mapping(top.get("ports"), "ports", set(port_keys))
     d = Ports()
     ports = Ports(*(r.port(p, k, "ports.", getattr(d, k)) for k in port_keys))
-    g = r.mapping(top.get("registry"), "registry", {"backend", "dir", "endpoints"})
+    g = r.mapping(top.get("registry"), "registry", {"backend", "dir", "endpoints", "tls"})
     backend = r.string(g, "backend", "registry.", "embedded")
     if backend not in ("embedded", "etcd"):
         raise r.fail("registry.backend", f"expected 'embedded' or 'etcd', got {backend!r}")
+    t = r.mapping(g.get("tls"), "registry.tls", {"ca", "cert", "key"})
     registry = RegistryConfig(
         backend,
         r.string(g, "dir", "registry.", "/var/lib/nodemesh/registry"),
         r.str_list(g, "endpoints", "registry.", ()),
+        *(r.string(t, k, "registry.tls.") if k in t else "" for k in ("ca", "cert", "key")),
     )
+    if bool(registry.tls_cert) != bool(registry.tls_key):
+        missing = "key" if registry.tls_cert else "cert"
+        raise r.fail(f"registry.tls.{missing}", "a client certificate and its key go together")
     if backend == "etcd" and not registry.endpoints:
         raise r.fail("registry.endpoints", "the etcd backend needs at least one endpoint URL")
     from agent.control.errors import RegistryError
@@ -227,6 +235,14 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         except RegistryError as e:
             raise r.fail(f"registry.endpoints[{n}]", e.message,
                          hint="list every member of the etcd cluster, e.g. http://10.0.0.5:2379") from None
+    if registry.endpoints:
+        try:
+            eps = parse_endpoints(registry.endpoints)
+        except RegistryError as e:
+            raise r.fail("registry.endpoints", e.message) from None
+        if not eps[0].tls and (registry.tls_ca or registry.tls_cert):
+            raise r.fail("registry.tls", "TLS files are set but the endpoints are http://",
+                         hint="use https:// endpoints, or drop registry.tls")
     c = r.mapping(top.get("ca"), "ca", {"dir", "service", "node_dir"})
     ca_dir = r.string(c, "dir", "ca.", "/etc/nodemesh/ca")
     ca_service = str(c.get("service") or "")

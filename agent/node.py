@@ -37,6 +37,7 @@ from agent.config import AgentConfig
 from agent.control.backend import Backend
 from agent.control.backends import open_backend
 from agent.control.dns import MeshDns
+from agent.control.etcd import EtcdTls
 from agent.control.registry import Registry
 from agent.dataplane.inbound import Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
@@ -201,8 +202,9 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     certs = CertManager(issuer, clock, ttl_s=cfg.cert_ttl_s)
     server_contexts = ServerContexts(bundle, trust_domain=cfg.trust_domain)
     certs.subscribe(server_contexts.set_identity)
-    backend = open_backend(cfg.registry.dir, ",".join(cfg.registry.endpoints)
-                           if cfg.registry.backend == "etcd" else None)
+    reg = cfg.registry
+    backend = open_backend(reg.dir, ",".join(reg.endpoints) if reg.backend == "etcd" else None,
+                           EtcdTls(reg.tls_ca, reg.tls_cert, reg.tls_key))
     registry = Registry(backend)
     prom = CollectorRegistry()
     metrics = MeshMetrics(prom)

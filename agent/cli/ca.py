@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import click
 
 from agent.cli.errors import EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXTRA_CODES, UserError, handled
+from agent.cli.etcd_options import etcd_tls_options
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from agent.identity.bundle import TrustBundle, write_atomic
 from agent.identity.ca import BUNDLE_FILE, CERT_FILE, DEFAULT_NODE_TTL_S, KEY_FILE, MeshCA, load_bundle
@@ -160,7 +161,9 @@ def issue_node_cmd(directory: str, node_name: str, out_dir: str, ttl_days: int) 
 @click.option("--listen", default="0.0.0.0:15012", show_default=True, help="address:port to serve on")
 @click.option("--registry-dir", default="/var/lib/nodemesh/registry", show_default=True,
               envvar="NODEMESH_REGISTRY_DIR", help="embedded registry (placement of workloads)")
-@click.option("--etcd", "etcd_url", default=None, envvar="NODEMESH_ETCD", help="etcd registry instead")
+@click.option("--etcd", "etcd_url", default=None, envvar="NODEMESH_ETCD",
+              help="etcd registry instead (members comma-separated)")
+@etcd_tls_options
 @handled
 def serve_cmd(directory: str, listen: str, registry_dir: str, etcd_url: str | None) -> None:
     """The CA service for several hosts: signs a workload identity for a node agent only if
@@ -168,7 +171,7 @@ def serve_cmd(directory: str, listen: str, registry_dir: str, etcd_url: str | No
     import asyncio
     import signal
 
-    from agent.control.backends import open_backend
+    from agent.cli.etcd_options import open_registry
     from agent.control.registry import Registry
     from agent.identity.clock import SystemClock
     from agent.identity.service import CaService
@@ -178,7 +181,7 @@ def serve_cmd(directory: str, listen: str, registry_dir: str, etcd_url: str | No
     if not sep or not port_s.isdigit():
         raise UserError(f"--listen: expected address:port, got {listen!r}")
     mesh = MeshCA.load(directory)
-    registry = Registry(open_backend(registry_dir, etcd_url))
+    registry = Registry(open_registry(registry_dir, etcd_url))
     registry.start()
 
     def placement(node: str, sid: SpiffeId) -> bool:

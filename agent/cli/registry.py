@@ -21,9 +21,10 @@ from agent.cli.errors import (
     UserError,
     handled,
 )
+from agent.cli.etcd_options import etcd_tls_options, open_registry
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from agent.control import apply as apply_mod
-from agent.control.backends import open_backend, read_snapshot
+from agent.control.backends import read_snapshot
 from agent.control.consul import parse_consul
 from agent.control.errors import (
     BackendUnavailable,
@@ -49,6 +50,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def registry_options(fn: F) -> F:
+    fn = etcd_tls_options(fn)
     fn = click.option("--registry-dir", envvar="NODEMESH_REGISTRY_DIR",
                       default=DEFAULT_REGISTRY_DIR, show_default=True,
                       help="embedded registry directory (env NODEMESH_REGISTRY_DIR)")(fn)
@@ -60,7 +62,7 @@ def registry_options(fn: F) -> F:
 
 def _read(registry_dir: str, etcd_url: str | None) -> tuple[Snapshot, str]:
     """The registry's current snapshot and where it was read from."""
-    backend = open_backend(registry_dir, etcd_url)
+    backend = open_registry(registry_dir, etcd_url)
     try:
         return read_snapshot(backend), backend.location
     finally:
@@ -116,7 +118,7 @@ def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: st
     resources: list[Located] = []
     for f in _files(path):
         resources += parse_yaml(_read_text(f), str(f), net)
-    backend = open_backend(registry_dir, etcd_url)
+    backend = open_registry(registry_dir, etcd_url)
     try:
         _report(apply_mod.apply(backend, resources, net), output)
     finally:
@@ -136,7 +138,7 @@ def register(path: Path, node: str, registry_dir: str, etcd_url: str | None, vip
     """Register Consul service definitions (HCL or JSON, with checks)."""
     net = parse_vip_range(vip_range)
     files = _files(path)
-    backend = open_backend(registry_dir, etcd_url)
+    backend = open_registry(registry_dir, etcd_url)
     try:
         snap = read_snapshot(backend)
         resources: list[Located] = []
@@ -241,7 +243,7 @@ def delete(kind: str, name: str, namespace: str, registry_dir: str,
            etcd_url: str | None) -> None:
     """Delete one service or workload."""
     k = _kind(kind)
-    backend = open_backend(registry_dir, etcd_url)
+    backend = open_registry(registry_dir, etcd_url)
     try:
         apply_mod.delete(backend, k, namespace, name)
     finally:

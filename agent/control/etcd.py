@@ -28,6 +28,7 @@ be atomic).
 from __future__ import annotations
 
 import queue
+import ssl
 import threading
 import time
 import urllib.parse
@@ -92,13 +93,14 @@ _REQUIRE_LEADER = (("hasleader", "true"),)
 class _WatchStream:
     """One Watch call on its own connection, read by a daemon thread into ``self.q``."""
 
-    def __init__(self, ep: _Endpoint, start_revision: int, timeout_s: float):
+    def __init__(self, ep: _Endpoint, start_revision: int, timeout_s: float,
+                 tls: ssl.SSLContext | None):
         self.start_revision = start_revision
         self.q: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.established = False  # etcd confirmed the watch ("created")
         self.started = time.monotonic()
         self.endpoint = ep
-        self._conn = GrpcConnection(ep.host, ep.port, timeout_s=timeout_s, keepalive=True)
+        self._conn = GrpcConnection(ep.host, ep.port, timeout_s=timeout_s, keepalive=True, tls=tls)
         try:
             self._sid = self._conn.open_stream(
                 _WATCH, wire.watch_create_request(_KEY, _END, start_revision), _REQUIRE_LEADER)
@@ -124,7 +126,7 @@ class _WatchStream:
                         self.q.put(("created", None))
                     if res.events:
                         self.q.put(("events", _events(res)))
-        except (GrpcUnavailable, GrpcError, wire.WireError, OSError, UnicodeDecodeError) as e:
+        except (GrpcUnavailable, GrpcError, wire.WireError, OSError, ValueError) as e:
             if not self._closed:
                 self.q.put(("error", f"watch stream failed: {e}"))
 
@@ -138,6 +140,37 @@ class _Endpoint:
     url: str
     host: str
     port: int
+    tls: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """Files for etcd's https:// client port: the CA that signed etcd's server
+    certificate ("" = the system's trust store) and, when etcd runs with
+    ``--client-cert-auth``, our client certificate and key."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+
+    def context(self) -> ssl.SSLContext:
+        if bool(self.cert) != bool(self.key):
+            raise RegistryError("an etcd client certificate needs its key, and a key its certificate")
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca or None)
+        except (OSError, ssl.SSLError) as e:
+            raise RegistryError(f"cannot use {self.ca} as the etcd CA: {e}") from e
+        if self.cert:
+            try:
+                ctx.load_cert_chain(self.cert, self.key)
+            except (OSError, ssl.SSLError) as e:
+                raise RegistryError(f"cannot use {self.cert} / {self.key} as the etcd client "
+                                    f"certificate: {e}") from e
+        ctx.set_alpn_protocols(["h2"])
+        return ctx
+
+
+_URL_FORM = "http://HOST:PORT or https://HOST:PORT"
 
 
 def parse_endpoints(urls: str | Sequence[str]) -> tuple[_Endpoint, ...]:
@@ -151,11 +184,13 @@ def parse_endpoints(urls: str | Sequence[str]) -> tuple[_Endpoint, ...]:
             port = u.port or 2379
         except ValueError:
             port = 0
-        if u.scheme != "http" or not u.hostname or not port or u.path not in ("", "/"):
-            raise RegistryError(f"etcd URL must look like http://HOST:PORT, got {url!r}")
-        out.append(_Endpoint(url, u.hostname, port))
+        if u.scheme not in ("http", "https") or not u.hostname or not port or u.path not in ("", "/"):
+            raise RegistryError(f"etcd URL must look like {_URL_FORM}, got {url!r}")
+        out.append(_Endpoint(url, u.hostname, port, u.scheme == "https"))
     if not out:
         raise RegistryError("no etcd endpoint given")
+    if len({ep.tls for ep in out}) > 1:
+        raise RegistryError("etcd endpoints mix http:// and https://: one cluster speaks one of them")
     return tuple(out)
 
 
@@ -166,9 +201,15 @@ class EtcdBackend:
     tried, and so on once around the list, before the call fails. The watch
     does the same when it has to be re-created."""
 
-    def __init__(self, urls: str | Sequence[str], *, timeout_s: float = 5.0):
+    def __init__(self, urls: str | Sequence[str], *, timeout_s: float = 5.0,
+                 tls: EtcdTls | None = None):
         self._eps = parse_endpoints(urls)
         self.url = ",".join(ep.url for ep in self._eps)
+        self._tls: ssl.SSLContext | None = None
+        if self._eps[0].tls:
+            self._tls = (tls or EtcdTls()).context()
+        elif tls is not None and (tls.ca or tls.cert):
+            raise RegistryError(f"etcd TLS files are given but {self.url} is http://: use https://")
         self._current = 0  # index of the member calls go to
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -192,7 +233,8 @@ class EtcdBackend:
                 fresh = self._conn is None
                 try:
                     if self._conn is None:
-                        self._conn = GrpcConnection(ep.host, ep.port, timeout_s=self._timeout_s)
+                        self._conn = GrpcConnection(ep.host, ep.port, timeout_s=self._timeout_s,
+                                                    tls=self._tls)
                     return self._conn.unary(method, request)
                 except GrpcUnavailable as e:
                     if self._conn is not None:
@@ -213,7 +255,7 @@ class EtcdBackend:
         for _ in self._eps:
             ep = self._eps[self._current]
             try:
-                return _WatchStream(ep, start_revision, self._timeout_s)
+                return _WatchStream(ep, start_revision, self._timeout_s, self._tls)
             except GrpcUnavailable as e:
                 errors.append(f"{ep.url}: {e}" if len(self._eps) > 1 else str(e))
                 self._current = (self._current + 1) % len(self._eps)

@@ -6,8 +6,9 @@ not compressed), a 4-byte big-endian length and the protobuf bytes, and the
 outcome in trailers (``grpc-status``, ``grpc-message``). We need it for etcd's
 API, so this client does exactly that on a plain socket:
 
-- :class:`GrpcConnection` is one TCP connection (h2c with prior knowledge,
-  which is what etcd's client port speaks next to its JSON gateway).
+- :class:`GrpcConnection` is one TCP connection: h2c with prior knowledge
+  (what etcd's plain client port speaks next to its JSON gateway), or TLS with
+  ALPN ``h2`` (etcd's https:// client port, with a client certificate if asked).
   :meth:`GrpcConnection.unary` runs one call at a time (a lock serialises
   callers), sending as the peer's flow-control windows allow.
 - :meth:`GrpcConnection.open_stream` starts a call whose request side stays
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import urllib.parse
@@ -114,20 +116,27 @@ class _Call:
 
 
 class GrpcConnection:
-    def __init__(self, host: str, port: int, *, timeout_s: float = 5.0, keepalive: bool = False):
+    """One connection: cleartext HTTP/2 (h2c), or TLS with ALPN ``h2`` when ``tls`` is given."""
+
+    def __init__(self, host: str, port: int, *, timeout_s: float = 5.0, keepalive: bool = False,
+                 tls: ssl.SSLContext | None = None):
         self.host, self.port = host, port
         self.where = f"{host}:{port}"
         self.timeout_s = timeout_s
+        self._scheme = "http" if tls is None else "https"
         try:
-            self._sock = socket.create_connection((host, port), timeout=timeout_s)
+            sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as e:
             raise GrpcUnavailable(str(e)) from e
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if keepalive:  # long-lived idle streams: let the kernel find a dead peer
-            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             for opt, val in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
                 if hasattr(socket, opt):
-                    self._sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+        if tls is not None:
+            sock = self._handshake(sock, tls, host)
+        self._sock = sock
         self._h2 = H2Connection(H2Config(client=True, stream_window_bytes=16 << 20,
                                          connection_window_bytes=64 << 20,
                                          max_frame_bytes=1 << 20))
@@ -139,7 +148,23 @@ class GrpcConnection:
         self._wlock = threading.Lock()
         self.broken: str | None = None
         self.goaway = False  # the server will take no new calls on this connection
+        self._heard_from_server = False
         self._flush()
+
+    @staticmethod
+    def _handshake(sock: socket.socket, tls: ssl.SSLContext, host: str) -> socket.socket:
+        try:
+            tsock = tls.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as e:
+            sock.close()
+            raise GrpcUnavailable(f"TLS: the server's certificate is not trusted ({e.verify_message})") from e
+        except (ssl.SSLError, OSError) as e:
+            sock.close()
+            raise GrpcUnavailable(f"TLS handshake failed: {e}") from e
+        if tsock.selected_alpn_protocol() != "h2":
+            tsock.close()
+            raise GrpcUnavailable("TLS: the server did not agree to HTTP/2 (ALPN h2)")
+        return tsock
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -149,11 +174,15 @@ class GrpcConnection:
             if out:
                 try:
                     self._sock.sendall(out)
-                except OSError as e:
+                except (OSError, ValueError) as e:
                     self._break(f"send failed: {e}")
 
     def _break(self, why: str) -> None:
         if self.broken is None:
+            if not self._heard_from_server:  # the server hung up before any HTTP/2: say what is likely
+                why += (" (before any HTTP/2 from the server: does it require a client certificate?)"
+                        if self._scheme == "https" else
+                        " (before any HTTP/2 from the server: is it an https:// endpoint?)")
             self.broken = why
         raise GrpcUnavailable(self.broken)
 
@@ -167,10 +196,11 @@ class GrpcConnection:
             n = self._sock.recv_into(self._rbuf)
         except TimeoutError:
             raise
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a TLS socket closed by another thread
             self._break(f"receive failed: {e}")
         if not n:
             self._break("connection closed by the server")
+        self._heard_from_server = True
         data = bytes(self._rview[:n])
         try:
             events = self._h2.receive_data(data)
@@ -221,7 +251,7 @@ class GrpcConnection:
         if self.goaway:
             self._break("the server is closing this connection (GOAWAY)")
         sid = self._h2.send_headers(None, [
-            (":method", "POST"), (":scheme", "http"), (":path", method),
+            (":method", "POST"), (":scheme", self._scheme), (":path", method),
             (":authority", self.where), ("content-type", "application/grpc"), ("te", "trailers"),
             *metadata,
         ])

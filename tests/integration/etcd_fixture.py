@@ -14,12 +14,15 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+
+from tests.integration.etcd_tls import TlsFiles
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -31,13 +34,14 @@ def free_port() -> int:
 
 
 class Etcd:
-    def __init__(self, prefix: str, name: str = "t"):
+    def __init__(self, prefix: str, name: str = "t", tls: TlsFiles | None = None):
         self.name = name
+        self.tls = tls  # serve clients over https:// with these files (client certs required)
         self.token = f"nodemesh-{prefix}"  # shared by the members of one cluster
         self.dir = tempfile.mkdtemp(prefix=f"nodemesh-{prefix}-etcd-{name}-")
         self.client_port = free_port()
         self.peer_port = free_port()
-        self.url = f"http://127.0.0.1:{self.client_port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
         self.peer_url = f"http://127.0.0.1:{self.peer_port}"
         self.initial_cluster = f"{name}={self.peer_url}"  # the members of a cluster, for --initial-cluster
         self.proc: subprocess.Popen[bytes] | None = None
@@ -52,6 +56,8 @@ class Etcd:
             "--max-txn-ops", "100000",
             "--max-request-bytes", str(64 * 1024 * 1024), "--quota-backend-bytes",
             str(2 * 1024 ** 3), "--log-level", "warn",
+            *(["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
+                "--trusted-ca-file", self.tls.ca, "--client-cert-auth"] if self.tls else []),
         ], stdout=self._log, stderr=self._log)
 
     def start(self, timeout_s: float = 15.0) -> None:
@@ -64,8 +70,12 @@ class Etcd:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self.dir}/etcd.log")
+            ctx = None
+            if self.tls is not None:
+                ctx = ssl.create_default_context(cafile=self.tls.ca)
+                ctx.load_cert_chain(self.tls.client_cert, self.tls.client_key)
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1, context=ctx) as r:
                     if b"true" in r.read():
                         return
             except OSError:
@@ -86,8 +96,8 @@ class Etcd:
 
 
 @contextlib.contextmanager
-def running_etcd() -> Iterator[Etcd]:
-    e = Etcd(secrets.token_hex(3))
+def running_etcd(tls: TlsFiles | None = None) -> Iterator[Etcd]:
+    e = Etcd(secrets.token_hex(3), tls=tls)
     try:
         e.start()
         yield e

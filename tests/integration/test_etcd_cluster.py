@@ -74,9 +74,11 @@ def test_all_members_down_names_every_one_and_bad_urls_are_refused(cluster: list
         b.read()
     assert all(u in str(e.value) for u in dead) and "refused" in str(e.value)
     b.close()
-    for bad in ("127.0.0.1:2379", "https://a:1", "http://a:2379/v3", "http://a:99999", ""):
+    for bad in ("127.0.0.1:2379", "ftp://a:1", "http://a:2379/v3", "http://a:99999", ""):
         with pytest.raises(RegistryError, match="etcd URL must look like http://HOST:PORT"):
             EtcdBackend(f"{cluster[1].url},{bad}")
+    with pytest.raises(RegistryError, match="mix http:// and https://"):
+        EtcdBackend(f"{cluster[1].url},https://127.0.0.1:2379")
 
 
 def test_a_member_cut_off_from_the_quorum_makes_its_agents_stale(cluster: list[Etcd]) -> None:

@@ -155,6 +155,14 @@ def test_a_config_error_exits_2_naming_the_key(tmp_path: str) -> None:
                        capture_output=True, text=True)
     assert r.returncode == 2 and "registry.endpoints[1]" in r.stderr and "10.0.0.6:2379" in r.stderr, \
         r.stderr
+    for tls, eps, key in (("{ca: /c.pem, cert: /n.pem}", "https://10.0.0.5:2379", "registry.tls.key"),
+                          ("{ca: /c.pem}", "http://10.0.0.5:2379", "registry.tls")):
+        with open(path, "w") as f:
+            f.write(f"node: n1\naddresses: {{proxy: 10.244.0.1}}\nregistry: {{backend: etcd, "
+                    f"endpoints: [{eps}], tls: {tls}}}\n")
+        r = subprocess.run([*meshbed.NODEMESH, "agent", "--check-config", "-c", path],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and key in r.stderr, r.stderr
 
 
 # --- the unit's capabilities, for real ------------------------------------------------
