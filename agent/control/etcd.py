@@ -17,7 +17,12 @@ commits in ~20 ms, and as much again for every watcher.
   come from event ``mod_revision``. If etcd answers that the start revision
   was compacted, we re-read everything and return a Reset. A broken stream or
   refused connection raises :class:`BackendUnavailable`; the caller keeps its
-  last snapshot.
+  last snapshot. Watches require a leader: a member cut off from the quorum
+  ends them, so its silence is never taken for "no changes".
+- Several members (one cluster) may be given: calls and new watches go to the
+  current one and move on to the next when it cannot be reached.
+- ``https://`` endpoints speak TLS (ALPN h2) with :class:`EtcdTls` files: the
+  CA of etcd's server certificate and, for ``--client-cert-auth``, ours.
 
 etcd's own limits apply to a commit: ``--max-txn-ops`` (default 128) and
 ``--max-request-bytes`` (default 1.5 MiB). An apply larger than that is
