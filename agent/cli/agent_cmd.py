@@ -5,9 +5,7 @@ from __future__ import annotations
 import click
 
 from agent import config as config_mod
-from agent.cli.errors import EXIT_BAD_INPUT, EXIT_SYSTEM, EXTRA_CODES, handled
-
-EXTRA_CODES[config_mod.ConfigError] = EXIT_BAD_INPUT
+from agent.cli.errors import handled
 
 
 @click.command(name="agent")
@@ -36,9 +34,8 @@ EXTRA_CODES[config_mod.ConfigError] = EXIT_BAD_INPUT
 @handled
 def agent_cmd(config_path: str, check_config: bool, no_interception: bool, successor: bool) -> None:
     """Run the node agent: interception, registry, identity, proxy, DNS, metrics."""
-    from agent import lifecycle, node
+    from agent import lifecycle
 
-    EXTRA_CODES[node.AgentError] = EXIT_SYSTEM
     cfg = config_mod.load(config_path)
     if check_config:
         click.echo(f"{config_path}: ok (node {cfg.node})")

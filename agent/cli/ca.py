@@ -7,18 +7,14 @@ from datetime import UTC, datetime
 
 import click
 
-from agent.cli.errors import EXIT_BAD_INPUT, EXIT_NOT_FOUND, EXTRA_CODES, UserError, handled
+from agent.cli.errors import UserError, handled
 from agent.cli.etcd_options import etcd_tls_options
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from agent.identity.bundle import TrustBundle, write_atomic
 from agent.identity.ca import BUNDLE_FILE, CERT_FILE, DEFAULT_NODE_TTL_S, KEY_FILE, MeshCA, load_bundle
 from agent.identity.certs import CertFacts, facts, load_certs_pem, read_bytes
-from agent.identity.errors import CaFileError, CaNotFoundError, IdentityError
+from agent.identity.errors import CaFileError, CaNotFoundError
 from agent.identity.spiffe import NodeId
-
-# CaNotFoundError first: it is a CaFileError too, and the first match wins.
-EXTRA_CODES.setdefault(CaNotFoundError, EXIT_NOT_FOUND)
-EXTRA_CODES.setdefault(IdentityError, EXIT_BAD_INPUT)
 
 _DIR = click.Path(file_okay=False, dir_okay=True, path_type=str)
 _EXISTING_DIR = click.Path(exists=True, file_okay=False, dir_okay=True, path_type=str)

@@ -13,23 +13,16 @@ from typing import Any
 import click
 
 from agent.cli.errors import (
-    EXIT_BAD_INPUT,
     EXIT_CHECK_FAILED,
     EXIT_NOT_FOUND,
-    EXIT_SYSTEM,
-    EXTRA_CODES,
     handled,
     require_root,
 )
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from bpf import loader
 from bpf.config import DEFAULT_BPFFS_ROOT
-from bpf.errors import BpfConfigError, BpfError, NotInstalledError
+from bpf.errors import NotInstalledError
 from bpf.maps import datapath_status
-
-EXTRA_CODES.setdefault(BpfConfigError, EXIT_BAD_INPUT)
-EXTRA_CODES.setdefault(NotInstalledError, EXIT_NOT_FOUND)
-EXTRA_CODES.setdefault(BpfError, EXIT_SYSTEM)
 
 BPFFS_OPTION = click.option(
     "--bpffs-root",

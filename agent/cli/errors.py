@@ -50,15 +50,36 @@ def _exit_code(e: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-# Registered by other packages (bpf, agent.control, ...) so this module does not
-# need to import them: exception type -> exit code.
-EXTRA_CODES: dict[type[BaseException], int] = {}
+# Other packages' exceptions -> exit code, the most specific of a family first.
+# Named, not imported: commands are loaded lazily, and an exception can only be an
+# instance of a class whose module is loaded, so the classes are looked up in
+# sys.modules when an error happens. Every command gets the same codes.
+_CODES: tuple[tuple[str, str, int], ...] = (
+    ("agent.config", "ConfigError", EXIT_BAD_INPUT),
+    ("agent.node", "AgentError", EXIT_SYSTEM),
+    ("agent.identity.errors", "CaNotFoundError", EXIT_NOT_FOUND),  # a CaFileError too
+    ("agent.identity.errors", "IdentityError", EXIT_BAD_INPUT),
+    ("bpf.errors", "BpfConfigError", EXIT_BAD_INPUT),
+    ("bpf.errors", "NotInstalledError", EXIT_NOT_FOUND),
+    ("bpf.errors", "BpfError", EXIT_SYSTEM),
+    ("agent.control.errors", "InputError", EXIT_BAD_INPUT),
+    ("agent.control.errors", "SettingError", EXIT_BAD_INPUT),
+    ("agent.control.errors", "StateCorruptError", EXIT_BAD_INPUT),
+    ("agent.control.errors", "NotFound", EXIT_NOT_FOUND),
+    ("agent.control.errors", "RegistryError", EXIT_SYSTEM),  # unreachable etcd included
+)
+
+
+def exit_code(e: BaseException) -> int:
+    for module, name, code in _CODES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return code
+    return _exit_code(e)
 
 
 def fail(e: BaseException) -> None:
-    code = next((c for t, c in EXTRA_CODES.items() if isinstance(e, t)), None)
-    if code is None:
-        code = _exit_code(e)
+    code = exit_code(e)
     msg = getattr(e, "message", None) or str(e) or type(e).__name__
     if code == EXIT_INTERNAL:
         msg = f"internal error: {type(e).__name__}: {msg}"

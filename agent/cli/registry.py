@@ -14,10 +14,6 @@ from typing import Any, TypeVar
 import click
 
 from agent.cli.errors import (
-    EXIT_BAD_INPUT,
-    EXIT_NOT_FOUND,
-    EXIT_SYSTEM,
-    EXTRA_CODES,
     UserError,
     handled,
 )
@@ -27,22 +23,12 @@ from agent.control import apply as apply_mod
 from agent.control.backends import read_snapshot
 from agent.control.consul import parse_consul
 from agent.control.errors import (
-    BackendUnavailable,
     InputError,
     NotFound,
-    RegistryError,
-    StateCorruptError,
 )
 from agent.control.model import DEFAULT_VIP_RANGE, Kind
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
-
-# Most specific first: fail() takes the first match.
-EXTRA_CODES.setdefault(InputError, EXIT_BAD_INPUT)
-EXTRA_CODES.setdefault(StateCorruptError, EXIT_BAD_INPUT)
-EXTRA_CODES.setdefault(NotFound, EXIT_NOT_FOUND)
-EXTRA_CODES.setdefault(BackendUnavailable, EXIT_SYSTEM)
-EXTRA_CODES.setdefault(RegistryError, EXIT_SYSTEM)
 
 DEFAULT_REGISTRY_DIR = "/var/lib/nodemesh/registry"
 

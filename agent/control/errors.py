@@ -33,6 +33,10 @@ class InputError(RegistryError):
         self.path = path
 
 
+class SettingError(RegistryError):
+    """A backend setting that cannot work: an etcd URL, a TLS file."""
+
+
 class StateCorruptError(RegistryError):
     """The embedded backend's state file cannot be read back."""
 

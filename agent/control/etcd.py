@@ -43,7 +43,7 @@ from typing import Any
 
 from agent.control import etcd_wire as wire
 from agent.control.backend import Change, Events, Reset
-from agent.control.errors import BackendUnavailable, ConflictError, RegistryError
+from agent.control.errors import BackendUnavailable, ConflictError, RegistryError, SettingError
 from agent.control.h2grpc import GrpcConnection, GrpcError, GrpcUnavailable
 from agent.control.model import GUARD_KEY, PREFIX
 
@@ -160,16 +160,16 @@ class EtcdTls:
 
     def context(self) -> ssl.SSLContext:
         if bool(self.cert) != bool(self.key):
-            raise RegistryError("an etcd client certificate needs its key, and a key its certificate")
+            raise SettingError("an etcd client certificate needs its key, and a key its certificate")
         try:
             ctx = ssl.create_default_context(cafile=self.ca or None)
         except (OSError, ssl.SSLError) as e:
-            raise RegistryError(f"cannot use {self.ca} as the etcd CA: {e}") from e
+            raise SettingError(f"cannot use {self.ca} as the etcd CA: {e}") from e
         if self.cert:
             try:
                 ctx.load_cert_chain(self.cert, self.key)
             except (OSError, ssl.SSLError) as e:
-                raise RegistryError(f"cannot use {self.cert} / {self.key} as the etcd client "
+                raise SettingError(f"cannot use {self.cert} / {self.key} as the etcd client "
                                     f"certificate: {e}") from e
         ctx.set_alpn_protocols(["h2"])
         return ctx
@@ -190,12 +190,12 @@ def parse_endpoints(urls: str | Sequence[str]) -> tuple[_Endpoint, ...]:
         except ValueError:
             port = 0
         if u.scheme not in ("http", "https") or not u.hostname or not port or u.path not in ("", "/"):
-            raise RegistryError(f"etcd URL must look like {_URL_FORM}, got {url!r}")
+            raise SettingError(f"etcd URL must look like {_URL_FORM}, got {url!r}")
         out.append(_Endpoint(url, u.hostname, port, u.scheme == "https"))
     if not out:
-        raise RegistryError("no etcd endpoint given")
+        raise SettingError("no etcd endpoint given")
     if len({ep.tls for ep in out}) > 1:
-        raise RegistryError("etcd endpoints mix http:// and https://: one cluster speaks one of them")
+        raise SettingError("etcd endpoints mix http:// and https://: one cluster speaks one of them")
     return tuple(out)
 
 
@@ -214,7 +214,7 @@ class EtcdBackend:
         if self._eps[0].tls:
             self._tls = (tls or EtcdTls()).context()
         elif tls is not None and (tls.ca or tls.cert):
-            raise RegistryError(f"etcd TLS files are given but {self.url} is http://: use https://")
+            raise SettingError(f"etcd TLS files are given but {self.url} is http://: use https://")
         self._current = 0  # index of the member calls go to
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
