@@ -195,28 +195,11 @@ class Workload:
         }
 
     def to_stored(self) -> dict[str, Any]:
-        """The stored form: :meth:`to_doc` without fields at their default (what
+        """The stored form: :meth:`to_doc` without the fields at their default (what
         :func:`workload_from_doc` fills back in). Every agent decodes every stored
         workload on every change, so the text is kept short."""
-        d: dict[str, Any] = {"name": self.name, "namespace": self.namespace,
-                             "address": self.address}
-        if self.node:
-            d["node"] = self.node
-        if self.service_account != "default":
-            d["serviceAccount"] = self.service_account
-        if self.labels:
-            d["labels"] = dict(sorted(self.labels.items()))
-        if self.ports:
-            d["ports"] = dict(sorted(self.ports.items()))
-        if self.weight != 1:
-            d["weight"] = self.weight
-        if self.locality:
-            d["locality"] = self.locality
-        if self.health != Health.PASSING:
-            d["health"] = self.health.value
-        if self.checks:
-            d["checks"] = [c.to_doc() for c in self.checks]
-        return d
+        return {k: v for k, v in self.to_doc().items()
+                if k not in _WORKLOAD_DEFAULTS or v != _WORKLOAD_DEFAULTS[k]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +262,9 @@ def check_from_doc(c: Mapping[str, Any]) -> CheckSpec:
 
 
 _HEALTH = {h.value: h for h in Health}
+# to_doc() of the field defaults: what to_stored() leaves out (identity fields are always kept)
+_WORKLOAD_DEFAULTS = {k: v for k, v in Workload("x", "x", "0.0.0.0").to_doc().items()
+                      if k not in ("name", "namespace", "address")}
 _EMPTY_CHECKS: tuple[CheckSpec, ...] = ()
 
 
