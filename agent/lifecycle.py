@@ -38,9 +38,10 @@ from agent import handoff
 from agent.admin import HttpEndpoints, Request, Response, listen_tcp
 from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
+from agent.control.screening import report_changes
 from agent.dataplane.route import Directory
 from agent.gcpause import freeze_startup_objects
-from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots
+from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots, workload_guard
 from bpf.config import CaptureConfig, RedirectTarget
 from bpf.maps import datapath_status
 
@@ -313,7 +314,8 @@ class Lifecycle:
                 hint="check registry.endpoints / registry.dir in the config; once running, the agent "
                 "rides out registry outages on its last snapshot",
             )
-        a.directory.current = Directory.build(a.registry.snapshot)
+        a.directory.current = Directory.build(a.registry.snapshot, workload_guard(cfg))
+        report_changes({}, a.directory.current.rejected)
         await asyncio.to_thread(apply_peer_auth, a)  # STRICT pods are enforced before we serve
         for sid in a.local_identities():  # certificates before the first connection
             await a.certs.ensure(sid)

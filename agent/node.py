@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
@@ -39,6 +40,7 @@ from agent.control.backends import open_backend
 from agent.control.dns import MeshDns
 from agent.control.etcd import EtcdTls
 from agent.control.registry import Registry
+from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
 from agent.dataplane.inbound import Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
@@ -150,6 +152,15 @@ class Agent:
         }
 
 
+def workload_guard(cfg: AgentConfig) -> WorkloadGuard:
+    """Addresses no workload may have here: this agent's, its peers', etcd's and the CA's."""
+    a = cfg.addresses
+    control = [urlsplit(u).hostname or "" for u in cfg.registry.endpoints]
+    if cfg.ca_service:
+        control.append(cfg.ca_service.rpartition(":")[0].strip("[]"))
+    return WorkloadGuard.of({"proxy": a.proxy, "hbone": a.hbone, "metrics": a.metrics}, cfg.peers, control)
+
+
 def identity_source(cfg: AgentConfig, clock: SystemClock) -> tuple[Issuer, TrustBundle]:
     """Single host: the CA in-process from ``ca.dir``. Several hosts: the CA service at
     ``ca.service``, authenticated by this node's cert in ``ca.node_dir``."""
@@ -252,6 +263,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             kind="gauge",
         )
     )
+    prom.register(RejectedWorkloadsCollector(lambda: directory.current.rejected))
     return Agent(
         cfg,
         dataplane,
@@ -307,11 +319,15 @@ def apply_peer_auth(agent: Agent) -> None:
 
 async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
     seen: object = None
+    seen_guard = workload_guard(agent.cfg)
     while not stop.is_set():
         snap = agent.registry.snapshot
-        if snap is not seen:  # a new snapshot object (revisions may repeat across a full re-read)
-            seen = snap
-            agent.directory.current = Directory.build(snap)
+        guard = workload_guard(agent.cfg)  # peers may change on reload
+        if snap is not seen or guard != seen_guard:  # a new snapshot object (revisions may repeat)
+            seen, seen_guard = snap, guard
+            before = agent.directory.current.rejected
+            agent.directory.current = Directory.build(snap, guard)
+            report_changes(before, agent.directory.current.rejected)
             await asyncio.to_thread(apply_peer_auth, agent)
             want = agent.local_identities()
             for sid in want:

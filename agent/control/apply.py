@@ -3,7 +3,8 @@
 How this works: :func:`plan` is pure. Given the current stored items and the
 validated resources of one input, it allocates VIPs (keeping a service's VIP
 across re-applies; otherwise the lowest free address of the range), rejects
-duplicates and VIPs already taken, and returns the puts for a single commit.
+duplicates, VIPs already taken and workload addresses another workload has (in
+this input or stored), and returns the puts for a single commit.
 Any error rejects the whole input: nothing is written. :func:`apply` reads the
 backend, plans, and commits guarded on the revision it read, retrying a few
 times if another writer got in between (so two applies never share a VIP).
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 from agent.control.backend import Backend
 from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
 from agent.control.model import (
+    PREFIX,
     Kind,
     Service,
     Workload,
@@ -27,9 +29,11 @@ from agent.control.model import (
     service_from_doc,
     split_key,
 )
+from agent.control.screening import address_key
 from agent.control.validate import IpNetwork, Located
 
 COMMIT_ATTEMPTS = 5
+_WORKLOAD_PREFIX = f"{PREFIX}{Kind.WORKLOAD.value.lower()}/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,42 @@ def _hosts(net: IpNetwork) -> Iterator[str]:
         yield str(ipaddress.ip_address(i))
 
 
+# address key -> (resource key, where it was given in this input, or None when stored)
+_AddressOwners = dict[str, tuple[str, Located | None]]
+
+
+def _workload_addresses(items: Mapping[str, str], resources: Sequence[Located]) -> _AddressOwners:
+    """Addresses of the stored workloads this input does not redefine (a workload
+    applied again may keep or change its address)."""
+    redefined = {loc.resource.key for loc in resources if isinstance(loc.resource, Workload)}
+    out: _AddressOwners = {}
+    for key, value in items.items():
+        if key in redefined or not key.startswith(_WORKLOAD_PREFIX):
+            continue
+        try:
+            address = json.loads(value)["address"]
+            out.setdefault(address_key(address), (key, None))
+        except (ValueError, KeyError, TypeError):
+            continue  # not ours to judge here; the agents skip what they cannot decode
+    return out
+
+
+def _claim_address(owners: _AddressOwners, key: str, r: Workload, loc: Located) -> None:
+    addr = address_key(r.address)
+    owner = owners.get(addr)
+    if owner is not None and owner[0] != key:
+        o = split_key(owner[0])
+        who = f"Workload {o[1]}/{o[2]}" if o else owner[0]
+        first = owner[1]
+        where = ("already in the registry" if first is None
+                 else f"defined at {first.file}:{first.line_of(first.address_path)}")
+        raise loc.fail(loc.address_path,
+                       f"address {r.address} of {_label(r)} is already used by {who} ({where})",
+                       hint="two workloads cannot share an address; delete the old one first "
+                            "if the address moved")
+    owners[addr] = (key, loc)
+
+
 def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNetwork) -> Plan:
     existing: dict[str, Service] = {}
     for key, value in items.items():
@@ -71,6 +111,7 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
             except (ValueError, KeyError, TypeError):
                 continue
     vip_owner = {s.vip: k for k, s in existing.items()}
+    addr_owner = _workload_addresses(items, resources)
     seen: dict[str, Located] = {}
     final: list[tuple[str, Service | Workload]] = []
     for loc in resources:
@@ -90,6 +131,8 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
                                  file=loc.file, line=loc.line, path="spec.vip",
                                  hint="leave spec.vip out to get a free one allocated")
             vip_owner[r.vip] = key
+        if isinstance(r, Workload):
+            _claim_address(addr_owner, key, r, loc)
         final.append((key, r))
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)

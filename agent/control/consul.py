@@ -29,13 +29,13 @@ from agent.control.validate import (
     Located,
     _Doc,
     _int,
-    _ip,
     _labels,
     _map,
     _name,
     _only,
     _str,
     check_from_fields,
+    workload_ip,
 )
 
 SERVICE_LABEL = "nodemesh.io/service"
@@ -105,7 +105,7 @@ def _one(doc: _TextDoc, m: dict[str, Any], path: str,
     wid = _name(doc, _str(doc, m, "id", path, default=name), f"{path}.id")
     ns = _name(doc, _str(doc, m, "namespace", path, default=DEFAULT_NAMESPACE),
                f"{path}.namespace")
-    address = _ip(doc, _str(doc, m, "address", path, required=True), f"{path}.address")
+    address = workload_ip(doc, _str(doc, m, "address", path, required=True), f"{path}.address")
     port = _int(doc, m, "port", path, 1, 65535, required=True)
     meta = _labels(doc, m.get("meta"), f"{path}.meta")
     checks_raw: list[tuple[str, Any]] = []
@@ -130,7 +130,7 @@ def _one(doc: _TextDoc, m: dict[str, Any], path: str,
     labels = {**meta, SERVICE_LABEL: name}
     w = Workload(name=wid, namespace=ns, address=address, node=node, labels=labels,
                  ports={"port": port}, checks=checks)
-    out = [Located(w, doc.file, 1)]
+    out = [Located(w, doc.file, 1, doc, f"{path}.address")]
     if (ns, name) not in existing:
         s = Service(name=name, namespace=ns, vip="", selector={SERVICE_LABEL: name},
                     ports=(ServicePort(f"{proto.value}-{port}", port, "port", proto),))

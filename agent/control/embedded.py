@@ -9,7 +9,9 @@ the old or the new state, never torn. ``changes`` polls the file's stat and
 answers with a full :class:`Reset` when the revision moved.
 
 A state file that cannot be parsed raises :class:`StateCorruptError` naming the
-file; it is never overwritten silently.
+file; it is never overwritten silently. ``changes`` raises it on every call
+while the file stays corrupt (the file's stat is remembered only after a good
+read), so a watching agent stays stale until the file is fixed.
 """
 
 from __future__ import annotations
@@ -150,8 +152,8 @@ class EmbeddedBackend:
         while True:
             st = self._stat()
             if st != self._last_stat or self._seen_revision != after_revision:
+                state = self.read()  # a corrupt file raises, every time, until it is fixed
                 self._last_stat = st
-                state = self.read()
                 self._seen_revision = state.revision
                 if state.revision != after_revision:
                     return state

@@ -83,7 +83,7 @@ class Registry:
         except RegistryError as e:
             if self._stale_since is None:
                 self._stale_since = self._clock()
-                log.warning("registry: %s unreachable, serving revision %d: %s",
+                log.warning("registry: %s failed, serving revision %d: %s",
                             self.backend.location, self._snapshot.revision, e.message)
             self._last_error = e.message
             return False

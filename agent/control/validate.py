@@ -38,6 +38,7 @@ from agent.control.model import (
     Workload,
     canonical_ip,
 )
+from agent.control.screening import address_problem
 from agent.gcpause import paused
 
 API_VERSION = "nodemesh.io/v1"
@@ -106,6 +107,17 @@ class Located:
     resource: Service | Workload
     file: str
     line: int
+    doc: _Doc | None = None  # for errors found later (apply): the line of a field
+    address_path: str = "spec.address"  # where a workload's address is in its document
+
+    def line_of(self, path: str) -> int:
+        return self.line if self.doc is None else self.doc.line_of(path)
+
+    def fail(self, path: str, reason: str, hint: str | None = None) -> InputError:
+        """An error at field ``path`` of this resource: its own line when known."""
+        if self.doc is not None:
+            return self.doc.fail(path, reason, hint)
+        return InputError(reason, file=self.file, line=self.line, path=path, hint=hint)
 
 
 class _Doc:
@@ -226,7 +238,7 @@ def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
             raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
                              line=None if mark is None else mark.line + 1) from None
         doc = _Doc(file, node.start_mark.line + 1, node)
-        out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line))
+        out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line, doc))
     if not out:
         raise InputError("no documents found (expected YAML with apiVersion/kind)", file=file)
     return out
@@ -326,6 +338,17 @@ def _ip(doc: _Doc, v: str, path: str) -> str:
         return canonical_ip(v)
     except ValueError:
         raise doc.fail(path, f"{v!r} is not an IP address") from None
+
+
+def workload_ip(doc: _Doc, v: str, path: str) -> str:
+    """A workload's address: an IP address the proxy may connect to (see
+    :func:`agent.control.screening.address_problem`)."""
+    address = _ip(doc, v, path)
+    problem = address_problem(address)
+    if problem is not None:
+        raise doc.fail(path, f"workload address {problem.detail}",
+                       hint="give the workload its own unicast address (the pod's)")
+    return address
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)", re.ASCII)
@@ -433,7 +456,7 @@ def _workload(doc: _Doc, spec: dict[str, Any], name: str, ns: str, labels: dict[
               ) -> Workload:
     _only(doc, spec, "spec", ("address", "node", "serviceAccount", "ports", "weight",
                               "locality", "health", "checks"))
-    address = _ip(doc, _str(doc, spec, "address", "spec", required=True), "spec.address")
+    address = workload_ip(doc, _str(doc, spec, "address", "spec", required=True), "spec.address")
     ports: dict[str, int] = {}
     pv = spec.get("ports")
     if isinstance(pv, dict):

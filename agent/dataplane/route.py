@@ -12,11 +12,12 @@ pod address, or a :class:`RouteError` naming why not. Endpoint choice is
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from agent.control.model import Service, Workload
-from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
+from agent.control.screening import Rejection, WorkloadGuard
+from agent.control.snapshot import Endpoint, NsName, Snapshot, healthy_endpoints
 from agent.dataplane.lb import Policy
 
 
@@ -53,13 +54,21 @@ class Directory:
 
     snapshot: Snapshot
     by_address: Mapping[str, Workload]
+    rejected: Mapping[NsName, Rejection] = field(default_factory=dict)  # left out by the guard: why
 
     @classmethod
-    def build(cls, snapshot: Snapshot) -> Directory:
+    def build(cls, snapshot: Snapshot, guard: WorkloadGuard | None = None) -> Directory:
+        """With a ``guard`` (the agent always has one), workloads at addresses the proxy must
+        never dial (loopback, this node, peers, duplicates...) are left out of ``snapshot``
+        itself, so neither a pod address nor a service's endpoints can reach them. Without
+        one the snapshot is trusted as is (tests whose pods live on loopback)."""
+        rejected: Mapping[NsName, Rejection] = MappingProxyType({})
+        if guard is not None:
+            snapshot, rejected = guard.screen(snapshot)
         idx: dict[str, Workload] = {}
         for w in snapshot.workloads.values():
             idx[w.address] = w
-        return cls(snapshot, MappingProxyType(idx))
+        return cls(snapshot, MappingProxyType(idx), rejected)
 
     def workload_at(self, address: str) -> Workload | None:
         return self.by_address.get(address)

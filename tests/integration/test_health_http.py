@@ -64,7 +64,7 @@ apiVersion: nodemesh.io/v1
 kind: Workload
 metadata: {{name: web-1, labels: {{app: web}}}}
 spec:
-  address: 127.0.0.1
+  address: 10.244.1.2
   node: node1
   checks:
   - http: http://127.0.0.1:{port}/healthz
@@ -76,7 +76,7 @@ spec:
 apiVersion: nodemesh.io/v1
 kind: Workload
 metadata: {{name: web-2, labels: {{app: web}}}}
-spec: {{address: 127.0.0.2}}
+spec: {{address: 10.244.1.3}}
 """
 
 

@@ -116,7 +116,7 @@ CONSUL_HCL = """
 service {
   name    = "web"
   id      = "web-1"
-  address = "127.0.0.1"
+  address = "10.244.1.7"
   port    = 8080
   meta { protocol = "http" }
   check {
@@ -134,7 +134,7 @@ service {
 def test_consul_hcl_and_json_give_the_same_resources() -> None:
     hcl = parse_consul(CONSUL_HCL, "web.hcl", existing_services={}, node="n1", vip_range=NET)
     as_json = json.dumps({"service": {
-        "name": "web", "id": "web-1", "address": "127.0.0.1", "port": 8080,
+        "name": "web", "id": "web-1", "address": "10.244.1.7", "port": 8080,
         "meta": {"protocol": "http"}, "checks": [{
             "http": "http://127.0.0.1:8080/health", "interval": "1s", "timeout": "500ms",
             "success_before_passing": 2, "failures_before_critical": 3,
