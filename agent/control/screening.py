@@ -122,8 +122,11 @@ class WorkloadGuard:
                 continue
         for name, addr in peers.items():
             out[address_key(addr)] = ("node_address", f"the address of node {name}")
+        roles: dict[str, list[str]] = {}
         for role, addr in own.items():
-            out[address_key(addr)] = ("node_address", f"this agent's {role} address")
+            roles.setdefault(address_key(addr), []).append(role)
+        for key, names in roles.items():
+            out[key] = ("node_address", f"this agent's {' and '.join(names)} address")
         return cls(MappingProxyType(out))
 
     def check(self, w: Workload) -> Rejection | None:
