@@ -17,6 +17,29 @@ Flow control is explicit: received DATA is counted against our windows and
 only credited back when the application calls :meth:`acknowledge_received`
 (after it has written the bytes onwards), which is how backpressure crosses
 the tunnel. Senders ask :meth:`send_window` before :meth:`send_data`.
+
+Stream states (RFC 9113 §5.1) are tracked cheaply: a stream id is *idle* above
+the highest the peer opened (or, of our parity, not yet opened by us), *open*
+while in ``_streams``, and *closed* otherwise. A frame on an idle stream is a
+connection error; DATA on a closed stream is a stream error STREAM_CLOSED
+(the connection window is credited all the same); HEADERS on a closed stream
+is a connection error STREAM_CLOSED; a second HEADERS without END_STREAM on a
+stream whose headers we have is a stream error PROTOCOL_ERROR. Frames still in
+flight on a stream *we* reset (the last ``RECENT_RESETS`` of them) are
+ignored, header blocks still decoded to keep HPACK in step. A stream above
+``max_concurrent_streams`` is refused with RST_STREAM REFUSED_STREAM.
+
+Abuse limits (:mod:`agent.dataplane.h2.limits`, configured in
+:class:`H2Config`): peer resets, streams reset for the peer's errors, PING and
+SETTINGS to acknowledge, acknowledgements queued but not taken, empty frames
+and oversized SETTINGS frames end the connection with GOAWAY
+ENHANCE_YOUR_CALM; the raised :class:`H2ProtocolError` names the limit. Time is
+the caller's: ``receive_data(data, now_s=...)`` (a monotonic clock in seconds;
+omitted, the last value given is kept, so the bursts become lifetime caps).
+
+For the I/O layer, without a log line per frame: :attr:`H2Connection.stats`
+counts events by kind (:data:`STAT_KINDS`), and :attr:`pending_bytes` is what
+``data_to_send()`` would return now.
 """
 
 from __future__ import annotations
@@ -26,9 +49,25 @@ from dataclasses import dataclass, field
 import hpack
 
 from agent.dataplane.h2 import frames as fr
+from agent.dataplane.h2 import limits as lim
 from agent.dataplane.h2.frames import ErrorCode, Flag, FrameType, H2ProtocolError, Setting
 
 Headers = list[tuple[str, str]]
+
+RECENT_RESETS = 1024  # streams we reset whose in-flight frames are ignored (then: closed)
+
+STAT_KINDS = (
+    "peer_reset",  # RST_STREAM received on a stream that was not idle
+    "refused_stream",  # streams refused above max_concurrent_streams
+    "stream_error",  # streams we reset because of the peer's protocol error
+    "empty_frame",  # DATA/HEADERS/CONTINUATION with an empty payload that ended nothing
+    "flood",  # the connection was ended with ENHANCE_YOUR_CALM
+    "protocol_error",  # the connection was ended for another protocol error
+)
+
+# plain ints for the per-frame dispatch (IntEnum member lookups cost more)
+_DATA, _HEADERS, _PRIORITY, _RST, _SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
+_PUSH, _PING, _GOAWAY, _WINDOW, _CONT = 0x5, 0x6, 0x7, 0x8, 0x9
 
 
 # -- events -------------------------------------------------------------------------------
@@ -100,8 +139,24 @@ class H2Config:
     max_frame_bytes: int = 1 << 20
     max_concurrent_streams: int = 1000
     max_header_list_bytes: int = 16_384
+    # abuse limits: see agent/dataplane/h2/limits.py for what each follows
+    max_peer_resets_per_s: float = lim.DEFAULT_MAX_PEER_RESETS_PER_S  # server side only
+    peer_reset_burst: int = lim.DEFAULT_PEER_RESET_BURST
+    max_peer_errors_per_s: float = lim.DEFAULT_MAX_PEER_ERRORS_PER_S  # stream errors, empty frames
+    peer_error_burst: int = lim.DEFAULT_PEER_ERROR_BURST
+    max_control_frames_per_s: float = lim.DEFAULT_MAX_CONTROL_FRAMES_PER_S
+    control_frame_burst: int = lim.DEFAULT_CONTROL_FRAME_BURST
+    max_queued_control_frames: int = lim.DEFAULT_MAX_QUEUED_CONTROL_FRAMES
+    max_settings_entries: int = lim.DEFAULT_MAX_SETTINGS_ENTRIES
 
     def __post_init__(self) -> None:
+        for name in (
+            "max_concurrent_streams", "max_header_list_bytes", "max_peer_resets_per_s", "peer_reset_burst",
+            "max_peer_errors_per_s", "peer_error_burst", "max_control_frames_per_s",
+            "control_frame_burst", "max_queued_control_frames", "max_settings_entries",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not fr.DEFAULT_WINDOW_BYTES <= self.stream_window_bytes <= fr.MAX_WINDOW_BYTES:
             raise ValueError(f"stream_window_bytes {self.stream_window_bytes} out of range")
         if not fr.DEFAULT_WINDOW_BYTES <= self.connection_window_bytes <= fr.MAX_WINDOW_BYTES:
@@ -117,7 +172,7 @@ class _Stream:
     recv_unacked: int = 0  # received and acknowledged by the app, not yet credited
     local_closed: bool = False
     remote_closed: bool = False
-    headers_seen: bool = False
+    headers_seen: bool = False  # the final (non-1xx) header block arrived
 
 
 @dataclass(slots=True)
@@ -125,6 +180,8 @@ class _PendingHeaders:
     stream_id: int
     end_stream: bool
     block: bytearray = field(default_factory=bytearray)
+    error: H2ProtocolError | None = None  # raised once the block is decoded (HPACK stays in step)
+    ignore: bool = False  # a stream we reset: decode and drop
 
 
 class H2Connection:
@@ -136,6 +193,7 @@ class H2Connection:
         self._encoder = hpack.Encoder()
         self._decoder = hpack.Decoder(max_header_list_size=config.max_header_list_bytes)
         self._next_local_id = 1 if config.client else 2
+        self._our_parity = 1 if config.client else 0  # stream ids we open: odd for a client
         self._highest_remote_id = 0
         self._preface_pending = not config.client  # a server first waits for the client preface
         self._pending_headers: _PendingHeaders | None = None
@@ -148,6 +206,14 @@ class H2Connection:
         self._conn_recv_unacked = 0
         self.goaway_received = False
         self.goaway_sent = False
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KINDS, 0)
+        self._failed: H2ProtocolError | None = None
+        self._now_s = 0.0
+        self._reset_by_us: dict[int, None] = {}  # insertion-ordered, at most RECENT_RESETS
+        self._peer_resets = lim.TokenBucket(config.max_peer_resets_per_s, config.peer_reset_burst)
+        self._peer_errors = lim.TokenBucket(config.max_peer_errors_per_s, config.peer_error_burst)
+        self._control_frames = lim.TokenBucket(config.max_control_frames_per_s, config.control_frame_burst)
+        self._queued_control = 0  # acknowledgements and resets queued since data_to_send()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -174,7 +240,13 @@ class H2Connection:
     def data_to_send(self) -> bytes:
         out = b"".join(self._out)
         self._out.clear()
+        self._queued_control = 0
         return out
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for the transport, not yet taken by :meth:`data_to_send`."""
+        return sum(len(b) for b in self._out)
 
     def close(self, error_code: int = ErrorCode.NO_ERROR, debug: bytes = b"") -> None:
         if not self.goaway_sent:
@@ -271,10 +343,17 @@ class H2Connection:
         self._local_close(stream_id, st)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
-        if self._streams.pop(stream_id, None) is not None:
-            self._out.append(
-                fr.encode(FrameType.RST_STREAM, 0, stream_id, int(error_code).to_bytes(4, "big"))
-            )
+        """Reset an open stream (a no-op for one that is closed already)."""
+        if stream_id in self._streams:
+            self._send_rst(stream_id, error_code)
+
+    def _send_rst(self, stream_id: int, error_code: int) -> None:
+        self._streams.pop(stream_id, None)
+        self._out.append(fr.encode(FrameType.RST_STREAM, 0, stream_id, int(error_code).to_bytes(4, "big")))
+        recent = self._reset_by_us
+        recent[stream_id] = None
+        if len(recent) > RECENT_RESETS:
+            del recent[next(iter(recent))]
 
     def acknowledge_received(self, stream_id: int, n: int) -> None:
         """The app has consumed ``n`` flow-controlled bytes: credit them back in batches."""
@@ -308,9 +387,14 @@ class H2Connection:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the transport. Raises H2ProtocolError on a connection error
-        (after queueing GOAWAY); stream errors reset the stream and go on."""
+    def receive_data(self, data: bytes, now_s: float | None = None) -> list[Event]:
+        """Feed bytes from the transport; ``now_s`` is the caller's monotonic clock for the rate
+        limits (omitted: the last value given). Raises H2ProtocolError on a connection error
+        (after queueing GOAWAY), again on every later call; stream errors reset the stream."""
+        if self._failed is not None:
+            raise self._failed
+        if now_s is not None:
+            self._now_s = now_s
         self._in += data
         if self._preface_pending:
             n = min(len(self._in), len(fr.PREFACE))
@@ -331,112 +415,197 @@ class H2Connection:
                 self._on_frame(frame, events)
             except H2ProtocolError as e:
                 if e.stream_id:
-                    self.reset_stream(e.stream_id, e.code)
+                    self._stream_error(e)
                 else:
                     self._fail(e)
         return events
 
     def _fail(self, e: H2ProtocolError) -> None:
+        self.stats["flood" if e.code == ErrorCode.ENHANCE_YOUR_CALM else "protocol_error"] += 1
+        self._failed = e
         self.close(e.code, str(e).encode()[:200])
         raise e
 
+    def _stream_error(self, e: H2ProtocolError) -> None:
+        """Reset the stream the peer broke; too many of these is itself abuse."""
+        if self._is_idle(e.stream_id):  # a RST_STREAM on an idle stream would be our error
+            self._fail(H2ProtocolError(f"{e} (on idle stream {e.stream_id})", e.code))
+        self._send_rst(e.stream_id, e.code)
+        self.stats["refused_stream" if e.code == ErrorCode.REFUSED_STREAM else "stream_error"] += 1
+        c = self.config
+        if not self._peer_errors.take(self._now_s):
+            self._fail(lim.calm(f"streams reset for its errors and empty frames, last: {e}",
+                                "max_peer_errors_per_s", c.max_peer_errors_per_s, c.peer_error_burst))
+        self._queue_control()
+
+    def _queue_control(self) -> None:
+        """An acknowledgement or reset was queued in answer to the peer."""
+        self._queued_control += 1
+        if self._queued_control > self.config.max_queued_control_frames:
+            self._fail(lim.calm("acknowledgements and resets queued but not sent",
+                                "max_queued_control_frames", self.config.max_queued_control_frames))
+
+    def _empty_frame(self, what: str) -> None:
+        """A frame with an empty payload that ends nothing: work for us, none for the peer."""
+        self.stats["empty_frame"] += 1
+        c = self.config
+        if not self._peer_errors.take(self._now_s):
+            self._fail(lim.calm(f"empty {what} frames and streams reset for its errors",
+                                "max_peer_errors_per_s", c.max_peer_errors_per_s, c.peer_error_burst))
+
+    def _is_idle(self, sid: int) -> bool:
+        """Never opened: above what the peer opened, or of our parity and not yet opened by us."""
+        if (sid & 1) == self._our_parity:
+            return sid >= self._next_local_id
+        return sid > self._highest_remote_id
+
     def _on_frame(self, f: fr.Frame, events: list[Event]) -> None:
-        if self._pending_headers is not None and (
-            f.type != FrameType.CONTINUATION or f.stream_id != self._pending_headers.stream_id
-        ):
-            raise H2ProtocolError("expected CONTINUATION of the open header block")
         t = f.type
-        if t == FrameType.DATA:
+        if t == _DATA and self._pending_headers is None:
             self._on_data(f, events)
-        elif t == FrameType.HEADERS:
+            return
+        p = self._pending_headers
+        if p is not None and (t != _CONT or f.stream_id != p.stream_id):
+            raise H2ProtocolError("expected CONTINUATION of the open header block")
+        if t == _HEADERS:
             self._on_headers(f, events)
-        elif t == FrameType.CONTINUATION:
-            if self._pending_headers is None:
+        elif t == _CONT:
+            if p is None:
                 raise H2ProtocolError("CONTINUATION without HEADERS")
-            self._pending_headers.block += f.payload
-            if len(self._pending_headers.block) > 4 * self.config.max_header_list_bytes:
-                raise H2ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
+            p.block += f.payload
+            if len(p.block) > 4 * self.config.max_header_list_bytes:
+                raise lim.calm("header block too large", "max_header_list_bytes",
+                               4 * self.config.max_header_list_bytes)
             if f.flags & Flag.END_HEADERS:
-                p, self._pending_headers = self._pending_headers, None
-                self._headers_done(p.stream_id, bytes(p.block), p.end_stream, events)
-        elif t == FrameType.SETTINGS:
+                self._pending_headers = None
+                self._headers_done(p, events)
+            elif not f.payload:
+                self._empty_frame("CONTINUATION")
+        elif t == _SETTINGS:
             self._on_settings(f, events)
-        elif t == FrameType.WINDOW_UPDATE:
+        elif t == _WINDOW:
             self._on_window_update(f, events)
-        elif t == FrameType.RST_STREAM:
-            if f.stream_id == 0 or len(f.payload) != 4:
-                raise H2ProtocolError(
-                    "malformed RST_STREAM",
-                    ErrorCode.FRAME_SIZE_ERROR if f.stream_id else ErrorCode.PROTOCOL_ERROR,
-                )
-            if self._streams.pop(f.stream_id, None) is not None:
-                events.append(StreamReset(f.stream_id, int.from_bytes(f.payload, "big")))
-        elif t == FrameType.PING:
+        elif t == _RST:
+            self._on_rst_stream(f, events)
+        elif t == _PING:
             if f.stream_id != 0 or len(f.payload) != 8:
                 raise H2ProtocolError("malformed PING", ErrorCode.FRAME_SIZE_ERROR)
             if f.flags & Flag.ACK:
                 events.append(PingAcked(f.payload))
             else:
+                self._control_frame("PING")
                 self._out.append(fr.encode(FrameType.PING, Flag.ACK, 0, f.payload))
-        elif t == FrameType.GOAWAY:
+                self._queue_control()
+        elif t == _GOAWAY:
             if f.stream_id != 0 or len(f.payload) < 8:
                 raise H2ProtocolError("malformed GOAWAY")
             self.goaway_received = True
             last = int.from_bytes(f.payload[:4], "big") & 0x7FFFFFFF
             events.append(ConnectionTerminated(int.from_bytes(f.payload[4:8], "big"), last))
-        elif t == FrameType.PRIORITY:
+        elif t == _PRIORITY:
             if f.stream_id == 0:
                 raise H2ProtocolError("PRIORITY on stream 0")
             if len(f.payload) != 5:
                 raise H2ProtocolError("malformed PRIORITY", ErrorCode.FRAME_SIZE_ERROR, f.stream_id)
-        elif t == FrameType.PUSH_PROMISE:
+        elif t == _PUSH:
             raise H2ProtocolError("PUSH_PROMISE although push is disabled")
         # unknown frame types are ignored (RFC 9113 §4.1)
 
+    def _control_frame(self, what: str) -> None:
+        c = self.config
+        if not self._control_frames.take(self._now_s):
+            self._fail(lim.calm(f"{what} frames to acknowledge", "max_control_frames_per_s",
+                                c.max_control_frames_per_s, c.control_frame_burst))
+
     def _on_data(self, f: fr.Frame, events: list[Event]) -> None:
-        if f.stream_id == 0:
+        sid = f.stream_id
+        if sid == 0:
             raise H2ProtocolError("DATA on stream 0")
         flow = len(f.payload)
         self._conn_recv_window -= flow
         if self._conn_recv_window < 0:
             raise H2ProtocolError("peer overran the connection window", ErrorCode.FLOW_CONTROL_ERROR)
-        st = self._streams.get(f.stream_id)
+        st = self._streams.get(sid)
         if st is None or st.remote_closed:
             # credit the connection window anyway so other streams keep flowing
             self.acknowledge_received(0, flow)
-            raise H2ProtocolError(
-                f"DATA on closed stream {f.stream_id}", ErrorCode.STREAM_CLOSED, f.stream_id
-            )
+            if st is None:
+                if self._is_idle(sid):
+                    raise H2ProtocolError(f"DATA on idle stream {sid}")
+                if sid in self._reset_by_us:
+                    if not flow:
+                        self._empty_frame("DATA")
+                    return  # in flight when we reset it (RFC 9113 §5.1, closed)
+            raise H2ProtocolError(f"DATA on closed stream {sid}", ErrorCode.STREAM_CLOSED, sid)
         st.recv_window -= flow
         if st.recv_window < 0:
             self.acknowledge_received(0, flow)
-            raise H2ProtocolError("peer overran the stream window", ErrorCode.FLOW_CONTROL_ERROR, f.stream_id)
+            raise H2ProtocolError("peer overran the stream window", ErrorCode.FLOW_CONTROL_ERROR, sid)
         data = fr.strip_padding(f)
         end = bool(f.flags & Flag.END_STREAM)
-        events.append(DataReceived(f.stream_id, data, flow, end))
+        if not data and not end:
+            self._empty_frame("DATA")
+        events.append(DataReceived(sid, data, flow, end))
         if end:
-            self._remote_close(f.stream_id, st)
+            self._remote_close(sid, st)
+
+    def _on_rst_stream(self, f: fr.Frame, events: list[Event]) -> None:
+        sid = f.stream_id
+        if sid == 0 or len(f.payload) != 4:
+            raise H2ProtocolError(
+                "malformed RST_STREAM", ErrorCode.FRAME_SIZE_ERROR if sid else ErrorCode.PROTOCOL_ERROR
+            )
+        st = self._streams.pop(sid, None)
+        if st is None and self._is_idle(sid):
+            raise H2ProtocolError(f"RST_STREAM on idle stream {sid}")
+        self.stats["peer_reset"] += 1
+        c = self.config
+        if not c.client and not self._peer_resets.take(self._now_s):
+            self._fail(lim.calm("streams reset by the peer (rapid reset)", "max_peer_resets_per_s",
+                                c.max_peer_resets_per_s, c.peer_reset_burst))
+        if st is not None:
+            events.append(StreamReset(sid, int.from_bytes(f.payload, "big")))
 
     def _on_headers(self, f: fr.Frame, events: list[Event]) -> None:
         sid = f.stream_id
         if sid == 0:
             raise H2ProtocolError("HEADERS on stream 0")
         block = fr.strip_padding(f)
-        end_stream = bool(f.flags & Flag.END_STREAM)
-        if sid not in self._streams:
-            if self.config.client or sid % 2 == 0 or sid <= self._highest_remote_id:
-                raise H2ProtocolError(f"HEADERS on unexpected stream {sid}", ErrorCode.PROTOCOL_ERROR)
-            self._highest_remote_id = sid
-            if len(self._streams) >= self.config.max_concurrent_streams:
-                self._decode(block)  # keep HPACK state in sync
-                raise H2ProtocolError("too many streams", ErrorCode.REFUSED_STREAM, sid)
-            self._streams[sid] = _Stream(
-                send_window=self.peer_initial_window, recv_window=self.config.stream_window_bytes
+        p = _PendingHeaders(sid, bool(f.flags & Flag.END_STREAM), bytearray(block))
+        st = self._streams.get(sid)
+        if st is None:
+            if self._is_idle(sid):
+                if self.config.client or sid % 2 == 0:
+                    raise H2ProtocolError(f"HEADERS on unexpected stream {sid}", ErrorCode.PROTOCOL_ERROR)
+                self._highest_remote_id = sid
+                if len(self._streams) >= self.config.max_concurrent_streams:
+                    p.error = H2ProtocolError(
+                        f"stream {sid} is above max_concurrent_streams={self.config.max_concurrent_streams}",
+                        ErrorCode.REFUSED_STREAM, sid,
+                    )
+                else:
+                    self._streams[sid] = _Stream(
+                        send_window=self.peer_initial_window, recv_window=self.config.stream_window_bytes
+                    )
+            elif sid in self._reset_by_us:
+                p.ignore = True  # in flight when we reset it
+            else:
+                raise H2ProtocolError(f"HEADERS on closed stream {sid}", ErrorCode.STREAM_CLOSED)
+        elif st.remote_closed:
+            p.error = H2ProtocolError(
+                f"HEADERS on stream {sid} after it ended", ErrorCode.STREAM_CLOSED, sid
+            )
+        elif st.headers_seen and not p.end_stream:
+            p.error = H2ProtocolError(
+                f"second HEADERS without END_STREAM on stream {sid} (trailers must end the stream)",
+                ErrorCode.PROTOCOL_ERROR, sid,
             )
         if f.flags & Flag.END_HEADERS:
-            self._headers_done(sid, block, end_stream, events)
+            self._headers_done(p, events)
         else:
-            self._pending_headers = _PendingHeaders(sid, end_stream, bytearray(block))
+            if not block:
+                self._empty_frame("HEADERS")
+            self._pending_headers = p
 
     def _decode(self, block: bytes) -> Headers:
         try:
@@ -445,15 +614,18 @@ class H2Connection:
             raise H2ProtocolError(f"cannot decode header block: {e}", ErrorCode.COMPRESSION_ERROR) from e
         return [(str(k), str(v)) for k, v in decoded]
 
-    def _headers_done(self, sid: int, block: bytes, end_stream: bool, events: list[Event]) -> None:
-        headers = self._decode(block)
-        st = self._streams.get(sid)
-        if st is None:
+    def _headers_done(self, p: _PendingHeaders, events: list[Event]) -> None:
+        headers = self._decode(bytes(p.block))  # always: the HPACK state must stay in step
+        if p.error is not None:
+            raise p.error
+        st = self._streams.get(p.stream_id)
+        if p.ignore or st is None:
             return
-        st.headers_seen = True
-        events.append(HeadersReceived(sid, headers, end_stream))
-        if end_stream:
-            self._remote_close(sid, st)
+        if not (self.config.client and any(k == ":status" and v[:1] == "1" for k, v in headers)):
+            st.headers_seen = True  # (a client may get 1xx blocks before the final one)
+        events.append(HeadersReceived(p.stream_id, headers, p.end_stream))
+        if p.end_stream:
+            self._remote_close(p.stream_id, st)
 
     def _on_settings(self, f: fr.Frame, events: list[Event]) -> None:
         if f.stream_id != 0:
@@ -462,6 +634,10 @@ class H2Connection:
             if f.payload:
                 raise H2ProtocolError("SETTINGS ACK with a payload", ErrorCode.FRAME_SIZE_ERROR)
             return
+        self._control_frame("SETTINGS")
+        if len(f.payload) // 6 > self.config.max_settings_entries:
+            raise lim.calm(f"SETTINGS frame with {len(f.payload) // 6} entries", "max_settings_entries",
+                           self.config.max_settings_entries)
         changed: dict[int, int] = {}
         for key, value in fr.decode_settings(f.payload):
             if key == Setting.INITIAL_WINDOW_SIZE:
@@ -483,6 +659,7 @@ class H2Connection:
                 raise H2ProtocolError("ENABLE_PUSH must be 0 or 1")
             changed[key] = value
         self._out.append(fr.encode(FrameType.SETTINGS, Flag.ACK, 0))
+        self._queue_control()
         events.append(SettingsReceived(changed))
         if Setting.INITIAL_WINDOW_SIZE in changed:
             events.append(WindowUpdated(0))
@@ -490,18 +667,23 @@ class H2Connection:
     def _on_window_update(self, f: fr.Frame, events: list[Event]) -> None:
         if len(f.payload) != 4:
             raise H2ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
+        sid = f.stream_id
         inc = int.from_bytes(f.payload, "big") & 0x7FFFFFFF
-        if inc == 0:
-            raise H2ProtocolError("WINDOW_UPDATE of 0", ErrorCode.PROTOCOL_ERROR, f.stream_id)
-        if f.stream_id == 0:
+        if sid == 0:
+            if inc == 0:
+                raise H2ProtocolError("WINDOW_UPDATE of 0 on the connection")
             self._conn_send_window += inc
             if self._conn_send_window > fr.MAX_WINDOW_BYTES:
                 raise H2ProtocolError("connection window overflow", ErrorCode.FLOW_CONTROL_ERROR)
         else:
-            st = self._streams.get(f.stream_id)
+            st = self._streams.get(sid)
             if st is None:
-                return
+                if self._is_idle(sid):
+                    raise H2ProtocolError(f"WINDOW_UPDATE on idle stream {sid}")
+                return  # closed: may still be in flight (RFC 9113 §6.9)
+            if inc == 0:
+                raise H2ProtocolError(f"WINDOW_UPDATE of 0 on stream {sid}", ErrorCode.PROTOCOL_ERROR, sid)
             st.send_window += inc
             if st.send_window > fr.MAX_WINDOW_BYTES:
-                raise H2ProtocolError("stream window overflow", ErrorCode.FLOW_CONTROL_ERROR, f.stream_id)
-        events.append(WindowUpdated(f.stream_id))
+                raise H2ProtocolError("stream window overflow", ErrorCode.FLOW_CONTROL_ERROR, sid)
+        events.append(WindowUpdated(sid))
