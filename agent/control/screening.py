@@ -136,12 +136,10 @@ class WorkloadGuard:
             key = address_key(w.address)
         except ValueError:  # the model validates addresses; a guard does not trust that
             return Rejection("unspecified", f"{w.address!r} is not an IP address")
-        if problem is not None:
-            return problem
-        hit = self.reserved.get(key)
+        hit = self.reserved.get(key)  # first: "this agent's hbone address" says more than "loopback"
         if hit is not None:
             return Rejection(hit[0], f"{w.address} is {hit[1]}")
-        return None
+        return problem
 
     def screen(self, snapshot: Snapshot) -> tuple[Snapshot, Mapping[NsName, Rejection]]:
         """``snapshot`` without the workloads that may not take traffic, and why each left.
