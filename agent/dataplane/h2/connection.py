@@ -421,9 +421,10 @@ class H2Connection:
         return events
 
     def _fail(self, e: H2ProtocolError) -> None:
-        self.stats["flood" if e.code == ErrorCode.ENHANCE_YOUR_CALM else "protocol_error"] += 1
-        self._failed = e
-        self.close(e.code, str(e).encode()[:200])
+        if self._failed is None:  # (a limit hit inside a frame handler passes here twice)
+            self.stats["flood" if e.code == ErrorCode.ENHANCE_YOUR_CALM else "protocol_error"] += 1
+            self._failed = e
+            self.close(e.code, str(e).encode()[:200])
         raise e
 
     def _stream_error(self, e: H2ProtocolError) -> None:
