@@ -3,8 +3,10 @@
 How this works: :func:`parse_request` is a strict, sans-I/O parser of one
 HTTP/1.1 request head (request line, headers, no body: only GET and HEAD are
 served); :class:`HttpEndpoints` is an asyncio server that answers each
-request from a table of ``path -> handler`` and closes the connection. The
-servers take their listening socket from the caller, so a restarting agent
+request from a table of ``path -> handler`` and closes the connection. It
+accepts through a :class:`agent.dataplane.listener.Listener` (limits, EMFILE
+back-off, a reserve of descriptors so readiness can still answer when all
+others are taken). The servers take their listening socket from the caller, so a restarting agent
 can hand them to its successor (see :mod:`agent.handoff`).
 
 Routes (JSON unless noted):
@@ -25,6 +27,8 @@ import re
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from agent.dataplane.listener import Listener, stream_handler
 
 MAX_HEAD_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
@@ -114,13 +118,16 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class HttpEndpoints:
-    def __init__(self, routes: dict[str, Handler], name: str) -> None:
+    def __init__(self, routes: dict[str, Handler], name: str, listener: Listener | None = None) -> None:
         self.routes = routes
         self.name = name
-        self.server: asyncio.Server | None = None
+        self.listener = listener or Listener(name)
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, sock: socket.socket) -> None:
-        self.server = await asyncio.start_server(self._handle, sock=sock)
+        self._task = asyncio.create_task(
+            self.listener.serve(sock, stream_handler(self._handle)), name=f"listener {self.name}"
+        )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -148,8 +155,13 @@ class HttpEndpoints:
                 writer.close()
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        """Stop accepting (the listening socket stays open: its owner closes it)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 def listen_tcp(host: str, port: int, backlog: int = 1024) -> socket.socket:

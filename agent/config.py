@@ -34,11 +34,19 @@ Example (every key but ``node`` has a default)::
       mode: PERMISSIVE         # STRICT (refused unless it comes from the node proxy), DISABLE
       namespaces: {}           # namespace -> mode
       workloads: {}            # "namespace/name" -> mode (most specific wins)
+      udp: allow               # UDP to a STRICT pod: allow (as Istio) or deny
+      proxy_mark: 0x4d         # SO_MARK on the proxy's pod-facing sockets: its proof
     cert_ttl_s: 86400          # workload certificate lifetime; renewed at half life
     drain_s: 10                # on stop or restart: how long open connections may finish
     runtime_dir: /run/nodemesh # the restart handoff socket lives here
     dns_upstream: null          # host:port for non-mesh names; none: REFUSED
     log_level: info
+    limits:                     # what one peer, or all of them, can hold open (see README: limits)
+      hbone_handshake_timeout_s: 3   # a TLS handshake on 15008 not done by then: closed
+      dns_tcp_idle_timeout_s: 5      # a DNS-over-TCP connection silent this long: closed
+      listeners:                # per listener; over a limit a new connection is reset and counted
+        hbone: {max_connections: 16384, max_connections_per_peer: 2048}
+        # outbound, dns_tcp, admin, metrics, health: the same two keys
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from agent.dataplane.listener import ListenerLimits
 
 
 class ConfigError(Exception):
@@ -103,9 +113,34 @@ class PeerAuthConfig:
     mode: str = "PERMISSIVE"
     namespaces: Mapping[str, str] = field(default_factory=dict)
     workloads: Mapping[str, str] = field(default_factory=dict)  # "ns/name" -> mode
+    udp: str = "allow"  # UDP to a STRICT pod: allow | deny
+    proxy_mark: int = 0x4D  # SO_MARK of the proxy's pod-facing sockets (bpf/peerauth.py)
 
     def mode_of(self, namespace: str, name: str) -> str:
         return self.workloads.get(f"{namespace}/{name}") or self.namespaces.get(namespace) or self.mode
+
+
+# (max_connections, max_connections_per_peer); a peer of 15001 is a local pod, of 15008 a node
+DEFAULT_LISTENER_LIMITS: Mapping[str, tuple[int, int]] = {
+    "outbound": (65536, 16384),
+    "hbone": (16384, 2048),
+    "dns_tcp": (1024, 64),
+    "admin": (64, 32),
+    "metrics": (128, 32),
+    "health": (128, 32),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    listeners: Mapping[str, ListenerLimits] = field(
+        default_factory=lambda: {n: ListenerLimits(*v) for n, v in DEFAULT_LISTENER_LIMITS.items()}
+    )
+    hbone_handshake_timeout_s: float = 3.0
+    dns_tcp_idle_timeout_s: float = 5.0
+
+    def of(self, listener: str) -> ListenerLimits:
+        return self.listeners.get(listener) or ListenerLimits(*DEFAULT_LISTENER_LIMITS[listener])
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +161,7 @@ class AgentConfig:
     cert_ttl_s: int = 86400
     drain_s: float = 10.0
     runtime_dir: str = "/run/nodemesh"
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 class _Reader:
@@ -196,6 +232,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "cert_ttl_s",
             "drain_s",
             "runtime_dir",
+            "limits",
         },
     )
     if "node" not in top:
@@ -291,7 +328,8 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     level = r.string(top, "log_level", "", "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise r.fail("log_level", f"expected debug, info, warning or error, got {level!r}")
-    pa = r.mapping(top.get("peer_authentication"), "peer_authentication", {"mode", "namespaces", "workloads"})
+    pa = r.mapping(top.get("peer_authentication"), "peer_authentication",
+                   {"mode", "namespaces", "workloads", "udp", "proxy_mark"})
 
     def mode(value: object, where: str) -> str:
         if not isinstance(value, str) or value.upper() not in PEER_AUTH_MODES:
@@ -304,10 +342,19 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             raise r.fail(f"peer_authentication.{key}", "expected a mapping of name to mode")
         return {str(k): mode(v, f"peer_authentication.{key}.{k}") for k, v in doc.items()}
 
+    udp = pa.get("udp", "allow")
+    if not isinstance(udp, str) or udp.lower() not in ("allow", "deny"):
+        raise r.fail("peer_authentication.udp", f"expected allow or deny, got {udp!r}")
+    proxy_mark = pa.get("proxy_mark", 0x4D)
+    if isinstance(proxy_mark, bool) or not isinstance(proxy_mark, int) or not 0 < proxy_mark <= 0xFFFFFFFF:
+        raise r.fail("peer_authentication.proxy_mark",
+                     f"expected a mark between 1 and 0xffffffff, got {proxy_mark!r}")
     peer_auth = PeerAuthConfig(
         mode(pa.get("mode", "PERMISSIVE"), "peer_authentication.mode"),
         modes("namespaces"),
         modes("workloads"),
+        udp.lower(),
+        proxy_mark,
     )
     for k in peer_auth.workloads:
         if k.count("/") != 1:
@@ -318,6 +365,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     drain = top.get("drain_s", 10)
     if isinstance(drain, bool) or not isinstance(drain, int | float) or not 0 <= drain <= 3600:
         raise r.fail("drain_s", f"expected seconds between 0 and 3600, got {drain!r}")
+    limits = _limits(r, top.get("limits"))
     return AgentConfig(
         node=node,
         addresses=addresses,
@@ -335,6 +383,39 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         cert_ttl_s=ttl,
         drain_s=drain,
         runtime_dir=r.string(top, "runtime_dir", "", "/run/nodemesh"),
+        limits=limits,
+    )
+
+
+def _limits(r: _Reader, doc: Any) -> LimitsConfig:
+    top = r.mapping(doc, "limits", {"hbone_handshake_timeout_s", "dns_tcp_idle_timeout_s", "listeners"})
+    d = LimitsConfig()
+
+    def seconds(key: str, default: float) -> float:
+        v = top.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0.1 <= v <= 600:
+            raise r.fail(f"limits.{key}", f"expected seconds between 0.1 and 600, got {v!r}")
+        return float(v)
+
+    ls = r.mapping(top.get("listeners"), "limits.listeners", set(DEFAULT_LISTENER_LIMITS))
+    listeners: dict[str, ListenerLimits] = {}
+    for name, (total, per_peer) in DEFAULT_LISTENER_LIMITS.items():
+        where = f"limits.listeners.{name}"
+        one = r.mapping(ls.get(name), where, {"max_connections", "max_connections_per_peer"})
+        values = []
+        for key, default in (("max_connections", total), ("max_connections_per_peer", per_peer)):
+            v = one.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 10_000_000:
+                raise r.fail(f"{where}.{key}", f"expected a number of connections 1-10000000, got {v!r}")
+            values.append(v)
+        if values[1] > values[0]:
+            raise r.fail(f"{where}.max_connections_per_peer",
+                         f"{values[1]} is above max_connections ({values[0]})")
+        listeners[name] = ListenerLimits(values[0], values[1])
+    return LimitsConfig(
+        listeners=listeners,
+        hbone_handshake_timeout_s=seconds("hbone_handshake_timeout_s", d.hbone_handshake_timeout_s),
+        dns_tcp_idle_timeout_s=seconds("dns_tcp_idle_timeout_s", d.dns_tcp_idle_timeout_s),
     )
 
 

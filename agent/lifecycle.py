@@ -6,6 +6,11 @@ How this works: :func:`serve` takes a built :class:`agent.node.Agent`.
   (:mod:`agent.handoff`), else they are opened fresh. Then the proxy, DNS,
   admin (127.0.0.1:15000), metrics (15020) and health (15021) servers start on
   them, ``ready`` is printed and ``READY=1`` sent to systemd.
+- Every TCP listener accepts through :class:`agent.dataplane.listener.Listener`:
+  per-listener and per-peer connection limits (``limits:`` in the config), and
+  an accept loop that outlives ``EMFILE``. While a listener cannot accept,
+  ``/healthz/ready`` answers 503 naming it and ``status`` is degraded. At
+  start the agent raises its open-files soft limit to the hard limit.
 - ``SIGTERM``/``SIGINT``: stop accepting, let open connections finish up to the
   drain deadline, then exit. The eBPF programs stay attached: pods'
   connections are refused until an agent listens again (never sent around
@@ -22,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -39,6 +46,7 @@ from agent.admin import HttpEndpoints, Request, Response, listen_tcp
 from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
 from agent.control.screening import report_changes
+from agent.dataplane.listener import FdReserve, Listener, stream_handler
 from agent.dataplane.route import Directory
 from agent.gcpause import freeze_startup_objects
 from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots, workload_guard
@@ -57,6 +65,21 @@ RELOADABLE = (
     "interception.enroll",
 )
 DRAIN_S = 10.0
+# the agent's own endpoints: they get the descriptor reserve, so readiness answers when none is left
+OWN_ENDPOINTS = ("admin", "metrics", "health")
+TCP_LISTENERS = ("outbound", "hbone", "dns_tcp", *OWN_ENDPOINTS)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; (before, after)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        return soft, soft
+    return soft, hard
 
 
 def _listen_udp(host: str, port: int) -> socket.socket:
@@ -109,8 +132,9 @@ class Lifecycle:
         self.handed_off = False
         self.ready = False
         self.listeners: dict[str, socket.socket] = {}
-        self.servers: list[asyncio.Server] = []
         self.endpoints: list[HttpEndpoints] = []
+        self.reserve: FdReserve | None = None
+        self.accept: dict[str, Listener] = {}
         self._config_mtime = self._mtime()
         self.reloads = 0
         self.restart_needed: list[str] = []
@@ -157,7 +181,12 @@ class Lifecycle:
             "stale_for_s": round(time.monotonic() - reg.stale_since_s, 1) if reg.stale_since_s else None,
             "last_error": reg.last_error,
         }
-        listeners = {name: f"{s.getsockname()[0]}:{s.getsockname()[1]}" for name, s in self.listeners.items()}
+        listeners = {}
+        for name, s in self.listeners.items():
+            with contextlib.suppress(OSError):  # closed while draining
+                listeners[name] = f"{s.getsockname()[0]}:{s.getsockname()[1]}"
+        accepting = {name: lst.health() for name, lst in self.accept.items()}
+        problems = [p for h in accepting.values() if (p := h.problem()) is not None]
         doc = {
             "node": cfg.node,
             "pid": os.getpid(),
@@ -168,6 +197,8 @@ class Lifecycle:
             "registry": registry,
             "certificates": certs,
             "listeners": listeners,
+            "accept": {name: h.to_doc() for name, h in accepting.items()},
+            "degraded": problems,
             "proxy": {
                 "tunnel_connections": a.outbound.pool.size,
                 "tunnel_dials": a.outbound.pool.dials,
@@ -187,6 +218,7 @@ class Lifecycle:
             and certs_ok
             and self.ready
             and not a.peer_auth_errors
+            and not problems
         )
         return doc
 
@@ -195,9 +227,16 @@ class Lifecycle:
     async def _status(self, _r: Request) -> Response:
         return Response.json(await asyncio.to_thread(self.status))
 
+    def listener_problems(self) -> list[str]:
+        return [p for lst in self.accept.values() if (p := lst.health().problem()) is not None]
+
     async def _ready(self, _r: Request) -> Response:
-        ok = self.ready and not self.stop.is_set()
-        return Response.text("ready\n" if ok else "not ready\n", 200 if ok else 503)
+        if not self.ready or self.stop.is_set():
+            return Response.text("not ready\n", 503)
+        problems = self.listener_problems()
+        if problems:
+            return Response.text(f"degraded: {'; '.join(problems)}\n", 503)
+        return Response.text("ready\n")
 
     async def _config(self, _r: Request) -> Response:
         return Response.json(dataclasses.asdict(self.agent.cfg))
@@ -327,11 +366,25 @@ class Lifecycle:
         else:
             ctl, self.listeners = None, open_listeners(cfg)
         ls = self.listeners
-        self.servers = [
-            await asyncio.start_server(a.outbound.handle, sock=ls["outbound"], limit=1 << 20, backlog=1024)
+        self.reserve = FdReserve()
+        self.accept = {
+            name: Listener(name, cfg.limits.of(name), metrics=a.metrics,
+                           reserve=self.reserve if name in OWN_ENDPOINTS else None)
+            for name in TCP_LISTENERS
+        }
+        a.inbound.config = dataclasses.replace(
+            a.inbound.config, handshake_timeout_s=cfg.limits.hbone_handshake_timeout_s
+        )
+        dns_tcp = functools.partial(a.dns.serve_tcp, idle_timeout_s=cfg.limits.dns_tcp_idle_timeout_s)
+        outbound = stream_handler(a.outbound.handle, limit=1 << 20)
+        accept_tasks = [
+            asyncio.create_task(self.accept["outbound"].serve(ls["outbound"], outbound), name="outbound"),
+            asyncio.create_task(a.inbound.serve(ls["hbone"], self.accept["hbone"]), name="listener hbone"),
+            asyncio.create_task(
+                self.accept["dns_tcp"].serve(ls["dns_tcp"], stream_handler(dns_tcp)), name="listener dns_tcp"
+            ),
         ]
-        inbound_task = asyncio.create_task(a.inbound.serve(ls["hbone"]), name="inbound")
-        await a.dns.start_on(ls["dns_udp"], ls["dns_tcp"])
+        await a.dns.start_on(ls["dns_udp"], None)
         admin = HttpEndpoints(
             {
                 "/status": self._status,
@@ -341,9 +394,12 @@ class Lifecycle:
                 "/healthz/ready": self._ready,
             },
             "admin",
+            self.accept["admin"],
         )
-        metrics = HttpEndpoints({"/metrics": self._metrics}, "metrics")
-        health = HttpEndpoints({"/healthz/ready": self._ready, "/status": self._status}, "health")
+        metrics = HttpEndpoints({"/metrics": self._metrics}, "metrics", self.accept["metrics"])
+        health = HttpEndpoints(
+            {"/healthz/ready": self._ready, "/status": self._status}, "health", self.accept["health"]
+        )
         for ep, name in ((admin, "admin"), (metrics, "metrics"), (health, "health")):
             await ep.start(ls[name])
         self.endpoints = [admin, metrics, health]
@@ -375,12 +431,17 @@ class Lifecycle:
             drain_s,
         )
         hs.close()
-        for srv in self.servers:
-            srv.close()  # our copy of the listening socket; a successor keeps its own
-        inbound_task.cancel()
+        for t in accept_tasks:
+            t.cancel()
         for ep in self.endpoints:
             ep.close()
+        await asyncio.gather(*accept_tasks, return_exceptions=True)
+        for ep in self.endpoints:
+            await ep.wait_closed()
+        for name in TCP_LISTENERS:  # our copy of the listening socket; a successor keeps its own
+            self.listeners[name].close()
         await a.dns.stop()
+        await self.accept["dns_tcp"].cancel_connections()
         await a.outbound.drain(drain_s)
         await a.inbound.close()
         await a.outbound.pool.close()
@@ -391,6 +452,7 @@ class Lifecycle:
                 await t
         for s in self.listeners.values():
             s.close()
+        self.reserve.close()
         a.registry.stop()
         if a.dataplane is not None:
             a.dataplane.close()
@@ -437,6 +499,8 @@ def run(cfg: AgentConfig, *, config_path: str | None = None, with_interception: 
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    before, after = raise_open_files_limit()
+    log.info("open files limit: %d%s", after, f" (raised from {before})" if after != before else "")
     agent = build(cfg, with_interception=with_interception)
     life = Lifecycle(agent, config_path)
 

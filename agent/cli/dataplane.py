@@ -127,6 +127,8 @@ def _print_agent(doc: dict[str, Any]) -> None:
     stale = f"STALE for {r['stale_for_s']}s: {r['last_error']}" if r["stale"] else "current"
     click.echo(f"  registry: {r['backend']} {r['location']} revision {r['revision']}, {stale}")
     click.echo("  listeners: " + ", ".join(f"{k} {v}" for k, v in sorted(doc["listeners"].items())))
+    for problem in doc.get("degraded", []):
+        click.echo(f"  DEGRADED: {problem}")
     p = doc["proxy"]
     click.echo(f"  proxy: {p['workloads_on_node']} local workloads, {p['tunnel_connections']} pooled tunnels")
     if doc["certificates"]:
@@ -156,7 +158,7 @@ def status(admin: str, node: str | None, netns: str | None, bpffs_root: str | No
     """Is the mesh working on this node? Interception, registry, certificates, listeners.
 
     Exit codes: 0 healthy; 1 degraded (data path not in place, registry stale,
-    certificate expired, not ready); 3 no agent answered.
+    certificate expired, a listener that cannot accept, not ready); 3 no agent answered.
     """
     if bpffs_root is not None:
         _datapath_status(bpffs_root, output)

@@ -10,6 +10,10 @@ bytes, or None when the name is not ours and should be forwarded. Names we own:
   returns one record per service port, target the service's cluster.local name,
   with its VIP as additional record.
 
+In the agent, TCP connections are accepted by the agent's listener (limits,
+EMFILE back-off) and handed to :meth:`MeshDns.serve_tcp`; :meth:`MeshDns.start`
+serves on its own, for tests and tools.
+
 A/AAAA answer the service VIP: traffic to it is captured by the mesh, which
 balances over healthy endpoints. :class:`MeshDns` serves this on UDP and TCP
 (bind any address, or pass sockets opened inside a netns), forwarding other
@@ -39,7 +43,7 @@ log = logging.getLogger(__name__)
 TTL_S = 5
 MAX_UDP_BYTES = 512
 FORWARD_TIMEOUT_S = 2.0
-TCP_IDLE_TIMEOUT_S = 10.0
+TCP_IDLE_TIMEOUT_S = 5.0  # a TCP client silent this long (also before its first query) is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,14 +196,16 @@ class MeshDns:
         bound = us.getsockname()
         return bound[0], bound[1]
 
-    async def start_on(self, udp_sock: socket.socket, tcp_sock: socket.socket) -> None:
-        """Serve on sockets opened elsewhere (e.g. inside a netns, on a worker thread)."""
+    async def start_on(self, udp_sock: socket.socket, tcp_sock: socket.socket | None) -> None:
+        """Serve on sockets opened elsewhere (e.g. inside a netns, on a worker thread).
+        ``tcp_sock`` None: the caller accepts TCP itself and calls :meth:`serve_tcp`."""
         loop = asyncio.get_running_loop()
         udp_sock.setblocking(False)
-        tcp_sock.setblocking(False)
         transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp_sock)
         self._udp = transport
-        self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp_sock)
+        if tcp_sock is not None:
+            tcp_sock.setblocking(False)
+            self._tcp = await asyncio.start_server(self.serve_tcp, sock=tcp_sock)
 
     async def stop(self) -> None:
         if self._udp is not None:
@@ -262,17 +268,19 @@ class MeshDns:
         finally:
             writer.close()
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                        idle_timeout_s: float = TCP_IDLE_TIMEOUT_S) -> None:
+        """Queries on one TCP connection until EOF, or ``idle_timeout_s`` of silence."""
         try:
             while True:
-                async with asyncio.timeout(TCP_IDLE_TIMEOUT_S):
+                async with asyncio.timeout(idle_timeout_s):
                     head = await reader.readexactly(2)
                     data = await reader.readexactly(int.from_bytes(head, "big"))
                 out = await self.handle(data, udp=False)
                 if not out:
                     return
                 writer.write(len(out).to_bytes(2, "big") + out)
-                async with asyncio.timeout(TCP_IDLE_TIMEOUT_S):
+                async with asyncio.timeout(idle_timeout_s):
                     await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             pass

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from agent.dataplane import hbone
 from agent.dataplane.h2.connection import H2Config
+from agent.dataplane.listener import Listener
 from agent.dataplane.relay import SocketEnd, TunnelEnd, relay
 from agent.dataplane.route import Directory
 from agent.dataplane.tunnel import TunnelConnection, TunnelStream
@@ -37,7 +38,7 @@ class InboundConfig:
     trust_domain: str
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 3600.0
-    handshake_timeout_s: float = 10.0
+    handshake_timeout_s: float = 3.0  # a TCP connection that never completes TLS holds a descriptor
 
 
 class Inbound:
@@ -58,24 +59,25 @@ class Inbound:
         self._conns: set[TunnelConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self, sock: socket.socket) -> None:
+    async def serve(self, sock: socket.socket, listener: Listener | None = None) -> None:
         """Accept on the listening socket until cancelled; each connection in its own task.
 
-        The TLS handshake runs on the accepted socket itself (not on a stream that is
-        already reading), so a refused client is counted and logged with its reason.
+        ``listener`` (limits, EMFILE back-off, what readiness reads) is the agent's; by
+        default one with the default limits. The TLS handshake runs on the accepted socket
+        itself (not on a stream that is already reading), so a refused client is counted
+        and logged with its reason.
         """
-        loop = asyncio.get_running_loop()
-        sock.setblocking(False)
+        await (listener or Listener("hbone", metrics=self.metrics)).serve(sock, self._accepted)
+
+    async def _accepted(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # close() cancels it
+            self._tasks.add(task)
         try:
-            while True:
-                conn, peer = await loop.sock_accept(sock)
-                task = asyncio.create_task(self._handle(conn, peer))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        except asyncio.CancelledError:
-            raise
-        except OSError as e:  # the listening socket was closed under us
-            log.info("inbound: accept loop ends: %s", e)
+            await self._handle(conn, peer)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
 
     async def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         try:

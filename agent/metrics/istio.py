@@ -87,6 +87,30 @@ class MeshMetrics:
         self.active = Gauge(
             "nodemesh_active_connections", "Connections being relayed now", ("direction",), registry=registry
         )
+        # listeners (agent/dataplane/listener.py); label values: listener names, errno names
+        self.listener_accept_errors = Counter(
+            "nodemesh_listener_accept_errors",
+            "accept() failures of a listener that did not end its loop, by errno (EMFILE, ...)",
+            ("listener", "errno"),
+            registry=registry,
+        )
+        self.listener_refused = Counter(
+            "nodemesh_listener_refused_connections",
+            "Connections reset at once for being over a listener's limits, by limit",
+            ("listener", "reason"),
+            registry=registry,
+        )
+        self.listener_connections = Gauge(
+            "nodemesh_listener_connections", "Open accepted connections per listener", ("listener",),
+            registry=registry,
+        )
+        self.tunnel_events = Counter(
+            "nodemesh_tunnel_events",
+            "HBONE connection events: stall, dead_peer, flood, protocol_error, preface_timeout, "
+            "idle_closed, handler_failed",
+            ("kind",),
+            registry=registry,
+        )
         # resolved once: the data path updates these per connection
         self.active_outbound = self.active.labels("outbound")
         self.active_inbound = self.active.labels("inbound")

@@ -139,6 +139,14 @@ def test_unit_stop_timeout_covers_the_drain_and_config_errors_do_not_restart() -
     assert interval / burst >= float(s["RestartSec"][0]), "the start limit must trip before a tight loop"
 
 
+def test_unit_gives_the_agent_enough_descriptors() -> None:
+    # 1024 (systemd's default soft limit) ran out after ~1,000 half-open connections to 15008
+    s = unit_settings()
+    assert "LimitNOFILE" in s, "the unit sets no LimitNOFILE"
+    soft, _, hard = s["LimitNOFILE"][0].partition(":")
+    assert int(soft) >= 65536 and int(hard or soft) >= int(soft), s["LimitNOFILE"]
+
+
 def test_a_config_error_exits_2_naming_the_key(tmp_path: str) -> None:
     # RestartPreventExitStatus=2 relies on this exit code
     path = os.path.join(str(tmp_path), "agent.yaml")
