@@ -46,6 +46,7 @@ from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.route import Directory
+from agent.dataplane.tunnel import BufferBudget
 from agent.identity.bundle import TrustBundle
 from agent.identity.ca import MeshCA
 from agent.identity.clock import SystemClock
@@ -55,9 +56,9 @@ from agent.identity.spiffe import SpiffeId
 from agent.identity.store import CertManager, Issuer, LocalIssuer
 from agent.identity.tls import ClientContexts, ServerContexts
 from agent.metrics.istio import CallbackCollector, MeshMetrics
+from bpf import peerauth
 from bpf.config import CaptureConfig, RedirectTarget
 from bpf.maps import Dataplane
-from netns import kernel
 
 log = logging.getLogger("nodemesh.agent")
 
@@ -219,11 +220,14 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     registry = Registry(backend)
     prom = CollectorRegistry()
     metrics = MeshMetrics(prom)
+    budget = BufferBudget()  # agent-wide: bytes received on tunnel streams, not yet consumed
     directory = DirectoryRef(Directory.build(registry.snapshot))
     pool = TunnelPool(
         certs.ensure,
         ClientContexts(bundle, trust_domain=cfg.trust_domain),
         on_change=lambda n: metrics.tunnel_pool.set(n),
+        budget=budget,
+        on_event=metrics.tunnel_event,
     )
 
     def lookup(peer: tuple[str, int], local: tuple[str, int]) -> tuple[str, int] | None:
@@ -241,11 +245,18 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         balancer=Balancer(),
         metrics=metrics,
     )
+    own = {cfg.addresses.proxy, cfg.addresses.hbone, cfg.addresses.metrics}
     inbound = Inbound(
-        InboundConfig(node=cfg.node, trust_domain=cfg.trust_domain),
+        InboundConfig(
+            node=cfg.node,
+            trust_domain=cfg.trust_domain,
+            reserved_addresses=frozenset(own | set(cfg.peers.values())),
+        ),
         contexts=server_contexts,
         directory=directory,
         metrics=metrics,
+        node_address=lambda n: cfg.addresses.hbone if n == cfg.node else cfg.peers.get(n),
+        budget=budget,
     )
     upstream = None
     if cfg.dns_upstream:
@@ -280,38 +291,38 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     )
 
 
-def pod_interfaces(netns: str) -> list[tuple[str, str]]:
-    """(ifname, IPv4 address) of a pod's interfaces other than loopback."""
-    name = netns.removeprefix("/run/netns/")
-    out: list[tuple[str, str]] = []
-    with kernel.ipr(name) as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for a in ipr.get_addr(family=2):
-            ifname = names.get(a["index"], "")
-            if ifname != "lo":
-                out.append((ifname, a.get_attr("IFA_ADDRESS")))
-    return out
+HOST_NETNS = "/proc/self/ns/net"  # the agent's own netns: where the pods' host-side veths are
+
+
+def pod_interfaces(netns: str) -> list[peerauth.PodLink]:
+    """A pod's interfaces other than loopback, with their IPv4 and IPv6 addresses."""
+    return peerauth.pod_links(netns)
 
 
 def apply_peer_auth(agent: Agent) -> None:
     """Set each enrolled pod's inbound mode (mesh-wide, per namespace, per workload) and
-    make sure its tc filter is attached. Idempotent: run at start and on every snapshot."""
+    make sure the filters on its host-side veth are attached, knowing every address
+    the pod has now. Idempotent: run at start and on every snapshot."""
     dp = agent.dataplane
     if dp is None:
         return
     directory = agent.directory.current
+    pa = agent.cfg.peer_authentication
     agent.peer_auth_errors.clear()
     for ns in agent.cfg.interception.enroll:
         try:
-            for ifname, address in pod_interfaces(ns):
-                w = directory.workload_at(address)
-                mode = (
-                    agent.cfg.peer_authentication.mode_of(w.namespace, w.name)
-                    if w is not None
-                    else agent.cfg.peer_authentication.mode
-                )
-                dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy)
-                dp.attach_inbound_filter(ns, ifname)
+            for link in pod_interfaces(ns):
+                if not link.ip4:
+                    continue
+                pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
+                w = directory.workload_at(pod_ip)
+                mode = pa.mode_of(w.namespace, w.name) if w is not None else pa.mode
+                for address in link.ip4:
+                    dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
+                                     udp=pa.udp, dns_port=agent.cfg.ports.dns)
+                host_if = peerauth.host_peer(HOST_NETNS, ns, link)
+                dp.attach_pod_filters(HOST_NETNS, host_if, pod_ip, [*link.ip4, *link.ip6])
+                peerauth.remove_pod_side_filter(ns, link.ifname)  # left by an older release
         except Exception as e:  # a pod that went away must not stop the others; status shows it
             agent.peer_auth_errors[ns] = str(e)
             log.error("peer authentication NOT enforced for %s: %s", ns, e)

@@ -53,6 +53,10 @@ class PeerAuth(ctypes.Structure):
     _fields_ = [
         ("mode", ctypes.c_uint32),
         ("allowed_ip4", ctypes.c_uint32),
+        ("proxy_mark", ctypes.c_uint32),
+        ("dns_port", ctypes.c_uint16),
+        ("udp", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]
 
 
@@ -61,6 +65,18 @@ class PeerStats(ctypes.Structure):
         ("proxied", ctypes.c_uint64),
         ("plaintext", ctypes.c_uint64),
         ("refused", ctypes.c_uint64),
+    ]
+
+
+class PodIf(ctypes.Structure):
+    _fields_ = [("pod_ip4", ctypes.c_uint32)]
+
+
+class SrcKey(ctypes.Structure):
+    _fields_ = [
+        ("ifindex", ctypes.c_uint32),
+        ("family", ctypes.c_uint32),
+        ("addr", ctypes.c_uint8 * 16),
     ]
 
 
@@ -76,6 +92,8 @@ MAPS: tuple[tuple[str, type[ctypes._SimpleCData[int]] | type[ctypes.Structure],
     ("nm_counters", ctypes.c_uint32, ctypes.c_uint64),
     ("nm_peer_auth", ctypes.c_uint32, PeerAuth),
     ("nm_peer_stats", ctypes.c_uint32, PeerStats),
+    ("nm_pod_if", ctypes.c_uint32, PodIf),
+    ("nm_pod_src", SrcKey, ctypes.c_uint8),
 )
 MAP_NAMES: tuple[str, ...] = tuple(m[0] for m in MAPS)
 
@@ -95,6 +113,8 @@ COUNTERS: tuple[str, ...] = (
     "peer_miss",
     "dns_reply_rewritten",
     "dns_reply_miss",
+    "spoof_dropped",
+    "proxy_unproven",
 )
 
 PROG_TYPE_SCHED_CLS = 3
@@ -133,11 +153,16 @@ class TcProgram:
     prog_type: int
 
 
-INBOUND_TC = TcProgram("inbound_tc", "nm_inbound_tc", PROG_TYPE_SCHED_CLS)
-TC_PROGRAMS: tuple[TcProgram, ...] = (INBOUND_TC,)
+# Both run on the host side of a pod's veth (bpf/peerauth.py attaches them).
+INBOUND_TC = TcProgram("inbound_tc", "nm_inbound_tc", PROG_TYPE_SCHED_CLS)  # egress
+SOURCE_TC = TcProgram("source_tc", "nm_source_tc", PROG_TYPE_SCHED_CLS)  # ingress
+TC_PROGRAMS: tuple[TcProgram, ...] = (INBOUND_TC, SOURCE_TC)
 
-# Same values as NM_PA_* in nodemesh.h.
+# Same values as NM_PA_* / NM_PA_UDP_* in nodemesh.h.
 PEER_AUTH_MODES: dict[str, int] = {"DISABLE": 0, "PERMISSIVE": 1, "STRICT": 2}
+PEER_AUTH_UDP: dict[str, int] = {"allow": 0, "deny": 1}
+SRC_PER_POD = 8  # NM_PA_SRC_PER_POD
+AF_INET, AF_INET6 = 2, 10
 
 
 def ip4_to_map(address: str) -> int:

@@ -12,7 +12,8 @@ The proxy learns where an accepted connection was going with
 proxy's ip:15001), or :meth:`Dataplane.original_dst_of` on the socket itself.
 
 Peer authentication (see :mod:`bpf.peerauth`): per pod, :meth:`Dataplane.set_peer_auth`
-then :meth:`Dataplane.attach_inbound_filter`; :meth:`Dataplane.peer_auth_counters`.
+then :meth:`Dataplane.attach_pod_filters` on its host-side veth;
+:meth:`Dataplane.peer_auth_counters`.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ from bpf.layout import (
     INBOUND_TC,
     MAP_NAMES,
     PEER_AUTH_MODES,
+    PEER_AUTH_UDP,
+    SOURCE_TC,
     Cidr,
     Orig,
     PeerAuth,
     PeerStats,
+    PodIf,
+    SrcKey,
     Target,
     Tuple,
     as_buffer,
@@ -271,13 +276,17 @@ class Dataplane:
 
     # --- peer authentication (bpf/peerauth.py) ------------------------------
 
-    def set_peer_auth(self, pod_ip: str, mode: str, allowed_source: str) -> None:
-        """Set the pod's mode: DISABLE, PERMISSIVE or STRICT; the next SYN sees it.
+    def set_peer_auth(self, pod_ip: str, mode: str, allowed_source: str, *,
+                      proxy_mark: int = peerauth.DEFAULT_PROXY_MARK, udp: str = "allow",
+                      dns_port: int = peerauth.DEFAULT_DNS_PORT) -> None:
+        """Set the pod's mode: DISABLE, PERMISSIVE or STRICT; the next opening packet sees it.
 
         ``allowed_source`` is the node proxy's address as the pod sees it (its
-        gateway). The pod's counters are created at zero if missing and kept.
+        gateway), ``proxy_mark`` the SO_MARK of the proxy's sockets, ``udp``
+        (allow | deny) what a STRICT pod does with UDP. The pod's counters are
+        created at zero if missing and kept.
         """
-        policy = peerauth.PeerAuthPolicy(pod_ip, mode, allowed_source)
+        policy = peerauth.PeerAuthPolicy(pod_ip, mode, allowed_source, proxy_mark, udp, dns_port)
         key = as_buffer(ctypes.c_uint32(policy.key()))
         try:
             syscall.map_update(self._fd("nm_peer_stats"), key, as_buffer(PeerStats()),
@@ -295,8 +304,10 @@ class Dataplane:
             return None
         v = PeerAuth.from_buffer_copy(raw)
         modes = {n: m for m, n in PEER_AUTH_MODES.items()}
+        udps = {n: u for u, n in PEER_AUTH_UDP.items()}
         return peerauth.PeerAuthPolicy(ip4_from_map(key), modes.get(v.mode, "DISABLE"),
-                                       ip4_from_map(v.allowed_ip4))
+                                       ip4_from_map(v.allowed_ip4), int(v.proxy_mark),
+                                       udps.get(v.udp, "allow"), port_from_map(v.dns_port))
 
     def remove_peer_auth(self, pod_ip: str) -> bool:
         """Forget the pod (policy and counters), e.g. when it is deleted."""
@@ -316,22 +327,52 @@ class Dataplane:
     def version(self) -> str:
         return os.path.basename(os.path.normpath(self.pin_dir))
 
-    def attach_inbound_filter(self, netns: str, ifname: str) -> bool:
-        """Attach the pinned inbound program in ``netns`` (name or path) at ``ifname``.
+    def _set_sources(self, ifindex: int, keys: list[SrcKey]) -> None:
+        """Make the pod's allowed sources exactly ``keys`` (new ones first, then stale ones go)."""
+        fd = self._fd("nm_pod_src")
+        want = {bytes(k) for k in keys}
+        for k in keys:
+            syscall.map_update(fd, as_buffer(k), as_buffer(ctypes.c_uint8(1)))
+        for raw in syscall.map_keys(fd, ctypes.sizeof(SrcKey), self._max["nm_pod_src"]):
+            if SrcKey.from_buffer_copy(raw).ifindex == ifindex and bytes(raw) not in want:
+                syscall.map_delete(fd, ctypes.create_string_buffer(bytes(raw), len(raw)))
 
-        Idempotent: False if this version's filter was already there.
+    def attach_pod_filters(self, netns: str, ifname: str, pod_ip: str,
+                           sources: list[str]) -> bool:
+        """Bind the pod's host-side veth ``ifname`` in ``netns`` (the node's netns, a name or
+        a path): its policy is ``pod_ip``'s, it may send only from ``sources`` (every
+        address of the pod, IPv6 link-local included). Then attach both host-side
+        programs. Idempotent: False if this version's filters were already there.
         """
-        peerauth.netns_path(netns)
-        peerauth.check_ifname(ifname)
-        fd = syscall.obj_get(pins.prog_pin(self.pin_dir, INBOUND_TC))
+        peerauth.pod_key(pod_ip)
+        ifindex = peerauth.host_ifindex(netns, ifname)
+        keys = peerauth.source_keys(ifindex, sources)
+        self._set_sources(ifindex, keys)
+        syscall.map_update(self._fd("nm_pod_if"), as_buffer(ctypes.c_uint32(ifindex)),
+                           as_buffer(PodIf(ip4_to_map(pod_ip))))
+        fds: list[int] = []
         try:
-            return peerauth.attach_inbound_filter(netns, ifname, fd, self.version)
+            filters = []
+            for prog, parent in ((SOURCE_TC, peerauth.INGRESS_PARENT),
+                                 (INBOUND_TC, peerauth.EGRESS_PARENT)):
+                fds.append(syscall.obj_get(pins.prog_pin(self.pin_dir, prog)))
+                filters.append(peerauth.HostFilter(prog, parent, fds[-1]))
+            return peerauth.attach_host_filters(netns, ifname, filters, self.version)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
 
-    def detach_inbound_filter(self, netns: str, ifname: str) -> bool:
-        """Remove the inbound filter; False if it was not attached."""
-        return peerauth.detach_inbound_filter(netns, ifname)
+    def detach_pod_filters(self, netns: str, ifname: str) -> bool:
+        """Remove both host-side filters and the veth's map entries; False if not attached."""
+        path, name = peerauth.netns_path(netns), peerauth.check_ifname(ifname)
+        try:
+            ifindex = peerauth.host_ifindex(path, name)
+        except BpfConfigError:  # the veth is gone: its filters went with it
+            return False
+        had = peerauth.detach_host_filters(path, name)
+        self._set_sources(ifindex, [])
+        syscall.map_delete(self._fd("nm_pod_if"), as_buffer(ctypes.c_uint32(ifindex)))
+        return had
 
     # --- observability ----------------------------------------------------
 

@@ -15,8 +15,9 @@
  *   NM_MAX_PORTS      entries of the excluded-ports set
  *   NM_DNS_PORT       the UDP port treated as DNS (53)
  *
- * The peer-authentication maps (nm_peer_auth, nm_peer_stats) are sized by
- * NM_MAX_ENROLLED too: one entry per pod on the node.
+ * The peer-authentication maps (nm_peer_auth, nm_peer_stats, nm_pod_if) are
+ * sized by NM_MAX_ENROLLED too: one entry per pod on the node; nm_pod_src
+ * holds up to NM_PA_SRC_PER_POD addresses per pod.
  */
 #ifndef NODEMESH_H
 #define NODEMESH_H
@@ -81,6 +82,8 @@ enum nm_counter {
     NM_C_PEER_MISS,            /* getpeername on a captured socket: no record */
     NM_C_DNS_REPLY_REWRITTEN,  /* recvmsg source restored to the resolver */
     NM_C_DNS_REPLY_MISS,       /* DNS reply from the proxy without record */
+    NM_C_SPOOF_DROPPED,        /* a pod sent from an address not its own: dropped (source_tc.c) */
+    NM_C_PROXY_UNPROVEN,       /* opening packet from the gateway without the proxy's mark */
     NM_C_MAX,
 };
 
@@ -199,30 +202,56 @@ static __always_inline struct nm_orig *nm_orig_of(void *ctx, struct bpf_sock *sk
     return o;
 }
 
-/* ---- peer authentication (inbound_tc.c) ----------------------------------
- * A tc classifier at ingress of each enrolled pod's interface, inside the
- * pod's netns, looks at connection-opening TCP packets (SYN without ACK) to
- * the pod. Key of both maps: the pod's IPv4 address (network order). */
+/* ---- peer authentication (inbound_tc.c, source_tc.c) ----------------------
+ * Two tc classifiers on the *host side* of each enrolled pod's veth, in the
+ * node's netns (see bpf/peerauth.py for why there):
+ *   egress  (inbound_tc.c): judges what is about to enter the pod;
+ *   ingress (source_tc.c):  drops what the pod sends from addresses not its own.
+ * nm_pod_if maps the host-side ifindex to the pod's IPv4 address, the key of
+ * nm_peer_auth and nm_peer_stats. */
 #define NM_PA_OFF 0
 #define NM_PA_PERMISSIVE 1
 #define NM_PA_STRICT 2
+
+#define NM_PA_UDP_ALLOW 0
+#define NM_PA_UDP_DENY 1
+
+#define NM_PA_SRC_PER_POD 8
 
 #define NM_TC_ACT_OK 0
 #define NM_TC_ACT_SHOT 2
 
 struct nm_peer_auth {
-    __u32 mode;           /* NM_PA_* */
-    __u32 allowed_ip4;    /* the node proxy as the pod sees it (its gateway) */
+    __u32 mode;        /* NM_PA_* */
+    __u32 allowed_ip4; /* the node proxy as the pod sees it (its gateway) */
+    __u32 proxy_mark;  /* skb->mark of the proxy's sockets (SO_MARK), never 0 */
+    __u16 dns_port;    /* network order: UDP from allowed_ip4 and this port is the node DNS */
+    __u8 udp;          /* NM_PA_UDP_*: UDP to a STRICT pod */
+    __u8 pad;
 };
 
 /* Counters of connection attempts to one pod; atomic adds. */
 struct nm_peer_stats {
-    __u64 proxied;   /* from allowed_ip4: passed */
+    __u64 proxied;   /* from the node proxy (gateway address and mark): passed */
     __u64 plaintext; /* from elsewhere, PERMISSIVE: passed */
-    __u64 refused;   /* from elsewhere, STRICT: dropped */
+    __u64 refused;   /* from elsewhere, STRICT: dropped (UDP: per datagram) */
+};
+
+/* Value of nm_pod_if; key: ifindex of the pod's host-side veth. */
+struct nm_pod_if {
+    __u32 pod_ip4;     /* key of nm_peer_auth / nm_peer_stats */
+};
+
+/* Key of nm_pod_src: an address the pod behind ifindex may send from. */
+struct nm_src_key {
+    __u32 ifindex;
+    __u32 family;      /* NM_AF_INET (addr[0..4]) or NM_AF_INET6 */
+    __u8 addr[16];
 };
 
 BPF_HASH(nm_peer_auth, __u32, struct nm_peer_auth, NM_MAX_ENROLLED);
 BPF_HASH(nm_peer_stats, __u32, struct nm_peer_stats, NM_MAX_ENROLLED);
+BPF_HASH(nm_pod_if, __u32, struct nm_pod_if, NM_MAX_ENROLLED);
+BPF_HASH(nm_pod_src, struct nm_src_key, __u8, NM_MAX_ENROLLED * NM_PA_SRC_PER_POD);
 
 #endif /* NODEMESH_H */

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import re
+import socket
 
 import pytest
 from hypothesis import given
@@ -13,7 +15,19 @@ from hypothesis import strategies as st
 from bpf import loader, peerauth
 from bpf.config import SOURCES_DIR
 from bpf.errors import BpfConfigError, BpfError
-from bpf.layout import MAPS, PEER_AUTH_MODES, TC_PROGRAMS, PeerAuth, PeerStats, ip4_to_map
+from bpf.layout import (
+    COUNTERS,
+    MAPS,
+    PEER_AUTH_MODES,
+    PEER_AUTH_UDP,
+    SRC_PER_POD,
+    TC_PROGRAMS,
+    PeerAuth,
+    PeerStats,
+    PodIf,
+    SrcKey,
+    ip4_to_map,
+)
 from bpf.maps import Dataplane
 from bpf.peerauth import PeerAuthPolicy, resolve_mode
 
@@ -100,7 +114,9 @@ def test_dataplane_validates_before_touching_a_map() -> None:
     with pytest.raises(BpfConfigError, match="pod_ip"):
         dp.peer_auth_counters("10.0.0.256")
     with pytest.raises(BpfConfigError, match="netns"):
-        dp.attach_inbound_filter("nodemesh-no-such-netns-xyz", "eth0")
+        dp.attach_pod_filters("nodemesh-no-such-netns-xyz", "eth0", POD, [POD])
+    with pytest.raises(BpfConfigError, match="udp"):
+        dp.set_peer_auth(POD, "STRICT", GW, udp="drop")
     with pytest.raises(BpfError, match="closed"):  # valid input does reach the map
         dp.set_peer_auth(POD, "STRICT", GW)
 
@@ -110,12 +126,21 @@ def test_c_constants_and_layouts_match_python() -> None:
     for name, value in PEER_AUTH_MODES.items():
         c_name = {"DISABLE": "OFF"}.get(name, name)
         assert re.search(rf"#define NM_PA_{c_name} {value}\b", header), name
-    assert ctypes.sizeof(PeerAuth) == 8 and ctypes.sizeof(PeerStats) == 24
+    for name, value in PEER_AUTH_UDP.items():
+        assert re.search(rf"#define NM_PA_UDP_{name.upper()} {value}\b", header), name
+    assert re.search(rf"#define NM_PA_SRC_PER_POD {SRC_PER_POD}\b", header)
+    assert ctypes.sizeof(PeerAuth) == 16 and ctypes.sizeof(PeerStats) == 24
+    assert ctypes.sizeof(PodIf) == 4 and ctypes.sizeof(SrcKey) == 24
     maps = {m[0]: m for m in MAPS}
     assert maps["nm_peer_auth"][1:] == (ctypes.c_uint32, PeerAuth)
     assert maps["nm_peer_stats"][1:] == (ctypes.c_uint32, PeerStats)
-    for name in ("nm_peer_auth", "nm_peer_stats"):
+    assert maps["nm_pod_if"][1:] == (ctypes.c_uint32, PodIf)
+    assert maps["nm_pod_src"][1:] == (SrcKey, ctypes.c_uint8)
+    for name in ("nm_peer_auth", "nm_peer_stats", "nm_pod_if"):
         assert re.search(rf"BPF_HASH\({name}, __u32, struct {name}, NM_MAX_ENROLLED\)", header)
+    # Counter slots: the C enum and COUNTERS in the same order.
+    enum = re.findall(r"^\s+NM_C_([A-Z_0-9]+)", header.split("enum nm_counter")[1].split("};")[0], re.M)
+    assert [e.lower() for e in enum if e != "MAX"] == list(COUNTERS)
 
 
 def test_tc_program_is_part_of_the_one_module() -> None:
@@ -125,8 +150,37 @@ def test_tc_program_is_part_of_the_one_module() -> None:
         assert f"int {prog.func}(struct __sk_buff *skb)" in _read(f"{prog.name}.c")
     # The header comes first: every map exists once for all programs.
     assert src.index("---- nodemesh.h ----") < src.index("---- inbound_tc.c ----")
+    assert src.index("---- nodemesh.h ----") < src.index("---- source_tc.c ----")
 
 
 def test_filter_tag_carries_the_version() -> None:
     assert peerauth.filter_tag("v1-0123456789ab") == "nm_inbound_tc:v1-0123456789ab"
+    assert peerauth.filter_tag("v1-0", "nm_source_tc") == "nm_source_tc:v1-0"
     assert 0 < peerauth.FILTER_PRIO < 0x10000
+
+
+def test_policy_carries_mark_udp_and_dns_port() -> None:
+    p = PeerAuthPolicy(POD, "STRICT", GW, 0x4D, "DENY", 15053)
+    v = p.value()
+    assert (p.udp, v.udp, v.proxy_mark) == ("deny", 1, 0x4D)
+    assert v.dns_port == socket.htons(15053)
+    assert PeerAuthPolicy(POD, "STRICT", GW).value().udp == 0  # allow by default, as Istio
+    for kw, field in (({"proxy_mark": 0}, "proxy_mark"), ({"proxy_mark": 1 << 32}, "proxy_mark"),
+                      ({"proxy_mark": True}, "proxy_mark"), ({"udp": "drop"}, "udp"),
+                      ({"dns_port": 70000}, "dns_port")):
+        with pytest.raises(BpfConfigError, match=field):
+            PeerAuthPolicy(POD, "STRICT", GW, **kw)  # type: ignore[arg-type]
+
+
+def test_source_keys_cover_ipv4_and_ipv6_link_local() -> None:
+    keys = peerauth.source_keys(7, [POD, "fe80::1%eth0", "fd00::2"])
+    assert [(k.ifindex, k.family) for k in keys] == [(7, 2), (7, 10), (7, 10)]
+    assert bytes(keys[0].addr)[:4] == bytes([10, 244, 1, 2])
+    assert bytes(keys[1].addr) == ipaddress.IPv6Address("fe80::1").packed
+    for bad, field in ((["0.0.0.0"], "sources"), (["::"], "sources"), (["ff02::1"], "sources"),
+                       (["127.0.0.1"], "sources"), ([], "sources"), ([POD] * 9, "sources"),
+                       ("10.0.0.1", "sources"), ([3], "sources")):
+        with pytest.raises(BpfConfigError, match=field):
+            peerauth.source_keys(7, bad)  # type: ignore[arg-type]
+    with pytest.raises(BpfConfigError, match="ifindex"):
+        peerauth.source_keys(0, [POD])
