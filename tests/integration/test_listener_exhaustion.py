@@ -186,6 +186,7 @@ def test_descriptor_exhaustion_is_reported_and_recovers(
         assert connected > NOFILE  # the kernel completed them; the agent could not accept them all
         # while exhausted: status and readiness say degraded and name the listener
         rc, out = status(bed, "n1")
+        assert out.startswith("{"), f"the agent did not answer status while exhausted: {out}"
         doc = json.loads(out)
         assert rc == 1 and doc["ok"] is False, doc
         assert any(f"listener {listener} cannot accept" in d and "EMFILE" in d for d in doc["degraded"]), doc
