@@ -13,6 +13,12 @@ certificate it was opened with. Once the source identity has a renewed cert,
 that connection takes no new streams (its open streams finish undisturbed)
 and new streams go over a connection handshaked with the new cert; drained
 old connections are closed by :meth:`reap`.
+
+Stalled connections: a connection whose watchdog found it making no progress
+while it had data to send is *retired* (see :mod:`agent.dataplane.tunnel`): it
+takes no new streams, so the next stream dials a fresh connection; the
+retired one is closed by :meth:`reap` once its streams ended (or by its
+watchdog, at once, when the peer is dead).
 """
 
 from __future__ import annotations
@@ -25,11 +31,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from agent.dataplane.h2.connection import H2Config, Headers
-from agent.dataplane.tunnel import TunnelConnection, TunnelError, TunnelStream
+from agent.dataplane.tunnel import (
+    BufferBudget,
+    EventSink,
+    TunnelConnection,
+    TunnelError,
+    TunnelLimits,
+    TunnelStream,
+)
 from agent.identity.certs import WorkloadCert
 from agent.identity.errors import PeerRejected
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import ClientContexts, connect_tls
+from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +76,9 @@ class TunnelPool:
         idle_timeout_s: float = 300.0,
         h2_config: H2Config | None = None,
         on_change: Callable[[int], None] | None = None,
+        tunnel_limits: TunnelLimits | None = None,
+        budget: BufferBudget | None = None,
+        on_event: EventSink | None = None,
     ) -> None:
         self.certs = certs
         self.contexts = contexts
@@ -71,6 +88,10 @@ class TunnelPool:
         self.h2_config = h2_config or H2Config(client=True)
         self._entries: dict[PoolKey, _Entry] = {}
         self._on_change = on_change
+        self.tunnel_limits = tunnel_limits or TunnelLimits()
+        self.budget = budget or BufferBudget()
+        self._on_event = on_event
+        self.rlog = RateLimitedLog(log)
         self.dials = 0
 
     @property
@@ -138,7 +159,17 @@ class TunnelPool:
         except OSError as e:
             raise TunnelError(f"cannot reach tunnel {host}:{port}: {e}") from e
         self.dials += 1
-        conn = TunnelConnection(reader, writer, client=True, config=self.h2_config, name=f"{host}:{port}")
+        conn = TunnelConnection(
+            reader,
+            writer,
+            client=True,
+            config=self.h2_config,
+            name=f"{host}:{port}",
+            limits=self.tunnel_limits,
+            budget=self.budget,
+            on_event=self._on_event,
+            rlog=self.rlog,
+        )
         conn.cert_fingerprint = source.fingerprint_sha256
         return conn
 
@@ -151,7 +182,7 @@ class TunnelPool:
             idle = now - entry.last_used >= self.idle_timeout_s
             for c in list(entry.conns):
                 superseded = c.cert_fingerprint != newest  # renewed: drained old connection
-                if c.active_streams == 0 and (idle or superseded):
+                if c.active_streams == 0 and (idle or superseded or c.retired):
                     await c.close()
                     entry.conns.remove(c)
                     closed += 1

@@ -4,21 +4,43 @@ How this works: one pump per direction: read, write, drain (or for a tunnel
 stream: wait for flow-control credit), and only then read again, so a slow
 receiver slows the sender and nothing buffers without bound. End of stream on
 one side becomes a half-close (``write_eof``) on the other; the relay ends when
-both directions ended, when either side fails (the other is aborted), or when
-no byte moved in either direction for ``idle_timeout_s``.
+both directions ended, when either side fails, or when no byte moved in either
+direction for ``idle_timeout_s``.
+
+An abnormal end is passed on as an abnormal end, as it would be without the
+mesh: when either side fails (a reset, a write error, a reset stream, a dead
+tunnel) both are aborted, a socket with SO_LINGER 0 (its peer gets a TCP RST,
+never a FIN that would make a truncated transfer look complete) and a tunnel
+stream with RST_STREAM ``CONNECT_ERROR`` (RFC 9113 §8.5). Tunnel streams are
+released at the end, so the credit of anything left unread comes back.
+
+A socket's end of stream is passed on only once what we sent to that socket's
+peer has been delivered (its kernel send queue is empty): a peer that closed
+while our data was still on its way answers that data with a reset, and that
+reset, not the FIN before it, is what the other side must see (as a client
+talking to the server directly would).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
+import os
 import socket
+import struct
+import termios
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.dataplane.h2.frames import ErrorCode
 from agent.dataplane.tunnel import TunnelStream
 
+LINGER_ZERO = struct.pack("ii", 1, 0)
+SETTLE_TIMEOUT_S = 2.0  # how long an end of stream waits for our data to reach that peer
+SETTLE_POLL_S = 0.002
 CHUNK_BYTES = 256 * 1024
 DRAIN_ABOVE_BYTES = 256 * 1024  # below this the kernel and transport buffers absorb the write
 
@@ -48,7 +70,33 @@ class SocketEnd:
     def ack(self, credit: int) -> None:
         pass
 
+    def failure(self) -> BaseException | None:
+        """The error this socket ended with (a reset from its peer), if any."""
+        exc = self.reader.exception()
+        if exc is not None:
+            return exc
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except (OSError, ValueError):
+            return None
+        return ConnectionResetError(err, os.strerror(err)) if err else None
+
+    def unsent_bytes(self) -> int:
+        """Bytes we wrote that the peer has not acknowledged yet (transport + kernel queue)."""
+        n = self.writer.transport.get_write_buffer_size()
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                n += struct.unpack("i", buf)[0]
+        return n
+
     async def write(self, data: bytes) -> None:
+        if self.writer.is_closing():
+            raise self.failure() or ConnectionResetError(errno.EPIPE, "connection closed")
         self.writer.write(data)
         if self.writer.transport.get_write_buffer_size() >= DRAIN_ABOVE_BYTES or self.writer.is_closing():
             await self.writer.drain()  # backpressure: wait until the peer reads
@@ -59,8 +107,12 @@ class SocketEnd:
                 self.writer.write_eof()
 
     def abort(self) -> None:
-        transport = self.writer.transport
-        transport.abort()
+        """End abnormally: the peer gets a TCP RST (SO_LINGER 0), not a FIN."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None and not self.writer.transport.is_closing():
+            with contextlib.suppress(OSError, ValueError):  # (uvloop: ValueError once closed)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+        self.writer.transport.abort()
 
     def close(self) -> None:
         self.writer.close()
@@ -83,7 +135,7 @@ class TunnelEnd:
         self.stream.write_eof()
 
     def abort(self) -> None:
-        self.stream.reset()
+        self.stream.reset(ErrorCode.CONNECT_ERROR)
 
 
 @dataclass(slots=True)
@@ -102,19 +154,41 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
         if isinstance(src, TunnelEnd) and isinstance(dst, SocketEnd):
             src.stream.set_sink(dst.writer.transport)
 
+    ended: set[End] = set()
+
+    async def settle(sock: SocketEnd, other: End) -> None:
+        """``sock``'s peer ended its side: before passing that on, let what still flows *to*
+        that peer (from ``other``) arrive, or fail with the reset the peer answers it with."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        while True:
+            exc = sock.failure()
+            if exc is not None:
+                raise exc
+            queued = other.stream.queued_bytes if isinstance(other, TunnelEnd) else 0
+            if (other in ended or queued == 0) and sock.unsent_bytes() == 0:
+                return
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(SETTLE_POLL_S)
+
     async def pump(src: End, dst: End, forward: bool) -> None:
         while True:
             data, credit = await src.read()
             if not data and not credit:
+                if isinstance(src, SocketEnd):
+                    await settle(src, dst)  # a reset for our data in flight beats this FIN
                 dst.write_eof()
+                ended.add(src)
                 return
-            if data:
-                await dst.write(data)
-                if forward:
-                    result.sent_bytes += len(data)
-                else:
-                    result.received_bytes += len(data)
-            src.ack(credit)
+            try:
+                if data:
+                    await dst.write(data)
+                    if forward:
+                        result.sent_bytes += len(data)
+                    else:
+                        result.received_bytes += len(data)
+            finally:
+                src.ack(credit)  # also when the write failed: those bytes are gone, the credit not
             last[0] = time.monotonic()
 
     def direct() -> int:
@@ -146,6 +220,10 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
                     result.error = f"{type(t.exception()).__name__}: {t.exception()}"
                     pending.clear()
                     break
+        if not result.error and not result.idle_timeout:
+            failed = next((e.failure() for e in (a, b) if isinstance(e, SocketEnd) and e.failure()), None)
+            if failed is not None:  # a reset that came after both directions ended
+                result.error = f"{type(failed).__name__}: {failed}"
         if result.error or result.idle_timeout:
             a.abort()
             b.abort()
@@ -155,6 +233,9 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
         for t in (*pumps, dog):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+    for end in (a, b):
+        if isinstance(end, TunnelEnd):
+            end.stream.release()
     if isinstance(a, TunnelEnd):
         result.sent_bytes += a.stream.direct_bytes
     if isinstance(b, TunnelEnd):

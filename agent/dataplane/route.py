@@ -102,3 +102,12 @@ def decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
         )
         return Route(None, dst_port, (ep,), Policy.ROUND_ROBIN)
     raise RouteError(f"{dst_address}:{dst_port} is neither a service VIP nor a known workload", flag="NR")
+
+
+def identity_nodes(snapshot: Snapshot) -> Mapping[tuple[str, str], frozenset[str]]:
+    """(namespace, service account) -> the nodes the registry places its workloads on."""
+    places: dict[tuple[str, str], set[str]] = {}
+    for w in snapshot.workloads.values():
+        if w.node:
+            places.setdefault((w.namespace, w.service_account), set()).add(w.node)
+    return MappingProxyType({k: frozenset(v) for k, v in places.items()})

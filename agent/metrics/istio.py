@@ -115,6 +115,9 @@ class MeshMetrics:
         self.active_outbound = self.active.labels("outbound")
         self.active_inbound = self.active.labels("inbound")
 
+    def tunnel_event(self, kind: str) -> None:
+        self.tunnel_events.labels(kind).inc()
+
     def opened(self, labels: ConnLabels) -> None:
         self.tcp_opened.labels(*labels.values()).inc()
 

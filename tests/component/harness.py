@@ -95,7 +95,12 @@ async def start_node(
     metrics = MeshMetrics(registry)
     server_contexts = ServerContexts(ca.bundle, trust_domain=TD)
     certs.subscribe(server_contexts.set_identity)
-    pool = TunnelPool(certs.ensure, ClientContexts(ca.bundle, trust_domain=TD), connect_timeout_s=3.0)
+    pool = TunnelPool(
+        certs.ensure,
+        ClientContexts(ca.bundle, trust_domain=TD),
+        connect_timeout_s=3.0,
+        on_event=metrics.tunnel_event,
+    )
 
     def lookup(peer: tuple[str, int], local: tuple[str, int]) -> tuple[str, int] | None:
         return mesh.original_dst.get(peer) or mesh.original_dst.get((peer[0], 0))
@@ -110,10 +115,11 @@ async def start_node(
         metrics=metrics,
     )
     inbound = Inbound(
-        InboundConfig(node=name, trust_domain=TD),
+        InboundConfig(node=name, trust_domain=TD, loopback_pods=True),
         contexts=server_contexts,
         directory=lambda: mesh.directory,
         metrics=metrics,
+        node_address=lambda n: "127.0.0.1" if n in hbone_ports or n == name else None,
     )
     node = Node(name, metrics, registry, certs, server_contexts, outbound, inbound)
     # certs for the workloads this node hosts (the agent does this on each snapshot)
