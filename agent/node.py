@@ -237,7 +237,12 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         return None if o is None else (o.ip, o.port)
 
     outbound = Outbound(
-        OutboundConfig(node=cfg.node, trust_domain=cfg.trust_domain, hbone_port=cfg.ports.hbone),
+        OutboundConfig(
+            node=cfg.node,
+            trust_domain=cfg.trust_domain,
+            hbone_port=cfg.ports.hbone,
+            proxy_mark=cfg.peer_authentication.proxy_mark,
+        ),
         directory=directory,
         original_dst=lookup,
         node_address=cfg.peers.get,
@@ -251,6 +256,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             node=cfg.node,
             trust_domain=cfg.trust_domain,
             reserved_addresses=frozenset(own | set(cfg.peers.values())),
+            proxy_mark=cfg.peer_authentication.proxy_mark,
         ),
         contexts=server_contexts,
         directory=directory,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from agent.dataplane import hbone
 from agent.dataplane.h2.connection import H2Config
 from agent.dataplane.listener import Listener
+from agent.dataplane.podsock import open_pod
 from agent.dataplane.relay import SocketEnd, TunnelEnd, relay
 from agent.dataplane.route import Directory, identity_nodes
 from agent.dataplane.tunnel import BufferBudget, TunnelConnection, TunnelLimits, TunnelStream
@@ -49,6 +50,8 @@ class InboundConfig:
     reserved_ports: frozenset[int] = RESERVED_PORTS
     # loopback/link-local/... targets are refused; only in-process tests put pods on loopback
     loopback_pods: bool = False
+    # SO_MARK on sockets to local pods: how a STRICT pod's filter knows the proxy (0: none)
+    proxy_mark: int = 0
 
 
 class Inbound:
@@ -202,7 +205,7 @@ class Inbound:
         try:
             try:
                 async with asyncio.timeout(self.config.connect_timeout_s):
-                    r, wr = await asyncio.open_connection(req.target.address, req.target.port, limit=1 << 20)
+                    r, wr = await open_pod(req.target.address, req.target.port, self.config.proxy_mark)
             except (OSError, TimeoutError) as e:
                 return await self._refuse(
                     stream, "upstream_connect_failed", 503, f"cannot connect to {req.target.authority}: {e}"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from agent.control.snapshot import Endpoint
 from agent.dataplane import hbone
 from agent.dataplane.lb import Balancer, endpoint_key
+from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.relay import End, SocketEnd, TunnelEnd, relay
 from agent.dataplane.route import Directory, RouteError, decide
@@ -46,6 +47,8 @@ class OutboundConfig:
     max_attempts: int = 3
     idle_timeout_s: float = 3600.0
     hbone_port: int = 15008
+    # SO_MARK on sockets to local pods: how a STRICT pod's filter knows the proxy (0: none)
+    proxy_mark: int = 0
 
 
 class Outbound:
@@ -146,7 +149,7 @@ class Outbound:
     async def _connect(self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, peer: tuple[str, int]) -> End:
         if ep.node == self.config.node:
             async with asyncio.timeout(self.config.connect_timeout_s):
-                r, w = await asyncio.open_connection(ep.address, ep.port, limit=1 << 20)
+                r, w = await open_pod(ep.address, ep.port, self.config.proxy_mark)
             return SocketEnd(r, w)
         node_addr = self.node_address(ep.node)
         if node_addr is None:

@@ -316,6 +316,12 @@ class TunnelConnection:
         if sock is not None:  # small frames (acks, window updates, requests) must not wait for Nagle
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # drain() waits at DRAIN_ABOVE_BYTES, so the transport must pause writers there too:
+        # uvloop's TLS transport pauses only at 512 KiB by default, and writer.drain() returns
+        # at once below that, which made drain() spin and starve the loop (seen in the chaos
+        # suite: a peer that reads slowly froze the whole agent).
+        with contextlib.suppress(AttributeError, NotImplementedError, ValueError):
+            writer.transport.set_write_buffer_limits(high=DRAIN_ABOVE_BYTES, low=DRAIN_ABOVE_BYTES // 4)
         self.h2 = H2Connection(config or H2Config(client=client))
         self.limits = limits or TunnelLimits()
         self.budget = budget or BufferBudget()
@@ -394,9 +400,15 @@ class TunnelConnection:
             if self._unflushed:
                 self._flush_now()
                 continue
+            before = self._buffered()
             try:
                 async with asyncio.timeout(self.limits.stall_timeout_s):
                     await self.writer.drain()
+                    while self._buffered() >= before and not self.writer.is_closing():
+                        # drain() returned without the buffer shrinking (a transport whose
+                        # pause mark is above ours): poll, never spin
+                        await asyncio.sleep(0.002)
+                        await self.writer.drain()
             except TimeoutError:
                 self._stalled("the peer read nothing", close=True)
                 raise TunnelError("tunnel stalled: the peer stopped reading") from None

@@ -79,17 +79,26 @@ ROLES: dict[str, meshbed.Role] = {
 # data: the kernel resets), 9002 streams for up to 20 s, 9003 sends 100 kB and resets.
 SERVERS = textwrap.dedent(
     """
-    import asyncio, socket, struct
+    import asyncio, socket, struct, threading
+    def early_one(c):  # blocking: what it did not read stays in the kernel, as the issue's server
+        got = 0
+        try:
+            while got < 1000:
+                d = c.recv(1000 - got)
+                if not d:
+                    break
+                got += len(d)
+        except OSError:
+            pass
+        c.close()
+    def early_server(ls):
+        while True:
+            c, _ = ls.accept()
+            threading.Thread(target=early_one, args=(c,), daemon=True).start()
     async def http(r, w):
         try:
             await r.readuntil(b"\\r\\n\\r\\n")
             w.write(b"HTTP/1.0 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok"); await w.drain()
-        except Exception:
-            pass
-        w.close()
-    async def early(r, w):
-        try:
-            await r.readexactly(1000)
         except Exception:
             pass
         w.close()
@@ -113,7 +122,11 @@ SERVERS = textwrap.dedent(
             pass
         w.transport.abort()
     async def main():
-        for port, fn in ((8080, http), (9000, early), (9002, stream), (9003, resetter)):
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("0.0.0.0", 9000)); ls.listen(1024)
+        threading.Thread(target=early_server, args=(ls,), daemon=True).start()
+        for port, fn in ((8080, http), (9002, stream), (9003, resetter)):
             await asyncio.start_server(fn, "0.0.0.0", port, backlog=1024)
         print("ready", flush=True)
         await asyncio.Event().wait()
