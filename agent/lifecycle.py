@@ -47,6 +47,7 @@ from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
 from agent.control.screening import report_changes
 from agent.dataplane.listener import FdReserve, Listener, stream_handler
+from agent.dataplane.relay import SOCKET_READ_LIMIT
 from agent.dataplane.route import Directory
 from agent.gcpause import freeze_startup_objects
 from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots, workload_guard
@@ -376,7 +377,7 @@ class Lifecycle:
             a.inbound.config, handshake_timeout_s=cfg.limits.hbone_handshake_timeout_s
         )
         dns_tcp = functools.partial(a.dns.serve_tcp, idle_timeout_s=cfg.limits.dns_tcp_idle_timeout_s)
-        outbound = stream_handler(a.outbound.handle, limit=1 << 20)
+        outbound = stream_handler(a.outbound.handle, limit=SOCKET_READ_LIMIT)
         accept_tasks = [
             asyncio.create_task(self.accept["outbound"].serve(ls["outbound"], outbound), name="outbound"),
             asyncio.create_task(a.inbound.serve(ls["hbone"], self.accept["hbone"]), name="listener hbone"),

@@ -23,7 +23,7 @@ from agent.dataplane import hbone
 from agent.dataplane.h2.connection import H2Config
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
-from agent.dataplane.relay import SocketEnd, TunnelEnd, relay
+from agent.dataplane.relay import SOCKET_READ_LIMIT, SocketEnd, TunnelEnd, relay
 from agent.dataplane.route import Directory, identity_nodes
 from agent.dataplane.tunnel import BufferBudget, TunnelConnection, TunnelLimits, TunnelStream
 from agent.identity.errors import PeerRejected
@@ -205,7 +205,9 @@ class Inbound:
         try:
             try:
                 async with asyncio.timeout(self.config.connect_timeout_s):
-                    r, wr = await open_pod(req.target.address, req.target.port, self.config.proxy_mark)
+                    r, wr = await open_pod(
+                        req.target.address, req.target.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT
+                    )
             except (OSError, TimeoutError) as e:
                 return await self._refuse(
                     stream, "upstream_connect_failed", 503, f"cannot connect to {req.target.authority}: {e}"

@@ -25,7 +25,7 @@ from agent.dataplane import hbone
 from agent.dataplane.lb import Balancer, endpoint_key
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
-from agent.dataplane.relay import End, SocketEnd, TunnelEnd, relay
+from agent.dataplane.relay import SOCKET_READ_LIMIT, End, SocketEnd, TunnelEnd, relay
 from agent.dataplane.route import Directory, RouteError, decide
 from agent.dataplane.tunnel import TunnelError
 from agent.identity.spiffe import SpiffeId
@@ -149,7 +149,7 @@ class Outbound:
     async def _connect(self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, peer: tuple[str, int]) -> End:
         if ep.node == self.config.node:
             async with asyncio.timeout(self.config.connect_timeout_s):
-                r, w = await open_pod(ep.address, ep.port, self.config.proxy_mark)
+                r, w = await open_pod(ep.address, ep.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT)
             return SocketEnd(r, w)
         node_addr = self.node_address(ep.node)
         if node_addr is None:

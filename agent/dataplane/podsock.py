@@ -61,9 +61,11 @@ async def dial_pod(host: str, port: int, *, mark: int, timeout_s: float,
         raise
 
 
-async def open_pod(host: str, port: int, mark: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_pod(
+    host: str, port: int, mark: int, *, limit: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection to a local pod as the proxy makes it: marked when ``mark`` is set (the
     caller bounds the time). Without a mark (tests whose pods sit on loopback) a plain one."""
     if mark:
-        return await dial_pod(host, port, mark=mark, timeout_s=3600.0)
-    return await asyncio.open_connection(host, port, limit=1 << 20)
+        return await dial_pod(host, port, mark=mark, timeout_s=3600.0, limit=limit)
+    return await asyncio.open_connection(host, port, limit=limit)

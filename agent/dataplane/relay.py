@@ -43,6 +43,10 @@ SETTLE_TIMEOUT_S = 2.0  # how long an end of stream waits for our data to reach 
 SETTLE_POLL_S = 0.002
 CHUNK_BYTES = 256 * 1024
 DRAIN_ABOVE_BYTES = 256 * 1024  # below this the kernel and transport buffers absorb the write
+# StreamReader limit of the sockets the proxy relays (apps, pods): the transport stops reading
+# the socket at twice this while the other side is slow, so each relayed connection holds at
+# most ~2x this in user space (1 MiB let 200 never-read streams cost 400 MB)
+SOCKET_READ_LIMIT = 32 * 1024
 
 
 class End(Protocol):
@@ -160,8 +164,14 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
         """``sock``'s peer ended its side: before passing that on, let what still flows *to*
         that peer (from ``other``) arrive, or fail with the reset the peer answers it with."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        # uvloop: a write that met the peer's RST consumed the socket error and scheduled
+        # connection_lost(exc) for the next loop pass, while the read already returned EOF.
+        # One pass lets that error arrive; a transport closing under us is that error too.
+        await asyncio.sleep(0)
         while True:
             exc = sock.failure()
+            if exc is None and sock.writer.transport.is_closing():
+                exc = ConnectionResetError(errno.ECONNRESET, "connection reset while writing to it")
             if exc is not None:
                 raise exc
             queued = other.stream.queued_bytes if isinstance(other, TunnelEnd) else 0
@@ -172,7 +182,12 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
             await asyncio.sleep(SETTLE_POLL_S)
 
     async def pump(src: End, dst: End, forward: bool) -> None:
+        congested = dst.stream.conn if isinstance(dst, TunnelEnd) and isinstance(src, SocketEnd) else None
         while True:
+            if congested is not None:
+                # take nothing from the socket while the tunnel cannot send: a peer that stops
+                # reading must not make every stream hold a chunk (the kernel holds it instead)
+                await congested.drain()
             data, credit = await src.read()
             if not data and not credit:
                 if isinstance(src, SocketEnd):

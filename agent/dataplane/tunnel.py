@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK_BYTES = 256 * 1024
 DRAIN_ABOVE_BYTES = 256 * 1024
+CLOSE_GRACE_S = 5.0  # a closed connection's last bytes get this long before the socket is aborted
+HOSTILE_GRACE_S = 0.5  # ... and this long after the peer broke HTTP/2 (time to send GOAWAY)
 URGENT_BELOW_BYTES = 16 * 1024  # smaller writes are sent at once, larger ones batched per loop pass
 PROBE = b"nm-probe"
 
@@ -466,7 +468,7 @@ class TunnelConnection:
                     self._event(kind)
                     self.rlog.warning(kind, "tunnel %s: ended, peer broke HTTP/2: %s", self.name, e)
                     self._flush_now()
-                    why = f"protocol error: {e}"
+                    self._close_all(f"protocol error: {e}", hostile=True)
                     break
                 if events:
                     self._frames_seen = True
@@ -574,7 +576,7 @@ class TunnelConnection:
             self._event("stall")
             self.rlog.warning("stall", "tunnel %s stalled (%s): retired from the pool", self.name, why)
         if close:
-            self._close_all(f"stalled: {why}")
+            self._close_all(f"stalled: {why}", hostile=True)
 
     async def _watch(self) -> None:
         lim = self.limits
@@ -585,7 +587,7 @@ class TunnelConnection:
                 now = time.monotonic()
                 if server and not self._frames_seen and now - self._last_rx >= lim.preface_timeout_s:
                     self._event("preface_timeout")
-                    self._close_all("no HTTP/2 preface")
+                    self._close_all("no HTTP/2 preface", hostile=True)
                     return
                 if server and not self._streams and now - self._last_rx >= lim.idle_timeout_s:
                     self._event("idle_closed")
@@ -605,10 +607,15 @@ class TunnelConnection:
                     self.rlog.warning(
                         "dead_peer", "tunnel %s: peer did not answer a PING: closing", self.name
                     )
-                    self._close_all("peer did not answer a PING")
+                    self._close_all("peer did not answer a PING", hostile=True)
                     return
 
-    def _close_all(self, why: str) -> None:
+    def _close_all(self, why: str, *, hostile: bool = False) -> None:
+        """End the connection. A TLS close waits for our last bytes (GOAWAY, close_notify)
+        to be read and, meanwhile, reads and drops whatever the peer sends (uvloop: at
+        hundreds of MB/s, even with reading paused). So a close is aborted after a grace,
+        and a hostile peer's (it broke HTTP/2) is never closed gracefully: reading stops at
+        once and the socket is aborted when the GOAWAY had a short chance to leave."""
         if self.closed:
             return
         self.closed = True
@@ -617,9 +624,17 @@ class TunnelConnection:
             st._on_reset(ErrorCode.CONNECT_ERROR)
         self._streams.clear()
         with contextlib.suppress(Exception):
-            self.writer.close()
+            if hostile:  # (uvloop's TLS transport is no asyncio.ReadTransport subclass)
+                getattr(self.writer.transport, "pause_reading")()  # noqa: B009
+            else:
+                self.writer.close()
+        self._loop.call_later(HOSTILE_GRACE_S if hostile else CLOSE_GRACE_S, self._abort_transport)
         if asyncio.current_task() is not self._watchdog:
             self._watchdog.cancel()
+
+    def _abort_transport(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.transport.abort()
 
     async def close(self, timeout_s: float = 2.0) -> None:
         if not self.closed:
