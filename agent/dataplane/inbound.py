@@ -159,7 +159,10 @@ class Inbound:
 
     async def _refuse(self, stream: TunnelStream, reason: str, status: int, message: str) -> None:
         self.metrics.tunnel_rejections.labels(reason).inc()
-        self.rlog.warning(reason, "inbound: %s", message)
+        if reason == "upstream_connect_failed":  # the pod's state, not a peer's misdeed
+            self.rlog.info(reason, "inbound: %s", message)
+        else:
+            self.rlog.warning(reason, "inbound: %s", message)
         await stream.respond(status, message, end=True)
 
     async def _serve_stream(self, stream: TunnelStream, client: SpiffeId, peer: tuple[str, int]) -> None:

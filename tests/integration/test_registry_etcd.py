@@ -17,7 +17,11 @@ from tests.integration.etcd_fixture import Etcd, Partition, running_etcd
 NET = parse_vip_range("10.96.0.0/16")
 
 
+SERVICE_NET = {"web": 1, "api": 101}  # each service its own addresses: apply refuses duplicates
+
+
 def docs(service: str, n: int, ns: str = "default") -> str:
+    net = SERVICE_NET[service]
     out = [f"""apiVersion: nodemesh.io/v1
 kind: Service
 metadata: {{name: {service}, namespace: {ns}}}
@@ -29,7 +33,7 @@ spec:
         out.append(f"""apiVersion: nodemesh.io/v1
 kind: Workload
 metadata: {{name: {service}-{i}, namespace: {ns}, labels: {{app: {service}}}}}
-spec: {{address: 10.244.{1 + i // 250}.{2 + i % 250}, node: node{i % 3}}}
+spec: {{address: 10.244.{net + i // 250}.{2 + i % 250}, node: node{i % 3}}}
 """)
     return "---\n".join(out)
 
