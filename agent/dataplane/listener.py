@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.metrics.istio import MeshMetrics
+from agent.ratelog import LogLimiter
 
 log = logging.getLogger(__name__)
 
@@ -112,25 +113,6 @@ def backoff_s(consecutive_errors: int) -> float:
     if consecutive_errors <= 0:
         return 0.0
     return min(FIRST_BACKOFF_S * float(2 ** min(consecutive_errors - 1, 16)), MAX_BACKOFF_S)
-
-
-class LogLimiter:
-    """One log line per key per interval; counts what it held back (time is an input)."""
-
-    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def tick(self, key: str, now_s: float) -> int | None:
-        """An event of ``key`` at ``now_s``: the number of events this line stands for
-        (1 + those held back since the last line), or None to log nothing now."""
-        last = self._last.get(key)
-        if last is not None and now_s - last < self.interval_s:
-            self._held[key] = self._held.get(key, 0) + 1
-            return None
-        self._last[key] = now_s
-        return 1 + self._held.pop(key, 0)
 
 
 class FdReserve:
@@ -236,7 +218,7 @@ class Listener:
         self.metrics = metrics
         self.reserve = reserve
         self.clock = clock
-        self.logs = log_limiter or LogLimiter()
+        self.logs = log_limiter or LogLimiter(LOG_INTERVAL_S)
         self.accept_errors = 0
         self.refused = 0
         self._failing_since_s: float | None = None

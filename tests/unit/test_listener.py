@@ -20,9 +20,9 @@ from agent.dataplane.listener import (
     FdReserve,
     ListenerHealth,
     ListenerLimits,
-    LogLimiter,
     backoff_s,
 )
+from agent.ratelog import LogLimiter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
