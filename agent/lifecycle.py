@@ -410,6 +410,7 @@ class Lifecycle:
                 HealthMonitor(cfg.node, a.backend, lambda: a.registry.snapshot).run(self.stop)
             ),
             asyncio.create_task(self._watch_config(), name="config"),
+            asyncio.create_task(a.memory.run(self.stop), name="memory"),
         ]
         if ctl is not None:
             await asyncio.to_thread(handoff.confirm, ctl)  # the old agent drains from here on
@@ -424,6 +425,7 @@ class Lifecycle:
         )
         if ready is not None:
             ready()
+        a.memory.rebase()
         await self.stop.wait()
         log.info(
             "agent %s %s: draining for up to %.0fs",

@@ -55,6 +55,7 @@ from agent.identity.service import CaClient, RemoteIssuer
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import CertManager, Issuer, LocalIssuer
 from agent.identity.tls import ClientContexts, ServerContexts
+from agent.memtrim import MemoryTrimmer
 from agent.metrics.istio import CallbackCollector, MeshMetrics
 from bpf import peerauth
 from bpf.config import CaptureConfig, RedirectTarget
@@ -142,6 +143,7 @@ class Agent:
     inbound: Inbound
     dns: MeshDns
     directory: DirectoryRef
+    memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
     peer_auth_errors: dict[str, str] = field(default_factory=dict)  # pod netns -> why not enforced
 
     def local_identities(self) -> set[SpiffeId]:
@@ -281,6 +283,14 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         )
     )
     prom.register(RejectedWorkloadsCollector(lambda: directory.current.rejected))
+    memory = MemoryTrimmer()
+    prom.register(
+        CallbackCollector(
+            "nodemesh_memory",
+            lambda: {"trims": memory.stats.trims, "returned_bytes": memory.stats.returned_bytes},
+            doc="malloc_trim calls after bursts, and the RSS they gave back",
+        )
+    )
     return Agent(
         cfg,
         dataplane,
@@ -294,6 +304,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         inbound,
         dns,
         directory,
+        memory,
     )
 
 
