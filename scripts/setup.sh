@@ -10,7 +10,7 @@
 #   4. mounts bpffs at /sys/fs/bpf if it is not mounted;
 #   5. finds the cgroup v2 mount (unified or hybrid) and records it;
 #   6. creates .venv (Debian's python3), makes Debian's BCC importable from it,
-#      installs the project with its test extras.
+#      installs the project with its test and bench extras.
 # A second run with nothing to do finishes in a few seconds.
 set -euo pipefail
 
@@ -123,9 +123,9 @@ ln -sfn "$BCC_DIR" "$SITE/bcc"
 STAMP="$VENV/.nodemesh-installed"
 WANT=$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
-  say "installing nodemesh and its test extras into $VENV"
+  say "installing nodemesh and its test and bench extras into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[test,bench]"
   printf '%s\n' "$WANT" > "$STAMP"
 else
   say "nodemesh already installed in $VENV"

@@ -313,9 +313,10 @@ def quiet_log(chaos: Chaos, node: str, offset: int, max_lines: int = 40) -> None
     assert len(lines) <= max_lines, f"{len(lines)} log lines on {node}:\n" + "\n".join(lines[:20])
 
 
-@pytest.fixture(scope="module")
-def chaos() -> Iterator[Chaos]:
-    prefix = run_prefix("c")
+@contextlib.contextmanager
+def chaos_mesh(prefix: str) -> Iterator[Chaos]:
+    """The three-node mesh with its servers running, warmed, baseline taken; torn down after
+    (also on failure). Used by this suite and by scripts/bench_soak.py."""
     topo = testbed.up(topology.plan(topology.default_spec(prefix, 3, 2)))
     try:
         with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES)) as bed:
@@ -349,6 +350,12 @@ def chaos() -> Iterator[Chaos]:
     finally:
         testbed.down(prefix)
         shutil.rmtree(f"/run/nodemesh/{prefix}-mesh", ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def chaos() -> Iterator[Chaos]:
+    with chaos_mesh(run_prefix("c")) as c:
+        yield c
 
 
 def test_500_abnormal_endings_of_each_kind_across_nodes_then_curl_is_fast(chaos: Chaos) -> None:
