@@ -332,3 +332,65 @@ def test_data_on_a_refused_stream_after_the_reset_is_ignored() -> None:
     out = [fr.encode(f.type, f.flags, f.stream_id, f.payload) for f in frames_out(p.ours.data_to_send())]
     assert out.count(rst(3, ErrorCode.REFUSED_STREAM)) == 1
     assert not any(isinstance(e, DataReceived) for e in ev)
+
+
+# -- frames that cost us parsing and give nothing: PRIORITY and WINDOW_UPDATE floods -----------
+
+
+def window_update(sid: int, inc: int = 1) -> bytes:
+    return fr.encode(FrameType.WINDOW_UPDATE, 0, sid, inc.to_bytes(4, "big"))
+
+
+def test_priority_flood_ends_the_connection() -> None:
+    """Envoy's max_inbound_priority_frames_per_stream: 100 per stream the peer opened, plus 100."""
+    p = Peer()
+    p.ours.receive_data(p.headers(1))
+    prio = fr.encode(FrameType.PRIORITY, 0, 1, (0).to_bytes(4, "big") + b"\x10")
+    p.ours.receive_data(prio * 200)  # 2 x 100: allowed
+    with pytest.raises(H2ProtocolError, match="max_priority_frames_per_stream") as e:
+        for _ in range(1000):
+            p.ours.receive_data(prio * 100)
+    assert e.value.code == ErrorCode.ENHANCE_YOUR_CALM
+    assert p.ours.stats["flood"] == 1
+    assert goaway_code(p.ours.data_to_send()) == ErrorCode.ENHANCE_YOUR_CALM
+
+
+@pytest.mark.parametrize("sid", [0, 1])
+def test_window_update_flood_ends_the_connection(sid: int) -> None:
+    """Envoy's max_inbound_window_update_frames_per_data_frame_sent: a peer may send about 20
+    WINDOW_UPDATEs per DATA frame we sent it; an endless stream of them is a flood."""
+    p = Peer()
+    p.ours.receive_data(p.headers(1))
+    p.ours.send_headers(1, [(":status", "200")])
+    p.ours.send_data(1, b"x" * 100)
+    p.ours.data_to_send()
+    p.ours.receive_data(window_update(sid) * 20)  # 5 + 2 x (1 stream + 10 x 1 DATA frame) = 27
+    with pytest.raises(H2ProtocolError, match="max_window_updates_per_data_frame") as e:
+        for _ in range(1000):
+            p.ours.receive_data(window_update(sid) * 100)
+    assert e.value.code == ErrorCode.ENHANCE_YOUR_CALM
+
+
+def test_a_reader_crediting_every_frame_is_no_flood() -> None:
+    """The h2 library as a client that credits both windows for every DATA frame it reads, over
+    a 64 MB download in 16 KiB frames: never near the limit."""
+    ours = H2Connection(H2Config(client=False))
+    ours.initiate()
+    ref = ref_client()
+    ref.receive_data(ours.data_to_send())
+    ours.receive_data(ref.data_to_send())
+    sid = ref.get_next_available_stream_id()
+    ref.send_headers(sid, REQ)
+    ours.receive_data(ref.data_to_send())
+    ours.send_headers(sid, [(":status", "200")])
+    got = 0
+    for _ in range(4096):
+        ours.send_data(sid, b"d" * 16_384)
+        for ev in ref.receive_data(ours.data_to_send()):
+            if isinstance(ev, h2.events.DataReceived):
+                got += len(ev.data)
+                ref.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        ref.increment_flow_control_window(1)  # and a spare one on the connection
+        ours.receive_data(ref.data_to_send())
+    assert got == 64 << 20
+    assert ours.stats["flood"] == 0

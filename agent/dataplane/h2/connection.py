@@ -148,12 +148,15 @@ class H2Config:
     control_frame_burst: int = lim.DEFAULT_CONTROL_FRAME_BURST
     max_queued_control_frames: int = lim.DEFAULT_MAX_QUEUED_CONTROL_FRAMES
     max_settings_entries: int = lim.DEFAULT_MAX_SETTINGS_ENTRIES
+    max_priority_frames_per_stream: int = lim.DEFAULT_MAX_PRIORITY_FRAMES_PER_STREAM
+    max_window_updates_per_data_frame: int = lim.DEFAULT_MAX_WINDOW_UPDATES_PER_DATA_FRAME
 
     def __post_init__(self) -> None:
         for name in (
             "max_concurrent_streams", "max_header_list_bytes", "max_peer_resets_per_s", "peer_reset_burst",
             "max_peer_errors_per_s", "peer_error_burst", "max_control_frames_per_s",
             "control_frame_burst", "max_queued_control_frames", "max_settings_entries",
+            "max_priority_frames_per_stream", "max_window_updates_per_data_frame",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -214,6 +217,11 @@ class H2Connection:
         self._peer_errors = lim.TokenBucket(config.max_peer_errors_per_s, config.peer_error_burst)
         self._control_frames = lim.TokenBucket(config.max_control_frames_per_s, config.control_frame_burst)
         self._queued_control = 0  # acknowledgements and resets queued since data_to_send()
+        # frames that give us nothing, held against what they could be for (Envoy's ratios)
+        self._streams_opened = 0  # by either side, over the connection's life
+        self._data_frames_sent = 0
+        self._priority_frames = 0
+        self._window_updates = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -281,6 +289,7 @@ class H2Connection:
                 raise ValueError("only the client opens streams")
             stream_id = self._next_local_id
             self._next_local_id += 2
+            self._streams_opened += 1
             self._streams[stream_id] = _Stream(
                 send_window=self.peer_initial_window, recv_window=self.config.stream_window_bytes
             )
@@ -330,6 +339,7 @@ class H2Connection:
             flags = Flag.END_STREAM if (last and end_stream) else 0
             self._out.append(fr.header(FrameType.DATA, flags, stream_id, len(chunk)))
             self._out.append(bytes(chunk))
+            self._data_frames_sent += 1
             if last:
                 break
         if end_stream:
@@ -340,6 +350,7 @@ class H2Connection:
         if st is None or st.local_closed:
             return
         self._out.append(fr.encode(FrameType.DATA, Flag.END_STREAM, stream_id))
+        self._data_frames_sent += 1
         self._local_close(stream_id, st)
 
     def reset_stream(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
@@ -508,6 +519,11 @@ class H2Connection:
                 raise H2ProtocolError("PRIORITY on stream 0")
             if len(f.payload) != 5:
                 raise H2ProtocolError("malformed PRIORITY", ErrorCode.FRAME_SIZE_ERROR, f.stream_id)
+            self._priority_frames += 1
+            per = self.config.max_priority_frames_per_stream
+            if self._priority_frames > per * (1 + self._streams_opened):
+                raise lim.calm(f"PRIORITY frames ({self._priority_frames} for {self._streams_opened} "
+                               "streams)", "max_priority_frames_per_stream", per)
         elif t == _PUSH:
             raise H2ProtocolError("PUSH_PROMISE although push is disabled")
         # unknown frame types are ignored (RFC 9113 §4.1)
@@ -588,6 +604,7 @@ class H2Connection:
                     self._streams[sid] = _Stream(
                         send_window=self.peer_initial_window, recv_window=self.config.stream_window_bytes
                     )
+                    self._streams_opened += 1
             elif sid in self._reset_by_us:
                 p.ignore = True  # in flight when we reset it
             else:
@@ -670,6 +687,11 @@ class H2Connection:
             raise H2ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
         sid = f.stream_id
         inc = int.from_bytes(f.payload, "big") & 0x7FFFFFFF
+        self._window_updates += 1
+        per = self.config.max_window_updates_per_data_frame
+        if self._window_updates > 5 + 2 * (self._streams_opened + per * self._data_frames_sent):
+            raise lim.calm(f"WINDOW_UPDATE frames ({self._window_updates} for {self._data_frames_sent} DATA "
+                           "frames sent)", "max_window_updates_per_data_frame", per)
         if sid == 0:
             if inc == 0:
                 raise H2ProtocolError("WINDOW_UPDATE of 0 on the connection")

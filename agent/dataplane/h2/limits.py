@@ -32,6 +32,12 @@ Defaults, and whom they follow:
   but not yet taken by ``data_to_send()`` (Go x/net's ``maxQueuedControlFrames``
   is 10,000; nghttp2's outbound-queue flood limit is 1,000 items: 10,000 here).
 - At most 32 entries per SETTINGS frame (nghttp2's ``max_settings`` default).
+- Frames we only parse, no answer and no bucket on the hot path, held against
+  what they could be for, as Envoy does: PRIORITY frames at most 100 per stream
+  opened plus 100 (``max_inbound_priority_frames_per_stream``); WINDOW_UPDATE
+  frames at most ``5 + 2 x (streams opened + 10 x DATA frames we sent)``
+  (``max_inbound_window_update_frames_per_data_frame_sent``: a reader crediting
+  both windows for every frame it reads stays far below).
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ DEFAULT_CONTROL_FRAME_BURST = 1000
 DEFAULT_MAX_CONTROL_FRAMES_PER_S = 100.0
 DEFAULT_MAX_QUEUED_CONTROL_FRAMES = 10_000
 DEFAULT_MAX_SETTINGS_ENTRIES = 32
+DEFAULT_MAX_PRIORITY_FRAMES_PER_STREAM = 100
+DEFAULT_MAX_WINDOW_UPDATES_PER_DATA_FRAME = 10
 
 
 @dataclass(slots=True)
