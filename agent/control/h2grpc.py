@@ -32,6 +32,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import urllib.parse
 
 from agent.dataplane.h2.connection import (
@@ -203,7 +204,7 @@ class GrpcConnection:
         self._heard_from_server = True
         data = bytes(self._rview[:n])
         try:
-            events = self._h2.receive_data(data)
+            events = self._h2.receive_data(data, now_s=time.monotonic())  # (the limits' clock)
         except H2ProtocolError as e:
             self._flush()
             self._break(f"HTTP/2 error: {e}")

@@ -94,3 +94,63 @@ def test_nothing_listening_is_unreachable_at_once() -> None:
     with pytest.raises(BackendUnavailable, match="Connection refused"):
         b.commit({"k": "v"})
     b.close()
+
+
+def test_server_pings_over_a_long_life_never_trip_the_control_frame_limit() -> None:
+    """The client's HTTP/2 limits run on a real clock: PINGs from the server (gRPC keepalive)
+    beyond the burst of 1,000, spread over time, are answered, never a flood (at 0f4970d..f8b48fd
+    the clock stood still at 0, so the 1,001st PING of a connection's life ended it)."""
+    import struct
+    import time
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    from agent.control.h2grpc import GrpcConnection
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    failed: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            c, _ = srv.accept()
+            c.settimeout(5)
+            h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            h2c.initiate_connection()
+            c.sendall(h2c.data_to_send())
+            sid = None
+            while sid is None:
+                for ev in h2c.receive_data(c.recv(65536)):
+                    if isinstance(ev, h2.events.RequestReceived):
+                        sid = ev.stream_id
+                c.sendall(h2c.data_to_send())
+            for i in range(1000):  # the whole burst at once
+                h2c.ping(struct.pack(">Q", i))
+            c.sendall(h2c.data_to_send())
+            time.sleep(0.8)  # ~80 tokens come back
+            for i in range(50):
+                h2c.ping(struct.pack(">Q", 1000 + i))
+            c.sendall(h2c.data_to_send())
+            h2c.send_headers(sid, [(":status", "200"), ("content-type", "application/grpc")])
+            h2c.send_data(sid, b"\x00" + struct.pack(">I", 2) + b"ok")
+            h2c.send_headers(sid, [("grpc-status", "0")], end_stream=True)
+            c.sendall(h2c.data_to_send())
+            time.sleep(0.5)
+            c.close()
+        except BaseException as e:  # reported by the test
+            failed.append(e)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    conn = GrpcConnection("127.0.0.1", srv.getsockname()[1], timeout_s=5.0)
+    try:
+        assert conn.unary("/test.Svc/Call", b"") == b"ok"
+        assert conn.broken is None
+    finally:
+        conn.close()
+        srv.close()
+        t.join(5)
+    assert not failed, failed
