@@ -324,6 +324,11 @@ def verdict(s: Soak, settled: dict[str, Any]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     prefix = f"{args.prefix}{secrets.token_hex(2)}"
+    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()  # what the agents run: the tree at the start
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    rev += "+changes" if dirty else ""
     load_before = os.getloadavg()
     with chaos_mesh(prefix) as chaos:
         s = Soak(chaos)
@@ -360,8 +365,6 @@ def run(args: argparse.Namespace) -> int:
         os.makedirs(args.out_dir, exist_ok=True)
         json_path = os.path.join(args.out_dir, f"soak-{stamp}.json")
         png = plot(s, os.path.join(args.out_dir, f"soak-{stamp}.png"))
-        rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
         doc = {
             "benchmark": "soak",
             "when": stamp,
