@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 
 from agent.control.errors import BackendUnavailable
 from agent.control.etcd import EtcdBackend
+from agent.control.h2grpc import GrpcConnection
 
 
 @pytest.fixture
@@ -100,15 +106,6 @@ def test_server_pings_over_a_long_life_never_trip_the_control_frame_limit() -> N
     """The client's HTTP/2 limits run on a real clock: PINGs from the server (gRPC keepalive)
     beyond the burst of 1,000, spread over time, are answered, never a flood (at 0f4970d..f8b48fd
     the clock stood still at 0, so the 1,001st PING of a connection's life ended it)."""
-    import struct
-    import time
-
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    from agent.control.h2grpc import GrpcConnection
-
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
