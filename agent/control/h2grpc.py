@@ -18,7 +18,7 @@ API, so this client does exactly that on a plain socket:
 
 Why not grpcio: it would add ~100 ms to every CLI start and ~27 MB to every
 agent's RSS for four etcd methods; the HTTP/2 core here is already the one the
-data path runs (agent/dataplane/h2), tested against the ``h2`` library.
+data path runs (agent/proto/h2), tested against the ``h2`` library.
 
 Errors: a connection that cannot be made or breaks raises
 :class:`GrpcUnavailable`; a call that etcd answers with a non-zero
@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.parse
 
-from agent.dataplane.h2.connection import (
+from agent.proto.h2.connection import (
     ConnectionTerminated,
     DataReceived,
     H2Config,
@@ -43,7 +43,7 @@ from agent.dataplane.h2.connection import (
     HeadersReceived,
     StreamReset,
 )
-from agent.dataplane.h2.frames import H2ProtocolError
+from agent.proto.h2.frames import H2ProtocolError
 
 # gRPC status codes we name in messages
 UNAVAILABLE = 14

@@ -20,8 +20,6 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from agent.dataplane import hbone
-from agent.dataplane.h2.connection import H2Config
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.relay import SOCKET_READ_LIMIT, SocketEnd, TunnelEnd, relay
@@ -31,6 +29,8 @@ from agent.identity.errors import PeerRejected
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import ServerContexts, accept_tls_socket
 from agent.metrics.istio import ConnLabels, MeshMetrics
+from agent.proto import hbone
+from agent.proto.h2.connection import H2Config
 from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.control.snapshot import Endpoint
-from agent.dataplane import hbone
 from agent.dataplane.lb import Balancer, endpoint_key
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
@@ -30,6 +29,7 @@ from agent.dataplane.route import Directory, RouteError, decide
 from agent.dataplane.tunnel import TunnelError
 from agent.identity.spiffe import SpiffeId
 from agent.metrics.istio import ConnLabels, MeshMetrics
+from agent.proto import hbone
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from agent.dataplane.h2.connection import H2Config, Headers
 from agent.dataplane.tunnel import (
     BufferBudget,
     EventSink,
@@ -43,6 +42,7 @@ from agent.identity.certs import WorkloadCert
 from agent.identity.errors import PeerRejected
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import ClientContexts, connect_tls
+from agent.proto.h2.connection import H2Config, Headers
 from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)

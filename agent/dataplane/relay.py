@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.dataplane.h2.frames import ErrorCode
 from agent.dataplane.tunnel import TunnelStream
+from agent.proto.h2.frames import ErrorCode
 
 LINGER_ZERO = struct.pack("ii", 1, 0)
 SETTLE_TIMEOUT_S = 2.0  # how long an end of stream waits for our data to reach that peer

@@ -41,9 +41,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from agent.dataplane.h2 import connection as h2c
-from agent.dataplane.h2.connection import H2Config, H2Connection, Headers
-from agent.dataplane.h2.frames import ErrorCode, H2ProtocolError
+from agent.proto.h2 import connection as h2c
+from agent.proto.h2.connection import H2Config, H2Connection, Headers
+from agent.proto.h2.frames import ErrorCode, H2ProtocolError
 from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class TunnelStream:
             self.conn._streams.pop(self.stream_id, None)
 
     async def respond(self, status: int, reason: str = "", end: bool = False) -> None:
-        from agent.dataplane.hbone import response_headers
+        from agent.proto.hbone import response_headers
 
         if self._reset is not None or self.conn.closed or not self.conn.h2.is_open(self.stream_id):
             raise TunnelError(f"stream {self.stream_id} ended before the answer")
@@ -429,7 +429,7 @@ class TunnelConnection:
 
     async def open_stream(self, headers: Headers) -> TunnelStream:
         """Client: send a CONNECT request; returns the stream once the peer answered 2xx."""
-        from agent.dataplane.hbone import response_status
+        from agent.proto.hbone import response_status
 
         if not self.can_open():
             raise TunnelError("tunnel connection cannot open more streams")

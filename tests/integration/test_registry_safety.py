@@ -28,7 +28,6 @@ import yaml
 from agent.control.apply import _dump
 from agent.control.embedded import EmbeddedBackend
 from agent.control.model import Workload
-from agent.dataplane import hbone
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.tunnel import TunnelError
 from agent.identity.ca import MeshCA
@@ -36,6 +35,7 @@ from agent.identity.clock import SystemClock
 from agent.identity.spiffe import SpiffeId
 from agent.identity.store import CertManager, LocalIssuer
 from agent.identity.tls import ClientContexts
+from agent.proto import hbone
 
 NODEMESH = [sys.executable, "-m", "agent.cli.main"]
 AGENT_IP = "127.0.0.3"  # proxy, hbone and metrics of node n1

@@ -19,8 +19,8 @@ import h2.settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.dataplane.h2 import frames as fr
-from agent.dataplane.h2.connection import (
+from agent.proto.h2 import frames as fr
+from agent.proto.h2.connection import (
     RECENT_RESETS,
     ConnectionTerminated,
     DataReceived,
@@ -32,7 +32,7 @@ from agent.dataplane.h2.connection import (
     StreamReset,
     WindowUpdated,
 )
-from agent.dataplane.h2.frames import H2ProtocolError
+from agent.proto.h2.frames import H2ProtocolError
 
 EVENT_TYPES = (
     HeadersReceived, DataReceived, StreamReset, WindowUpdated, ConnectionTerminated, SettingsReceived,

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.dataplane import hbone
-from agent.dataplane.h2 import frames as fr
-from agent.dataplane.h2.connection import (
+from agent.proto import hbone
+from agent.proto.h2 import frames as fr
+from agent.proto.h2.connection import (
     DataReceived,
     Event,
     H2Config,
@@ -25,7 +25,7 @@ from agent.dataplane.h2.connection import (
     HeadersReceived,
     StreamReset,
 )
-from agent.dataplane.h2.frames import H2ProtocolError
+from agent.proto.h2.frames import H2ProtocolError
 
 
 def feed(conn: H2Connection, data: bytes, one_byte: bool) -> list[Event]:

@@ -13,8 +13,8 @@ import h2.events
 import hpack
 import pytest
 
-from agent.dataplane.h2 import frames as fr
-from agent.dataplane.h2.connection import (
+from agent.proto.h2 import frames as fr
+from agent.proto.h2.connection import (
     DataReceived,
     Event,
     H2Config,
@@ -22,7 +22,7 @@ from agent.dataplane.h2.connection import (
     HeadersReceived,
     StreamReset,
 )
-from agent.dataplane.h2.frames import ErrorCode, Flag, FrameType, H2ProtocolError
+from agent.proto.h2.frames import ErrorCode, Flag, FrameType, H2ProtocolError
 
 MODES = ["whole", "bytewise", "trailing"]
 REQ = [(":method", "CONNECT"), (":authority", "10.0.0.1:80")]

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.dataplane.h2.frames import ErrorCode, H2ProtocolError
+from agent.proto.h2.frames import ErrorCode, H2ProtocolError
 
 DEFAULT_PEER_RESET_BURST = 1000
 DEFAULT_MAX_PEER_RESETS_PER_S = 500.0

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from agent.dataplane.h2.connection import Headers
+from agent.proto.h2.connection import Headers
 
 _PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
 _FOR_RE = re.compile(r'for="?(\[[0-9a-fA-F:.]+\]|[0-9.]+)(?::([0-9]{1,5}))?"?', re.ASCII)

@@ -29,7 +29,7 @@ flight on a stream *we* reset (the last ``RECENT_RESETS`` of them) are
 ignored, header blocks still decoded to keep HPACK in step. A stream above
 ``max_concurrent_streams`` is refused with RST_STREAM REFUSED_STREAM.
 
-Abuse limits (:mod:`agent.dataplane.h2.limits`, configured in
+Abuse limits (:mod:`agent.proto.h2.limits`, configured in
 :class:`H2Config`): peer resets, streams reset for the peer's errors, PING and
 SETTINGS to acknowledge, acknowledgements queued but not taken, empty frames
 and oversized SETTINGS frames end the connection with GOAWAY
@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 
 import hpack
 
-from agent.dataplane.h2 import frames as fr
-from agent.dataplane.h2 import limits as lim
-from agent.dataplane.h2.frames import ErrorCode, Flag, FrameType, H2ProtocolError, Setting
+from agent.proto.h2 import frames as fr
+from agent.proto.h2 import limits as lim
+from agent.proto.h2.frames import ErrorCode, Flag, FrameType, H2ProtocolError, Setting
 
 Headers = list[tuple[str, str]]
 
@@ -139,7 +139,7 @@ class H2Config:
     max_frame_bytes: int = 1 << 20
     max_concurrent_streams: int = 1000
     max_header_list_bytes: int = 16_384
-    # abuse limits: see agent/dataplane/h2/limits.py for what each follows
+    # abuse limits: see agent/proto/h2/limits.py for what each follows
     max_peer_resets_per_s: float = lim.DEFAULT_MAX_PEER_RESETS_PER_S  # server side only
     peer_reset_burst: int = lim.DEFAULT_PEER_RESET_BURST
     max_peer_errors_per_s: float = lim.DEFAULT_MAX_PEER_ERRORS_PER_S  # stream errors, empty frames
