@@ -146,13 +146,6 @@ def map_info(fd: int) -> dict[str, int | str]:
             "max_entries": max_entries, "flags": flags, "name": name}
 
 
-def prog_info(fd: int) -> dict[str, int | str]:
-    raw = _info(fd, 96, f"info of program fd {fd}")
-    typ, pid = struct.unpack_from("=II", raw, 0)
-    name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    return {"type": typ, "id": pid, "name": name}
-
-
 def link_info(fd: int) -> dict[str, int]:
     """type, id, prog_id, and for cgroup links cgroup_id (0 once the cgroup is gone)."""
     raw = _info(fd, 64, f"info of link fd {fd}")

@@ -114,12 +114,6 @@ def _name(buf: bytes, off: int) -> tuple[str, int]:
         pos += 1 + n
 
 
-def _u16(buf: bytes, off: int, what: str) -> int:
-    if off + 2 > len(buf):
-        raise DnsFormatError(f"truncated {what}", off)
-    return int.from_bytes(buf[off:off + 2], "big")
-
-
 def _record(buf: bytes, off: int) -> tuple[Record, int]:
     name, off = _name(buf, off)
     if off + 10 > len(buf):

@@ -206,11 +206,6 @@ def _kv_at(b: bytes, i: int, end: int) -> KeyValue:
     return _kv((key, value, mod))
 
 
-def key_value(buf: bytes | memoryview) -> KeyValue:
-    b = bytes(buf)
-    return _kv_at(b, 0, len(b))
-
-
 def range_response(buf: bytes) -> tuple[int, list[KeyValue]]:
     """(header revision, kvs)."""
     rev = 0

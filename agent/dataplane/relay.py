@@ -35,14 +35,13 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from agent.dataplane.tunnel import TunnelStream
+from agent.dataplane.tunnel import DRAIN_ABOVE_BYTES, TunnelStream
 from agent.proto.h2.frames import ErrorCode
 
 LINGER_ZERO = struct.pack("ii", 1, 0)
 SETTLE_TIMEOUT_S = 2.0  # how long an end of stream waits for our data to reach that peer
 SETTLE_POLL_S = 0.002
 CHUNK_BYTES = 256 * 1024
-DRAIN_ABOVE_BYTES = 256 * 1024  # below this the kernel and transport buffers absorb the write
 # StreamReader limit of the sockets the proxy relays (apps, pods): the transport stops reading
 # the socket at twice this while the other side is slow, so each relayed connection holds at
 # most ~2x this in user space (1 MiB let 200 never-read streams cost 400 MB)

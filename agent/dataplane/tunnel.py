@@ -135,8 +135,6 @@ class TunnelStream:
         self._writable = asyncio.Event()
         self.headers: asyncio.Future[Headers] = asyncio.get_running_loop().create_future()
         self.request_headers: Headers = []
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.direct_bytes = 0  # written straight to the sink (not through read())
         self.established = False  # server: answered 2xx, the relay runs
         self.handler: asyncio.Task[None] | None = None  # server: the task serving this stream
@@ -220,7 +218,6 @@ class TunnelStream:
         data, flow = self._chunks.popleft()
         self._queued_flow -= flow
         self.conn.budget.release(flow)
-        self.bytes_in += len(data)
         return data, flow
 
     def ack(self, flow: int) -> None:
@@ -248,7 +245,6 @@ class TunnelStream:
             n = min(window, len(view))
             self.conn.h2.send_data(self.stream_id, view[:n])
             self.conn._unflushed += n
-            self.bytes_out += n
             view = view[n:]
             self.conn.flush(urgent=n < URGENT_BELOW_BYTES)
 

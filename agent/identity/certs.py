@@ -172,9 +172,6 @@ class WorkloadCert:
         """Half life: renewal is due from here on."""
         return self.not_before + (self.not_after - self.not_before) / 2
 
-    def remaining_s(self, now: datetime) -> float:
-        return (self.not_after - aware(now)).total_seconds()
-
     @property
     def cert_der(self) -> bytes:
         return x509.load_pem_x509_certificate(self.cert_pem).public_bytes(serialization.Encoding.DER)

@@ -47,10 +47,6 @@ class IssuanceError(IdentityError):
     """The CA refused or failed to sign (bad CSR, wrong trust domain, bad TTL)."""
 
 
-class NotPlacedError(IssuanceError):
-    """The registry does not place the requested workload on the asking node."""
-
-
 class CaServiceError(IdentityError):
     """The CA service could not be reached or answered with an error."""
 
