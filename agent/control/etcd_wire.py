@@ -4,8 +4,9 @@ How this works: etcd's API is gRPC with protobuf messages (``etcdserverpb`` in
 etcd's ``rpc.proto`` and ``mvccpb`` in ``kv.proto``). We use a handful of them
 and only some of their fields, so instead of generated code (and a protobuf
 runtime) this module writes and reads the protobuf wire format directly:
-varints, and length-delimited fields for bytes and nested messages. grpcio
-carries the bytes (its serializers are left as the identity).
+varints, and length-delimited fields for bytes and nested messages. Our own
+gRPC client (``agent/control/h2grpc.py``, over the sans-I/O HTTP/2 core in
+``agent/proto/h2``) carries the bytes; grpcio is not used at run time.
 
 Field numbers are etcd's; unknown fields in responses are skipped, as
 protobuf requires, so a newer etcd that adds fields still decodes.
