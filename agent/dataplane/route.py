@@ -5,8 +5,10 @@ snapshot is immutable, so the index is built when a new snapshot arrives, not
 per connection). :func:`decide` takes the original destination the eBPF
 programs recorded and returns a :class:`Route`: the service and its healthy
 endpoints when the destination is a service VIP, the one workload when it is a
-pod address, or a :class:`RouteError` naming why not. Endpoint choice is
-:mod:`agent.dataplane.lb`'s job; connecting is the proxy's.
+pod address, or a :class:`RouteError` naming why not. A route is computed once
+per destination and snapshot (the directory keeps it; a new snapshot is a new
+directory), not per connection. Endpoint choice is :mod:`agent.dataplane.lb`'s
+job; connecting is the proxy's.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class Directory:
     snapshot: Snapshot
     by_address: Mapping[str, Workload]
     rejected: Mapping[NsName, Rejection] = field(default_factory=dict)  # left out by the guard: why
+    # (address, port) -> its route in this snapshot; only found routes (an unknown address
+    # is one a pod may vary at will); cleared past MAX_CACHED_ROUTES
+    routes: dict[tuple[str, int], Route] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, snapshot: Snapshot, guard: WorkloadGuard | None = None) -> Directory:
@@ -82,7 +87,21 @@ def policy_of(service: Service) -> Policy:
     return Policy.parse(service.lb_policy)
 
 
+MAX_CACHED_ROUTES = 4096
+
+
 def decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
+    key = (dst_address, dst_port)
+    route = directory.routes.get(key)
+    if route is None:
+        route = _decide(directory, dst_address, dst_port)
+        if len(directory.routes) >= MAX_CACHED_ROUTES:
+            directory.routes.clear()
+        directory.routes[key] = route
+    return route
+
+
+def _decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
     snap = directory.snapshot
     svc = snap.service_by_vip(dst_address)
     if svc is not None:
