@@ -13,9 +13,10 @@ runs on its own (seen: 20,000 objects, 27 MB, held by 200 reset streams).
 :class:`MemoryTrimmer` decides when, from the resident size alone (``/proc/self/statm``,
 one read per check): when RSS grew by ``growth_bytes`` since the last trim, or stays
 ``growth_bytes`` above the start-up size and the last trim is ``retry_s`` old (a burst
-that ended after the last trim). A trim that gives back little doubles that wait (up
-to ``max_retry_s``: memory really in use, e.g. a grown registry), one that gives back
-much resets it. A trim costs a walk of the free lists (about a millisecond for a
+that ended after the last trim). A retry that gives back little doubles that wait (up
+to ``max_retry_s``: memory really in use, e.g. a grown registry), a trim that gives back
+much resets it; trims during a growing burst leave it alone, so the burst's end is
+trimmed ``retry_s`` after its last growth. A trim costs a walk of the free lists (about a millisecond for a
 100 MB heap); at rest it never runs.
 """
 
@@ -110,7 +111,10 @@ class MemoryTrimmer:
         self.stats.trims += 1
         self.stats.returned_bytes += max(0, before - after)
         gave_little = before - after < self.growth_bytes // 4
-        self._wait = min(self._wait * 2, self.max_retry_s) if gave_little else self.retry_s
+        if not gave_little:
+            self._wait = self.retry_s
+        elif not grew:  # only a retry that finds memory still in use backs off: trims while a
+            self._wait = min(self._wait * 2, self.max_retry_s)  # burst grows must not delay its end
         if before - after >= self.growth_bytes:
             log.info("gave %d MiB of freed memory back (RSS %d -> %d MiB)",
                      (before - after) >> 20, before >> 20, after >> 20)

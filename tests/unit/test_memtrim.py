@@ -53,16 +53,35 @@ def test_memory_still_in_use_is_retried_only_after_a_while() -> None:
     m = make(f)
     f.rss = f.freed_to = 100 * MB  # 200 streams still open: nothing to give back
     f.now = 2
-    assert m.check()
-    for _ in range(19):  # not growing, and the trim gave nothing: wait 2 x 20 s
+    assert m.check()  # it grew
+    for _ in range(9):  # not growing: no trim before retry_s (20 s)
         f.now += 2
         assert not m.check()
-    f.freed_to = 61 * MB  # the streams ended after the last trim
-    f.now += 2  # 40 s after the last trim, still 40 MB above the start
+    f.now += 2
+    assert m.check()  # a retry at 22 s: still in use, so the next waits 40 s
+    f.freed_to = 61 * MB  # the streams end
+    for _ in range(19):
+        f.now += 2
+        assert not m.check()
+    f.now += 2
     assert m.check()
     assert f.rss == 61 * MB
     f.now += 60
     assert not m.check()  # back near the start: rests again
+
+
+def test_trims_while_a_burst_grows_do_not_delay_trimming_its_end() -> None:
+    f = Fake()
+    m = make(f)
+    for t in (2, 4, 6):  # a burst grows 10 MB per check; each trim finds it in use
+        f.now, f.rss = t, f.rss + 10 * MB
+        f.freed_to = f.rss
+        assert m.check()
+    f.freed_to = 61 * MB  # the burst ends at once
+    f.now = 8
+    assert not m.check()
+    f.now = 26  # retry_s after the last growth, not 2 x 2 x 2 x retry_s
+    assert m.check() and f.rss == 61 * MB
 
 
 def test_memory_that_stays_in_use_is_tried_ever_more_rarely() -> None:
@@ -75,7 +94,7 @@ def test_memory_that_stays_in_use_is_tried_ever_more_rarely() -> None:
         if m.check():
             trimmed_at.append(t)
     gaps = [b - a for a, b in itertools.pairwise(trimmed_at)]
-    assert gaps[:4] == [40, 80, 160, 160], trimmed_at  # 20 s doubled per useless trim, capped
+    assert gaps[:5] == [20, 40, 80, 160, 160], trimmed_at  # 20 s doubled per useless retry, capped
 
 
 def test_rebase_takes_the_started_agent_as_resting_size() -> None:
