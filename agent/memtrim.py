@@ -16,8 +16,9 @@ one read per check): when RSS grew by ``growth_bytes`` since the last trim, or s
 that ended after the last trim). A retry that gives back little doubles that wait (up
 to ``max_retry_s``: memory really in use, e.g. a grown registry), a trim that gives back
 much resets it; trims during a growing burst leave it alone, so the burst's end is
-trimmed ``retry_s`` after its last growth. A trim costs a walk of the free lists (about a millisecond for a
-100 MB heap); at rest it never runs.
+trimmed ``retry_s`` after its last growth. A trim costs a full collection (3.6 ms
+measured in a resting agent, 41 ms with 20,000 garbage objects, both under tracemalloc)
+and a walk of the free lists; at rest it never runs.
 """
 
 from __future__ import annotations

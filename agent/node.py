@@ -143,7 +143,7 @@ class Agent:
     inbound: Inbound
     dns: MeshDns
     directory: DirectoryRef
-    memory: MemoryTrimmer = field(default_factory=MemoryTrimmer)
+    memory: MemoryTrimmer
     peer_auth_errors: dict[str, str] = field(default_factory=dict)  # pod netns -> why not enforced
 
     def local_identities(self) -> set[SpiffeId]:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from agent.control.screening import address_key, address_problem
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.relay import SOCKET_READ_LIMIT, SocketEnd, TunnelEnd, relay
@@ -259,17 +258,6 @@ def peer_refusal(
     return None
 
 
-@functools.lru_cache(maxsize=4096)
-def _address_kind(address: str) -> tuple[str, bool, bool] | None:
-    """(normal form, unspecified/link-local/multicast, loopback), or None: not an address.
-    Cached: parsing costs more than the rest of a stream's checks."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    return str(ip), ip.is_unspecified or ip.is_link_local or ip.is_multicast, ip.is_loopback
-
-
 def dial_refusal(
     target: hbone.Target,
     reserved_addresses: frozenset[str],
@@ -279,14 +267,16 @@ def dial_refusal(
 ) -> str | None:
     """Why the inbound must never dial ``target`` whatever the registry says, or None: the
     node's and its peers' own addresses, loopback, unspecified, link-local and multicast
-    addresses, and the agent's ports (reserved for the mesh, as Istio reserves them)."""
-    kind = _address_kind(target.address)
-    if kind is None:
+    addresses, and the agent's ports (reserved for the mesh, as Istio reserves them).
+    The address rules are the registry's own (:func:`address_problem`)."""
+    try:
+        problem = address_problem(target.address)
+        key = address_key(target.address)
+    except ValueError:
         return f"{target.authority}: not an IP address"
-    normal, special, loopback = kind
-    if special or (loopback and not loopback_pods):
-        return f"{target.authority}: a loopback/unspecified/link-local/multicast address is never a pod"
-    if normal in reserved_addresses:
+    if problem is not None and not (loopback_pods and problem.reason == "loopback"):
+        return f"{target.authority}: never a pod: {problem.detail}"
+    if key in reserved_addresses:
         return f"{target.authority}: a node address, not a pod"
     if target.port in reserved_ports:
         return f"{target.authority}: port {target.port} is reserved for the mesh agent"

@@ -25,7 +25,9 @@ from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
 from agent.control.snapshot import SnapshotBuilder
 from agent.control.validate import parse_vip_range, parse_yaml
+from agent.dataplane.inbound import RESERVED_PORTS, dial_refusal
 from agent.dataplane.route import Directory, RouteError, decide
+from agent.proto.hbone import Target
 
 NET = parse_vip_range("10.96.0.0/16")
 
@@ -218,3 +220,27 @@ def test_corrupt_state_file_keeps_the_registry_stale_until_fixed(tmp_path: Path)
     assert ("default", "good") in reg.snapshot.workloads  # the last good snapshot serves
     backend.path.write_bytes(good)
     assert reg.step(timeout_s=0.01) and not reg.stale and reg.status().last_error == ""
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "says"),
+    [
+        ("127.0.0.1", 8080, "loopback"),
+        ("::ffff:127.0.0.1", 8080, "loopback"),  # IPv4-mapped: the registry's rules see through it
+        ("169.254.1.1", 8080, "link-local"),
+        ("0.0.0.0", 8080, "unspecified"),
+        ("224.0.0.1", 8080, "multicast"),
+        ("fe80::1", 8080, "link-local"),
+        ("10.250.0.2", 8080, "a node address"),
+        ("10.244.2.2", 15000, "reserved for the mesh agent"),
+        ("web.local", 8080, "not an IP address"),
+    ],
+)
+def test_the_inbound_never_dials_what_no_pod_can_be(address: str, port: int, says: str) -> None:
+    why = dial_refusal(Target(address, port), frozenset({"10.250.0.2"}), RESERVED_PORTS)
+    assert why is not None and says in why, why
+
+
+def test_the_inbound_dials_a_pod_and_loopback_pods_only_when_told() -> None:
+    assert dial_refusal(Target("10.244.2.2", 8080), frozenset({"10.250.0.2"}), RESERVED_PORTS) is None
+    assert dial_refusal(Target("127.0.0.5", 9000), frozenset(), RESERVED_PORTS, loopback_pods=True) is None
