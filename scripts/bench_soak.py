@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -202,13 +202,6 @@ class Soak:
 
 
 # -- report ------------------------------------------------------------------------------
-
-
-def _p(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
 
 
 def per_minute(s: Soak, minutes: float) -> list[dict[str, Any]]:
@@ -388,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
             "plot": png,
         }
         with open(json_path, "w") as f:
-            json.dump(doc, f, indent=1, default=lambda o: asdict(o))
+            json.dump(doc, f, indent=1)
     print(f"\n## nodemesh soak, {args.minutes:g} minutes, 3 nodes ({os.cpu_count()} CPUs), revision {rev}\n")
     print(table(rows))
     print(
