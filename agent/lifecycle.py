@@ -47,8 +47,8 @@ from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
 from agent.control.screening import report_changes
 from agent.dataplane.listener import FdReserve, Listener, stream_handler
-from agent.dataplane.relay import SOCKET_READ_LIMIT
 from agent.dataplane.route import Directory
+from agent.dataplane.tcp import SOCKET_READ_LIMIT
 from agent.gcpause import freeze_startup_objects
 from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots, workload_guard
 from bpf.config import CaptureConfig, RedirectTarget

@@ -39,7 +39,7 @@ KREL=$(uname -r)
 PACKAGES=(
   python3 python3-venv python3-bpfcc bpftool iproute2 procps
   curl dnsutils tcpdump socat
-  haproxy nginx-light wrk iperf3
+  haproxy nginx-light wrk iperf3 nghttp2-client
   etcd-server etcd-client
   systemd prometheus vagrant
 )

@@ -26,7 +26,7 @@ from agent.control.errors import (
     InputError,
     NotFound,
 )
-from agent.control.model import DEFAULT_VIP_RANGE, Kind
+from agent.control.model import DEFAULT_VIP_RANGE, Kind, l7_protocol
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 
@@ -144,7 +144,7 @@ def _kind(s: str) -> Kind:
 
 
 def _ports(s: Any) -> str:
-    return ",".join(f"{p.port}/{p.protocol.value}" for p in s.ports)
+    return ",".join(f"{p.port}/{(l7_protocol(p) or 'auto')}" for p in s.ports)
 
 
 @click.command("get")

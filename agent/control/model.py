@@ -72,13 +72,42 @@ class ServicePort:
     name: str
     port: int
     target_port: int | str  # a number, or the name of a workload port
-    protocol: Protocol = Protocol.TCP
+    protocol: Protocol | None = None  # None: not declared (see l7_protocol)
+    app_protocol: str = ""  # Kubernetes' appProtocol, as Istio reads it
 
     def __post_init__(self) -> None:
         if not (1 <= self.port <= 65535):
             raise ValueError(f"port {self.port} out of range 1-65535")
         if isinstance(self.target_port, int) and not (1 <= self.target_port <= 65535):
             raise ValueError(f"targetPort {self.target_port} out of range")
+
+
+# Istio's port-name prefixes and appProtocol values (what Istio treats as opaque TCP too)
+_NAMED = {
+    "http": Protocol.HTTP, "http2": Protocol.HTTP2, "grpc": Protocol.GRPC, "grpc-web": Protocol.HTTP,
+    "tcp": Protocol.TCP, "https": Protocol.TCP, "tls": Protocol.TCP, "mongo": Protocol.TCP,
+    "mysql": Protocol.TCP, "redis": Protocol.TCP,
+    "kubernetes.io/h2c": Protocol.HTTP2, "kubernetes.io/ws": Protocol.HTTP, "kubernetes.io/wss": Protocol.TCP,
+}
+
+
+def l7_protocol(port: ServicePort) -> Protocol | None:
+    """How the proxy treats a service port, as Istio decides it: the declared ``protocol``,
+    else ``appProtocol``, else the port name's prefix (``http-web``, ``grpc``, ``tcp-db``:
+    ``<protocol>[-<suffix>]``); None when nothing declares it (the proxy sniffs)."""
+    if port.protocol is not None:
+        return port.protocol
+    if port.app_protocol:
+        p = _NAMED.get(port.app_protocol.lower())
+        if p is not None:
+            return p
+    name = port.name.lower()
+    p = _NAMED.get(name)
+    if p is None and "-" in name:
+        p = _NAMED.get(name.split("-", 1)[0])
+        if p is None and name.startswith("grpc-web-"):
+            p = Protocol.HTTP
+    return p
 
 
 LB_POLICIES = ("ROUND_ROBIN", "RANDOM", "WEIGHTED_ROUND_ROBIN", "WEIGHTED_RANDOM", "LEAST_REQUEST")
@@ -112,7 +141,9 @@ class Service:
             "name": self.name, "namespace": self.namespace, "vip": self.vip,
             "selector": dict(sorted(self.selector.items())),
             "ports": [{"name": p.name, "port": p.port, "targetPort": p.target_port,
-                       "protocol": p.protocol.value} for p in self.ports],
+                       **({"protocol": p.protocol.value} if p.protocol is not None else {}),
+                       **({"appProtocol": p.app_protocol} if p.app_protocol else {})}
+                      for p in self.ports],
             "loadBalancer": self.lb_policy,
         }
 
@@ -245,7 +276,8 @@ def service_from_doc(d: Mapping[str, Any]) -> Service:
         name=d["name"], namespace=d["namespace"], vip=d["vip"],
         selector=dict(d.get("selector", {})),
         ports=tuple(ServicePort(p["name"], int(p["port"]), p["targetPort"],
-                                Protocol(p["protocol"])) for p in d["ports"]),
+                                Protocol(p["protocol"]) if p.get("protocol") else None,
+                                p.get("appProtocol", "")) for p in d["ports"]),
         lb_policy=d.get("loadBalancer", "ROUND_ROBIN"),
     )
 

@@ -426,15 +426,19 @@ def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpN
     for i, pv in enumerate(ports_v):
         path = f"spec.ports[{i}]"
         p = _map(doc, pv, path)
-        _only(doc, p, path, ("name", "port", "targetPort", "protocol"))
+        _only(doc, p, path, ("name", "port", "targetPort", "protocol", "appProtocol"))
         number = _int(doc, p, "port", path, 1, 65535, required=True)
-        proto_s = _str(doc, p, "protocol", path, default="tcp").lower()
-        try:
-            proto = Protocol(proto_s)
-        except ValueError:
-            raise doc.fail(f"{path}.protocol", f"unknown protocol {proto_s!r}",
-                           hint="one of: " + ", ".join(x.value for x in Protocol)) from None
-        pname = _str(doc, p, "name", path, default=f"{proto.value}-{number}")
+        proto_s = _str(doc, p, "protocol", path, default="").lower()
+        proto: Protocol | None = None
+        if proto_s:
+            try:
+                proto = Protocol(proto_s)
+            except ValueError:
+                raise doc.fail(f"{path}.protocol", f"unknown protocol {proto_s!r}",
+                               hint="one of: " + ", ".join(x.value for x in Protocol)
+                               + " (or leave it out: the proxy then detects HTTP)") from None
+        app_protocol = _str(doc, p, "appProtocol", path, default="")
+        pname = _str(doc, p, "name", path, default=f"{proto.value}-{number}" if proto else f"port-{number}")
         target: int | str = number
         if "targetPort" in p:
             t = p["targetPort"]
@@ -446,7 +450,7 @@ def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpN
             raise doc.fail(f"{path}.port", f"port {number} is listed twice")
         if any(q.name == pname for q in ports):
             raise doc.fail(f"{path}.name", f"port name {pname!r} is listed twice")
-        ports.append(ServicePort(pname, number, target, proto))
+        ports.append(ServicePort(pname, number, target, proto, app_protocol))
     selector = _labels(doc, spec.get("selector"), "spec.selector")
     return Service(name=name, namespace=ns, vip=vip, ports=tuple(ports), selector=selector,
                    lb_policy=lb)

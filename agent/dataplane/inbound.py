@@ -5,8 +5,12 @@ certificate; after the handshake the client's SPIFFE identity is verified
 (chain, validity, EKU, one URI SAN in our trust domain) — a peer that fails is
 refused, logged and counted by reason before any stream is read. Each CONNECT
 stream names a pod ``ip:port``: it must be a workload of this node (else 400 on
-that stream only), then the pod is dialled (failure: 503) and, after 200, bytes
-are relayed. Connections are counted with Istio's labels (reporter=destination).
+that stream only), then the pod is dialled (failure: 503) and, after 200, the
+stream is served by the pod port's protocol (:mod:`agent.dataplane.protocol`:
+declared, or sniffed from the first bytes): TCP ports relay bytes and count
+the connection; HTTP ports run the request loop (:mod:`agent.dataplane.http.h1`)
+with :class:`InboundHttp` as its side, so every request is parsed, counted and
+logged here too (reporter=destination), and (next) authorized per request.
 """
 
 from __future__ import annotations
@@ -15,21 +19,30 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from agent.control.model import Workload
 from agent.control.screening import address_key, address_problem
+from agent.dataplane import protocol
+from agent.dataplane.http import headers as hdrs
+from agent.dataplane.http.exchange import Exchange, LocalReply
+from agent.dataplane.http.h1 import H1Loop, LoopConfig
+from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
-from agent.dataplane.relay import SOCKET_READ_LIMIT, SocketEnd, TunnelEnd, relay
+from agent.dataplane.report import Flow, Reporter, party
 from agent.dataplane.route import Directory, identity_nodes
+from agent.dataplane.tcp import SOCKET_READ_LIMIT, SocketEnd, TunnelEnd, relay
 from agent.dataplane.tunnel import BufferBudget, TunnelConnection, TunnelLimits, TunnelStream
 from agent.identity.errors import PeerRejected
 from agent.identity.spiffe import SpiffeId
 from agent.identity.tls import ServerContexts, accept_tls_socket
-from agent.metrics.istio import ConnLabels, MeshMetrics
-from agent.proto import hbone
+from agent.metrics.istio import MeshMetrics, RequestLabels
+from agent.proto import hbone, http1
 from agent.proto.h2.connection import H2Config
+from agent.proto.http1 import Header, RequestHead
 from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -52,6 +65,8 @@ class InboundConfig:
     loopback_pods: bool = False
     # SO_MARK on sockets to local pods: how a STRICT pod's filter knows the proxy (0: none)
     proxy_mark: int = 0
+    sniff_timeout_s: float = protocol.DEFAULT_SNIFF_TIMEOUT_S
+    http: LoopConfig = field(default_factory=LoopConfig)
 
 
 class Inbound:
@@ -66,8 +81,10 @@ class Inbound:
         h2_config: H2Config | None = None,
         tunnel_limits: TunnelLimits | None = None,
         budget: BufferBudget | None = None,
+        reporter: Reporter | None = None,
     ) -> None:
         self.config = config
+        self.reporter = reporter or Reporter(metrics)
         self.contexts = contexts
         self.directory = directory
         self.metrics = metrics
@@ -191,40 +208,54 @@ class Inbound:
                 f"{client.uri} asked for {req.target.authority}, not a workload on node {self.config.node}",
             )
         dst_id = SpiffeId(self.config.trust_domain, w.namespace, w.service_account)
-        labels = ConnLabels(
-            reporter="destination",
-            source_workload=_source_workload(
-                directory, client, req.client_address, peer[0], self.node_address
-            ),
-            source_workload_namespace=client.namespace,
-            source_principal=client.uri,
-            destination_service="unknown",
-            destination_workload=w.name,
-            destination_workload_namespace=w.namespace,
-            destination_principal=dst_id.uri,
-            connection_security_policy="mutual_tls",
+        src_w = _source_workload(directory, client, req.client_address, peer[0], self.node_address)
+        flow = Flow(
+            "destination",
+            party(src_w, client.uri, namespace=client.namespace),
+            party(w, dst_id.uri),
+            None,
+            mutual_tls=True,
         )
         pod: SocketEnd | None = None
         try:
             try:
-                async with asyncio.timeout(self.config.connect_timeout_s):
-                    r, wr = await open_pod(
-                        req.target.address, req.target.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT
-                    )
+                pod = await self._dial(req.target)
             except (OSError, TimeoutError) as e:
                 return await self._refuse(
                     stream, "upstream_connect_failed", 503, f"cannot connect to {req.target.authority}: {e}"
                 )
-            pod = SocketEnd(r, wr)
             await stream.respond(200)  # TunnelError if the peer reset the stream meanwhile
+            down = TunnelEnd(stream)
+            declared = directory.pod_port_protocol(w, req.target.port)
+            wire, first = await protocol.resolve(declared, down, self.config.sniff_timeout_s)
+            if wire is protocol.Wire.HTTP1:
+                side = InboundHttp(
+                    self, flow, pod, req.target, src_w.address if src_w is not None else None
+                )
+                self.metrics.active_inbound.inc()
+                try:
+                    await H1Loop(down, side, self.config.http).run(first)
+                finally:
+                    self.metrics.active_inbound.dec()
+                    pod = side.pod
+                return None
+            labels = flow.conn_labels()
+            start = time.monotonic()
             self.metrics.opened(labels)
             self.metrics.active_inbound.inc()
             try:
-                res = await relay(TunnelEnd(stream), pod, idle_timeout_s=self.config.idle_timeout_s)
+                if first:
+                    await pod.write(first)
+                res = await relay(down, pod, idle_timeout_s=self.config.idle_timeout_s)
             finally:
                 self.metrics.active_inbound.dec()
             # relay(a=tunnel, b=pod): a -> b is the request direction
-            self.metrics.closed(labels, res.sent_bytes, res.received_bytes)
+            sent = res.sent_bytes + len(first)
+            self.metrics.closed(labels, sent, res.received_bytes)
+            self.reporter.tcp(
+                flow, labels, sent, res.received_bytes, (time.monotonic() - start) * 1000,
+                req.target.authority,
+            )
         finally:
             if pod is not None:
                 if stream.was_reset:
@@ -232,6 +263,13 @@ class Inbound:
                 else:
                     with contextlib.suppress(Exception):
                         pod.close()
+
+    async def _dial(self, target: hbone.Target) -> SocketEnd:
+        async with asyncio.timeout(self.config.connect_timeout_s):
+            r, wr = await open_pod(
+                target.address, target.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT
+            )
+        return SocketEnd(r, wr)
 
     async def close(self) -> None:
         for c in list(self._conns):
@@ -289,12 +327,12 @@ def _source_workload(
     claimed_address: str | None,
     peer_ip: str,
     node_address: Callable[[str], str | None],
-) -> str:
-    """The source workload's name for metrics, from verified facts only: the address the
-    peer claims (``forwarded``) names a workload only if that workload has the verified
-    identity and lives on the node the tunnel came from."""
+) -> Workload | None:
+    """The source workload, from verified facts only: the address the peer claims
+    (``forwarded``) names a workload only if that workload has the verified identity and
+    lives on the node the tunnel came from."""
     if not claimed_address:
-        return "unknown"
+        return None
     w = directory.workload_at(claimed_address)
     if (
         w is None
@@ -302,5 +340,60 @@ def _source_workload(
         or w.service_account != client.service_account
         or node_address(w.node) != peer_ip
     ):
-        return "unknown"
-    return w.name
+        return None
+    return w
+
+
+class InboundHttp:
+    """The destination node's side of the request loop, for one CONNECT stream: requests go
+    to the stream's pod (a new connection if the pod closed the last one)."""
+
+    def __init__(
+        self,
+        inbound: Inbound,
+        flow: Flow,
+        pod: SocketEnd,
+        target: hbone.Target,
+        client_address: str | None,
+    ) -> None:
+        self.inbound = inbound
+        self.flow = flow
+        self.labels: RequestLabels = flow.request_labels()
+        self.pod: SocketEnd | None = pod
+        self.target = target
+        self.client_address = client_address  # verified (see _source_workload), else None
+        self.key = (flow.source.principal, target.address, target.port, "h1")
+        self._served = 0
+
+    async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
+        ex.upstream = self.target.authority
+        pod = self.pod
+        if pod is not None and not fresh and pod.reusable():
+            self._served += 1
+            return Upstream(self.key, pod, reused=self._served > 1)
+        if pod is not None:
+            pod.close()
+            self.pod = None
+        try:
+            self.pod = pod = await self.inbound._dial(self.target)
+        except (OSError, TimeoutError) as e:
+            raise LocalReply(503, f"upstream connect error: {self.target.authority}: {e}", "UF") from None
+        self._served = 1
+        return Upstream(self.key, pod)
+
+    def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
+        h = http1.end_to_end(head.headers)
+        ex.request_id, ex.trace_id = hdrs.trace_id_of(h)
+        flow = self.flow
+        return hdrs.forwarding(
+            h, self.client_address, by=flow.destination.principal, client_principal=flow.source.principal
+        )
+
+    def finished(self, ex: Exchange, up: Upstream | None, reusable: bool) -> None:
+        if up is not None and not reusable and self.pod is not None and up.end is self.pod:
+            if ex.flags == "-":
+                self.pod.close()
+            else:
+                self.pod.abort()
+            self.pod = None
+        self.inbound.reporter.request(self.flow, self.labels, ex, "http")

@@ -4,11 +4,23 @@ How this works, per accepted connection (steps [2]–[4] of DESIGN §1):
 the eBPF sock_ops map gives the original destination for the (peer, local)
 4-tuple; the peer address names the source workload, whose identity is the
 client certificate; :func:`agent.dataplane.route.decide` turns the original
-destination into healthy endpoints; the service's policy picks one. A
-same-node endpoint is dialled directly, another node's through the pooled
-tunnel. A failed connect tries the next endpoint, up to ``max_attempts``.
-Then bytes are relayed both ways and the connection is counted with Istio's
-labels (reporter=source).
+destination into the service, its port's protocol and its healthy endpoints.
+Then :mod:`agent.dataplane.protocol` says whether the connection is HTTP
+(declared, or sniffed from the first bytes).
+
+TCP: the service's policy picks one endpoint; a same-node endpoint is dialled
+directly, another node's through the pooled tunnel; a failed connect tries the
+next endpoint, up to ``max_attempts``; bytes are relayed both ways
+(:mod:`agent.dataplane.tcp`) and the connection is counted with Istio's labels
+(reporter=source).
+
+HTTP/1.1: the request loop (:mod:`agent.dataplane.http.h1`) asks
+:class:`OutboundHttp` for an upstream per request: the route is decided again
+(a new snapshot applies to the next request), the policy picks an endpoint
+(per request; LEAST_REQUEST counts requests in flight), and a pooled upstream
+connection to it is reused or dialled (:mod:`agent.dataplane.http.upstream`).
+Each request is counted and logged (reporter=source; for a same-node endpoint,
+whose requests no other proxy sees, reporter=destination too).
 """
 
 from __future__ import annotations
@@ -16,20 +28,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.control.model import Workload
 from agent.control.snapshot import Endpoint
+from agent.dataplane import protocol
+from agent.dataplane.http import headers as hdrs
+from agent.dataplane.http.exchange import Exchange, LocalReply
+from agent.dataplane.http.h1 import H1Loop, LoopConfig
+from agent.dataplane.http.upstream import Upstream, UpstreamPool
 from agent.dataplane.lb import Balancer, endpoint_key
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
-from agent.dataplane.relay import SOCKET_READ_LIMIT, End, SocketEnd, TunnelEnd, relay
-from agent.dataplane.route import Directory, RouteError, decide
+from agent.dataplane.report import Flow, Party, Reporter, party
+from agent.dataplane.route import Directory, Route, RouteError, decide
+from agent.dataplane.tcp import SOCKET_READ_LIMIT, End, SocketEnd, TunnelEnd, relay
 from agent.dataplane.tunnel import TunnelError
 from agent.identity.spiffe import SpiffeId
-from agent.metrics.istio import ConnLabels, MeshMetrics
-from agent.proto import hbone
+from agent.metrics.istio import MeshMetrics, RequestLabels
+from agent.proto import hbone, http1
+from agent.proto.http1 import Header, RequestHead
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +72,8 @@ class OutboundConfig:
     hbone_port: int = 15008
     # SO_MARK on sockets to local pods: how a STRICT pod's filter knows the proxy (0: none)
     proxy_mark: int = 0
+    sniff_timeout_s: float = protocol.DEFAULT_SNIFF_TIMEOUT_S  # undeclared port, silent client: TCP
+    http: LoopConfig = dataclasses.field(default_factory=LoopConfig)
 
 
 class Outbound:
@@ -62,8 +87,14 @@ class Outbound:
         pool: TunnelPool,
         balancer: Balancer,
         metrics: MeshMetrics,
+        upstreams: UpstreamPool | None = None,
+        reporter: Reporter | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
+        self.upstreams = upstreams or UpstreamPool()
+        self.reporter = reporter or Reporter(metrics)
+        self.rng = rng or random.Random()
         self.directory = directory
         self.original_dst = original_dst
         self.node_address = node_address
@@ -115,6 +146,17 @@ class Outbound:
             route = decide(directory, dst_ip, dst_port)
         except RouteError as e:
             return self._fail(app, e.flag, str(e))
+        wire, first = await protocol.resolve(route.protocol, app, self.config.sniff_timeout_s)
+        if wire is protocol.Wire.HTTP1:
+            side = OutboundHttp(self, src, src_id, peer[0], (dst_ip, dst_port))
+            self.metrics.active_outbound.inc()
+            try:
+                await H1Loop(app, side, self.config.http).run(first)
+            finally:
+                self.metrics.active_outbound.dec()
+            return None
+        if not route.endpoints:
+            return self._fail(app, "UH", f"service {route.service_key} has no healthy endpoint")
         tried: set[tuple[str, int]] = set()
         last_error = ""
         for _ in range(self.config.max_attempts):
@@ -125,28 +167,32 @@ class Outbound:
                 break
             tried.add(endpoint_key(ep))
             dst_id = self.identity(ep.namespace, ep.service_account)
-            labels = ConnLabels(
-                reporter="source",
-                source_workload=src.name,
-                source_workload_namespace=src.namespace,
-                source_principal=src_id.uri,
-                destination_service=route.service_host,
-                destination_workload=ep.workload,
-                destination_workload_namespace=ep.namespace,
-                destination_principal=dst_id.uri,
-                connection_security_policy="mutual_tls" if ep.node != self.config.node else "none",
+            flow = Flow(
+                "source",
+                party(src, src_id.uri),
+                party(directory.workload_at(ep.address), dst_id.uri, namespace=ep.namespace),
+                route.service,
+                mutual_tls=ep.node != self.config.node,
             )
             try:
-                upstream = await self._connect(ep, src_id, dst_id, peer)
+                upstream = await self._connect(ep, src_id, dst_id, peer[0], peer[1])
             except (OSError, TunnelError, TimeoutError) as e:
                 last_error = f"{ep.address}:{ep.port}: {e}"
                 log.info("outbound: endpoint %s failed: %s; trying the next", ep.workload, e)
                 continue
-            await self._relay(app, upstream, ep, labels)
+            if first:
+                try:
+                    await upstream.write(first)
+                except (OSError, TunnelError) as e:
+                    upstream.abort()
+                    return self._fail(app, "UC", f"{ep.address}:{ep.port}: {e}")
+            await self._relay(app, upstream, ep, flow, len(first))
             return None
         return self._fail(app, "UF", f"no endpoint of {route.service_key or dst_ip} reachable ({last_error})")
 
-    async def _connect(self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, peer: tuple[str, int]) -> End:
+    async def _connect(
+        self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, src_ip: str, src_port: int = 0
+    ) -> End:
         if ep.node == self.config.node:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 r, w = await open_pod(ep.address, ep.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT)
@@ -154,12 +200,15 @@ class Outbound:
         node_addr = self.node_address(ep.node)
         if node_addr is None:
             raise TunnelError(f"node {ep.node!r} of workload {ep.workload} has no known address")
-        headers = hbone.connect_headers(hbone.Target(ep.address, ep.port), peer[0], peer[1])
+        # (a pooled HTTP upstream stream carries many client connections: no one port)
+        headers = hbone.connect_headers(hbone.Target(ep.address, ep.port), src_ip, src_port)
         async with asyncio.timeout(self.config.connect_timeout_s):
             stream = await self.pool.open_stream(src_id, dst_id, node_addr, headers, self.config.hbone_port)
         return TunnelEnd(stream)
 
-    async def _relay(self, app: SocketEnd, upstream: End, ep: Endpoint, labels: ConnLabels) -> None:
+    async def _relay(self, app: SocketEnd, upstream: End, ep: Endpoint, flow: Flow, sent: int) -> None:
+        labels = flow.conn_labels()
+        start = time.monotonic()
         self.metrics.opened(labels)
         self.metrics.active_outbound.inc()
         self.balancer.started(ep)
@@ -174,7 +223,11 @@ class Outbound:
         if res.idle_timeout:
             flags = "IT"
         final = labels if flags == "-" else dataclasses.replace(labels, response_flags=flags)
-        self.metrics.closed(final, res.sent_bytes, res.received_bytes)
+        self.metrics.closed(final, res.sent_bytes + sent, res.received_bytes)
+        self.reporter.tcp(
+            flow, final, res.sent_bytes + sent, res.received_bytes, (time.monotonic() - start) * 1000,
+            f"{ep.address}:{ep.port}",
+        )
 
     async def drain(self, timeout_s: float) -> None:
         """Let open connections finish for up to ``timeout_s``, then cancel them."""
@@ -182,3 +235,122 @@ class Outbound:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
             for t in pending:
                 t.cancel()
+
+
+@dataclass(slots=True)
+class _Choice:
+    """The endpoint a request went to, and the labels its report carries."""
+
+    endpoint: Endpoint
+    flow: Flow
+    labels: RequestLabels
+    same_node: tuple[Flow, RequestLabels] | None  # also reported as the destination
+
+
+class OutboundHttp:
+    """The source node's side of the request loop, for one app connection."""
+
+    def __init__(
+        self, out: Outbound, src: Workload, src_id: SpiffeId, src_ip: str, dst: tuple[str, int]
+    ) -> None:
+        self.out = out
+        self.src = src
+        self.src_id = src_id
+        self.src_party = party(src, src_id.uri)
+        self.src_ip = src_ip
+        self.dst = dst
+        self._choices: dict[tuple[str, int], _Choice] = {}
+        self._route: Route | None = None
+
+    def _decide(self) -> Route:
+        try:
+            route = decide(self.out.directory(), *self.dst)
+        except RouteError as e:
+            raise LocalReply(404 if e.flag == "NR" else 503, str(e), e.flag) from None
+        if route is not self._route:  # a new snapshot: labels may have changed
+            self._route = route
+            self._choices.clear()
+        return route
+
+    def _choice(self, route: Route, ep: Endpoint) -> _Choice:
+        key = endpoint_key(ep)
+        c = self._choices.get(key)
+        if c is None:
+            out = self.out
+            dst_id = out.identity(ep.namespace, ep.service_account)
+            dst = party(out.directory().workload_at(ep.address), dst_id.uri, namespace=ep.namespace)
+            remote = ep.node != out.config.node
+            flow = Flow("source", self.src_party, dst, route.service, mutual_tls=remote)
+            same = None
+            if not remote:
+                dflow = Flow("destination", self.src_party, dst, route.service, mutual_tls=False)
+                same = (dflow, dflow.request_labels())
+            c = self._choices[key] = _Choice(ep, flow, flow.request_labels(), same)
+        return c
+
+    async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
+        out = self.out
+        route = self._decide()
+        if not route.endpoints:
+            why = f"no healthy upstream: service {route.service_key} has no healthy endpoint"
+            raise LocalReply(503, why, "UH")
+        tried: set[tuple[str, int]] = set()
+        last_error = ""
+        for _ in range(out.config.max_attempts):
+            ep = out.balancer.pick(
+                route.service_key or self.dst[0], route.policy, route.endpoints, frozenset(tried)
+            )
+            if ep is None:
+                break
+            tried.add(endpoint_key(ep))
+            c = self._choice(route, ep)
+            ex.state = c
+            ex.upstream = f"{ep.address}:{ep.port}"
+            out.balancer.started(ep)  # LEAST_REQUEST: requests in flight
+            try:
+                return await out.upstreams.acquire(
+                    (self.src_ip, ep.address, ep.port, "h1"), functools.partial(self._dial, ep), fresh=fresh
+                )
+            except (OSError, TunnelError, TimeoutError) as e:
+                out.balancer.finished(ep)
+                ex.state = None
+                last_error = f"{ep.address}:{ep.port}: {e}"
+                log.info("outbound: endpoint %s failed: %s; trying the next", ep.workload, e)
+        ex.upstream = ""
+        what = route.service_key or self.dst[0]
+        raise LocalReply(503, f"upstream connect error: no endpoint of {what} reachable ({last_error})", "UF")
+
+    async def _dial(self, ep: Endpoint) -> End:
+        out = self.out
+        dst_id = out.identity(ep.namespace, ep.service_account)
+        return await out._connect(ep, self.src_id, dst_id, self.src_ip)
+
+    def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
+        h = http1.end_to_end(head.headers)
+        h, ex.request_id, ex.trace_id = hdrs.tracing(h, self.out.rng)
+        c = ex.state
+        same_node = isinstance(c, _Choice) and c.same_node is not None
+        return hdrs.forwarding(
+            h,
+            self.src_ip,
+            by=c.flow.destination.principal if same_node and isinstance(c, _Choice) else "",
+            client_principal=self.src_id.uri if same_node else "",
+        )
+
+    def finished(self, ex: Exchange, up: Upstream | None, reusable: bool) -> None:
+        out = self.out
+        c = ex.state
+        if up is not None:
+            if ex.flags == "-" or reusable:
+                out.upstreams.release(up, reusable)
+            else:
+                out.upstreams.discard(up)
+        if isinstance(c, _Choice):
+            out.balancer.finished(c.endpoint)
+            out.reporter.request(c.flow, c.labels, ex, "http")
+            if c.same_node is not None:
+                out.reporter.request(c.same_node[0], c.same_node[1], ex, "http")
+        else:
+            route = self._route
+            flow = Flow("source", self.src_party, Party(), route.service if route else None, mutual_tls=False)
+            out.reporter.request(flow, flow.request_labels(), ex, "http")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from agent.control.model import Service, Workload
+from agent.control.model import Protocol, Service, Workload, l7_protocol, selects
 from agent.control.screening import Rejection, WorkloadGuard
 from agent.control.snapshot import Endpoint, NsName, Snapshot, healthy_endpoints
 from agent.dataplane.lb import Policy
@@ -35,8 +35,9 @@ class RouteError(Exception):
 class Route:
     service: Service | None  # None when the app dialled a pod address directly
     port: int  # the port the app dialled
-    endpoints: tuple[Endpoint, ...]
+    endpoints: tuple[Endpoint, ...]  # healthy ones; empty: none (the caller answers UH)
     policy: Policy
+    protocol: Protocol | None = None  # the service port's declared protocol; None: sniff
 
     @property
     def service_key(self) -> str:
@@ -60,6 +61,7 @@ class Directory:
     # (address, port) -> its route in this snapshot; only found routes (an unknown address
     # is one a pod may vary at will); cleared past MAX_CACHED_ROUTES
     routes: dict[tuple[str, int], Route] = field(default_factory=dict, compare=False, repr=False)
+    protocols: dict[tuple[str, int], Protocol | None] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, snapshot: Snapshot, guard: WorkloadGuard | None = None) -> Directory:
@@ -81,6 +83,29 @@ class Directory:
     def local_workload_at(self, address: str, node: str) -> Workload | None:
         w = self.by_address.get(address)
         return w if w is not None and w.node == node else None
+
+    def pod_port_protocol(self, w: Workload, port: int) -> Protocol | None:
+        """The protocol a service selecting ``w`` declares for its target ``port`` (the
+        first service port that declares one); None: undeclared (the proxy sniffs)."""
+        key = (w.address, -port)
+        if key in self.protocols:
+            return self.protocols[key]
+        found: Protocol | None = None
+        for svc in self.snapshot.services.values():
+            if not selects(svc.selector, w.labels):
+                continue
+            for sp in svc.ports:
+                target = sp.target_port if isinstance(sp.target_port, int) else w.ports.get(sp.target_port)
+                if target == port:
+                    found = l7_protocol(sp)
+                    if found is not None:
+                        break
+            if found is not None:
+                break
+        if len(self.protocols) >= MAX_CACHED_ROUTES:
+            self.protocols.clear()
+        self.protocols[key] = found
+        return found
 
 
 def policy_of(service: Service) -> Policy:
@@ -110,9 +135,8 @@ def _decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
                 f"service {svc.namespace}/{svc.name} ({dst_address}) has no port {dst_port}", flag="NR"
             )
         eps = healthy_endpoints(snap, svc, dst_port)
-        if not eps:
-            raise RouteError(f"service {svc.namespace}/{svc.name} has no healthy endpoint", flag="UH")
-        return Route(svc, dst_port, eps, policy_of(svc))
+        sp = next(p for p in svc.ports if p.port == dst_port)
+        return Route(svc, dst_port, eps, policy_of(svc), l7_protocol(sp))
     w = directory.workload_at(dst_address)
     if w is not None:
         health = snap.effective_health(w.namespace, w.name)

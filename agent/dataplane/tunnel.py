@@ -149,6 +149,11 @@ class TunnelStream:
     def was_reset(self) -> bool:
         return self._reset is not None
 
+    @property
+    def at_eof(self) -> bool:
+        """The peer ended its side (or the stream was reset)."""
+        return self._eof
+
     def set_sink(self, transport: asyncio.WriteTransport) -> None:
         """Where this stream's data goes (the relay's socket). While nothing is queued and
         the sink holds less than DRAIN_ABOVE_BYTES, received data is written to it at once

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -46,6 +46,59 @@ class ConnLabels:
 
     def values(self) -> tuple[str, ...]:
         return tuple(getattr(self, k) for k in ISTIO_TCP_LABELS)
+
+
+# Istio's standard request labels (the ones its dashboards and Kiali query); the last four
+# vary per request, the others per (source, destination) pair: see :class:`RequestLabels`
+ISTIO_HTTP_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "connection_security_policy",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+)
+# Envoy's default histogram buckets, which Istio's request histograms use (ms, and bytes)
+ISTIO_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                 300000, 600000, 1800000, 3600000)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLabels:
+    """The labels of one (source, destination) pair; a request adds protocol, code, grpc
+    status and flags. Built once per connection or endpoint choice, not per request."""
+
+    reporter: str
+    source_workload: str = "unknown"
+    source_workload_namespace: str = "unknown"
+    source_principal: str = "unknown"
+    source_app: str = "unknown"
+    source_version: str = "unknown"
+    destination_service: str = "unknown"
+    destination_service_name: str = "unknown"
+    destination_service_namespace: str = "unknown"
+    destination_workload: str = "unknown"
+    destination_workload_namespace: str = "unknown"
+    destination_principal: str = "unknown"
+    destination_app: str = "unknown"
+    destination_version: str = "unknown"
+    connection_security_policy: str = "unknown"
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(getattr(self, k) for k in ISTIO_HTTP_LABELS[:-4])
 
 
 class MeshMetrics:
@@ -111,7 +164,32 @@ class MeshMetrics:
             ("kind",),
             registry=registry,
         )
+        self.requests = Counter(
+            "istio_requests", "Requests served, by Istio's labels", ISTIO_HTTP_LABELS, registry=registry
+        )
+        self.request_duration = Histogram(
+            "istio_request_duration_milliseconds",
+            "Request duration: request start to response end",
+            ISTIO_HTTP_LABELS,
+            buckets=ISTIO_BUCKETS,
+            registry=registry,
+        )
+        self.request_bytes = Histogram(
+            "istio_request_bytes",
+            "Request size (head and body)",
+            ISTIO_HTTP_LABELS,
+            buckets=ISTIO_BUCKETS,
+            registry=registry,
+        )
+        self.response_bytes = Histogram(
+            "istio_response_bytes",
+            "Response size (head and body)",
+            ISTIO_HTTP_LABELS,
+            buckets=ISTIO_BUCKETS,
+            registry=registry,
+        )
         self._series_of: dict[ConnLabels, _ConnSeries] = {}
+        self._request_series: dict[tuple[RequestLabels, str, int, str, str], _RequestSeries] = {}
         # resolved once: the data path updates these per connection
         self.active_outbound = self.active.labels("outbound")
         self.active_inbound = self.active.labels("inbound")
@@ -151,7 +229,48 @@ class MeshMetrics:
             s.sent.inc(response_bytes)
 
 
+    def request(
+        self,
+        labels: RequestLabels,
+        protocol: str,
+        code: int,
+        grpc_status: str,
+        flags: str,
+        duration_ms: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> None:
+        """One request ended. The label children of each distinct label set are resolved
+        once and kept (bounded), not looked up per request."""
+        key = (labels, protocol, code, grpc_status, flags)
+        s = self._request_series.get(key)
+        if s is None:
+            if len(self._request_series) >= MAX_CACHED_LABEL_SETS:
+                self._request_series.clear()
+            values = (*labels.values(), protocol, str(code), grpc_status, flags)
+            s = self._request_series[key] = _RequestSeries(
+                self.requests.labels(*values),
+                self.request_duration.labels(*values),
+                self.request_bytes.labels(*values),
+                self.response_bytes.labels(*values),
+            )
+        s.count.inc()
+        s.duration.observe(duration_ms)
+        s.req_bytes.observe(request_bytes)
+        s.resp_bytes.observe(response_bytes)
+
+
 MAX_CACHED_LABEL_SETS = 4096
+
+
+class _RequestSeries:
+    __slots__ = ("count", "duration", "req_bytes", "resp_bytes")
+
+    def __init__(self, count: Counter, duration: Histogram, req_bytes: Histogram, resp_bytes: Histogram):
+        self.count = count
+        self.duration = duration
+        self.req_bytes = req_bytes
+        self.resp_bytes = resp_bytes
 
 
 class _ConnSeries:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import uvloop
@@ -196,7 +198,7 @@ def web_service(port: int = 80, target: int = 9000, policy: str = "") -> Service
         name="web",
         namespace="default",
         vip=VIP,
-        ports=(ServicePort("http", port, target),),
+        ports=(ServicePort("tcp-web", port, target),),
         selector={"app": "web"},
     )
 
@@ -218,4 +220,75 @@ def workload(
         service_account=sa,
         labels=labels or {},
         weight=weight,
+    )
+
+
+class _PodHandler(BaseHTTPRequestHandler):
+    """A real HTTP/1.1 server (the standard library's) answering with what it saw as JSON."""
+
+    protocol_version = "HTTP/1.1"
+    pod_name = "pod"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    trailers = []
+                    while (line := self.rfile.readline()) not in (b"\r\n", b""):
+                        trailers.append(line.decode().strip())
+                    self.trailers = trailers
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _answer(self, status: int = 200) -> None:
+        self.trailers: list[str] = []
+        body = self._body()
+        if self.path.startswith("/status/"):
+            status = int(self.path.split("/")[2])
+        doc = {
+            "pod": self.pod_name,
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body.decode("latin-1"),
+            "trailers": self.trailers,
+        }
+        out = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _answer
+
+
+def http_pod(host: str, port: int, name: str) -> ThreadingHTTPServer:
+    """Start a real HTTP server for one pod in a thread; ``shutdown()`` + ``server_close()`` end it."""
+    handler = type(f"Handler_{name}", (_PodHandler,), {"pod_name": name})
+    srv = ThreadingHTTPServer((host, port), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def http_service(
+    port: int = 80, target: int = 9000, name: str = "http-web", policy: str = "ROUND_ROBIN"
+) -> Service:
+    return Service(
+        name="web",
+        namespace="default",
+        vip=VIP,
+        ports=(ServicePort(name, port, target),),
+        selector={"app": "web"},
+        lb_policy=policy,
     )

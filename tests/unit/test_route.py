@@ -51,11 +51,11 @@ def test_a_vip_port_the_service_does_not_have_is_no_route() -> None:
     assert e.value.flag == "NR"
 
 
-def test_no_healthy_endpoint_is_uh() -> None:
+def test_no_healthy_endpoint_is_a_route_without_endpoints() -> None:
+    # (the proxy answers UH: per connection for TCP, per request for HTTP)
     sick = [wl("web-1", "10.244.2.2", health=Health.CRITICAL)]
-    with pytest.raises(RouteError, match="no healthy endpoint") as e:
-        decide(Directory.build(snapshot(sick)), VIP, 80)
-    assert e.value.flag == "UH"
+    r = decide(Directory.build(snapshot(sick)), VIP, 80)
+    assert r.service is not None and r.endpoints == ()
 
 
 def test_a_pod_address_routes_to_that_workload_on_the_dialled_port() -> None:

@@ -54,6 +54,8 @@ class End(Protocol):
     async def write(self, data: bytes) -> None: ...
     def write_eof(self) -> None: ...
     def abort(self) -> None: ...
+    def close(self) -> None: ...
+    def reusable(self) -> bool: ...
 
 
 class SocketEnd:
@@ -121,6 +123,12 @@ class SocketEnd:
     def close(self) -> None:
         self.writer.close()
 
+    def reusable(self) -> bool:
+        """Open both ways with nothing unread: may carry another request (HTTP pools)."""
+        r = self.reader
+        unread = len(getattr(r, "_buffer", b""))
+        return not (self.writer.is_closing() or r.at_eof() or r.exception() is not None or unread)
+
 
 class TunnelEnd:
     def __init__(self, stream: TunnelStream) -> None:
@@ -140,6 +148,14 @@ class TunnelEnd:
 
     def abort(self) -> None:
         self.stream.reset(ErrorCode.CONNECT_ERROR)
+
+    def close(self) -> None:
+        self.stream.write_eof()
+        self.stream.release()
+
+    def reusable(self) -> bool:
+        s = self.stream
+        return not (s.conn.closed or s.was_reset or s.at_eof or s.queued_bytes)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,39 @@
+"""One request and its outcome (:class:`Exchange`), and the proxy's own answers (:class:`LocalReply`).
+
+Shared by the HTTP/1.1 and HTTP/2 request loops, read by metrics and the access log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request and its outcome: what metrics and the access log read."""
+
+    start: float
+    method: str
+    authority: str
+    path: str
+    protocol: str = "HTTP/1.1"
+    request_id: str = ""
+    trace_id: str = ""
+    status: int = 0
+    flags: str = "-"
+    grpc_status: str = ""
+    request_bytes: int = 0
+    response_bytes: int = 0
+    duration_ms: float = 0.0
+    upstream: str = ""  # address:port of the endpoint
+    detail: str = ""  # why the proxy answered itself
+    state: object = None  # the side's own per-request facts (endpoint, labels)
+
+
+class LocalReply(Exception):
+    """The side answers the request itself: ``status`` with Envoy's ``flag``."""
+
+    def __init__(self, status: int, message: str, flag: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.flag = flag

@@ -1,0 +1,86 @@
+"""What the proxy adds to a request on its way: tracing and forwarding headers. Pure.
+
+Tracing: ``x-request-id`` is kept when the app sent a sane one, else generated
+(a UUID4, as Envoy does). W3C ``traceparent`` (version 00): a valid one keeps
+its trace id and gets a new span id (this hop is a span, its parent the
+caller's); an absent or invalid one starts a new, sampled trace. So an app that
+forwards these headers to its own calls gets one connected trace.
+
+Forwarding: ``x-forwarded-for``, ``forwarded`` and ``x-forwarded-client-cert``
+carry only what nodemesh verified (the calling pod's address as the proxy saw
+its socket, the identity of the tunnel's client certificate); whatever the app
+sent under those names is removed first, never trusted or appended to.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import uuid
+
+from agent.proto.http1 import Header
+
+FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-forwarded-client-cert"})
+_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}\Z")
+_ZERO_TRACE = b"0" * 32
+
+
+def tracing(headers: list[Header], rng: random.Random) -> tuple[list[Header], str, str]:
+    """``headers`` with x-request-id and traceparent set; returns (headers, request id, trace id)."""
+    request_id = b""
+    parent = b""
+    out: list[Header] = []
+    for k, v in headers:
+        if k == b"x-request-id":
+            if not request_id and _REQUEST_ID.match(v):
+                request_id = v
+            continue
+        if k == b"traceparent":
+            parent = v if not parent else b"-"  # two traceparent headers: invalid, start anew
+            continue
+        out.append((k, v))
+    if not request_id:
+        request_id = str(uuid.UUID(int=rng.getrandbits(128), version=4)).encode()
+    m = _TRACEPARENT.match(parent.strip().lower()) if parent else None
+    span = b"%016x" % (rng.getrandbits(64) or 1)
+    if m is not None and m.group(1) != _ZERO_TRACE and m.group(2) != b"0" * 16:
+        trace, flags = m.group(1), m.group(3)
+    else:
+        trace, flags = b"%032x" % (rng.getrandbits(128) or 1), b"01"
+    out.append((b"x-request-id", request_id))
+    out.append((b"traceparent", b"00-" + trace + b"-" + span + b"-" + flags))
+    return out, request_id.decode("ascii"), trace.decode("ascii")
+
+
+def trace_id_of(headers: list[Header]) -> tuple[str, str]:
+    """(x-request-id, trace id) a request carries, as far as they are well formed."""
+    rid, trace = "", ""
+    for k, v in headers:
+        if k == b"x-request-id" and _REQUEST_ID.match(v):
+            rid = v.decode("ascii")
+        elif k == b"traceparent":
+            m = _TRACEPARENT.match(v.strip().lower())
+            if m is not None:
+                trace = m.group(1).decode("ascii")
+    return rid, trace
+
+
+def _for(address: str) -> bytes:
+    return (f'"[{address}]"' if ":" in address else address).encode("ascii")
+
+
+def forwarding(
+    headers: list[Header], client_address: str | None, *, by: str = "", client_principal: str = ""
+) -> list[Header]:
+    """``headers`` without any forwarding header the sender wrote, plus ours: the verified
+    client address (none when it is not known for sure) and, when the proxy verified a
+    client certificate, Envoy's x-forwarded-client-cert ``By=<server id>;URI=<client id>``."""
+    out = [(k, v) for k, v in headers if k not in FORWARDING]
+    if client_address:
+        out.append((b"x-forwarded-for", client_address.encode("ascii")))
+        out.append((b"forwarded", b"for=" + _for(client_address)))
+    if client_principal:
+        xfcc = f"By={by};URI={client_principal}" if by else f"URI={client_principal}"
+        out.append((b"x-forwarded-client-cert", xfcc.encode("ascii")))
+    return out

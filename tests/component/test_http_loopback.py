@@ -1,0 +1,399 @@
+"""The node proxy's HTTP path on loopback: app → outbound (HTTP/1.1 parsed, balanced per
+request) → pooled HBONE → inbound (parsed again) → a real HTTP server per pod.
+
+Clients are real: the standard library's http.client (keep-alive), curl, and raw
+sockets for the malformed-request corpus, whose exact bytes matter."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import socket
+import subprocess
+import tempfile
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from agent.control.model import Service, ServicePort
+from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
+from agent.dataplane.report import Reporter
+from tests.component.harness import (
+    VIP,
+    Mesh,
+    build_snapshot,
+    http_pod,
+    http_service,
+    run,
+    two_node_mesh,
+    workload,
+)
+
+WEB = {"app": "web", "version": "v1"}
+CLIENT = "127.0.0.5"
+
+
+def workloads(n_web: int = 2, node: str = "n2") -> list[Any]:
+    ws = [workload("client", CLIENT, "n1", sa="client", labels={"app": "client"})]
+    ws += [workload(f"web-{i}", f"127.0.0.{10 + i}", node, sa="web", labels=WEB) for i in range(1, n_web + 1)]
+    return ws
+
+
+def metric(node: Any, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in node.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+class Pods:
+    def __init__(self, names: list[tuple[str, str]], port: int = 9000) -> None:
+        self.servers = [http_pod(addr, port, name) for name, addr in names]
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.shutdown()
+            s.server_close()
+
+
+def pods_for(ws: list[Any]) -> Pods:
+    return Pods([(w.name, w.address) for w in ws if w.name.startswith("web")])
+
+
+def keepalive_requests(
+    port: int, n: int, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None
+) -> list[tuple[int, dict[str, Any], dict[str, str]]]:
+    """n requests on ONE keep-alive connection (http.client), as a blocking call."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, source_address=(CLIENT, 0), timeout=10)
+    out = []
+    try:
+        for _ in range(n):
+            conn.request(method, path, headers={"host": "web.default", **(headers or {})})
+            r = conn.getresponse()
+            body = r.read()
+            out.append(
+                (
+                    r.status,
+                    json.loads(body)
+                    if body and r.getheader("content-type") == "application/json"
+                    else {"raw": body.decode()},
+                    {k.lower(): v for k, v in r.getheaders()},
+                )
+            )
+        assert conn.sock is not None  # still the one connection
+    finally:
+        conn.close()
+    return out
+
+
+def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes, read until the proxy closes (blocking)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(CLIENT, 0)) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                return out + b"<timeout>"
+            if not chunk:
+                return out
+            out += chunk
+
+
+async def with_mesh(
+    ws: list[Any], services: list[Service], body: Any, *, dst: tuple[str, int] = (VIP, 80)
+) -> Any:
+    pods = pods_for(ws)
+    try:
+        async with two_node_mesh(ws, services) as mesh:
+            mesh.original_dst[(CLIENT, 0)] = dst
+            return await body(mesh)
+    finally:
+        pods.close()
+
+
+def test_100_requests_on_one_keepalive_connection_are_balanced_per_request_and_counted_by_both() -> None:
+    ws = workloads()
+
+    async def body(mesh: Mesh) -> None:
+        n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 100)
+        assert [s for s, _, _ in res] == [200] * 100
+        assert Counter(d["pod"] for _, d, _ in res) == {"web-1": 50, "web-2": 50}  # ROUND_ROBIN per request
+        seen = res[0][1]["headers"]
+        # the server learns who called, from verified facts only
+        assert seen["x-forwarded-for"] == CLIENT
+        assert seen["forwarded"] == f"for={CLIENT}"
+        assert seen["x-forwarded-client-cert"] == (
+            "By=spiffe://cluster.local/ns/default/sa/web;URI=spiffe://cluster.local/ns/default/sa/client"
+        )
+        assert len(seen["x-request-id"]) == 36
+        assert seen["traceparent"].startswith("00-") and seen["traceparent"].endswith("-01")
+        labels = {
+            "response_code": "200",
+            "request_protocol": "http",
+            "destination_service_name": "web",
+            "source_workload": "client",
+            "destination_app": "web",
+            "destination_version": "v1",
+        }
+        assert metric(n1, "istio_requests_total", reporter="source", **labels) == 100
+        assert (
+            metric(
+                n2,
+                "istio_requests_total",
+                reporter="destination",
+                source_workload="client",
+                response_code="200",
+                request_protocol="http",
+            )
+            == 100
+        )
+        assert metric(n1, "istio_request_duration_milliseconds_count", reporter="source") == 100
+        assert metric(n2, "istio_response_bytes_count", reporter="destination") == 100
+        # requests reused pooled tunnel streams: far fewer upstream dials than requests
+        assert n1.outbound.upstreams.stats.dials <= 4
+        assert n1.outbound.upstreams.stats.reuses >= 96
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+def test_app_forwarding_headers_are_replaced_and_trace_continues_with_a_new_span() -> None:
+    ws = workloads(1)
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+    async def body(mesh: Mesh) -> None:
+        n1 = mesh.nodes["n1"]
+        res = await asyncio.to_thread(
+            keepalive_requests,
+            n1.outbound_port,
+            1,
+            "/",
+            "GET",
+            {
+                "x-forwarded-for": "6.6.6.6",
+                "forwarded": "for=6.6.6.6",
+                "x-forwarded-client-cert": "URI=spiffe://cluster.local/ns/default/sa/admin",
+                "traceparent": parent,
+                "x-request-id": "my-id-1",
+            },
+        )
+        seen = res[0][1]["headers"]
+        assert seen["x-forwarded-for"] == CLIENT and "6.6.6.6" not in json.dumps(seen)
+        assert "sa/admin" not in seen["x-forwarded-client-cert"]
+        assert seen["x-request-id"] == "my-id-1"
+        trace, span = seen["traceparent"].split("-")[1:3]
+        assert trace == "4bf92f3577b34da6a3ce929d0e0e4736" and span != "00f067aa0ba902b7"
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+def test_curl_chunked_upload_with_trailers_100_continue_head_and_pipelining() -> None:
+    ws = workloads(1)
+
+    async def body(mesh: Mesh) -> None:
+        port = mesh.nodes["n1"].outbound_port
+        base = ["curl", "-sS", "--max-time", "10", "--interface", CLIENT, f"http://127.0.0.1:{port}/up"]
+        # curl sends a chunked body (unknown length) with Expect: 100-continue
+        p = await asyncio.to_thread(
+            subprocess.run,
+            [*base, "-H", "Transfer-Encoding: chunked", "-H", "Expect: 100-continue", "--data-binary", "@-"],
+            input=b"x" * 300_000,
+            capture_output=True,
+            timeout=20,
+        )
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        assert doc["headers"]["transfer-encoding"] == "chunked" and len(doc["body"]) == 300_000
+        # trailers pass through (raw: curl cannot send request trailers)
+        req = (
+            b"POST /t HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Checksum: 42\r\n\r\n"
+        )
+        out = await asyncio.to_thread(raw, port, req)
+        assert b" 200 " in out.split(b"\r\n")[0]
+        doc = json.loads(out.split(b"\r\n\r\n", 1)[1])
+        assert doc["body"] == "abc" and doc["trailers"] == ["x-checksum: 42"]  # (names lower-cased, as Envoy)
+        # HEAD: headers, no body, the connection stays usable
+        p = await asyncio.to_thread(subprocess.run, [*base, "-I"], capture_output=True, timeout=20)
+        assert p.returncode == 0 and b"200" in p.stdout.split(b"\r\n")[0]
+        # three pipelined requests in one write: three answers, in order
+        pipe = b"".join(b"GET /p%d HTTP/1.1\r\nHost: web\r\n\r\n" % i for i in range(3))
+        out = await asyncio.to_thread(
+            raw, port, pipe + b"GET /last HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+        )
+        paths = [
+            json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])["path"]
+            for part in out.split(b"HTTP/1.1 200 OK")[1:]
+        ]
+        assert paths == ["/p0", "/p1", "/p2", "/last"]
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+SMUGGLING = [
+    (
+        "Content-Length with Transfer-Encoding",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "duplicate Content-Length",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+        400,
+    ),
+    ("signed Content-Length", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx", 400),
+    ("bare LF", b"GET / HTTP/1.1\nHost: a\n\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400),
+    ("invalid header name", b"GET / HTTP/1.1\r\nHost: a\r\nX(A): b\r\n\r\n", 400),
+    ("space before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-A : b\r\n\r\n", 400),
+    ("control byte in value", b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x01c\r\n\r\n", 400),
+    (
+        "Transfer-Encoding not ending in chunked",
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        400,
+    ),
+    ("no Host", b"GET / HTTP/1.1\r\n\r\n", 400),
+    ("two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    ("lower-case method", b"get / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+    ("HTTP/0.9", b"GET /\r\n\r\n", 505),
+    ("oversized request line", b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    (
+        "oversized header block",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Big: " + b"b" * 70_000 + b"\r\n\r\n",
+        431,
+    ),
+    (
+        "too many headers",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(120)) + b"\r\n",
+        431,
+    ),
+    ("garbage", b"\x16\x03\x01\x02\x00GET / HTTP/1.1\r\n\r\n", None),  # not HTTP: the sniffer says TCP
+]
+
+
+@pytest.mark.parametrize(("case", "data", "status"), SMUGGLING, ids=[c[0] for c in SMUGGLING])
+def test_malformed_and_smuggling_requests_are_refused_and_the_proxy_keeps_serving(
+    case: str, data: bytes, status: int | None
+) -> None:
+    ws = workloads(1)
+
+    async def body(mesh: Mesh) -> None:
+        port = mesh.nodes["n1"].outbound_port
+        out = await asyncio.to_thread(raw, port, data)
+        if status is None:  # declared HTTP port: the loop still parses it and refuses it
+            assert out.startswith(b"HTTP/1.1 400 ") and b"server: nodemesh" in out
+        else:
+            head, _, text = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 %d " % status), out[:200]
+            assert b"server: nodemesh" in head and b"connection: close" in head
+            assert text.strip(), "the body names the reason"
+        # nothing reached the pod, and the proxy still serves
+        res = await asyncio.to_thread(keepalive_requests, port, 2)
+        assert [s for s, _, _ in res] == [200, 200]
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+def test_no_healthy_endpoint_is_503_uh_and_a_dead_endpoint_is_503_uf() -> None:
+    ws = workloads(1)
+
+    async def body(mesh: Mesh) -> None:
+        n1 = mesh.nodes["n1"]
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1)
+        assert res[0][0] == 200
+        # the pod dies: its port refuses (cross-node: the inbound answers 503 to the CONNECT)
+        pods.close()
+        n1.outbound.upstreams.close()
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 2)
+        for status, doc, headers in res:
+            assert status == 503 and headers["server"] == "nodemesh"
+            assert "upstream connect error" in doc["raw"]
+        assert (
+            metric(n1, "istio_requests_total", reporter="source", response_code="503", response_flags="UF")
+            == 2
+        )
+        # no endpoint at all
+        sick = [w for w in ws if not w.name.startswith("web")]
+        mesh.set_snapshot(build_snapshot([http_service()], sick, revision=2))
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1)
+        assert res[0][0] == 503 and "no healthy upstream" in res[0][1]["raw"]
+        assert metric(n1, "istio_requests_total", response_code="503", response_flags="UH") == 1
+
+    pods = pods_for(ws)
+    try:
+
+        async def go() -> None:
+            async with two_node_mesh(ws, [http_service()]) as mesh:
+                mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+                await body(mesh)
+
+        run(go())
+    finally:
+        pods.close()
+
+
+def test_undeclared_port_is_sniffed_http_and_a_server_first_protocol_still_works() -> None:
+    ws = workloads(1)
+    svc = Service(
+        "web", "default", VIP, (ServicePort("web", 80, 9000), ServicePort("banner", 25, 2525)), {"app": "web"}
+    )
+
+    async def banner(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"220 smtp.example ESMTP ready\r\n")
+        line = await r.readline()
+        w.write(b"250 got " + line)
+        await w.drain()
+        w.close()
+
+    async def body(mesh: Mesh) -> None:
+        n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 3)
+        assert [s for s, _, _ in res] == [200] * 3
+        assert metric(n1, "istio_requests_total", reporter="source", response_code="200") == 3
+        assert metric(n2, "istio_requests_total", reporter="destination", response_code="200") == 3
+        srv = await asyncio.start_server(banner, "127.0.0.11", 2525)
+        try:
+            mesh.original_dst[(CLIENT, 0)] = (VIP, 25)
+            r, w = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+            greeting = await asyncio.wait_for(r.readline(), 5)  # the client says nothing first
+            assert greeting == b"220 smtp.example ESMTP ready\r\n"
+            w.write(b"HELO me\r\n")
+            assert await asyncio.wait_for(r.readline(), 5) == b"250 got HELO me\r\n"
+            w.close()
+        finally:
+            srv.close()
+        assert metric(n1, "istio_tcp_connections_opened_total", reporter="source") == 1
+
+    run(with_mesh(ws, [svc], body))
+
+
+def test_access_log_lines_are_json_and_carry_the_trace_id_the_server_saw() -> None:
+    ws = workloads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "access.log")
+
+        async def body(mesh: Mesh) -> None:
+            n1 = mesh.nodes["n1"]
+            n1.outbound.reporter = Reporter(n1.metrics, AccessLog(AccessLogConfig(enabled=True, path=path)))
+            res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 3, "/logged")
+            with open(path) as f:
+                lines = [json.loads(line) for line in f]
+            assert len(lines) == 3
+            for (_, doc, _), entry in zip(res, lines, strict=True):
+                trace = doc["headers"]["traceparent"].split("-")[1]
+                assert entry["trace_id"] == trace
+                assert entry["x_request_id"] == doc["headers"]["x-request-id"]
+                assert (
+                    entry["response_code"] == 200 and entry["method"] == "GET" and entry["path"] == "/logged"
+                )
+                assert entry["source_workload"] == "client" and entry["destination_workload"] == "web-1"
+                assert entry["upstream_host"] == "127.0.0.11:9000" and entry["response_flags"] == "-"
+
+        run(with_mesh(ws, [http_service()], body))
