@@ -47,13 +47,24 @@ Example (every key but ``node`` has a default)::
       listeners:                # per listener; over a limit a new connection is reset and counted
         hbone: {max_connections: 16384, max_connections_per_peer: 2048}
         # outbound, dns_tcp, admin, metrics, health: the same two keys
+    http:                       # the node proxy's HTTP (README: "Which connections are HTTP")
+      sniff_timeout_s: 0.1      # undeclared port: a client silent this long is TCP (server-first)
+      max_request_line_bytes: 8192    # over: 414
+      max_header_bytes: 65536         # over: 431
+      max_headers: 100                # over: 431
+      idle_timeout_s: 3600            # a keep-alive client connection silent this long: closed
+      upstream_idle_timeout_s: 60     # a pooled upstream connection unused this long: closed
+      upstream_max_idle_per_endpoint: 64
+      access_log:               # one JSON line per request and per TCP connection; off by default
+        path: ""                # a file, or "-" for stdout; "" = off
+        sampling: 1.0           # fraction of lines kept (errors are always kept)
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -144,6 +155,19 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    sniff_timeout_s: float = 0.1
+    max_request_line_bytes: int = 8192
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    idle_timeout_s: float = 3600.0
+    upstream_idle_timeout_s: float = 60.0
+    upstream_max_idle_per_endpoint: int = 64
+    access_log_path: str = ""
+    access_log_sampling: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str
     addresses: Addresses
@@ -162,6 +186,7 @@ class AgentConfig:
     drain_s: float = 10.0
     runtime_dir: str = "/run/nodemesh"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
 
 class _Reader:
@@ -233,6 +258,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "drain_s",
             "runtime_dir",
             "limits",
+            "http",
         },
     )
     if "node" not in top:
@@ -384,6 +410,40 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         drain_s=drain,
         runtime_dir=r.string(top, "runtime_dir", "", "/run/nodemesh"),
         limits=limits,
+        http=_http(r, top.get("http")),
+    )
+
+
+def _http(r: _Reader, doc: Any) -> HttpConfig:
+    d = HttpConfig()
+    top = r.mapping(doc, "http", {f.name for f in fields(HttpConfig) if not f.name.startswith("access_log")}
+                    | {"access_log"})
+
+    def number(key: str, lo: float, hi: float, *, whole: bool = False) -> Any:
+        v = top.get(key, getattr(d, key))
+        ok = isinstance(v, int) if whole else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok or not lo <= v <= hi:
+            kind = "a whole number" if whole else "a number"
+            raise r.fail(f"http.{key}", f"expected {kind} between {lo:g} and {hi:g}, got {v!r}")
+        return v if whole else float(v)
+
+    al = r.mapping(top.get("access_log"), "http.access_log", {"path", "sampling"})
+    path = al.get("path", "")
+    if not isinstance(path, str):
+        raise r.fail("http.access_log.path", f"expected a file path or '-' (stdout), got {path!r}")
+    sampling = al.get("sampling", 1.0)
+    if isinstance(sampling, bool) or not isinstance(sampling, int | float) or not 0 < sampling <= 1:
+        raise r.fail("http.access_log.sampling", f"expected a fraction in (0, 1], got {sampling!r}")
+    return HttpConfig(
+        sniff_timeout_s=number("sniff_timeout_s", 0.001, 10),
+        max_request_line_bytes=number("max_request_line_bytes", 256, 1 << 20, whole=True),
+        max_header_bytes=number("max_header_bytes", 1024, 1 << 22, whole=True),
+        max_headers=number("max_headers", 8, 10_000, whole=True),
+        idle_timeout_s=number("idle_timeout_s", 1, 86400),
+        upstream_idle_timeout_s=number("upstream_idle_timeout_s", 1, 86400),
+        upstream_max_idle_per_endpoint=number("upstream_max_idle_per_endpoint", 0, 100_000, whole=True),
+        access_log_path=path,
+        access_log_sampling=float(sampling),
     )
 
 

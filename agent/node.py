@@ -41,10 +41,14 @@ from agent.control.dns import MeshDns
 from agent.control.etcd import EtcdTls
 from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
+from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
+from agent.dataplane.http.h1 import LoopConfig
+from agent.dataplane.http.upstream import PoolLimits, UpstreamPool
 from agent.dataplane.inbound import Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
 from agent.dataplane.pool import TunnelPool
+from agent.dataplane.report import Reporter
 from agent.dataplane.route import Directory
 from agent.dataplane.tunnel import BufferBudget
 from agent.identity.bundle import TrustBundle
@@ -57,6 +61,7 @@ from agent.identity.store import CertManager, Issuer, LocalIssuer
 from agent.identity.tls import ClientContexts, ServerContexts
 from agent.memtrim import MemoryTrimmer
 from agent.metrics.istio import CallbackCollector, MeshMetrics
+from agent.proto.http1 import H1Limits
 from bpf import peerauth
 from bpf.config import CaptureConfig, RedirectTarget
 from bpf.maps import Dataplane
@@ -238,12 +243,23 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         o = dataplane.lookup_original_dst(peer, local)
         return None if o is None else (o.ip, o.port)
 
+    hc = cfg.http
+    loop_config = LoopConfig(
+        H1Limits(hc.max_request_line_bytes, hc.max_header_bytes, hc.max_headers),
+        idle_timeout_s=hc.idle_timeout_s,
+    )
+    access_log = AccessLog(
+        AccessLogConfig(bool(hc.access_log_path), hc.access_log_path or "-", hc.access_log_sampling)
+    )
+    reporter = Reporter(metrics, access_log)
     outbound = Outbound(
         OutboundConfig(
             node=cfg.node,
             trust_domain=cfg.trust_domain,
             hbone_port=cfg.ports.hbone,
             proxy_mark=cfg.peer_authentication.proxy_mark,
+            sniff_timeout_s=hc.sniff_timeout_s,
+            http=loop_config,
         ),
         directory=directory,
         original_dst=lookup,
@@ -251,6 +267,10 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         pool=pool,
         balancer=Balancer(),
         metrics=metrics,
+        upstreams=UpstreamPool(
+            PoolLimits(hc.upstream_max_idle_per_endpoint, hc.upstream_idle_timeout_s)
+        ),
+        reporter=reporter,
     )
     own = {cfg.addresses.proxy, cfg.addresses.hbone, cfg.addresses.metrics}
     inbound = Inbound(
@@ -259,12 +279,15 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             trust_domain=cfg.trust_domain,
             reserved_addresses=frozenset(own | set(cfg.peers.values())),
             proxy_mark=cfg.peer_authentication.proxy_mark,
+            sniff_timeout_s=hc.sniff_timeout_s,
+            http=loop_config,
         ),
         contexts=server_contexts,
         directory=directory,
         metrics=metrics,
         node_address=lambda n: cfg.addresses.hbone if n == cfg.node else cfg.peers.get(n),
         budget=budget,
+        reporter=reporter,
     )
     upstream = None
     if cfg.dns_upstream:
@@ -368,5 +391,6 @@ async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
                 agent.server_contexts.remove_identity(sid)
         await agent.certs.renew_due()
         await agent.outbound.pool.reap()  # idle tunnels, and tunnels superseded by a renewed cert
+        agent.outbound.upstreams.reap()  # idle pooled HTTP upstream connections
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.2)

@@ -110,8 +110,8 @@ def main() -> int:
                 stdout=subprocess.PIPE,
             )
             text = scrape.communicate(timeout=10)[0].decode()
-            for line in text.splitlines():
-                if line.startswith("istio_tcp_connections_opened_total{"):
+            for line in text.splitlines():  # web's port is HTTP: counted per request
+                if line.startswith("istio_requests_total{"):
                     print(line)
     finally:
         for s in servers:

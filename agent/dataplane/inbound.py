@@ -29,6 +29,8 @@ from agent.dataplane import protocol
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
+from agent.dataplane.http.h2 import H2Loop
+from agent.dataplane.http.h2session import H2Session
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
@@ -42,6 +44,7 @@ from agent.identity.tls import ServerContexts, accept_tls_socket
 from agent.metrics.istio import MeshMetrics, RequestLabels
 from agent.proto import hbone, http1
 from agent.proto.h2.connection import H2Config
+from agent.proto.h2.connection import Headers as H2Headers
 from agent.proto.http1 import Header, RequestHead
 from agent.ratelog import RateLimitedLog
 
@@ -228,16 +231,23 @@ class Inbound:
             down = TunnelEnd(stream)
             declared = directory.pod_port_protocol(w, req.target.port)
             wire, first = await protocol.resolve(declared, down, self.config.sniff_timeout_s)
-            if wire is protocol.Wire.HTTP1:
+            if wire is not protocol.Wire.TCP:
                 side = InboundHttp(
                     self, flow, pod, req.target, src_w.address if src_w is not None else None
                 )
                 self.metrics.active_inbound.inc()
                 try:
-                    await H1Loop(down, side, self.config.http).run(first)
+                    if wire is protocol.Wire.HTTP1:
+                        await H1Loop(down, side, self.config.http).run(first)
+                    else:
+                        side.pod = None  # (HTTP/2 to the pod: its own session, on the first request)
+                        pod.close()
+                        await H2Loop(down, side, name=f"stream {stream.stream_id}").run(first)
                 finally:
                     self.metrics.active_inbound.dec()
                     pod = side.pod
+                    if side.session is not None:
+                        await side.session.close()
                 return None
             labels = flow.conn_labels()
             start = time.monotonic()
@@ -364,6 +374,32 @@ class InboundHttp:
         self.client_address = client_address  # verified (see _source_workload), else None
         self.key = (flow.source.principal, target.address, target.port, "h1")
         self._served = 0
+        self.session: H2Session | None = None
+        self._dialing: asyncio.Lock = asyncio.Lock()
+
+    async def open_h2(self, ex: Exchange, *, fresh: bool) -> H2Session:
+        ex.upstream = self.target.authority
+        async with self._dialing:  # concurrent requests share one new session
+            s = self.session
+            if s is not None and not fresh and s.can_open():
+                return s
+            if s is not None:
+                await s.close()
+                self.session = None
+            try:
+                end = await self.inbound._dial(self.target)
+            except (OSError, TimeoutError) as e:
+                raise LocalReply(503, f"upstream connect error: {self.target.authority}: {e}", "UF") from None
+            self.session = s = H2Session(end, client=True, name=f"pod {self.target.authority}")
+            s.start()
+            return s
+
+    def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:
+        pseudo, regular = hdrs.split_h2(headers)
+        return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
+
+    def finished_h2(self, ex: Exchange, session: H2Session | None, grpc: bool) -> None:
+        self.inbound.reporter.request(self.flow, self.labels, ex, "grpc" if grpc else "http")
 
     async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
         ex.upstream = self.target.authority
@@ -382,7 +418,9 @@ class InboundHttp:
         return Upstream(self.key, pod)
 
     def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
-        h = http1.end_to_end(head.headers)
+        return self._rewrite(http1.end_to_end(head.headers), ex)
+
+    def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
         ex.request_id, ex.trace_id = hdrs.trace_id_of(h)
         flow = self.flow
         return hdrs.forwarding(

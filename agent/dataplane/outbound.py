@@ -41,7 +41,9 @@ from agent.dataplane import protocol
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
-from agent.dataplane.http.upstream import Upstream, UpstreamPool
+from agent.dataplane.http.h2 import H2Loop
+from agent.dataplane.http.h2session import H2Session
+from agent.dataplane.http.upstream import H2Pool, Upstream, UpstreamPool
 from agent.dataplane.lb import Balancer, endpoint_key
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
@@ -52,6 +54,7 @@ from agent.dataplane.tunnel import TunnelError
 from agent.identity.spiffe import SpiffeId
 from agent.metrics.istio import MeshMetrics, RequestLabels
 from agent.proto import hbone, http1
+from agent.proto.h2.connection import Headers as H2Headers
 from agent.proto.http1 import Header, RequestHead
 
 log = logging.getLogger(__name__)
@@ -88,11 +91,13 @@ class Outbound:
         balancer: Balancer,
         metrics: MeshMetrics,
         upstreams: UpstreamPool | None = None,
+        h2_upstreams: H2Pool | None = None,
         reporter: Reporter | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.upstreams = upstreams or UpstreamPool()
+        self.h2_upstreams = h2_upstreams or H2Pool(self.upstreams.limits)
         self.reporter = reporter or Reporter(metrics)
         self.rng = rng or random.Random()
         self.directory = directory
@@ -147,11 +152,14 @@ class Outbound:
         except RouteError as e:
             return self._fail(app, e.flag, str(e))
         wire, first = await protocol.resolve(route.protocol, app, self.config.sniff_timeout_s)
-        if wire is protocol.Wire.HTTP1:
+        if wire is not protocol.Wire.TCP:
             side = OutboundHttp(self, src, src_id, peer[0], (dst_ip, dst_port))
             self.metrics.active_outbound.inc()
             try:
-                await H1Loop(app, side, self.config.http).run(first)
+                if wire is protocol.Wire.HTTP1:
+                    await H1Loop(app, side, self.config.http).run(first)
+                else:
+                    await H2Loop(app, side, name=f"from {peer[0]}:{peer[1]}").run(first)
             finally:
                 self.metrics.active_outbound.dec()
             return None
@@ -289,6 +297,14 @@ class OutboundHttp:
         return c
 
     async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
+        return await self._open(ex, fresh, "h1")  # type: ignore[return-value]
+
+    async def open_h2(self, ex: Exchange, *, fresh: bool) -> H2Session:
+        return await self._open(ex, fresh, "h2")  # type: ignore[return-value]
+
+    async def _open(self, ex: Exchange, fresh: bool, kind: str) -> Upstream | H2Session:
+        """Decide the route, pick an endpoint (per request) and get a pooled upstream to it;
+        a connect failure tries the next endpoint, up to ``max_attempts``."""
         out = self.out
         route = self._decide()
         if not route.endpoints:
@@ -307,10 +323,12 @@ class OutboundHttp:
             ex.state = c
             ex.upstream = f"{ep.address}:{ep.port}"
             out.balancer.started(ep)  # LEAST_REQUEST: requests in flight
+            key = (self.src_ip, ep.address, ep.port, kind)
+            dial = functools.partial(self._dial, ep)
             try:
-                return await out.upstreams.acquire(
-                    (self.src_ip, ep.address, ep.port, "h1"), functools.partial(self._dial, ep), fresh=fresh
-                )
+                if kind == "h2":
+                    return await out.h2_upstreams.acquire(key, dial, fresh=fresh)
+                return await out.upstreams.acquire(key, dial, fresh=fresh)
             except (OSError, TunnelError, TimeoutError) as e:
                 out.balancer.finished(ep)
                 ex.state = None
@@ -326,7 +344,13 @@ class OutboundHttp:
         return await out._connect(ep, self.src_id, dst_id, self.src_ip)
 
     def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
-        h = http1.end_to_end(head.headers)
+        return self._rewrite(http1.end_to_end(head.headers), ex)
+
+    def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:
+        pseudo, regular = hdrs.split_h2(headers)
+        return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
+
+    def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
         h, ex.request_id, ex.trace_id = hdrs.tracing(h, self.out.rng)
         c = ex.state
         same_node = isinstance(c, _Choice) and c.same_node is not None
@@ -338,19 +362,25 @@ class OutboundHttp:
         )
 
     def finished(self, ex: Exchange, up: Upstream | None, reusable: bool) -> None:
-        out = self.out
-        c = ex.state
         if up is not None:
             if ex.flags == "-" or reusable:
-                out.upstreams.release(up, reusable)
+                self.out.upstreams.release(up, reusable)
             else:
-                out.upstreams.discard(up)
+                self.out.upstreams.discard(up)
+        self._report(ex, "http")
+
+    def finished_h2(self, ex: Exchange, session: H2Session | None, grpc: bool) -> None:
+        self._report(ex, "grpc" if grpc else "http")
+
+    def _report(self, ex: Exchange, request_protocol: str) -> None:
+        out = self.out
+        c = ex.state
         if isinstance(c, _Choice):
             out.balancer.finished(c.endpoint)
-            out.reporter.request(c.flow, c.labels, ex, "http")
+            out.reporter.request(c.flow, c.labels, ex, request_protocol)
             if c.same_node is not None:
-                out.reporter.request(c.same_node[0], c.same_node[1], ex, "http")
+                out.reporter.request(c.same_node[0], c.same_node[1], ex, request_protocol)
         else:
             route = self._route
             flow = Flow("source", self.src_party, Party(), route.service if route else None, mutual_tls=False)
-            out.reporter.request(flow, flow.request_labels(), ex, "http")
+            out.reporter.request(flow, flow.request_labels(), ex, request_protocol)

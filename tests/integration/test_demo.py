@@ -23,5 +23,6 @@ def test_demo_runs_and_cleans_up() -> None:
         assert out.count(f"hello from {pod} on node {node}") == 2, out
     assert "agent n1: ok" in out and "interception: ok  7/7 hooks" in out  # nodemesh status
     assert 'connection_security_policy="mutual_tls"' in out and 'source_workload="n1-p1"' in out
+    assert 'istio_requests_total{' in out and 'response_code="200"' in out and 'reporter="source"' in out
     assert not [n for n in kernel.list_netns() if n.startswith("demo-")]
     assert not [p for p in os.listdir("/sys/fs/bpf") if p.startswith("demo-")]

@@ -293,12 +293,14 @@ def test_500_concurrent_connections_all_complete(mesh: Mesh) -> None:
 def test_metrics_on_15020_carry_istio_labels(mesh: Mesh) -> None:
     mesh.curl("n1-p1", f"http://{WEB_VIP}/whoami")
     text = mesh.metrics("n1")
-    line = next(
+    line = next(  # web's port is declared http: counted per request
         (
             ln
             for ln in text.splitlines()
-            if ln.startswith("istio_tcp_connections_opened_total{")
+            if ln.startswith("istio_requests_total{")
             and 'destination_service="web.default' in ln
+            and 'reporter="source"' in ln
+            and 'response_code="200"' in ln
         ),
         None,
     )
@@ -312,9 +314,12 @@ def test_metrics_on_15020_carry_istio_labels(mesh: Mesh) -> None:
         'destination_workload="n2-p',
     ):
         assert label in line, (label, line)
+    assert 'request_protocol="http"' in line and 'destination_service_name="web"' in line, line
     assert re.search(r"^nodemesh_bpf_\w+ \d", text, re.M), "eBPF counters are exported"
     inbound = mesh.metrics("n2")
-    assert "istio_tcp_received_bytes_total{" in inbound and 'reporter="destination"' in inbound
+    assert re.search(r'^istio_requests_total\{[^}]*reporter="destination"[^}]*response_code="200"', inbound, re.M)
+    # the bulk service's port is declared tcp: counted per connection, by both reporters
+    assert re.search(r'^istio_tcp_received_bytes_total\{[^}]*destination_workload="n2-p3"[^}]*reporter="destination"', inbound, re.M)
 
 
 def test_status_shows_the_data_path(mesh: Mesh) -> None:

@@ -84,3 +84,14 @@ def forwarding(
         xfcc = f"By={by};URI={client_principal}" if by else f"URI={client_principal}"
         out.append((b"x-forwarded-client-cert", xfcc.encode("ascii")))
     return out
+
+
+def split_h2(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[Header]]:
+    """An HTTP/2 header block as (pseudo-headers, regular headers as bytes) for the helpers above."""
+    pseudo = [(k, v) for k, v in headers if k.startswith(":")]
+    regular = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if not k.startswith(":")]
+    return pseudo, regular
+
+
+def join_h2(pseudo: list[tuple[str, str]], regular: list[Header]) -> list[tuple[str, str]]:
+    return pseudo + [(k.decode("latin-1"), v.decode("latin-1")) for k, v in regular]

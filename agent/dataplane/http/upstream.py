@@ -18,10 +18,12 @@ acquire (:meth:`~agent.dataplane.tcp.End.reusable`) and dropped, never used.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from agent.dataplane.http.h2session import H2Session
 from agent.dataplane.tcp import End
 
 Clock = Callable[[], float]
@@ -127,3 +129,69 @@ class UpstreamPool:
             for u in conns:
                 u.end.close()
         self._idle.clear()
+
+
+class H2Pool:
+    """Upstream HTTP/2 sessions per key, shared by concurrent requests (up to
+    ``max_streams`` each); a per-key lock makes concurrent requests share one new dial."""
+
+    def __init__(
+        self, limits: PoolLimits | None = None, *, max_streams: int = 100, clock: Clock = time.monotonic
+    ) -> None:
+        self.limits = limits or PoolLimits()
+        self.max_streams = max_streams
+        self.clock = clock
+        self.stats = PoolStats()
+        self._sessions: dict[UpstreamKey, list[H2Session]] = {}
+        self._locks: dict[UpstreamKey, asyncio.Lock] = {}
+
+    def _usable(self, key: UpstreamKey) -> H2Session | None:
+        live = [s for s in self._sessions.get(key, ()) if not s.closed]
+        if live:
+            self._sessions[key] = live
+        else:
+            self._sessions.pop(key, None)
+        for s in live:
+            if s.can_open() and s.active_streams < self.max_streams:
+                return s
+        return None
+
+    async def acquire(self, key: UpstreamKey, dial: Dial, *, fresh: bool = False) -> H2Session:
+        s = None if fresh else self._usable(key)
+        if s is not None:
+            self.stats.reuses += 1
+            return s
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            s = None if fresh else self._usable(key)
+            if s is None:
+                end = await dial()
+                self.stats.dials += 1
+                s = H2Session(end, client=True, name=f"{key[1]}:{key[2]}")
+                s.start()
+                self._sessions.setdefault(key, []).append(s)
+            else:
+                self.stats.reuses += 1
+        if not lock.locked() and key not in self._sessions:
+            self._locks.pop(key, None)
+        return s
+
+    async def reap(self) -> int:
+        cutoff = self.clock() - self.limits.idle_timeout_s
+        closed = 0
+        for key, sessions in list(self._sessions.items()):
+            for s in list(sessions):
+                if s.closed or (s.active_streams == 0 and s.last_used <= cutoff):
+                    await s.close()
+                    sessions.remove(s)
+                    closed += 1
+            if not sessions:
+                del self._sessions[key]
+                self._locks.pop(key, None)
+        return closed
+
+    async def close(self) -> None:
+        for sessions in self._sessions.values():
+            for s in sessions:
+                await s.close()
+        self._sessions.clear()
