@@ -335,7 +335,7 @@ class H1Loop:
                 switched = None
         elif head.upgrade or connect:  # refused the switch: the reader stopped at that request
             keep = False
-        if not keep:
+        if not keep and switched is None:
             self.down.write_eof()
         return keep, reusable, switched
 
