@@ -261,14 +261,17 @@ def test_100_requests_on_one_http2_connection_are_balanced_per_request(bed: Bed)
     def per_pod() -> tuple[float, float]:
         text = bed.metrics("n1")
         sel = {"reporter": "source", "destination_service_name": "web", "response_code": "200"}
-        return (requests(text, destination_workload="n2-p1", **sel),
-                requests(text, destination_workload="n2-p2", **sel))
+        return (
+            requests(text, destination_workload="n2-p1", **sel),
+            requests(text, destination_workload="n2-p2", **sel),
+        )
 
     before = per_pod()
     r = bed.exec(["h2load", "-n", "100", "-c", "1", "-m", "1", f"http://{WEB_VIP}:81/"], timeout_s=60)
     assert "100 succeeded, 0 failed, 0 errored" in r.stdout, r.stdout + r.stderr
     assert re.search(r"requests: 100 total", r.stdout) and "1 total client" in r.stdout.replace(
-        "clients", "client"), r.stdout
+        "clients", "client"
+    ), r.stdout
     after = per_pod()
     assert (after[0] - before[0], after[1] - before[1]) == (50, 50)
 
@@ -295,7 +298,9 @@ def test_grpcio_client_and_server_across_nodes_and_on_one_node(bed: Bed) -> None
     assert requests(text, reporter="source", request_protocol="grpc", grpc_response_status="0") >= 40
     assert requests(text, reporter="source", request_protocol="grpc", grpc_response_status="5") >= 2
     # the same-node calls are reported by the one proxy that saw them, as both reporters
-    assert requests(text, reporter="destination", destination_workload="n1-p2", grpc_response_status="0") >= 20
+    assert (
+        requests(text, reporter="destination", destination_workload="n1-p2", grpc_response_status="0") >= 20
+    )
     assert requests(bed.metrics("n2"), reporter="destination", grpc_response_status="0") >= 20
 
 
@@ -315,13 +320,19 @@ def test_server_first_protocol_on_an_undeclared_port_gets_its_banner(bed: Bed) -
     assert re.fullmatch(r"220 n2-p[12] ready", greeting) and answer == "250 HELO me", out
     assert float(waited) < 2.0  # after the sniff timeout (0.1 s per proxy), not a hang
     text = bed.metrics("n1")
-    assert re.search(r'^istio_tcp_connections_opened_total\{[^}]*destination_service="web.default', text, re.M)
+    assert re.search(
+        r'^istio_tcp_connections_opened_total\{[^}]*destination_service="web.default', text, re.M
+    )
 
 
 def test_an_undeclared_http_port_is_detected_as_http(bed: Bed) -> None:
-    before = requests(bed.metrics("n1"), reporter="source", destination_service_name="web", response_code="200")
+    before = requests(
+        bed.metrics("n1"), reporter="source", destination_service_name="web", response_code="200"
+    )
     for _ in range(3):
         r = bed.exec(["curl", "-sS", "--max-time", "10", f"http://{WEB_VIP}:82/"])
         assert r.stdout in ("n2-p1", "n2-p2"), r.stdout + r.stderr
-    after = requests(bed.metrics("n1"), reporter="source", destination_service_name="web", response_code="200")
+    after = requests(
+        bed.metrics("n1"), reporter="source", destination_service_name="web", response_code="200"
+    )
     assert after - before == 3

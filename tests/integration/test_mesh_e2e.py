@@ -317,9 +317,11 @@ def test_metrics_on_15020_carry_istio_labels(mesh: Mesh) -> None:
     assert 'request_protocol="http"' in line and 'destination_service_name="web"' in line, line
     assert re.search(r"^nodemesh_bpf_\w+ \d", text, re.M), "eBPF counters are exported"
     inbound = mesh.metrics("n2")
-    assert re.search(r'^istio_requests_total\{[^}]*reporter="destination"[^}]*response_code="200"', inbound, re.M)
+    dest_ok = r'^istio_requests_total\{[^}]*reporter="destination"[^}]*response_code="200"'
+    assert re.search(dest_ok, inbound, re.M)
     # the bulk service's port is declared tcp: counted per connection, by both reporters
-    assert re.search(r'^istio_tcp_received_bytes_total\{[^}]*destination_workload="n2-p3"[^}]*reporter="destination"', inbound, re.M)
+    bulk = r'^istio_tcp_received_bytes_total\{[^}]*destination_workload="n2-p3"[^}]*reporter="destination"'
+    assert re.search(bulk, inbound, re.M)
 
 
 def test_status_shows_the_data_path(mesh: Mesh) -> None:
