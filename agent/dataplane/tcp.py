@@ -150,8 +150,12 @@ class TunnelEnd:
         self.stream.reset(ErrorCode.CONNECT_ERROR)
 
     def close(self) -> None:
-        self.stream.write_eof()
-        self.stream.release()
+        """End our side; the peer ends its own (an immediate reset would make a graceful end of
+        a pooled stream look abnormal to the far side, which then resets its pod connection)."""
+        if self.stream.at_eof and not self.stream.queued_bytes:
+            self.stream.release()
+        else:
+            self.stream.write_eof()
 
     def reusable(self) -> bool:
         s = self.stream
