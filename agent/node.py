@@ -150,6 +150,7 @@ class Agent:
     directory: DirectoryRef
     memory: MemoryTrimmer
     peer_auth_errors: dict[str, str] = field(default_factory=dict)  # pod netns -> why not enforced
+    peer_auth_addresses: dict[str, set[str]] = field(default_factory=dict)  # pod netns -> addresses set
 
     def local_identities(self) -> set[SpiffeId]:
         td = self.cfg.trust_domain
@@ -349,9 +350,15 @@ def apply_peer_auth(agent: Agent) -> None:
     directory = agent.directory.current
     pa = agent.cfg.peer_authentication
     agent.peer_auth_errors.clear()
+    enrolled = set(agent.cfg.interception.enroll)
+    for ns in [n for n in agent.peer_auth_addresses if n not in enrolled]:  # no longer enrolled
+        for address in agent.peer_auth_addresses.pop(ns):
+            dp.remove_peer_auth(address)
     for ns in agent.cfg.interception.enroll:
         try:
+            now: set[str] = set()
             for link in pod_interfaces(ns):
+                now.update(link.ip4)
                 if not link.ip4:
                     continue
                 pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
@@ -363,6 +370,9 @@ def apply_peer_auth(agent: Agent) -> None:
                 host_if = peerauth.host_peer(HOST_NETNS, ns, link)
                 dp.attach_pod_filters(HOST_NETNS, host_if, pod_ip, [*link.ip4, *link.ip6])
                 peerauth.remove_pod_side_filter(ns, link.ifname)  # left by an older release
+            for address in agent.peer_auth_addresses.get(ns, set()) - now:  # the pod lost it
+                dp.remove_peer_auth(address)
+            agent.peer_auth_addresses[ns] = now
         except Exception as e:  # a pod that went away must not stop the others; status shows it
             agent.peer_auth_errors[ns] = str(e)
             log.error("peer authentication NOT enforced for %s: %s", ns, e)

@@ -32,6 +32,7 @@ import socket
 import struct
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -170,9 +171,22 @@ class RelayResult:
     error: str = ""
 
 
-async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResult:
+class _Activity:
+    """When a byte last moved, in either direction (the idle timeout's reference)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+
+async def relay(
+    a: End, b: End, *, idle_timeout_s: float = 3600.0, clock: Callable[[], float] = time.monotonic
+) -> RelayResult:
+    """Relay until both directions ended, either side failed, or ``idle_timeout_s`` passed
+    (by ``clock``) without a byte moving."""
     result = RelayResult(0, 0)
-    last = [time.monotonic()]
+    activity = _Activity(clock())
     # a tunnel stream feeding a socket writes to it directly while it can (see set_sink)
     for src, dst in ((a, b), (b, a)):
         if isinstance(src, TunnelEnd) and isinstance(dst, SocketEnd):
@@ -183,7 +197,7 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
     async def settle(sock: SocketEnd, other: End) -> None:
         """``sock``'s peer ended its side: before passing that on, let what still flows *to*
         that peer (from ``other``) arrive, or fail with the reset the peer answers it with."""
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        deadline = clock() + SETTLE_TIMEOUT_S
         # uvloop: a write that met the peer's RST consumed the socket error and scheduled
         # connection_lost(exc) for the next loop pass, while the read already returned EOF.
         # One pass lets that error arrive; a transport closing under us is that error too.
@@ -197,7 +211,7 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
             queued = other.stream.queued_bytes if isinstance(other, TunnelEnd) else 0
             if (other in ended or queued == 0) and sock.unsent_bytes() == 0:
                 return
-            if time.monotonic() >= deadline:
+            if clock() >= deadline:
                 return
             await asyncio.sleep(SETTLE_POLL_S)
 
@@ -224,7 +238,7 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
                         result.received_bytes += len(data)
             finally:
                 src.ack(credit)  # also when the write failed: those bytes are gone, the credit not
-            last[0] = time.monotonic()
+            activity.at = clock()
 
     def direct() -> int:
         return sum(e.stream.direct_bytes for e in (a, b) if isinstance(e, TunnelEnd))
@@ -234,20 +248,20 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
         while True:
             if direct() != seen:  # bytes written straight to a socket count as activity too
                 seen = direct()
-                last[0] = time.monotonic()
-            idle = time.monotonic() - last[0]
+                activity.at = clock()
+            idle = clock() - activity.at
             if idle >= idle_timeout_s:
                 result.idle_timeout = True
                 return
             await asyncio.sleep(min(idle_timeout_s - idle + 0.01, 30.0))
 
     pumps = [asyncio.ensure_future(pump(a, b, True)), asyncio.ensure_future(pump(b, a, False))]
-    dog = asyncio.ensure_future(watchdog())
+    idle_watch = asyncio.ensure_future(watchdog())
     try:
         pending = set(pumps)
         while pending:
-            done, _ = await asyncio.wait([*pending, dog], return_when=asyncio.FIRST_COMPLETED)
-            if dog in done:
+            done, _ = await asyncio.wait([*pending, idle_watch], return_when=asyncio.FIRST_COMPLETED)
+            if idle_watch in done:
                 break
             for t in done:
                 pending.discard(t)
@@ -263,9 +277,9 @@ async def relay(a: End, b: End, *, idle_timeout_s: float = 3600.0) -> RelayResul
             a.abort()
             b.abort()
     finally:
-        for t in (*pumps, dog):
+        for t in (*pumps, idle_watch):
             t.cancel()
-        for t in (*pumps, dog):
+        for t in (*pumps, idle_watch):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
     for end in (a, b):

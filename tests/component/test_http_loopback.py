@@ -7,6 +7,7 @@ sockets for the malformed-request corpus, whose exact bytes matter."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -397,3 +398,73 @@ def test_access_log_lines_are_json_and_carry_the_trace_id_the_server_saw() -> No
                 assert entry["upstream_host"] == "127.0.0.11:9000" and entry["response_flags"] == "-"
 
         run(with_mesh(ws, [http_service()], body))
+
+
+async def _short_keepalive_pod(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Answers one request per connection, keep-alive, then closes it 0.1 s later (a server
+    with a short keep-alive timeout): the pooled upstream connection goes stale."""
+    head = await r.readuntil(b"\r\n\r\n")
+    body = b"once:" + head.split(b" ")[1]
+    w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    await w.drain()
+    await asyncio.sleep(0.1)
+    w.close()
+
+
+async def _connect_pod(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """A forward proxy: answers CONNECT with 200, then echoes bytes upper-cased."""
+    head = await r.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"CONNECT ")
+    w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    while data := await r.read(1024):
+        w.write(data.upper())
+    w.close()
+
+
+def test_a_stale_pooled_upstream_is_not_used_and_connect_and_idle_timeout_work() -> None:
+    # same node: the upstream is a direct pod connection; the pods here are raw servers
+    ws = [workload("client", CLIENT, "n1", sa="client"), workload("web-1", "127.0.0.21", "n1", labels=WEB)]
+
+    async def body(mesh: Mesh) -> None:
+        n1 = mesh.nodes["n1"]
+        srv = await asyncio.start_server(_short_keepalive_pod, "127.0.0.21", 9000)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+            for path in (b"/a", b"/b"):
+                w.write(b"GET %s HTTP/1.1\r\nHost: web\r\n\r\n" % path)
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                assert await r.readexactly(len(b"once:/a")) == b"once:" + path
+                await asyncio.sleep(0.3)  # the server closes its side of the pooled connection
+            assert n1.outbound.upstreams.stats.dials == 2 and n1.outbound.upstreams.stats.stale == 1
+            w.close()
+        finally:
+            srv.close()
+        srv = await asyncio.start_server(_connect_pod, "127.0.0.21", 9000)
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+            w.write(b"CONNECT example.org:443 HTTP/1.1\r\nHost: example.org:443\r\n\r\nhello")
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(r.readexactly(5), 5) == b"HELLO"
+            w.write(b"more")
+            assert await asyncio.wait_for(r.readexactly(4), 5) == b"MORE"  # a byte relay now
+            w.close()
+        finally:
+            srv.close()
+        # a keep-alive client silent past the idle timeout is closed by the proxy
+        n1.outbound.config = dataclasses.replace(
+            n1.outbound.config, http=dataclasses.replace(n1.outbound.config.http, idle_timeout_s=0.3)
+        )
+        r, w = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+        t = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        assert asyncio.get_running_loop().time() - t < 2
+        w.close()
+
+    async def go() -> None:
+        async with two_node_mesh(ws, [http_service()]) as mesh:
+            mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+            await body(mesh)
+
+    run(go())
