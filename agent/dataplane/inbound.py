@@ -27,7 +27,7 @@ from agent.control.model import Workload
 from agent.control.screening import address_key, address_problem
 from agent.dataplane import protocol
 from agent.dataplane.http import headers as hdrs
-from agent.dataplane.http.exchange import Exchange, LocalReply
+from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
@@ -356,7 +356,9 @@ def _source_workload(
 
 class InboundHttp:
     """The destination node's side of the request loop, for one CONNECT stream: requests go
-    to the stream's pod (a new connection if the pod closed the last one)."""
+    to the stream's pod connection; when the pod ends that connection, the stream ends too."""
+
+    bound = True
 
     def __init__(
         self,
@@ -402,6 +404,9 @@ class InboundHttp:
         self.inbound.reporter.request(self.flow, self.labels, ex, "grpc" if grpc else "http")
 
     async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
+        """The stream's pod connection. One the pod closed ends the stream unanswered
+        (:class:`UpstreamGone`): the source node retries on a fresh stream, whose CONNECT
+        dials the pod again (and, should that fail, moves on to another endpoint)."""
         ex.upstream = self.target.authority
         pod = self.pod
         if pod is not None and not fresh and pod.reusable():
@@ -410,12 +415,7 @@ class InboundHttp:
         if pod is not None:
             pod.close()
             self.pod = None
-        try:
-            self.pod = pod = await self.inbound._dial(self.target)
-        except (OSError, TimeoutError) as e:
-            raise LocalReply(503, f"upstream connect error: {self.target.authority}: {e}", "UF") from None
-        self._served = 1
-        return Upstream(self.key, pod)
+        raise UpstreamGone(f"the connection to {self.target.authority} was closed by the pod")
 
     def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
         return self._rewrite(http1.end_to_end(head.headers), ex)

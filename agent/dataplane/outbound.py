@@ -258,6 +258,8 @@ class _Choice:
 class OutboundHttp:
     """The source node's side of the request loop, for one app connection."""
 
+    bound = False
+
     def __init__(
         self, out: Outbound, src: Workload, src_id: SpiffeId, src_ip: str, dst: tuple[str, int]
     ) -> None:

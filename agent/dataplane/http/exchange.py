@@ -37,3 +37,10 @@ class LocalReply(Exception):
         super().__init__(message)
         self.status = status
         self.flag = flag
+
+
+class UpstreamGone(Exception):
+    """Destination side: the pod connection this tunnel stream was bound to is gone. The
+    stream is reset instead of answered, so the source node sees its pooled stream fail
+    before any response byte and tries again on a fresh stream (whose CONNECT dials the pod
+    anew, and on failure makes the source try the next endpoint, as for a TCP connection)."""

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.dataplane.http.exchange import Exchange, LocalReply
+from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.tcp import End, relay
 from agent.dataplane.tunnel import TunnelError
@@ -45,6 +45,10 @@ Clock = Callable[[], float]
 
 class Side(Protocol):
     """What differs between the source node (outbound) and the destination node (inbound)."""
+
+    # True: the client connection is bound to one upstream connection (the destination node:
+    # a tunnel stream to its pod connection), so it ends when the upstream's does
+    bound: bool
 
     async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
         """An upstream for this request (may raise :class:`LocalReply`)."""
@@ -147,6 +151,10 @@ class H1Loop:
                     up = await self.side.open(head, ex, fresh=attempt > 0)
                 except LocalReply as r:
                     return await self._local(head, ex, r.status, str(r), r.flag)
+                except UpstreamGone as e:
+                    ex.flags, ex.detail = "UF", str(e)
+                    self.down.abort()
+                    return False
                 try:
                     keep, reusable = await self._forward(head, ex, up, switching)
                     break
@@ -307,6 +315,8 @@ class H1Loop:
                             keep = False
                         if not r.keep_alive or r.until_close:
                             reusable = False
+                            if self.side.bound:  # the client's connection ends with the upstream's
+                                keep = False
                         if switched is None and not keep:
                             framing.append((b"connection", b"close"))
                         hb = http1.response_head(r.status, r.reason, headers, framing)
