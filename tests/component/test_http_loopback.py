@@ -461,6 +461,13 @@ def test_a_stale_pooled_upstream_is_not_used_and_connect_and_idle_timeout_work()
         assert await asyncio.wait_for(r.read(), 5) == b""
         assert asyncio.get_running_loop().time() - t < 2
         w.close()
+        # ... and so is one that stalls in the middle of its request head (slowloris)
+        r, w = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+        w.write(b"GET / HTTP/1.1\r\nHost: web\r\nX-Slow: ")
+        t = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(r.read(), 5) == b""
+        assert asyncio.get_running_loop().time() - t < 2
+        w.close()
 
     async def go() -> None:
         async with two_node_mesh(ws, [http_service()]) as mesh:

@@ -230,3 +230,32 @@ def test_connect_round_trip_v6_and_forwarded() -> None:
     t = hbone.Target("fd00::5", 443)
     req = hbone.parse_connect(hbone.connect_headers(t, "fd00::9", 1234))
     assert req.target == t and req.client_address == "fd00::9"
+
+
+def test_our_hpack_encoder_round_trips_through_the_hpack_decoder() -> None:
+    """Header blocks we send (static table and plain literals, no dynamic table) decode to the
+    same headers with an independent decoder, also after the peer shrinks its table."""
+    import random
+    import string
+
+    import hpack
+    from hpack.table import HeaderTable
+
+    from agent.proto.h2.hpack_out import Encoder
+
+    enc, dec, rng = Encoder(), hpack.Decoder(), random.Random(3)
+    for i in range(2000):
+        hs: list[tuple[str, str]] = []
+        for _ in range(rng.randint(0, 12)):
+            c = rng.random()
+            name, value = (x.decode() for x in rng.choice(HeaderTable.STATIC_TABLE))
+            if c < 0.3:
+                hs.append((name, value))
+            elif c < 0.6:
+                hs.append((name, "".join(rng.choices(string.printable, k=rng.randint(0, 300)))))
+            else:
+                long_name = "x-" + "".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 200)))
+                hs.append((long_name, "".join(rng.choices(string.printable + "é€", k=rng.randint(0, 200)))))
+        if i == 1000:
+            enc.header_table_size = 0  # the peer lowered SETTINGS_HEADER_TABLE_SIZE
+        assert dec.decode(enc.encode(hs), raw=False) == hs

@@ -88,16 +88,21 @@ class H1Loop:
         self.pending: deque[Event] = deque()
         self._first = b""
         self.requests = 0
+        self._waiting = False  # waiting for the client's bytes (between requests, or within one)
+        self._active = 0.0  # when the client last sent bytes (clock)
+        self.idled_out = False
+        self._timer: asyncio.TimerHandle | None = None
 
     async def run(self, first: bytes = b"") -> None:
         """Serve requests until the client closes, an error closes, or the idle timeout."""
         self._first = first
+        self._active = self.clock()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.config.idle_timeout_s, self._idle_check, loop)
+        self._timer = timer
         try:
             while True:
-                try:
-                    ev = await self._next(idle=True)
-                except TimeoutError:
-                    return
+                ev = await self._next(idle=True)
                 if ev is None:
                     return
                 kind, head = ev
@@ -112,17 +117,33 @@ class H1Loop:
             self.down.write_eof()
         except (_ClientGone, ConnectionError, TunnelError, OSError):
             self.down.abort()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _idle_check(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The keep-alive idle timeout: one timer per connection, moved on when it fires
+        early (not a timeout context per request)."""
+        idle = self.clock() - self._active
+        limit = self.config.idle_timeout_s
+        if self._waiting and idle >= limit:
+            self.idled_out = True
+            self.down.close()  # a graceful close, as servers end idle keep-alive connections
+            return
+        self._timer = loop.call_later(max(limit - idle, 0.05), self._idle_check, loop)
 
     async def _next(self, idle: bool = False) -> Event | None:
         while not self.pending:
             if self._first:
                 data, credit = self._first, 0
                 self._first = b""
-            elif idle and self.reader.idle:
-                async with asyncio.timeout(self.config.idle_timeout_s):
-                    data, credit = await self.down.read()
             else:
+                # (the idle timer looks at this: a client silent mid-request, a slowloris
+                # head, is held no longer than an idle one)
+                self._waiting = True
                 data, credit = await self.down.read()
+                self._waiting = False
+                self._active = self.clock()
             if not data:
                 if self.reader.idle and idle:
                     return None
@@ -286,6 +307,7 @@ class H1Loop:
                 self._body_failure(body)
                 flag = "UC" if not data else "UPE"
                 return await self._upstream_failed(ex, sent_head, 503 if not data else 502, flag, str(e))
+            out: list[bytes] = []  # what this chunk gives the client: one write, not one per event
             try:
                 for kind, val in events:
                     if kind == HEAD:
@@ -293,7 +315,7 @@ class H1Loop:
                         r = val
                         if r.status < 200 and r.status != 101:
                             if head.version == "1.1":  # interim (100 Continue...): passed on
-                                await self._to_client(http1.response_head(r.status, r.reason, r.headers, ()))
+                                out.append(http1.response_head(r.status, r.reason, r.headers, ()))
                             continue
                         ex.status = r.status
                         headers = http1.end_to_end(r.headers)
@@ -321,19 +343,21 @@ class H1Loop:
                             framing.append((b"connection", b"close"))
                         hb = http1.response_head(r.status, r.reason, headers, framing)
                         ex.response_bytes += len(hb)
-                        await self._to_client(hb)
+                        out.append(hb)
                         sent_head = True
                     elif kind == http1.DATA:
                         assert isinstance(val, bytes)
                         ex.response_bytes += len(val)
-                        await self._to_client(http1.chunk(val) if chunked_out else val)
+                        out.append(http1.chunk(val) if chunked_out else val)
                     elif kind == END:
                         if chunked_out:
                             assert isinstance(val, list)
-                            await self._to_client(http1.last_chunk(val))
+                            out.append(http1.last_chunk(val))
                     elif kind == UPGRADE:
                         assert isinstance(val, bytes)
                         switched = val
+                if out:
+                    await self._to_client(out[0] if len(out) == 1 else b"".join(out))
             finally:
                 up.end.ack(credit)
         if rr.extra and switched is None:
