@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -253,6 +254,8 @@ class _PodHandler(BaseHTTPRequestHandler):
         body = self._body()
         if self.path.startswith("/status/"):
             status = int(self.path.split("/")[2])
+        if self.path.startswith("/slow"):
+            time.sleep(1.0)
         doc = {
             "pod": self.pod_name,
             "method": self.command,

@@ -475,3 +475,20 @@ def test_a_stale_pooled_upstream_is_not_used_and_connect_and_idle_timeout_work()
             await body(mesh)
 
     run(go())
+
+
+def test_least_request_counts_requests_in_flight_not_connections() -> None:
+    ws = workloads()
+
+    async def body(mesh: Mesh) -> None:
+        port = mesh.nodes["n1"].outbound_port
+        # one request held for 1 s on one endpoint...
+        slow = asyncio.ensure_future(asyncio.to_thread(keepalive_requests, port, 1, "/slow"))
+        await asyncio.sleep(0.3)
+        # ...so requests meanwhile, on another keep-alive connection, all go to the other one
+        # (power of two choices over two endpoints compares both: fewer requests in flight wins)
+        res = await asyncio.to_thread(keepalive_requests, port, 10)
+        held = (await slow)[0][1]["pod"]
+        assert {d["pod"] for _, d, _ in res} == {"web-1", "web-2"} - {held}
+
+    run(with_mesh(ws, [http_service(policy="LEAST_REQUEST")], body))
