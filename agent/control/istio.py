@@ -1,0 +1,298 @@
+"""Istio's traffic-management kinds as nodemesh holds them: VirtualService and DestinationRule.
+
+How this works: ``validate.py`` turns the YAML users already write for Istio
+(``networking.istio.io/v1``, ``v1beta1``, ``v1alpha3``) into these frozen
+values, refusing by name every field nodemesh does not implement; they are
+stored in the registry as JSON (:meth:`to_doc` / :func:`virtual_service_from_doc`,
+:func:`destination_rule_from_doc`) and reach the data path in snapshots. What
+they mean per request is decided in :mod:`agent.dataplane.http.routing`.
+
+Field names follow Istio's API reference; durations are seconds here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# VirtualService / DestinationRule API versions accepted as they are
+ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1",
+                             "networking.istio.io/v1alpha3")
+MATCH_KINDS = ("exact", "prefix", "regex")
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: str  # exact | prefix | regex (RE2 syntax, whole-string match, as Envoy's safe_regex)
+    value: str
+
+    def to_doc(self) -> dict[str, str]:
+        return {self.kind: self.value}
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMatch:
+    name: str = ""
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()  # names lower-case
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    ignore_uri_case: bool = False
+    port: int = 0  # 0: any
+    source_labels: tuple[tuple[str, str], ...] = ()
+    source_namespace: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.add or self.remove)
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str  # as written: short name, FQDN, or <svc>.service.consul
+    subset: str = ""
+    port: int = 0  # 0: the port the request came to
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDestination:
+    destination: Destination
+    weight: int = 100
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    name: str = ""
+    matches: tuple[HttpMatch, ...] = ()  # empty: every request
+    route: tuple[RouteDestination, ...] = ()
+    timeout_s: float | None = None  # None: no timeout (Istio's default)
+    request_headers: HeaderOps = HeaderOps()
+    response_headers: HeaderOps = HeaderOps()
+    rewrite_uri: str | None = None  # replaces the matched prefix (or the whole path for exact)
+    rewrite_authority: str | None = None
+    direct_status: int = 0  # directResponse: status (0: none)
+    direct_body: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    name: str
+    namespace: str
+    hosts: tuple[str, ...]
+    http: tuple[HttpRoute, ...] = ()
+    gateways: tuple[str, ...] = ()  # empty or ("mesh",): sidecar/mesh traffic
+    source: str = ""  # file:line it was applied from (for `describe` and `explain`)
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    load_balancer: str = ""  # "" : the rule's (or the service's) policy
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    name: str
+    namespace: str
+    host: str
+    load_balancer: str = ""  # trafficPolicy.loadBalancer.simple; "": the service's policy
+    subsets: tuple[Subset, ...] = ()
+    source: str = ""
+
+
+# -- JSON documents (what the registry stores) -----------------------------------------------
+
+
+def _sm(d: Mapping[str, Any] | None) -> StringMatch | None:
+    if not d:
+        return None
+    (k, v), = d.items()
+    return StringMatch(k, v)
+
+
+def _pairs_sm(d: Mapping[str, Any] | None) -> tuple[tuple[str, StringMatch], ...]:
+    return tuple((k, StringMatch(*next(iter(v.items())))) for k, v in (d or {}).items())
+
+
+def _ops(d: Mapping[str, Any] | None) -> HeaderOps:
+    d = d or {}
+    return HeaderOps(tuple(d.get("set", {}).items()), tuple(d.get("add", {}).items()),
+                     tuple(d.get("remove", ())))
+
+
+def _ops_doc(o: HeaderOps) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if o.set:
+        out["set"] = dict(o.set)
+    if o.add:
+        out["add"] = dict(o.add)
+    if o.remove:
+        out["remove"] = list(o.remove)
+    return out
+
+
+def _match_doc(m: HttpMatch) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if m.name:
+        out["name"] = m.name
+    for key in ("uri", "scheme", "method", "authority"):
+        v = getattr(m, key)
+        if v is not None:
+            out[key] = v.to_doc()
+    if m.headers:
+        out["headers"] = {k: v.to_doc() for k, v in m.headers}
+    if m.without_headers:
+        out["withoutHeaders"] = {k: v.to_doc() for k, v in m.without_headers}
+    if m.query_params:
+        out["queryParams"] = {k: v.to_doc() for k, v in m.query_params}
+    if m.ignore_uri_case:
+        out["ignoreUriCase"] = True
+    if m.port:
+        out["port"] = m.port
+    if m.source_labels:
+        out["sourceLabels"] = dict(m.source_labels)
+    if m.source_namespace:
+        out["sourceNamespace"] = m.source_namespace
+    return out
+
+
+def _route_doc(r: HttpRoute) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if r.name:
+        out["name"] = r.name
+    if r.matches:
+        out["match"] = [_match_doc(m) for m in r.matches]
+    if r.route:
+        out["route"] = []
+        for rd in r.route:
+            d: dict[str, Any] = {"destination": {"host": rd.destination.host}, "weight": rd.weight}
+            if rd.destination.subset:
+                d["destination"]["subset"] = rd.destination.subset
+            if rd.destination.port:
+                d["destination"]["port"] = {"number": rd.destination.port}
+            h = {k: _ops_doc(o) for k, o in (("request", rd.request_headers),
+                                               ("response", rd.response_headers)) if not o.empty}
+            if h:
+                d["headers"] = h
+            out["route"].append(d)
+    if r.timeout_s is not None:
+        out["timeout"] = f"{r.timeout_s:g}s"
+    h = {k: _ops_doc(o) for k, o in (("request", r.request_headers),
+                                       ("response", r.response_headers)) if not o.empty}
+    if h:
+        out["headers"] = h
+    rw = {k: v for k, v in (("uri", r.rewrite_uri), ("authority", r.rewrite_authority)) if v is not None}
+    if rw:
+        out["rewrite"] = rw
+    if r.direct_status:
+        out["directResponse"] = {"status": r.direct_status, "body": {"string": r.direct_body}}
+    return out
+
+
+def virtual_service_doc(vs: VirtualService) -> dict[str, Any]:
+    return {"name": vs.name, "namespace": vs.namespace, "hosts": list(vs.hosts),
+            "gateways": list(vs.gateways), "http": [_route_doc(r) for r in vs.http],
+            "source": vs.source}
+
+
+def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
+    return {"name": dr.name, "namespace": dr.namespace, "host": dr.host,
+            "loadBalancer": dr.load_balancer, "source": dr.source,
+            "subsets": [{"name": s.name, "labels": dict(s.labels), "loadBalancer": s.load_balancer}
+                        for s in dr.subsets]}
+
+
+def _match_from(d: Mapping[str, Any]) -> HttpMatch:
+    return HttpMatch(
+        name=d.get("name", ""), uri=_sm(d.get("uri")), scheme=_sm(d.get("scheme")),
+        method=_sm(d.get("method")), authority=_sm(d.get("authority")),
+        headers=_pairs_sm(d.get("headers")), without_headers=_pairs_sm(d.get("withoutHeaders")),
+        query_params=_pairs_sm(d.get("queryParams")), ignore_uri_case=bool(d.get("ignoreUriCase")),
+        port=int(d.get("port", 0)), source_labels=tuple(d.get("sourceLabels", {}).items()),
+        source_namespace=d.get("sourceNamespace", ""),
+    )
+
+
+def _route_from(d: Mapping[str, Any]) -> HttpRoute:
+    headers = d.get("headers", {})
+    rw = d.get("rewrite", {})
+    direct = d.get("directResponse")
+    return HttpRoute(
+        name=d.get("name", ""),
+        matches=tuple(_match_from(m) for m in d.get("match", ())),
+        route=tuple(
+            RouteDestination(
+                Destination(rd["destination"]["host"], rd["destination"].get("subset", ""),
+                            int(rd["destination"].get("port", {}).get("number", 0))),
+                int(rd.get("weight", 100)),
+                _ops(rd.get("headers", {}).get("request")),
+                _ops(rd.get("headers", {}).get("response")),
+            )
+            for rd in d.get("route", ())
+        ),
+        timeout_s=float(d["timeout"].rstrip("s")) if "timeout" in d else None,
+        request_headers=_ops(headers.get("request")),
+        response_headers=_ops(headers.get("response")),
+        rewrite_uri=rw.get("uri"),
+        rewrite_authority=rw.get("authority"),
+        direct_status=int(direct["status"]) if direct else 0,
+        direct_body=(direct.get("body") or {}).get("string", "") if direct else "",
+    )
+
+
+def virtual_service_from_doc(d: Mapping[str, Any]) -> VirtualService:
+    return VirtualService(d["name"], d["namespace"], tuple(d["hosts"]),
+                          tuple(_route_from(r) for r in d.get("http", ())),
+                          tuple(d.get("gateways", ())), d.get("source", ""))
+
+
+def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:
+    return DestinationRule(
+        d["name"], d["namespace"], d["host"], d.get("loadBalancer", ""),
+        tuple(Subset(s["name"], tuple(s.get("labels", {}).items()), s.get("loadBalancer", ""))
+              for s in d.get("subsets", ())),
+        d.get("source", ""),
+    )
+
+
+def host_fqdn(host: str, namespace: str) -> str:
+    """A VirtualService/DestinationRule host as Istio reads it: a short name is a service in
+    the resource's namespace (``reviews`` -> ``reviews.<ns>.svc.cluster.local``), ``<svc>.<ns>``
+    and ``<svc>.<ns>.svc`` are completed, an FQDN or a wildcard (``*``, ``*.example.com``)
+    stays, and Consul's ``<svc>.service.consul`` is the service in ``default``."""
+    h = host.lower().rstrip(".")
+    if h.startswith("*"):
+        return h
+    if h.endswith(".service.consul"):
+        return f"{h[: -len('.service.consul')]}.default.svc.cluster.local"
+    parts = h.split(".")
+    if len(parts) == 1:
+        return f"{h}.{namespace}.svc.cluster.local"
+    if len(parts) == 2:
+        return f"{h}.svc.cluster.local"
+    if len(parts) == 3 and parts[2] == "svc":
+        return f"{h}.cluster.local"
+    return h
+
+
+def host_matches(pattern_fqdn: str, service_fqdn: str) -> bool:
+    """Does a (resolved) VirtualService host select the service? Wildcards match by suffix."""
+    if pattern_fqdn == "*":
+        return True
+    if pattern_fqdn.startswith("*."):
+        return service_fqdn.endswith(pattern_fqdn[1:])
+    return pattern_fqdn == service_fqdn
