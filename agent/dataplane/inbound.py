@@ -379,7 +379,10 @@ class InboundHttp:
         self.session: H2Session | None = None
         self._dialing: asyncio.Lock = asyncio.Lock()
 
-    async def open_h2(self, ex: Exchange, *, fresh: bool) -> H2Session:
+    def response_headers(self, ex: Exchange, headers: list[Header]) -> list[Header]:
+        return headers
+
+    async def open_h2(self, ex: Exchange, headers: H2Headers, *, fresh: bool) -> H2Session:
         ex.upstream = self.target.authority
         async with self._dialing:  # concurrent requests share one new session
             s = self.session

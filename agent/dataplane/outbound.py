@@ -35,10 +35,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.control.model import Workload
+from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
 from agent.dataplane.http import headers as hdrs
+from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
@@ -100,6 +101,8 @@ class Outbound:
         self.h2_upstreams = h2_upstreams or H2Pool(self.upstreams.limits)
         self.reporter = reporter or Reporter(metrics)
         self.rng = rng or random.Random()
+        self._table_of: Directory | None = None
+        self._table: routing.RouteTable | None = None
         self.directory = directory
         self.original_dst = original_dst
         self.node_address = node_address
@@ -107,6 +110,15 @@ class Outbound:
         self.balancer = balancer
         self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def route_table(self) -> routing.RouteTable:
+        """The VirtualService/DestinationRule index of the current snapshot (built once per
+        snapshot: a new directory is a new snapshot)."""
+        d = self.directory()
+        if self._table_of is not d:
+            self._table_of, self._table = d, routing.RouteTable.build(d.snapshot)
+        assert self._table is not None
+        return self._table
 
     def identity(self, namespace: str, service_account: str) -> SpiffeId:
         return SpiffeId(self.config.trust_domain, namespace, service_account)
@@ -269,7 +281,7 @@ class OutboundHttp:
         self.src_party = party(src, src_id.uri)
         self.src_ip = src_ip
         self.dst = dst
-        self._choices: dict[tuple[str, int], _Choice] = {}
+        self._choices: dict[tuple[tuple[str, int], str, str], _Choice] = {}
         self._route: Route | None = None
 
     def _decide(self) -> Route:
@@ -282,46 +294,83 @@ class OutboundHttp:
             self._choices.clear()
         return route
 
-    def _choice(self, route: Route, ep: Endpoint) -> _Choice:
-        key = endpoint_key(ep)
+    def _choice(self, service: Service | None, ep: Endpoint) -> _Choice:
+        key = (endpoint_key(ep), *((service.namespace, service.name) if service is not None else ("", "")))
         c = self._choices.get(key)
         if c is None:
             out = self.out
             dst_id = out.identity(ep.namespace, ep.service_account)
             dst = party(out.directory().workload_at(ep.address), dst_id.uri, namespace=ep.namespace)
             remote = ep.node != out.config.node
-            flow = Flow("source", self.src_party, dst, route.service, mutual_tls=remote)
+            flow = Flow("source", self.src_party, dst, service, mutual_tls=remote)
             same = None
             if not remote:
-                dflow = Flow("destination", self.src_party, dst, route.service, mutual_tls=False)
+                dflow = Flow("destination", self.src_party, dst, service, mutual_tls=False)
                 same = (dflow, dflow.request_labels())
             c = self._choices[key] = _Choice(ep, flow, flow.request_labels(), same)
         return c
 
     async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
-        return await self._open(ex, fresh, "h1")  # type: ignore[return-value]
+        return await self._open(ex, fresh, "h1", head.headers, "http")  # type: ignore[return-value]
 
-    async def open_h2(self, ex: Exchange, *, fresh: bool) -> H2Session:
-        return await self._open(ex, fresh, "h2")  # type: ignore[return-value]
+    async def open_h2(self, ex: Exchange, headers: H2Headers, *, fresh: bool) -> H2Session:
+        regular = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers if not k.startswith(":")]
+        scheme = next((v for k, v in headers if k == ":scheme"), "http")
+        return await self._open(ex, fresh, "h2", regular, scheme)  # type: ignore[return-value]
 
-    async def _open(self, ex: Exchange, fresh: bool, kind: str) -> Upstream | H2Session:
-        """Decide the route, pick an endpoint (per request) and get a pooled upstream to it;
-        a connect failure tries the next endpoint, up to ``max_attempts``."""
+    def _plan(
+        self, route: Route, ex: Exchange, headers: list[Header], scheme: str
+    ) -> routing.Decision | None:
+        """The VirtualService decision for this request, or None when no VirtualService applies
+        to the service (then the request goes to the service itself: no per-request cost)."""
+        svc = route.service
+        if svc is None:
+            return None
+        table = self.out.route_table()
+        if table.virtual_service(svc) is None:
+            return None
+        joined: dict[str, str] = {}
+        for k, v in headers:
+            name = k.decode("latin-1")
+            text = v.decode("latin-1")
+            joined[name] = f"{joined[name]},{text}" if name in joined else text
+        facts = routing.RequestFacts(
+            ex.method, ex.path, ex.authority or joined.get("host", ""), scheme, joined, route.port, self.src
+        )
+        plan = routing.decide(table, svc, facts, self.out.rng)
+        ex.plan = plan
+        ex.timeout_s = plan.timeout_s
+        if plan.path is not None:
+            ex.target = plan.path
+        return plan
+
+    async def _open(
+        self, ex: Exchange, fresh: bool, kind: str, headers: list[Header], scheme: str
+    ) -> Upstream | H2Session:
+        """Decide the route (a VirtualService's, if one applies), pick an endpoint (per request)
+        and get a pooled upstream to it; a connect failure tries the next endpoint, up to
+        ``max_attempts``."""
         out = self.out
         route = self._decide()
-        if not route.endpoints:
-            why = f"no healthy upstream: service {route.service_key} has no healthy endpoint"
+        plan = ex.plan if isinstance(ex.plan, routing.Decision) else self._plan(route, ex, headers, scheme)
+        service: Service | None
+        if plan is not None:
+            service, endpoints, policy, bkey = plan.service, plan.endpoints, plan.policy, plan.balancer_key
+        else:
+            service, endpoints, policy = route.service, route.endpoints, route.policy
+            bkey = route.service_key or self.dst[0]
+        if not endpoints:
+            what = f"{service.namespace}/{service.name}" if service is not None else self.dst[0]
+            why = f"no healthy upstream: service {what} has no healthy endpoint"
             raise LocalReply(503, why, "UH")
         tried: set[tuple[str, int]] = set()
         last_error = ""
         for _ in range(out.config.max_attempts):
-            ep = out.balancer.pick(
-                route.service_key or self.dst[0], route.policy, route.endpoints, frozenset(tried)
-            )
+            ep = out.balancer.pick(bkey, policy, endpoints, frozenset(tried))
             if ep is None:
                 break
             tried.add(endpoint_key(ep))
-            c = self._choice(route, ep)
+            c = self._choice(service, ep)
             ex.state = c
             ex.upstream = f"{ep.address}:{ep.port}"
             out.balancer.started(ep)  # LEAST_REQUEST: requests in flight
@@ -337,7 +386,7 @@ class OutboundHttp:
                 last_error = f"{ep.address}:{ep.port}: {e}"
                 log.info("outbound: endpoint %s failed: %s; trying the next", ep.workload, e)
         ex.upstream = ""
-        what = route.service_key or self.dst[0]
+        what = bkey
         raise LocalReply(503, f"upstream connect error: no endpoint of {what} reachable ({last_error})", "UF")
 
     async def _dial(self, ep: Endpoint) -> End:
@@ -346,11 +395,30 @@ class OutboundHttp:
         return await out._connect(ep, self.src_id, dst_id, self.src_ip)
 
     def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
-        return self._rewrite(http1.end_to_end(head.headers), ex)
+        h = http1.end_to_end(head.headers)
+        plan = ex.plan
+        if isinstance(plan, routing.Decision):
+            if plan.authority is not None:
+                h = [(k, v) for k, v in h if k != b"host"] + [(b"host", plan.authority.encode("latin-1"))]
+            h = routing.apply_ops(h, plan.request_ops)
+        return self._rewrite(h, ex)
 
     def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:
         pseudo, regular = hdrs.split_h2(headers)
+        plan = ex.plan
+        if isinstance(plan, routing.Decision):
+            if plan.path is not None:
+                pseudo = [(k, plan.path if k == ":path" else v) for k, v in pseudo]
+            if plan.authority is not None:
+                pseudo = [(k, plan.authority if k == ":authority" else v) for k, v in pseudo]
+            regular = routing.apply_ops(regular, plan.request_ops)
         return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
+
+    def response_headers(self, ex: Exchange, headers: list[Header]) -> list[Header]:
+        plan = ex.plan
+        if isinstance(plan, routing.Decision) and plan.response_ops:
+            return routing.apply_ops(headers, plan.response_ops)
+        return headers
 
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
         h, ex.request_id, ex.trace_id = hdrs.tracing(h, self.out.rng)
@@ -383,6 +451,8 @@ class OutboundHttp:
             if c.same_node is not None:
                 out.reporter.request(c.same_node[0], c.same_node[1], ex, request_protocol)
         else:
+            plan = ex.plan
             route = self._route
-            flow = Flow("source", self.src_party, Party(), route.service if route else None, mutual_tls=False)
+            svc = plan.service if isinstance(plan, routing.Decision) else (route.service if route else None)
+            flow = Flow("source", self.src_party, Party(), svc, mutual_tls=False)
             out.reporter.request(flow, flow.request_labels(), ex, request_protocol)

@@ -28,6 +28,9 @@ class Exchange:
     upstream: str = ""  # address:port of the endpoint
     detail: str = ""  # why the proxy answered itself
     state: object = None  # the side's own per-request facts (endpoint, labels)
+    plan: object = None  # the routing decision (source side, with a VirtualService)
+    target: str = ""  # request target sent upstream, if rewritten ("" = as received)
+    timeout_s: float | None = None  # the route's timeout (None: none)
 
 
 class LocalReply(Exception):

@@ -62,6 +62,10 @@ class Side(Protocol):
         """The exchange ended: give the upstream back (or drop it), count, log."""
         ...
 
+    def response_headers(self, ex: Exchange, headers: list[Header]) -> list[Header]:
+        """The response headers to pass on (header operations of the route)."""
+        ...
+
 
 class _ClientGone(Exception):
     pass
@@ -177,7 +181,10 @@ class H1Loop:
                     self.down.abort()
                     return False
                 try:
-                    keep, reusable = await self._forward(head, ex, up, switching)
+                    if ex.timeout_s is None:
+                        keep, reusable = await self._forward(head, ex, up, switching)
+                    else:
+                        keep, reusable = await self._forward_within(head, ex, up, switching)
                     break
                 except _Stale:
                     up.end.abort()
@@ -194,6 +201,23 @@ class H1Loop:
         finally:
             ex.duration_ms = (self.clock() - ex.start) * 1000.0
             self.side.finished(ex, up, reusable and keep)
+
+    async def _forward_within(
+        self, head: RequestHead, ex: Exchange, up: Upstream, switching: bool
+    ) -> tuple[bool, bool]:
+        """The route's timeout: the whole exchange (Envoy's route timeout), then 504 ``UT`` —
+        or, once the response has begun, the client connection is reset (flag ``UT``)."""
+        assert ex.timeout_s is not None
+        try:
+            async with asyncio.timeout(ex.timeout_s):
+                return await self._forward(head, ex, up, switching)
+        except TimeoutError:
+            up.end.abort()  # the upstream is in an unknown state: never reused
+            if ex.response_bytes:
+                ex.flags = "UT"
+                self.down.abort()
+                return False, False
+            return await self._local(head, ex, 504, "upstream request timeout", "UT"), False
 
     async def _local(self, head: RequestHead, ex: Exchange, status: int, why: str, flag: str) -> bool:
         ex.status, ex.flags, ex.detail = status, flag, why
@@ -225,7 +249,8 @@ class H1Loop:
             framing.append((b"content-length", b"%d" % head.content_length))
         if head.upgrade:
             framing += [(b"connection", b"upgrade"), (b"upgrade", head.upgrade)]
-        data = http1.request_head(head.method, head.target, self.side.headers(head, ex), framing)
+        headers = self.side.headers(head, ex)
+        data = http1.request_head(head.method, ex.target or head.target, headers, framing)
         ex.request_bytes = len(data)
         try:
             await up.end.write(data)
@@ -318,7 +343,7 @@ class H1Loop:
                                 out.append(http1.response_head(r.status, r.reason, r.headers, ()))
                             continue
                         ex.status = r.status
-                        headers = http1.end_to_end(r.headers)
+                        headers = self.side.response_headers(ex, http1.end_to_end(r.headers))
                         framing: list[Header] = []
                         if (r.status == 101 and head.upgrade) or (connect and 200 <= r.status < 300):
                             switched = b""

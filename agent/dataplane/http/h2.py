@@ -26,6 +26,7 @@ from typing import Protocol
 
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h2session import H2Session, H2Stream, StreamError
+from agent.dataplane.http.headers import join_h2, split_h2
 from agent.dataplane.tcp import End
 from agent.proto.h2.connection import Headers
 from agent.proto.h2.frames import ErrorCode
@@ -39,8 +40,12 @@ GRPC_OF_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14",
 
 
 class H2Side(Protocol):
-    async def open_h2(self, ex: Exchange, *, fresh: bool) -> H2Session:
+    async def open_h2(self, ex: Exchange, headers: Headers, *, fresh: bool) -> H2Session:
         """An upstream session for this request (may raise :class:`LocalReply`)."""
+        ...
+
+    def response_headers(self, ex: Exchange, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The response headers to pass on (header operations of the route)."""
         ...
 
     def headers_h2(self, headers: Headers, ex: Exchange) -> Headers:
@@ -113,7 +118,7 @@ class H2Loop:
         try:
             for attempt in (0, 1):
                 try:
-                    session = await self.side.open_h2(ex, fresh=attempt > 0)
+                    session = await self.side.open_h2(ex, headers, fresh=attempt > 0)
                 except LocalReply as r:
                     self._reply(st, ex, r.status, str(r), r.flag, grpc)
                     return
@@ -125,7 +130,19 @@ class H2Loop:
                         self._reply(st, ex, 503, "upstream connection closed", "UC", grpc)
                         return
             assert session is not None
-            await self._exchange(st, up, ex, grpc)
+            if ex.timeout_s is None:
+                await self._exchange(st, up, ex, grpc)
+            else:
+                try:
+                    async with asyncio.timeout(ex.timeout_s):
+                        await self._exchange(st, up, ex, grpc)
+                except TimeoutError:
+                    up.reset()
+                    if ex.response_bytes:  # the response had begun: it ends abnormally
+                        ex.flags = "UT"
+                        st.reset(ErrorCode.CANCEL)
+                    else:
+                        self._reply(st, ex, 504, "upstream request timeout", "UT", grpc)
             session.forget(up)
         finally:
             ex.duration_ms = (self.clock() - ex.start) * 1000.0
@@ -146,6 +163,10 @@ class H2Loop:
                 st.send_headers(interim)
             ex.status = _status(resp)
             out = [(k, v) for k, v in resp if k not in CONNECTION_SPECIFIC]
+            pseudo, regular = split_h2(out)
+            changed = self.side.response_headers(ex, regular)
+            if changed is not regular:
+                out = join_h2(pseudo, changed)
             ex.response_bytes = _size(out)
             ex.grpc_status = _grpc_status(resp)
             try:

@@ -1,0 +1,286 @@
+"""Per-request routing on the source node: VirtualService match, destination, subset, policy. Pure.
+
+How this works: :class:`RouteTable` indexes one snapshot's VirtualServices and
+DestinationRules once (a new snapshot is a new table): for each service, the
+VirtualService that applies to it (hosts resolved as Istio does, ``mesh``
+gateway; when several do, the first by namespace and name), and for each
+service the DestinationRule for its host. :func:`decide` takes the facts of one
+request (:class:`RequestFacts`) and returns a :class:`Decision`: the matched
+route (first match wins, Istio's order), the destination picked by weight, its
+service, port and subset endpoints, the load-balancing policy in force, and
+what to do to the request (rewrite, header operations, timeout) — or a
+:class:`~agent.dataplane.http.exchange.LocalReply` (no route matched: 404
+``NR``; a direct response). With no VirtualService for the service, the
+request goes to the service itself, as before.
+
+Regexes are RE2 (``google-re2``): linear time whatever a request carries, and
+they must match the whole string, as Envoy's ``safe_regex`` does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import parse_qsl
+
+import re2
+
+from agent.control.istio import (
+    DestinationRule,
+    HeaderOps,
+    HttpMatch,
+    HttpRoute,
+    RouteDestination,
+    StringMatch,
+    VirtualService,
+    host_fqdn,
+    host_matches,
+)
+from agent.control.model import Service, Workload
+from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
+from agent.dataplane.http.exchange import LocalReply
+from agent.dataplane.lb import Policy
+
+
+def service_fqdn(svc: Service) -> str:
+    return f"{svc.name}.{svc.namespace}.svc.cluster.local"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    method: str
+    path: str  # request target: path and query
+    authority: str
+    scheme: str
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ","
+    port: int  # the service port the app dialled
+    source: Workload
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    service: Service  # the destination service
+    port: int  # its port
+    endpoints: tuple[Endpoint, ...]  # healthy, of the subset
+    policy: Policy
+    balancer_key: str  # the balancer's state is per service and subset
+    vs: VirtualService | None = None
+    route_index: int = -1
+    route: HttpRoute | None = None
+    destination: RouteDestination | None = None
+    path: str | None = None  # rewritten request target (None: as received)
+    authority: str | None = None  # rewritten authority
+    request_ops: tuple[HeaderOps, ...] = ()
+    response_ops: tuple[HeaderOps, ...] = ()
+    timeout_s: float | None = None
+
+
+_NO_OPS: tuple[HeaderOps, ...] = ()
+
+
+class _Matcher:
+    """Compiled StringMatches (RE2), kept per table."""
+
+    def __init__(self) -> None:
+        self._re: dict[str, Any] = {}
+
+    def test(self, m: StringMatch, value: str, *, ignore_case: bool = False) -> bool:
+        if m.kind == "exact":
+            return value.lower() == m.value.lower() if ignore_case else value == m.value
+        if m.kind == "prefix":
+            return value.lower().startswith(m.value.lower()) if ignore_case else value.startswith(m.value)
+        rx = self._re.get(m.value)
+        if rx is None:
+            rx = self._re[m.value] = re2.compile(m.value)
+        return rx.fullmatch(value) is not None
+
+
+@dataclass(slots=True)
+class RouteTable:
+    snapshot: Snapshot
+    vs_of: Mapping[tuple[str, str], VirtualService]  # service (ns, name) -> its VirtualService
+    dr_of: Mapping[str, DestinationRule]  # service FQDN -> its DestinationRule
+    service_of: Mapping[str, Service]  # FQDN -> service
+    matcher: _Matcher = field(default_factory=_Matcher)
+
+    @classmethod
+    def build(cls, snapshot: Snapshot) -> RouteTable:
+        services = {service_fqdn(s): s for s in snapshot.services.values()}
+        vss = sorted(getattr(snapshot, "virtual_services", {}).values(), key=lambda v: (v.namespace, v.name))
+        drs = sorted(getattr(snapshot, "destination_rules", {}).values(), key=lambda d: (d.namespace, d.name))
+        vs_of: dict[tuple[str, str], VirtualService] = {}
+        for vs in vss:
+            if vs.gateways and "mesh" not in vs.gateways:
+                continue
+            patterns = [host_fqdn(h, vs.namespace) for h in vs.hosts]
+            for fq, svc in services.items():
+                key = (svc.namespace, svc.name)
+                if key not in vs_of and any(host_matches(p, fq) for p in patterns):
+                    vs_of[key] = vs
+        dr_of: dict[str, DestinationRule] = {}
+        for dr in drs:
+            p = host_fqdn(dr.host, dr.namespace)
+            for fq in services:
+                if fq not in dr_of and host_matches(p, fq):
+                    dr_of[fq] = dr
+        return cls(snapshot, MappingProxyType(vs_of), MappingProxyType(dr_of), MappingProxyType(services))
+
+    def virtual_service(self, svc: Service) -> VirtualService | None:
+        return self.vs_of.get((svc.namespace, svc.name))
+
+    # -- matching ----------------------------------------------------------------------------
+
+    def _match(self, m: HttpMatch, req: RequestFacts) -> bool:
+        t = self.matcher.test
+        path, _, query = req.path.partition("?")
+        if m.uri is not None and not t(m.uri, path, ignore_case=m.ignore_uri_case):
+            return False
+        if m.method is not None and not t(m.method, req.method):
+            return False
+        if m.authority is not None and not t(m.authority, req.authority):
+            return False
+        if m.scheme is not None and not t(m.scheme, req.scheme):
+            return False
+        if m.port and m.port != req.port:
+            return False
+        for name, sm in m.headers:
+            v = req.headers.get(name)
+            if v is None or not t(sm, v):
+                return False
+        for name, sm in m.without_headers:
+            v = req.headers.get(name)
+            if v is not None and t(sm, v):
+                return False
+        if m.query_params:
+            params = dict(parse_qsl(query, keep_blank_values=True))
+            for name, sm in m.query_params:
+                v = params.get(name)
+                if v is None or not t(sm, v):
+                    return False
+        src = req.source
+        if m.source_namespace and m.source_namespace != src.namespace:
+            return False
+        return all(src.labels.get(k) == v for k, v in m.source_labels)
+
+    def match(self, vs: VirtualService, req: RequestFacts) -> tuple[int, HttpRoute, HttpMatch | None] | None:
+        """The first route whose matches (any of them; none = all requests) take the request."""
+        for i, route in enumerate(vs.http):
+            if not route.matches:
+                return i, route, None
+            for m in route.matches:
+                if self._match(m, req):
+                    return i, route, m
+        return None
+
+
+def _weighted(route: HttpRoute, rng: random.Random) -> RouteDestination:
+    dests = route.route
+    if len(dests) == 1:
+        return dests[0]
+    total = sum(d.weight for d in dests)
+    x = rng.uniform(0, total)
+    for d in dests:
+        x -= d.weight
+        if x < 0:
+            return d
+    return dests[-1]
+
+
+def _rewrite(path: str, route: HttpRoute, m: HttpMatch | None) -> str | None:
+    new = route.rewrite_uri
+    if new is None:
+        return None
+    p, sep, query = path.partition("?")
+    if m is not None and m.uri is not None and m.uri.kind == "prefix":
+        n = len(m.uri.value)
+        p = new + p[n:] if new or p[n:] else "/"
+    else:
+        p = new
+    return p + sep + query
+
+
+def _subset_endpoints(
+    table: RouteTable, svc: Service, port: int, subset: str
+) -> tuple[tuple[Endpoint, ...], str]:
+    """Healthy endpoints of the service port, of ``subset``'s labels; and the subset's policy."""
+    eps = healthy_endpoints(table.snapshot, svc, port)
+    if not subset:
+        return eps, ""
+    dr = table.dr_of.get(service_fqdn(svc))
+    sub = next((s for s in dr.subsets if s.name == subset), None) if dr is not None else None
+    if sub is None:
+        raise LocalReply(503, f"no subset {subset!r} of {service_fqdn(svc)} is defined", "NR")
+    wl = table.snapshot.workloads
+    keep = []
+    for e in eps:
+        w = wl.get((e.namespace, e.workload))
+        if w is not None and all(w.labels.get(k) == v for k, v in sub.labels):
+            keep.append(e)
+    return tuple(keep), sub.load_balancer
+
+
+def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Random) -> Decision:
+    """Where this request goes. Raises LocalReply for no matching route or a direct response."""
+    vs = table.virtual_service(svc)
+    if vs is None:
+        eps = healthy_endpoints(table.snapshot, svc, req.port)
+        return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}")
+    hit = table.match(vs, req)
+    if hit is None:
+        raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
+    i, route, m = hit
+    if route.direct_status:
+        raise LocalReply(route.direct_status, route.direct_body, "-")
+    d = _weighted(route, rng)
+    target = table.service_of.get(host_fqdn(d.destination.host, vs.namespace))
+    if target is None:
+        raise LocalReply(503, f"route to unknown host {d.destination.host!r}", "NR")
+    port = d.destination.port or req.port
+    if not any(p.port == port for p in target.ports):
+        if len(target.ports) == 1 and not d.destination.port:
+            port = target.ports[0].port
+        else:
+            raise LocalReply(503, f"{service_fqdn(target)} has no port {port}", "NR")
+    eps, subset_lb = _subset_endpoints(table, target, port, d.destination.subset)
+    return Decision(
+        target,
+        port,
+        eps,
+        _policy(table, target, subset_lb),
+        f"{target.namespace}/{target.name}/{d.destination.subset}",
+        vs,
+        i,
+        route,
+        d,
+        _rewrite(req.path, route, m),
+        route.rewrite_authority,
+        tuple(o for o in (route.request_headers, d.request_headers) if not o.empty) or _NO_OPS,
+        tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
+        route.timeout_s,
+    )
+
+
+def _policy(table: RouteTable, svc: Service, subset_lb: str) -> Policy:
+    name = subset_lb
+    if not name:
+        dr = table.dr_of.get(service_fqdn(svc))
+        name = dr.load_balancer if dr is not None else ""
+    return Policy.parse(name or svc.lb_policy)
+
+
+def apply_ops(headers: list[tuple[bytes, bytes]], ops: tuple[HeaderOps, ...]) -> list[tuple[bytes, bytes]]:
+    """Istio's header operations, in order: remove, then set (replaces), then add (appends)."""
+    for o in ops:
+        if o.remove:
+            drop = {n.lower().encode("latin-1") for n in o.remove}
+            headers = [(k, v) for k, v in headers if k not in drop]
+        if o.set:
+            names = {n.lower().encode("latin-1") for n, _ in o.set}
+            headers = [(k, v) for k, v in headers if k not in names]
+            headers += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in o.set]
+        if o.add:
+            headers += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in o.add]
+    return headers

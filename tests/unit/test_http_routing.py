@@ -1,0 +1,242 @@
+"""Per-request routing over one snapshot: VirtualService matches, weights, subsets, rewrites,
+header operations, timeouts, direct responses. Pure: no sockets."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from agent.control.istio import (
+    Destination,
+    DestinationRule,
+    HeaderOps,
+    HttpMatch,
+    HttpRoute,
+    RouteDestination,
+    StringMatch,
+    Subset,
+    VirtualService,
+)
+from agent.control.model import Kind, Service, ServicePort, Workload, resource_key
+from agent.control.snapshot import Snapshot, SnapshotBuilder
+from agent.dataplane.http import routing
+from agent.dataplane.http.exchange import LocalReply
+from agent.dataplane.lb import Policy
+
+REVIEWS = Service("reviews", "default", "10.96.0.20", (ServicePort("http", 80, 9080),), {"app": "reviews"})
+RATINGS = Service("ratings", "default", "10.96.0.21", (ServicePort("http", 80, 9080),), {"app": "ratings"})
+CLIENT = Workload(
+    name="web-1",
+    namespace="default",
+    address="10.244.1.2",
+    node="n1",
+    service_account="web",
+    labels={"app": "web", "tier": "front"},
+)
+
+
+def wl(name: str, addr: str, app: str, version: str) -> Workload:
+    return Workload(
+        name=name,
+        namespace="default",
+        address=addr,
+        node="n2",
+        service_account=app,
+        labels={"app": app, "version": version},
+    )
+
+
+WORKLOADS = [
+    CLIENT,
+    wl("reviews-v1", "10.244.2.2", "reviews", "v1"),
+    wl("reviews-v2", "10.244.2.3", "reviews", "v2"),
+    wl("ratings-v1", "10.244.2.4", "ratings", "v1"),
+]
+
+
+class Snap:
+    """A snapshot with Istio kinds beside it (the registry's own decoding is tested elsewhere)."""
+
+    def __init__(self, snap: Snapshot, vss: list[VirtualService], drs: list[DestinationRule]) -> None:
+        self._s = snap
+        self.virtual_services = {(v.namespace, v.name): v for v in vss}
+        self.destination_rules = {(d.namespace, d.name): d for d in drs}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._s, name)
+
+
+def table(vss: list[VirtualService], drs: list[DestinationRule] = ()) -> routing.RouteTable:  # type: ignore[assignment]
+    b = SnapshotBuilder()
+    puts = {
+        resource_key(Kind.SERVICE, s.namespace, s.name): json.dumps(s.to_doc()) for s in (REVIEWS, RATINGS)
+    }
+    puts.update({resource_key(Kind.WORKLOAD, w.namespace, w.name): json.dumps(w.to_doc()) for w in WORKLOADS})
+    b.apply(puts, [])
+    return routing.RouteTable.build(Snap(b.build(1), vss, list(drs)))  # type: ignore[arg-type]
+
+
+DR = DestinationRule(
+    "reviews",
+    "default",
+    "reviews",
+    subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),), "LEAST_REQUEST")),
+)
+
+
+def req(
+    path: str = "/",
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    source: Workload = CLIENT,
+    port: int = 80,
+) -> routing.RequestFacts:
+    return routing.RequestFacts(method, path, "reviews", "http", headers or {}, port, source)
+
+
+def to(host: str, subset: str = "", weight: int = 100) -> RouteDestination:
+    return RouteDestination(Destination(host, subset), weight)
+
+
+def test_without_a_virtual_service_the_request_goes_to_the_service() -> None:
+    d = routing.decide(table([]), REVIEWS, req(), random.Random(1))
+    assert (
+        d.route is None and d.service is REVIEWS and len(d.endpoints) == 2 and d.policy is Policy.ROUND_ROBIN
+    )
+
+
+def test_header_match_routes_to_a_subset_first_match_wins_and_subset_policy_applies() -> None:
+    vs = VirtualService(
+        "reviews",
+        "default",
+        ("reviews",),
+        (
+            HttpRoute(
+                "jason",
+                (HttpMatch(headers=(("end-user", StringMatch("exact", "jason")),)),),
+                (to("reviews", "v2"),),
+            ),
+            HttpRoute("rest", (), (to("reviews", "v1"),)),
+        ),
+    )
+    t, rng = table([vs], [DR]), random.Random(1)
+    d = routing.decide(t, REVIEWS, req(headers={"end-user": "jason"}), rng)
+    assert (d.route_index, [e.workload for e in d.endpoints], d.policy) == (
+        0,
+        ["reviews-v2"],
+        Policy.LEAST_REQUEST,
+    )
+    d = routing.decide(t, REVIEWS, req(headers={"end-user": "jasonx"}), rng)  # exact means exact
+    assert (d.route_index, [e.workload for e in d.endpoints]) == (1, ["reviews-v1"])
+
+
+def test_weights_split_the_requests() -> None:
+    vs = VirtualService(
+        "reviews",
+        "default",
+        ("reviews.default.svc.cluster.local",),
+        (HttpRoute("split", (), (to("reviews", "v1", 90), to("reviews", "v2", 10))),),
+    )
+    t, rng = table([vs], [DR]), random.Random(7)
+    got = Counter(routing.decide(t, REVIEWS, req(), rng).endpoints[0].workload for _ in range(10_000))
+    assert 8_850 <= got["reviews-v1"] <= 9_150  # 9,000 ± 5 sigma (sigma = 30)
+
+
+def test_uri_prefix_regex_and_case_rewrite_and_no_match() -> None:
+    vs = VirtualService(
+        "reviews",
+        "default",
+        ("reviews",),
+        (
+            HttpRoute(
+                "api",
+                (HttpMatch(uri=StringMatch("prefix", "/api/v1")),),
+                (to("ratings"),),
+                rewrite_uri="/v1",
+                rewrite_authority="ratings.internal",
+            ),
+            HttpRoute(
+                "re",
+                (HttpMatch(uri=StringMatch("regex", "/items/[0-9]+"), method=StringMatch("exact", "GET")),),
+                (to("reviews", "v1"),),
+            ),
+            HttpRoute(
+                "ci",
+                (HttpMatch(uri=StringMatch("exact", "/Health"), ignore_uri_case=True),),
+                (to("reviews"),),
+            ),
+        ),
+    )
+    t, rng = table([vs], [DR]), random.Random(1)
+    d = routing.decide(t, REVIEWS, req("/api/v1/stars?x=1"), rng)
+    assert d.service == RATINGS and d.path == "/v1/stars?x=1" and d.authority == "ratings.internal"
+    assert routing.decide(t, REVIEWS, req("/items/42"), rng).route_index == 1
+    with pytest.raises(LocalReply) as e:  # a regex matches the whole path (Envoy's safe_regex)
+        routing.decide(t, REVIEWS, req("/items/42/x"), rng)
+    assert (e.value.status, e.value.flag) == (404, "NR")
+    with pytest.raises(LocalReply):
+        routing.decide(t, REVIEWS, req("/items/42", method="POST"), rng)
+    assert routing.decide(t, REVIEWS, req("/HEALTH"), rng).route_index == 2
+
+
+def test_without_headers_query_params_source_and_port() -> None:
+    m1 = HttpMatch(
+        without_headers=(("x-canary", StringMatch("exact", "1")),),
+        query_params=(("debug", StringMatch("exact", "true")),),
+    )
+    m2 = HttpMatch(source_labels=(("tier", "front"),), source_namespace="default", port=80)
+    vs = VirtualService(
+        "reviews",
+        "default",
+        ("reviews",),
+        (HttpRoute("q", (m1,), (to("reviews", "v2"),)), HttpRoute("src", (m2,), (to("reviews", "v1"),))),
+    )
+    t, rng = table([vs], [DR]), random.Random(1)
+    assert routing.decide(t, REVIEWS, req("/?debug=true"), rng).route_index == 0
+    assert routing.decide(t, REVIEWS, req("/?debug=true", headers={"x-canary": "1"}), rng).route_index == 1
+    other = Workload(
+        name="batch", namespace="jobs", address="10.244.1.9", node="n1", service_account="b", labels={}
+    )
+    with pytest.raises(LocalReply):
+        routing.decide(t, REVIEWS, req("/", source=other), rng)
+
+
+def test_direct_response_timeout_and_header_operations() -> None:
+    ops = HeaderOps(set=(("x-route", "a"),), add=(("x-multi", "2"),), remove=("x-secret",))
+    vs = VirtualService(
+        "reviews",
+        "default",
+        ("reviews",),
+        (
+            HttpRoute(
+                "down",
+                (HttpMatch(uri=StringMatch("prefix", "/maintenance")),),
+                direct_status=503,
+                direct_body="come back later",
+            ),
+            HttpRoute("main", (), (to("reviews"),), timeout_s=0.5, request_headers=ops),
+        ),
+    )
+    t, rng = table([vs]), random.Random(1)
+    with pytest.raises(LocalReply) as e:
+        routing.decide(t, REVIEWS, req("/maintenance/x"), rng)
+    assert (e.value.status, str(e.value)) == (503, "come back later")
+    d = routing.decide(t, REVIEWS, req("/"), rng)
+    assert d.timeout_s == 0.5
+    h = routing.apply_ops([(b"x-secret", b"1"), (b"x-route", b"old"), (b"x-multi", b"1")], d.request_ops)
+    assert h == [(b"x-multi", b"1"), (b"x-route", b"a"), (b"x-multi", b"2")]
+
+
+def test_unknown_subset_at_request_time_is_503_and_other_gateways_do_not_apply() -> None:
+    vs = VirtualService("reviews", "default", ("reviews",), (HttpRoute("r", (), (to("reviews", "v9"),)),))
+    with pytest.raises(LocalReply) as e:
+        routing.decide(table([vs], [DR]), REVIEWS, req(), random.Random(1))
+    assert e.value.status == 503
+    gw_only = VirtualService(
+        "reviews", "default", ("reviews",), (HttpRoute("r", (), (to("ratings"),)),), gateways=("my-gateway",)
+    )
+    assert routing.decide(table([gw_only]), REVIEWS, req(), random.Random(1)).route is None
