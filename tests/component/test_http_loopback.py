@@ -492,3 +492,89 @@ def test_least_request_counts_requests_in_flight_not_connections() -> None:
         assert {d["pod"] for _, d, _ in res} == {"web-1", "web-2"} - {held}
 
     run(with_mesh(ws, [http_service(policy="LEAST_REQUEST")], body))
+
+
+class _WithIstio:
+    """A snapshot with VirtualServices/DestinationRules beside it (their registry decoding is
+    tested with the control plane)."""
+
+    def __init__(self, snap: Any, vss: list[Any], drs: list[Any]) -> None:
+        self._s = snap
+        self.virtual_services = {(v.namespace, v.name): v for v in vss}
+        self.destination_rules = {(d.namespace, d.name): d for d in drs}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._s, name)
+
+
+def test_virtual_service_routes_per_request_by_header_with_rewrite_header_ops_and_timeout() -> None:
+    from agent.control.istio import (
+        Destination,
+        DestinationRule,
+        HeaderOps,
+        HttpMatch,
+        HttpRoute,
+        RouteDestination,
+        StringMatch,
+        Subset,
+        VirtualService,
+    )
+    from agent.dataplane.route import Directory
+
+    ws = [workload("client", CLIENT, "n1", sa="client")]
+    ws += [workload("web-1", "127.0.0.11", "n2", sa="web", labels={"app": "web", "version": "v1"})]
+    ws += [workload("web-2", "127.0.0.12", "n2", sa="web", labels={"app": "web", "version": "v2"})]
+    svc = http_service()
+    dr = DestinationRule(
+        "web",
+        "default",
+        "web",
+        subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),))),
+    )
+    vs = VirtualService(
+        "web",
+        "default",
+        ("web",),
+        (
+            HttpRoute(
+                "slow",
+                (HttpMatch(uri=StringMatch("prefix", "/slow")),),
+                (RouteDestination(Destination("web", "v1")),),
+                timeout_s=0.3,
+            ),
+            HttpRoute(
+                "jason",
+                (HttpMatch(headers=(("end-user", StringMatch("exact", "jason")),)),),
+                (RouteDestination(Destination("web", "v2")),),
+                rewrite_uri="/v2",
+                response_headers=HeaderOps(set=(("x-route", "jason"),), remove=("server",)),
+            ),
+            HttpRoute(
+                "rest",
+                (),
+                (RouteDestination(Destination("web", "v1")),),
+                request_headers=HeaderOps(add=(("x-added", "1"),)),
+            ),
+        ),
+    )
+
+    async def body(mesh: Mesh) -> None:
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], [dr]))  # type: ignore[arg-type]
+        n1 = mesh.nodes["n1"]
+        port = n1.outbound_port
+        plain = await asyncio.to_thread(keepalive_requests, port, 4, "/api")
+        assert {d["pod"] for _, d, _ in plain} == {"web-1"}  # the default route: subset v1 only
+        assert plain[0][1]["headers"]["x-added"] == "1"
+        jason = await asyncio.to_thread(keepalive_requests, port, 4, "/api", "GET", {"end-user": "jason"})
+        assert {d["pod"] for _, d, _ in jason} == {"web-2"}
+        assert jason[0][1]["path"] == "/v2"  # the route's rewrite, as the server saw it
+        assert jason[0][2]["x-route"] == "jason" and "server" not in jason[0][2]
+        res = await asyncio.to_thread(keepalive_requests, port, 1, "/slow")  # the pod waits 1 s
+        status, doc, headers = res[0]
+        assert status == 504 and headers["server"] == "nodemesh" and "timeout" in doc["raw"]
+        assert (
+            metric(n1, "istio_requests_total", reporter="source", response_code="504", response_flags="UT")
+            == 1
+        )
+
+    run(with_mesh(ws, [svc], body))

@@ -93,6 +93,7 @@ class H1Loop:
         self._first = b""
         self.requests = 0
         self._waiting = False  # waiting for the client's bytes (between requests, or within one)
+        self._request_read = False
         self._active = 0.0  # when the client last sent bytes (clock)
         self.idled_out = False
         self._timer: asyncio.TimerHandle | None = None
@@ -163,6 +164,7 @@ class H1Loop:
     async def _exchange(self, head: RequestHead) -> bool:
         """Serve one request; True if the client connection carries on."""
         ex = Exchange(self.clock(), head.method, head.authority, head.target)
+        self._request_read = False  # the request's END event taken from the client
         if head.version == "1.0":
             ex.protocol = "HTTP/1.0"
         connect = head.method == "CONNECT"
@@ -224,8 +226,9 @@ class H1Loop:
         # a request body we did not read (or a switch we did not make) ends the connection
         close = not head.keep_alive or head.has_body or head.method == "CONNECT" or bool(head.upgrade)
         if not close:
-            while (ev := await self._next()) is not None and ev[0] != END:
+            while not self._request_read and (ev := await self._next()) is not None and ev[0] != END:
                 pass
+            self._request_read = True
         reply = http1.local_reply(status, why, close=close)
         ex.response_bytes = len(reply)
         await self._to_client(reply)
@@ -264,6 +267,7 @@ class H1Loop:
         else:
             ev = await self._next()  # the request's END (it came with the head)
             assert ev is not None and ev[0] == END
+            self._request_read = True
         try:
             keep, reusable, rest = await self._response(head, ex, up, body)
         finally:
@@ -293,6 +297,7 @@ class H1Loop:
             assert ev is not None
             kind, val = ev
             if kind == END:
+                self._request_read = True
                 if chunked:
                     assert isinstance(val, list)
                     await up.end.write(http1.last_chunk(val))
