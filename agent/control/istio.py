@@ -73,6 +73,30 @@ class RouteDestination:
     response_headers: HeaderOps = HeaderOps()
 
 
+# Envoy's retry conditions as Istio's retryOn names them (HTTP and gRPC)
+RETRY_ON = ("5xx", "gateway-error", "reset", "connect-failure", "refused-stream", "retriable-4xx",
+            "retriable-status-codes", "cancelled", "deadline-exceeded", "resource-exhausted",
+            "unavailable")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    attempts: int  # retries after the first try (Istio's meaning)
+    per_try_timeout_s: float | None = None
+    retry_on: tuple[str, ...] = ("connect-failure", "refused-stream", "unavailable", "cancelled",
+                                 "retriable-status-codes")  # Istio's default
+    status_codes: tuple[int, ...] = (503,)  # retriable-status-codes (numbers in retryOn)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay_s: float = 0.0
+    delay_percent: float = 0.0  # 0-100
+    abort_status: int = 0  # HTTP status (0: no abort)
+    abort_grpc_status: str = ""  # e.g. "UNAVAILABLE" (gRPC calls get this instead)
+    abort_percent: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class HttpRoute:
     name: str = ""
@@ -85,6 +109,8 @@ class HttpRoute:
     rewrite_authority: str | None = None
     direct_status: int = 0  # directResponse: status (0: none)
     direct_body: str = ""
+    retries: Retry | None = None  # None: no retries
+    fault: Fault | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +226,26 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
         out["rewrite"] = rw
     if r.direct_status:
         out["directResponse"] = {"status": r.direct_status, "body": {"string": r.direct_body}}
+    if r.retries is not None:
+        rt = r.retries
+        retry: dict[str, Any] = {"attempts": rt.attempts,
+                                 "retryOn": ",".join([*rt.retry_on, *map(str, rt.status_codes)])}
+        if rt.per_try_timeout_s is not None:
+            retry["perTryTimeout"] = f"{rt.per_try_timeout_s:g}s"
+        out["retries"] = retry
+    if r.fault is not None:
+        f = r.fault
+        fault: dict[str, Any] = {}
+        if f.delay_percent:
+            fault["delay"] = {"fixedDelay": f"{f.delay_s:g}s", "percentage": {"value": f.delay_percent}}
+        if f.abort_percent:
+            abort: dict[str, Any] = {"percentage": {"value": f.abort_percent}}
+            if f.abort_grpc_status:
+                abort["grpcStatus"] = f.abort_grpc_status
+            if f.abort_status:
+                abort["httpStatus"] = f.abort_status
+            fault["abort"] = abort
+        out["fault"] = fault
     return out
 
 
@@ -244,13 +290,61 @@ def _route_from(d: Mapping[str, Any]) -> HttpRoute:
             )
             for rd in d.get("route", ())
         ),
-        timeout_s=float(d["timeout"].rstrip("s")) if "timeout" in d else None,
+        timeout_s=parse_duration(d["timeout"]) if "timeout" in d else None,
         request_headers=_ops(headers.get("request")),
         response_headers=_ops(headers.get("response")),
         rewrite_uri=rw.get("uri"),
         rewrite_authority=rw.get("authority"),
         direct_status=int(direct["status"]) if direct else 0,
         direct_body=(direct.get("body") or {}).get("string", "") if direct else "",
+        retries=_retry_from(d["retries"]) if "retries" in d else None,
+        fault=_fault_from(d["fault"]) if "fault" in d else None,
+    )
+
+
+def parse_duration(text: str) -> float:
+    """Istio/protobuf durations: "1.5s", "300ms", "2m", "1h", "100us" -> seconds. ValueError."""
+    t = text.strip()
+    for unit, scale in (("ms", 1e-3), ("us", 1e-6), ("µs", 1e-6), ("ns", 1e-9), ("s", 1.0),
+                        ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(unit):
+            value = float(t[: -len(unit)])
+            if value < 0:
+                raise ValueError(f"negative duration {text!r}")
+            return value * scale
+    raise ValueError(f"not a duration: {text!r} (expected e.g. 1.5s, 300ms, 2m)")
+
+
+def _retry_from(d: Mapping[str, Any]) -> Retry:
+    names: list[str] = []
+    codes: list[int] = []
+    for item in str(d.get("retryOn", "")).split(","):
+        item = item.strip()
+        if item.isdigit():
+            codes.append(int(item))
+        elif item:
+            names.append(item)
+    default = Retry(0)
+    if codes and "retriable-status-codes" not in names:
+        names.append("retriable-status-codes")
+    return Retry(
+        int(d.get("attempts", 0)),
+        parse_duration(d["perTryTimeout"]) if d.get("perTryTimeout") else None,
+        tuple(names) if names or codes else default.retry_on,
+        tuple(codes) if codes else default.status_codes,
+    )
+
+
+def _fault_from(d: Mapping[str, Any]) -> Fault:
+    delay = d.get("delay") or {}
+    abort = d.get("abort") or {}
+    return Fault(
+        parse_duration(delay["fixedDelay"]) if delay.get("fixedDelay") else 0.0,
+        # (Istio: an unspecified percentage injects nothing)
+        float((delay.get("percentage") or {}).get("value", 0.0)),
+        int(abort.get("httpStatus", 0)),
+        str(abort.get("grpcStatus", "")),
+        float((abort.get("percentage") or {}).get("value", 0.0)),
     )
 
 
