@@ -3,8 +3,10 @@
 How this works: :func:`plan` is pure. Given the current stored items and the
 validated resources of one input, it allocates VIPs (keeping a service's VIP
 across re-applies; otherwise the lowest free address of the range), rejects
-duplicates, VIPs already taken and workload addresses another workload has (in
-this input or stored), and returns the puts for a single commit.
+duplicates, VIPs already taken, workload addresses another workload has (in
+this input or stored) and VirtualService routes to a host no Service has or to
+a subset no DestinationRule of that host defines (stored or in this input), and
+returns the puts for a single commit.
 Any error rejects the whole input: nothing is written. :func:`apply` reads the
 backend, plans, and commits guarded on the revision it read, retrying a few
 times if another writer got in between (so two applies never share a VIP).
@@ -19,6 +21,15 @@ from dataclasses import dataclass, replace
 
 from agent.control.backend import Backend
 from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
+from agent.control.istio import (
+    DestinationRule,
+    VirtualService,
+    destination_rule_doc,
+    destination_rule_from_doc,
+    host_fqdn,
+    host_matches,
+    virtual_service_doc,
+)
 from agent.control.model import (
     PREFIX,
     Kind,
@@ -30,7 +41,7 @@ from agent.control.model import (
     split_key,
 )
 from agent.control.screening import address_key
-from agent.control.validate import IpNetwork, Located
+from agent.control.validate import IpNetwork, Located, Resource
 
 COMMIT_ATTEMPTS = 5
 _WORKLOAD_PREFIX = f"{PREFIX}{Kind.WORKLOAD.value.lower()}/"
@@ -48,14 +59,35 @@ class Plan:
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per value
 
 
-def _dump(r: Service | Workload) -> str:
+def _dump(r: Resource) -> str:
     """Canonical stored text: a fixed field order (labels and ports sorted), no spaces."""
-    return _ENCODE(r.to_stored() if isinstance(r, Workload) else r.to_doc())
+    if isinstance(r, Workload):
+        return _ENCODE(r.to_stored())
+    if isinstance(r, VirtualService):
+        return _ENCODE(virtual_service_doc(r))
+    if isinstance(r, DestinationRule):
+        return _ENCODE(destination_rule_doc(r))
+    return _ENCODE(r.to_doc())
 
 
-def _label(r: Service | Workload) -> str:
-    kind = "Service" if isinstance(r, Service) else "Workload"
-    return f"{kind} {r.namespace}/{r.name}"
+def _kind(r: Resource) -> Kind:
+    if isinstance(r, Service):
+        return Kind.SERVICE
+    if isinstance(r, Workload):
+        return Kind.WORKLOAD
+    return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
+
+
+def _key(r: Resource) -> str:
+    return resource_key(_kind(r), r.namespace, r.name)
+
+
+def _label(r: Resource) -> str:
+    return f"{_kind(r).value} {r.namespace}/{r.name}"
+
+
+def service_fqdn(namespace: str, name: str) -> str:
+    return f"{name}.{namespace}.svc.cluster.local"
 
 
 def _hosts(net: IpNetwork) -> Iterator[str]:
@@ -72,7 +104,7 @@ _AddressOwners = dict[str, tuple[str, Located | None]]
 def _workload_addresses(items: Mapping[str, str], resources: Sequence[Located]) -> _AddressOwners:
     """Addresses of the stored workloads this input does not redefine (a workload
     applied again may keep or change its address)."""
-    redefined = {loc.resource.key for loc in resources if isinstance(loc.resource, Workload)}
+    redefined = {_key(loc.resource) for loc in resources if isinstance(loc.resource, Workload)}
     out: _AddressOwners = {}
     for key, value in items.items():
         if key in redefined or not key.startswith(_WORKLOAD_PREFIX):
@@ -113,10 +145,10 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
     vip_owner = {s.vip: k for k, s in existing.items()}
     addr_owner = _workload_addresses(items, resources)
     seen: dict[str, Located] = {}
-    final: list[tuple[str, Service | Workload]] = []
+    final: list[tuple[str, Resource]] = []
     for loc in resources:
         r = loc.resource
-        key = r.key
+        key = _key(r)
         if key in seen:
             first = seen[key]
             raise InputError(f"{_label(r)} is defined twice (first at {first.file}:{first.line})",
@@ -134,6 +166,7 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
         if isinstance(r, Workload):
             _claim_address(addr_owner, key, r, loc)
         final.append((key, r))
+    _check_routes(items, resources)
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
@@ -162,6 +195,57 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
         (created if before is None else configured).append(_label(r))
         puts[key] = value
     return Plan(puts, tuple(created), tuple(configured), tuple(unchanged))
+
+
+def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> None:
+    """Every route destination of the input's VirtualServices names a Service (stored or in
+    this input) and, with a subset, one a DestinationRule for that host (stored or in this
+    input, which replaces the stored one of the same name) defines."""
+    located_vs = [(loc, r) for loc in resources if isinstance(r := loc.resource, VirtualService)]
+    if not located_vs:
+        return
+    fqdns: set[str] = set()
+    rules: dict[str, DestinationRule] = {}
+    for key, value in items.items():
+        parts = split_key(key)
+        if parts is None:
+            continue
+        if parts[0] == "service":
+            fqdns.add(service_fqdn(parts[1], parts[2]))
+        elif parts[0] == "destinationrule":
+            try:
+                rules[key] = destination_rule_from_doc(json.loads(value))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # not ours to judge here; the agents skip what they cannot decode
+    for loc in resources:
+        r = loc.resource
+        if isinstance(r, Service):
+            fqdns.add(service_fqdn(r.namespace, r.name))
+        elif isinstance(r, DestinationRule):
+            rules[_key(r)] = r
+    for loc, vs in located_vs:
+        for i, route in enumerate(vs.http):
+            for j, rd in enumerate(route.route):
+                path = f"spec.http[{i}].route[{j}].destination"
+                d = rd.destination
+                fq = host_fqdn(d.host, vs.namespace)
+                if fq not in fqdns:
+                    raise loc.fail(f"{path}.host", f"route to unknown host {d.host!r}: no Service "
+                                   f"{fq} in the registry or in this input",
+                                   hint="apply the Service first or in the same input; a short "
+                                        "host is a service in the VirtualService's namespace")
+                if not d.subset:
+                    continue
+                for_host = [dr for dr in rules.values()
+                            if host_matches(host_fqdn(dr.host, dr.namespace), fq)]
+                if not any(s.name == d.subset for dr in for_host for s in dr.subsets):
+                    known = sorted({s.name for dr in for_host for s in dr.subsets})
+                    raise loc.fail(f"{path}.subset",
+                                   f"unknown subset {d.subset!r} of {fq}: no DestinationRule for "
+                                   "that host defines it",
+                                   hint=(f"subsets defined for it: {', '.join(known)}" if known else
+                                         "define it under spec.subsets of a DestinationRule with "
+                                         f"host: {d.host}"))
 
 
 def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) -> Plan:

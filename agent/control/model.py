@@ -65,6 +65,8 @@ class Health(enum.StrEnum):
 class Kind(enum.StrEnum):
     SERVICE = "Service"
     WORKLOAD = "Workload"
+    VIRTUAL_SERVICE = "VirtualService"  # Istio's (values in agent.control.istio)
+    DESTINATION_RULE = "DestinationRule"
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,12 +258,17 @@ def health_key(namespace: str, workload: str) -> str:
 GUARD_KEY = f"{PREFIX}meta/guard"
 
 
+# the first segment of every key resource_key/health_key make: 'service', 'workload',
+# 'virtualservice', 'destinationrule', 'health'
+KEY_KINDS = frozenset([*(k.value.lower() for k in Kind), "health"])
+
+
 def split_key(key: str) -> tuple[str, str, str] | None:
     """'<PREFIX>workload/ns/name' -> ('workload', 'ns', 'name'); None for other keys."""
     if not key.startswith(PREFIX):
         return None
     parts = key[len(PREFIX):].split("/")
-    if len(parts) != 3 or parts[0] not in ("service", "workload", "health"):
+    if len(parts) != 3 or parts[0] not in KEY_KINDS:
         return None
     return parts[0], parts[1], parts[2]
 

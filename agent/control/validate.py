@@ -5,7 +5,10 @@ numbers), turns each document into plain Python values plus a map from field
 path (``spec.ports[0].port``) to line, and validates it strictly: unknown
 fields, wrong types, out-of-range values and bad addresses are rejected with an
 :class:`InputError` naming the file, the line, the field path and the reason.
-There is no I/O here: callers pass the text and the file name.
+There is no I/O here: callers pass the text and the file name. Istio's
+VirtualService and DestinationRule (``networking.istio.io/...``) share the
+document and metadata checks here; their specs are read in
+:mod:`agent.control.validate_istio`.
 
 A Service without ``spec.vip`` comes out with ``vip=""``; :mod:`agent.control.apply`
 allocates one from the configured range.
@@ -24,6 +27,7 @@ from typing import Any
 import yaml
 
 from agent.control.errors import InputError
+from agent.control.istio import ISTIO_NETWORKING_VERSIONS, DestinationRule, VirtualService
 from agent.control.model import (
     DEFAULT_NAMESPACE,
     LABEL_KEY_RE,
@@ -44,6 +48,8 @@ from agent.gcpause import paused
 API_VERSION = "nodemesh.io/v1"
 _HEALTH = {h.value: h for h in Health}
 KINDS = ("Service", "Workload")
+ISTIO_KINDS = ("VirtualService", "DestinationRule")  # under ISTIO_NETWORKING_VERSIONS
+Resource = Service | Workload | VirtualService | DestinationRule
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -104,7 +110,7 @@ class _FastLoader(_BaseLoader):
 class Located:
     """A validated resource and where it came from (for apply-time errors)."""
 
-    resource: Service | Workload
+    resource: Resource
     file: str
     line: int
     doc: _Doc | None = None  # for errors found later (apply): the line of a field
@@ -382,16 +388,23 @@ def _duration(doc: _Doc, m: Mapping[str, Any], key: str, path: str, default: flo
 
 # -- documents -----------------------------------------------------------------------
 
-def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Service | Workload:
+def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
     m = _map(doc, value, "")
     _only(doc, m, "", ("apiVersion", "kind", "metadata", "spec"))
     api = _str(doc, m, "apiVersion", "", required=True)
-    if api != API_VERSION:
-        raise doc.fail("apiVersion", f"unsupported apiVersion {api!r}",
-                       hint=f"use apiVersion: {API_VERSION}")
+    if api == API_VERSION:
+        kinds = KINDS
+    elif api in ISTIO_NETWORKING_VERSIONS:
+        kinds = ISTIO_KINDS
+    else:
+        raise doc.fail("apiVersion", f"unsupported apiVersion {api!r}", hint=_api_hint(m.get("kind")))
     kind = _str(doc, m, "kind", "", required=True)
-    if kind not in KINDS:
-        raise doc.fail("kind", f"unknown kind {kind!r}", hint=f"known kinds: {', '.join(KINDS)}")
+    if kind not in kinds:
+        if kind in KINDS or kind in ISTIO_KINDS:
+            raise doc.fail("kind", f"kind {kind} does not exist in {api}", hint=_api_hint(kind))
+        raise doc.fail("kind", f"unknown kind {kind!r}",
+                       hint=f"known kinds: {', '.join(KINDS)} ({API_VERSION}); "
+                            f"{', '.join(ISTIO_KINDS)} ({ISTIO_NETWORKING_VERSIONS[0]})")
     meta = _map(doc, m.get("metadata") or {}, "metadata")
     _only(doc, meta, "metadata", ("name", "namespace", "labels", "annotations"))
     name = _name(doc, _str(doc, meta, "name", "metadata", required=True), "metadata.name")
@@ -403,7 +416,23 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Service | 
     spec = _map(doc, m["spec"], "spec")
     if kind == "Service":
         return _service(doc, spec, name, ns, vip_range)
-    return _workload(doc, spec, name, ns, labels)
+    if kind == "Workload":
+        return _workload(doc, spec, name, ns, labels)
+    from agent.control import validate_istio  # it builds on the helpers above
+
+    if kind == "VirtualService":
+        return validate_istio.virtual_service(doc, spec, name, ns)
+    return validate_istio.destination_rule(doc, spec, name, ns)
+
+
+def _api_hint(kind: Any) -> str:
+    if kind in ISTIO_KINDS:
+        return (f"use apiVersion: {ISTIO_NETWORKING_VERSIONS[0]} "
+                f"({', '.join(v.rsplit('/', 1)[1] for v in ISTIO_NETWORKING_VERSIONS[1:])} are read too)")
+    if kind in KINDS:
+        return f"use apiVersion: {API_VERSION}"
+    return (f"use apiVersion: {API_VERSION} for {', '.join(KINDS)}, "
+            f"{ISTIO_NETWORKING_VERSIONS[0]} for {', '.join(ISTIO_KINDS)}")
 
 
 def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpNetwork,

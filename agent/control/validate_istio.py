@@ -1,0 +1,376 @@
+"""Istio's VirtualService and DestinationRule from YAML, strictly.
+
+How this works: :func:`agent.control.validate.validate_document` has checked
+``apiVersion`` (``networking.istio.io/v1``, ``v1beta1``, ``v1alpha3``), ``kind``
+and ``metadata`` and hands the ``spec`` mapping here. Every field is checked
+against what nodemesh implements: a field Istio has and we do not is refused by
+name ("spec.http[0].retries: retries is not supported yet"), a field Istio does
+not have is an unknown field; nothing is silently ignored. Regexes are compiled
+with RE2, which is what Envoy (and our node proxy) runs. The result is the
+frozen values of :mod:`agent.control.istio`, carrying the ``file:line`` they came
+from. Whether a route's hosts and subsets exist is checked at apply time
+(:mod:`agent.control.apply`), where the registry is known.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import re2
+
+from agent.control.istio import (
+    MATCH_KINDS,
+    Destination,
+    DestinationRule,
+    HeaderOps,
+    HttpMatch,
+    HttpRoute,
+    RouteDestination,
+    StringMatch,
+    Subset,
+    VirtualService,
+)
+from agent.control.validate import (
+    _at,
+    _Doc,
+    _int,
+    _labels,
+    _map,
+    _name,
+    _str,
+    _tname,
+    parse_duration_s,
+)
+
+# A host as Istio takes it: DNS labels, optionally behind a leading wildcard label
+_HOST_RE = re.compile(r"(\*|(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)\.?\Z",
+                      re.ASCII | re.IGNORECASE)
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z", re.ASCII)
+_ISTIO_DURATION_RE = re.compile(r"(\d+(\.\d+)?(ms|s|m|h))+\Z", re.ASCII)
+DR_LOAD_BALANCERS = ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM")
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # the error comes back to the user as an InputError instead
+
+_YET = "not supported yet"
+# Istio fields nodemesh refuses by name, with the reason shown
+_VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
+               "tcp": f"is {_YET} (nodemesh routes HTTP; TCP traffic goes to the service itself)",
+               "tls": f"is {_YET} (nodemesh routes HTTP; TLS traffic goes to the service itself)"}
+_ROUTE_REFUSED = {
+    "redirect": f"is {_YET}", "retries": f"is {_YET}", "fault": f"is {_YET}",
+    "mirror": f"is {_YET}", "mirrors": f"is {_YET}", "mirrorPercentage": f"is {_YET}",
+    "mirror_percent": f"is {_YET}", "mirrorPercent": f"is {_YET}", "corsPolicy": f"is {_YET}",
+    "delegate": "is not supported (a VirtualService holds all its routes)",
+}
+_MATCH_REFUSED = {"statPrefix": f"is {_YET}",
+                  "gateways": f"is {_YET} (gateways come with the gateway work)"}
+_DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
+               "workloadSelector": f"is {_YET}"}
+_POLICY_REFUSED = {k: f"is {_YET}" for k in ("connectionPool", "outlierDetection",
+                                             "portLevelSettings", "tls", "proxyProtocol", "tunnel")}
+_LB_REFUSED = {k: f"is {_YET}" for k in ("consistentHash", "localityLbSetting",
+                                         "warmupDurationSecs", "warmup")}
+
+_VS_FIELDS = ("hosts", "gateways", "http")
+_ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse")
+_MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
+                 "queryParams", "ignoreUriCase", "port", "sourceLabels", "sourceNamespace")
+
+
+def _fields(doc: _Doc, m: Mapping[str, Any], path: str, allowed: tuple[str, ...],
+            refused: Mapping[str, str] | None = None) -> None:
+    """Every key of ``m`` is one we implement; an Istio field we do not is refused by name."""
+    for k in m:
+        if k in allowed:
+            continue
+        if refused is not None and k in refused:
+            raise doc.fail(_at(path, k), f"{k} {refused[k]}",
+                           hint=f"supported here: {', '.join(allowed)}")
+        raise doc.fail(_at(path, k), f"unknown field {k!r}", hint=f"allowed here: {', '.join(allowed)}")
+
+
+def _list(doc: _Doc, m: Mapping[str, Any], key: str, path: str, *, required: bool = False,
+          ) -> list[Any]:
+    v = m.get(key)
+    if v is None:
+        if required:
+            raise doc.fail(_at(path, key), f"missing required field {key!r}")
+        return []
+    if not isinstance(v, list):
+        raise doc.fail(_at(path, key), f"expected a list, got {_tname(v)}")
+    return v
+
+
+def _host(doc: _Doc, v: Any, path: str, *, wildcard: bool) -> str:
+    if not isinstance(v, str) or not v:
+        raise doc.fail(path, f"expected a host name, got {_tname(v)} {v!r}")
+    if not _HOST_RE.match(v) or len(v) > 253:
+        raise doc.fail(path, f"{v!r} is not a host name",
+                       hint="a service name (reviews), <svc>.<ns>, an FQDN or <svc>.service.consul")
+    if v.startswith("*") and not wildcard:
+        raise doc.fail(path, f"a route destination cannot be a wildcard host ({v!r})",
+                       hint="name the service the traffic goes to")
+    return v
+
+
+# -- VirtualService ---------------------------------------------------------------------------
+
+def virtual_service(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> VirtualService:
+    _fields(doc, spec, "spec", _VS_FIELDS, _VS_REFUSED)
+    hosts_v = _list(doc, spec, "hosts", "spec", required=True)
+    if not hosts_v:
+        raise doc.fail("spec.hosts", "expected a non-empty list of hosts")
+    hosts = tuple(_host(doc, h, f"spec.hosts[{i}]", wildcard=True) for i, h in enumerate(hosts_v))
+    gateways = []
+    for i, g in enumerate(_list(doc, spec, "gateways", "spec")):
+        if g != "mesh":
+            raise doc.fail(f"spec.gateways[{i}]", f"gateway {g!r} is {_YET}: only 'mesh' "
+                           "(traffic between workloads) is",
+                           hint="Istio Gateway resources come with the gateway work; "
+                                "leave gateways out or write [mesh]")
+        gateways.append(g)
+    routes = tuple(_route(doc, _map(doc, r, f"spec.http[{i}]"), f"spec.http[{i}]")
+                   for i, r in enumerate(_list(doc, spec, "http", "spec")))
+    return VirtualService(name, ns, hosts, routes, tuple(gateways),
+                          source=f"{doc.file}:{doc.start_line}")
+
+
+def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
+    _fields(doc, m, path, _ROUTE_FIELDS, _ROUTE_REFUSED)
+    has_route, has_direct = "route" in m, "directResponse" in m
+    if has_route == has_direct:
+        raise doc.fail(path, "an http route needs exactly one of 'route' or 'directResponse'"
+                       + (", not both" if has_route else ""))
+    matches = tuple(_match(doc, _map(doc, x, f"{path}.match[{i}]"), f"{path}.match[{i}]")
+                    for i, x in enumerate(_list(doc, m, "match", path)))
+    dests: tuple[RouteDestination, ...] = ()
+    direct_status, direct_body = 0, ""
+    if has_route:
+        dests = _destinations(doc, m, path)
+    else:
+        dpath = f"{path}.directResponse"
+        d = _map(doc, m["directResponse"], dpath)
+        _fields(doc, d, dpath, ("status", "body"))
+        direct_status = _int(doc, d, "status", dpath, 200, 599, required=True)
+        if d.get("body") is not None:
+            body = _map(doc, d["body"], f"{dpath}.body")
+            _fields(doc, body, f"{dpath}.body", ("string",), {"bytes": f"is {_YET}"})
+            direct_body = _str(doc, body, "string", f"{dpath}.body")
+        if "rewrite" in m:
+            raise doc.fail(f"{path}.rewrite", "rewrite cannot be used with directResponse")
+    rewrite_uri = rewrite_authority = None
+    if "rewrite" in m:
+        rpath = f"{path}.rewrite"
+        rw = _map(doc, m["rewrite"], rpath)
+        _fields(doc, rw, rpath, ("uri", "authority"), {"uriRegexRewrite": f"is {_YET}"})
+        if not rw:
+            raise doc.fail(rpath, "rewrite needs 'uri' or 'authority'")
+        if "uri" in rw:
+            rewrite_uri = _str(doc, rw, "uri", rpath, required=True)
+        if "authority" in rw:
+            rewrite_authority = _str(doc, rw, "authority", rpath, required=True)
+            if not rewrite_authority:
+                raise doc.fail(f"{rpath}.authority", "expected a non-empty authority")
+    request_ops, response_ops = _header_ops(doc, m.get("headers"), f"{path}.headers")
+    return HttpRoute(
+        name=_str(doc, m, "name", path), matches=matches, route=dests,
+        timeout_s=_timeout(doc, m, path), request_headers=request_ops,
+        response_headers=response_ops, rewrite_uri=rewrite_uri, rewrite_authority=rewrite_authority,
+        direct_status=direct_status, direct_body=direct_body,
+    )
+
+
+def _destinations(doc: _Doc, m: Mapping[str, Any], path: str) -> tuple[RouteDestination, ...]:
+    items = _list(doc, m, "route", path)
+    if not items:
+        raise doc.fail(f"{path}.route", "expected a non-empty list of destinations")
+    out = []
+    for i, item in enumerate(items):
+        rpath = f"{path}.route[{i}]"
+        rd = _map(doc, item, rpath)
+        _fields(doc, rd, rpath, ("destination", "weight", "headers"))
+        if "destination" not in rd:
+            raise doc.fail(f"{rpath}.destination", "missing required field 'destination'")
+        dpath = f"{rpath}.destination"
+        d = _map(doc, rd["destination"], dpath)
+        _fields(doc, d, dpath, ("host", "subset", "port"))
+        if "host" not in d:
+            raise doc.fail(f"{dpath}.host", "missing required field 'host'")
+        host = _host(doc, d["host"], f"{dpath}.host", wildcard=False)
+        subset = _name(doc, _str(doc, d, "subset", dpath), f"{dpath}.subset") if "subset" in d else ""
+        port = 0
+        if d.get("port") is not None:
+            pm = _map(doc, d["port"], f"{dpath}.port")
+            _fields(doc, pm, f"{dpath}.port", ("number",))
+            port = _int(doc, pm, "number", f"{dpath}.port", 1, 65535, required=True)
+        # Istio: a lone destination takes all traffic, whatever its weight says
+        weight = _int(doc, rd, "weight", rpath, 0, 100, default=0 if len(items) > 1 else 100)
+        if len(items) == 1:
+            weight = 100
+        request_ops, response_ops = _header_ops(doc, rd.get("headers"), f"{rpath}.headers")
+        out.append(RouteDestination(Destination(host, subset, port), weight, request_ops, response_ops))
+    total = sum(r.weight for r in out)
+    if len(out) > 1 and total != 100:
+        raise doc.fail(f"{path}.route", f"the weights of the destinations sum to {total}, not 100",
+                       hint="with more than one destination every weight must be given and "
+                            "they must add up to 100 (Istio's rule)")
+    return tuple(out)
+
+
+def _timeout(doc: _Doc, m: Mapping[str, Any], path: str) -> float | None:
+    if m.get("timeout") is None:
+        return None
+    v, p = m["timeout"], f"{path}.timeout"
+    if not isinstance(v, str) or not _ISTIO_DURATION_RE.match(v):
+        raise doc.fail(p, f"{v!r} is not a duration", hint="like 1.5s, 300ms, 1m (a unit is required)")
+    s = parse_duration_s(v)
+    if s == 0:
+        return None  # Envoy's and Istio's 0s: no timeout
+    if s < 0.001:
+        raise doc.fail(p, f"{v!r} is shorter than 1ms (Istio's smallest duration)")
+    return s
+
+
+def _header_ops(doc: _Doc, v: Any, path: str) -> tuple[HeaderOps, HeaderOps]:
+    if v is None:
+        return HeaderOps(), HeaderOps()
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("request", "response"))
+    return _ops(doc, m.get("request"), f"{path}.request"), _ops(doc, m.get("response"), f"{path}.response")
+
+
+def _ops(doc: _Doc, v: Any, path: str) -> HeaderOps:
+    if v is None:
+        return HeaderOps()
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("set", "add", "remove"))
+    pairs: dict[str, tuple[tuple[str, str], ...]] = {}
+    for key in ("set", "add"):
+        if m.get(key) is None:
+            pairs[key] = ()
+            continue
+        kv = _map(doc, m[key], f"{path}.{key}")
+        for name, value in kv.items():
+            _header_name(doc, name, f"{path}.{key}.{name}")
+            if not isinstance(value, str):
+                raise doc.fail(f"{path}.{key}.{name}", f"expected a string value, got {_tname(value)} "
+                               f"{value!r}", hint="quote it: '...'")
+        pairs[key] = tuple(kv.items())
+    removed = _list(doc, m, "remove", path)
+    for i, name in enumerate(removed):
+        if not isinstance(name, str):
+            raise doc.fail(f"{path}.remove[{i}]", f"expected a header name, got {_tname(name)}")
+        _header_name(doc, name, f"{path}.remove[{i}]")
+    return HeaderOps(pairs["set"], pairs["add"], tuple(removed))
+
+
+def _header_name(doc: _Doc, name: str, path: str) -> str:
+    if not _HEADER_NAME_RE.match(name):
+        raise doc.fail(path, f"{name!r} is not an HTTP header name")
+    return name
+
+
+def _match(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpMatch:
+    _fields(doc, m, path, _MATCH_FIELDS, _MATCH_REFUSED)
+    sm = {k: _string_match(doc, m[k], f"{path}.{k}") if m.get(k) is not None else None
+          for k in ("uri", "scheme", "method", "authority")}
+    ignore = m.get("ignoreUriCase", False)
+    if not isinstance(ignore, bool):
+        raise doc.fail(f"{path}.ignoreUriCase", f"expected true or false, got {_tname(ignore)} {ignore!r}")
+    source_ns = _str(doc, m, "sourceNamespace", path)
+    if source_ns:
+        _name(doc, source_ns, f"{path}.sourceNamespace")
+    return HttpMatch(
+        name=_str(doc, m, "name", path), uri=sm["uri"], scheme=sm["scheme"], method=sm["method"],
+        authority=sm["authority"],
+        headers=_named_matches(doc, m.get("headers"), f"{path}.headers", lower=True),
+        without_headers=_named_matches(doc, m.get("withoutHeaders"), f"{path}.withoutHeaders",
+                                       lower=True),
+        query_params=_named_matches(doc, m.get("queryParams"), f"{path}.queryParams", lower=False),
+        ignore_uri_case=ignore, port=_int(doc, m, "port", path, 1, 65535, default=0),
+        source_labels=tuple(_labels(doc, m.get("sourceLabels"), f"{path}.sourceLabels").items()),
+        source_namespace=source_ns,
+    )
+
+
+def _named_matches(doc: _Doc, v: Any, path: str, *, lower: bool,
+                   ) -> tuple[tuple[str, StringMatch], ...]:
+    if v is None:
+        return ()
+    out: dict[str, StringMatch] = {}
+    for name, sv in _map(doc, v, path).items():
+        p = f"{path}.{name}"
+        if lower:
+            _header_name(doc, name, p)
+            name = name.lower()
+            if name in out:
+                raise doc.fail(p, f"header {name!r} is listed twice (header names ignore case)")
+        out[name] = _string_match(doc, sv, p)
+    return tuple(out.items())
+
+
+def _string_match(doc: _Doc, v: Any, path: str) -> StringMatch:
+    m = _map(doc, v, path)
+    _fields(doc, m, path, MATCH_KINDS)
+    if len(m) != 1:
+        raise doc.fail(path, "expected exactly one of " + ", ".join(MATCH_KINDS)
+                       + (f", got {len(m)}" if m else ""))
+    (kind, value), = m.items()
+    if not isinstance(value, str):
+        raise doc.fail(f"{path}.{kind}", f"expected a string, got {_tname(value)} {value!r}")
+    if kind == "regex":
+        try:
+            re2.compile(value, options=_RE2_OPTIONS)
+        except re2.error as e:
+            reason = e.args[0].decode("utf-8", "replace") if e.args and isinstance(e.args[0], bytes) \
+                else str(e)
+            raise doc.fail(f"{path}.regex", f"invalid regex {value!r}: {reason}",
+                           hint="regexes are RE2 syntax (no lookaround or backreferences) and "
+                                "must match the whole value") from None
+    return StringMatch(kind, value)
+
+
+# -- DestinationRule --------------------------------------------------------------------------
+
+def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> DestinationRule:
+    _fields(doc, spec, "spec", ("host", "trafficPolicy", "subsets"), _DR_REFUSED)
+    if "host" not in spec:
+        raise doc.fail("spec.host", "missing required field 'host'")
+    host = _host(doc, spec["host"], "spec.host", wildcard=True)
+    lb = _traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy")
+    subsets: list[Subset] = []
+    for i, item in enumerate(_list(doc, spec, "subsets", "spec")):
+        path = f"spec.subsets[{i}]"
+        s = _map(doc, item, path)
+        _fields(doc, s, path, ("name", "labels", "trafficPolicy"))
+        sname = _name(doc, _str(doc, s, "name", path, required=True), f"{path}.name")
+        if any(x.name == sname for x in subsets):
+            raise doc.fail(f"{path}.name", f"subset {sname!r} is defined twice")
+        labels = _labels(doc, s.get("labels"), f"{path}.labels")
+        subsets.append(Subset(sname, tuple(sorted(labels.items())),
+                              _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")))
+    return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}")
+
+
+def _traffic_policy(doc: _Doc, v: Any, path: str) -> str:
+    """The simple load balancer of a trafficPolicy ("" when it names none)."""
+    if v is None:
+        return ""
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("loadBalancer",), _POLICY_REFUSED)
+    if m.get("loadBalancer") is None:
+        return ""
+    lpath = f"{path}.loadBalancer"
+    lb = _map(doc, m["loadBalancer"], lpath)
+    _fields(doc, lb, lpath, ("simple",), _LB_REFUSED)
+    simple = _str(doc, lb, "simple", lpath, required=True)
+    if simple not in DR_LOAD_BALANCERS:
+        why = f"{simple} is {_YET}" if simple == "PASSTHROUGH" else f"unknown load balancer {simple!r}"
+        hint = "one of: " + ", ".join(DR_LOAD_BALANCERS)
+        if simple == "LEAST_CONN":
+            hint += " (LEAST_REQUEST is LEAST_CONN's current name)"
+        raise doc.fail(f"{lpath}.simple", why, hint=hint)
+    return simple
