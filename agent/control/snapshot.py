@@ -7,6 +7,10 @@ state into a :class:`Snapshot` tagged with the backend revision. Membership
 (which workloads a service selects) is kept through a label index and
 recomputed only for the services a change touches; readers never scan.
 
+Istio's VirtualServices and DestinationRules are kept as decoded, by (namespace,
+name), in their own tables; which service each one applies to is the data
+path's business (:mod:`agent.dataplane.http.routing`).
+
 The data path only ever reads a ``Snapshot``: :func:`healthy_endpoints` is the
 pure function the proxy uses to get the endpoints of ``VIP:port`` that may take
 traffic (passing or warning; critical ones leave load balancing).
@@ -21,6 +25,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from agent.control.istio import (
+    DestinationRule,
+    VirtualService,
+    destination_rule_from_doc,
+    virtual_service_from_doc,
+)
 from agent.control.model import (
     Health,
     HealthStatus,
@@ -36,6 +46,7 @@ from agent.control.model import (
 log = logging.getLogger(__name__)
 
 NsName = tuple[str, str]  # (namespace, name)
+_Decoded = Service | Workload | HealthStatus | VirtualService | DestinationRule  # one stored value
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -64,6 +75,10 @@ class Snapshot:
     members: Mapping[NsName, tuple[NsName, ...]] = field(
         default_factory=lambda: MappingProxyType({}))
     by_vip: Mapping[str, NsName] = field(default_factory=lambda: MappingProxyType({}))
+    virtual_services: Mapping[NsName, VirtualService] = field(
+        default_factory=lambda: MappingProxyType({}))
+    destination_rules: Mapping[NsName, DestinationRule] = field(
+        default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
         return self.services.get((namespace, name))
@@ -137,6 +152,8 @@ class SnapshotBuilder:
         self._services: dict[NsName, Service] = {}
         self._workloads: dict[NsName, Workload] = {}
         self._health: dict[NsName, HealthStatus] = {}
+        self._virtual_services: dict[NsName, VirtualService] = {}
+        self._destination_rules: dict[NsName, DestinationRule] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -176,8 +193,14 @@ class SnapshotBuilder:
 
     # -- bookkeeping -------------------------------------------------------------------
 
-    def _put(self, key: NsName, obj: Service | Workload | HealthStatus) -> None:
-        if isinstance(obj, Workload):
+    def _put(self, key: NsName, obj: _Decoded) -> None:
+        if isinstance(obj, VirtualService):
+            self._virtual_services[key] = obj
+            self._changed.add("virtual_services")
+        elif isinstance(obj, DestinationRule):
+            self._destination_rules[key] = obj
+            self._changed.add("destination_rules")
+        elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
             self._changed.add("workloads")
@@ -207,6 +230,12 @@ class SnapshotBuilder:
             if s is not None:
                 self._unindex_service(key, s)
                 self._changed.add("services")
+        elif kind == "virtualservice":
+            if self._virtual_services.pop(key, None) is not None:
+                self._changed.add("virtual_services")
+        elif kind == "destinationrule":
+            if self._destination_rules.pop(key, None) is not None:
+                self._changed.add("destination_rules")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -291,6 +320,8 @@ class SnapshotBuilder:
             health=self._view("health", self._health),
             members=self._view("members", self._members),
             by_vip=self._view("by_vip", by_vip),
+            virtual_services=self._view("virtual_services", self._virtual_services),
+            destination_rules=self._view("destination_rules", self._destination_rules),
         )
         self._changed.clear()
         return snap
@@ -311,10 +342,14 @@ def _loads(value: str) -> Any:
     return json.loads(value)  # whitespace around it, or not JSON: the full parser decides
 
 
-def _decode(kind: str, value: str) -> Service | Workload | HealthStatus:
+def _decode(kind: str, value: str) -> _Decoded:
     doc = _loads(value)
     if kind == "service":
         return service_from_doc(doc)
     if kind == "workload":
         return workload_from_doc(doc)
+    if kind == "virtualservice":
+        return virtual_service_from_doc(doc)
+    if kind == "destinationrule":
+        return destination_rule_from_doc(doc)
     return health_from_doc(doc)
