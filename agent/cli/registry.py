@@ -7,7 +7,7 @@ is given. Input is validated whole before anything is written.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,12 @@ from agent.control.consul import parse_consul
 from agent.control.errors import (
     InputError,
     NotFound,
+)
+from agent.control.istio import (
+    DestinationRule,
+    VirtualService,
+    destination_rule_doc,
+    virtual_service_doc,
 )
 from agent.control.model import DEFAULT_VIP_RANGE, Kind, l7_protocol
 from agent.control.snapshot import Snapshot, endpoints
@@ -99,7 +105,8 @@ def _report(plan: apply_mod.Plan, output: str) -> None:
 @handled
 def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str,
               output: str) -> None:
-    """Create or update Services and Workloads from YAML (all or nothing)."""
+    """Create or update Services, Workloads, VirtualServices and DestinationRules from YAML
+    (all or nothing)."""
     net = parse_vip_range(vip_range)
     resources: list[Located] = []
     for f in _files(path):
@@ -136,11 +143,44 @@ def register(path: Path, node: str, registry_dir: str, etcd_url: str | None, vip
         backend.close()
 
 
-KIND_CHOICE = click.Choice(["service", "services", "svc", "workload", "workloads", "wl"])
+_KIND_NAMES = {
+    Kind.SERVICE: ("service", "services", "svc"),
+    Kind.WORKLOAD: ("workload", "workloads", "wl"),
+    Kind.VIRTUAL_SERVICE: ("virtualservice", "virtualservices", "vs"),
+    Kind.DESTINATION_RULE: ("destinationrule", "destinationrules", "dr"),
+}
+_KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
+KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
 
 
 def _kind(s: str) -> Kind:
-    return Kind.SERVICE if s.startswith("s") else Kind.WORKLOAD
+    return _KINDS[s.lower()]
+
+
+def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
+    return {Kind.SERVICE: snap.services, Kind.WORKLOAD: snap.workloads,
+            Kind.VIRTUAL_SERVICE: snap.virtual_services,
+            Kind.DESTINATION_RULE: snap.destination_rules}[k]
+
+
+def _doc(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, VirtualService):
+        return virtual_service_doc(obj)
+    if isinstance(obj, DestinationRule):
+        return destination_rule_doc(obj)
+    doc: dict[str, Any] = obj.to_doc()
+    return doc
+
+
+def _destinations(vs: VirtualService) -> str:
+    seen: dict[str, None] = {}
+    for r in vs.http:
+        if r.direct_status:
+            seen[f"direct:{r.direct_status}"] = None
+        for rd in r.route:
+            d = rd.destination
+            seen[d.host + (f"/{d.subset}" if d.subset else "")] = None
+    return ",".join(seen) or "-"
 
 
 def _ports(s: Any) -> str:
@@ -157,18 +197,26 @@ def _ports(s: Any) -> str:
 @handled
 def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
         etcd_url: str | None, output: str) -> None:
-    """List services or workloads."""
+    """List services, workloads, virtualservices (vs) or destinationrules (dr)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
-    table_src: Any = snap.services if k == Kind.SERVICE else snap.workloads
-    picked = [v for (ns, n), v in sorted(table_src.items())
+    picked = [v for (ns, n), v in sorted(_table_of(snap, k).items())
               if (all_namespaces or ns == namespace) and (name is None or n == name)]
     if name is not None and not picked:
         raise NotFound(f"{k.value} {namespace}/{name} not found in {location}")
     if output == "json":
-        emit_json([v.to_doc() for v in picked])
+        emit_json([_doc(v) for v in picked])
         return
-    if k == Kind.SERVICE:
+    if k == Kind.VIRTUAL_SERVICE:
+        click.echo(table(["NAMESPACE", "NAME", "HOSTS", "ROUTES", "DESTINATIONS", "SOURCE"], [
+            [v.namespace, v.name, ",".join(v.hosts), len(v.http), _destinations(v), v.source or "-"]
+            for v in picked]))
+    elif k == Kind.DESTINATION_RULE:
+        click.echo(table(["NAMESPACE", "NAME", "HOST", "LOADBALANCER", "SUBSETS", "SOURCE"], [
+            [d.namespace, d.name, d.host, d.load_balancer or "-",
+             ",".join(s.name for s in d.subsets) or "-", d.source or "-"]
+            for d in picked]))
+    elif k == Kind.SERVICE:
         rows = []
         for s in picked:
             eps = [e for p in s.ports for e in endpoints(snap, s, p.port)]
@@ -192,20 +240,22 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
 @handled
 def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
              output: str) -> None:
-    """Show one service (with its endpoints) or one workload (with its checks)."""
+    """Show one service (with its endpoints), workload (with its checks), virtualservice or
+    destinationrule (with the file:line it was applied from)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
-    obj: Any = (snap.services if k == Kind.SERVICE else snap.workloads).get((namespace, name))
+    obj: Any = _table_of(snap, k).get((namespace, name))
     if obj is None:
         raise NotFound(f"{k.value} {namespace}/{name} not found in {location}",
                        hint=f"list them with: nodemesh get {k.value.lower()}s -A")
-    doc = obj.to_doc()
+    doc = _doc(obj)
+    # a VirtualService or DestinationRule is its stored document (with its source) alone
     if k == Kind.SERVICE:
         doc["endpoints"] = {str(p.port): [
             {"workload": e.workload, "address": f"{e.address}:{e.port}", "health": e.health.value,
              "weight": e.weight, "node": e.node} for e in endpoints(snap, obj, p.port)]
             for p in obj.ports}
-    else:
+    elif k == Kind.WORKLOAD:
         doc["effectiveHealth"] = snap.effective_health(namespace, name).value
         h = snap.health.get((namespace, name))
         if h is not None:
@@ -227,7 +277,7 @@ def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: 
 @handled
 def delete(kind: str, name: str, namespace: str, registry_dir: str,
            etcd_url: str | None) -> None:
-    """Delete one service or workload."""
+    """Delete one service, workload, virtualservice or destinationrule."""
     k = _kind(kind)
     backend = open_registry(registry_dir, etcd_url)
     try:
