@@ -14,7 +14,7 @@ import pytest
 from agent.control import apply as apply_mod
 from agent.control.backend import Backend, Events, Reset
 from agent.control.embedded import EmbeddedBackend
-from agent.control.errors import ConflictError, NotFound, StateCorruptError
+from agent.control.errors import ConflictError, InputError, NotFound, StateCorruptError
 from agent.control.etcd import EtcdBackend
 from agent.control.model import PREFIX, Kind, resource_key
 from agent.control.registry import Registry
@@ -179,6 +179,58 @@ def test_registry_apply_get_and_delete(make_backend: type) -> None:
         reg.step(0.3)
     assert not reg.snapshot.workloads
     assert healthy_endpoints(reg.snapshot, svc, 80) == ()
+
+
+ISTIO = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web]
+  http:
+  - match: [{uri: {prefix: /api/}}]
+    route: [{destination: {host: web, subset: v1}}]
+    timeout: 2s
+"""
+
+
+def test_istio_kinds_apply_snapshot_and_delete(make_backend: type) -> None:
+    b = make_backend()
+    apply_mod.apply(b, parse_yaml(DOCS, "docs.yaml", NET), NET)
+    p = apply_mod.apply(b, parse_yaml(ISTIO, "istio.yaml", NET), NET)
+    assert p.created == ("DestinationRule shop/web", "VirtualService shop/web")
+    assert resource_key(Kind.VIRTUAL_SERVICE, "shop", "web") in b.read().items
+    reg = Registry(make_backend())
+    assert reg.step()
+    vs = reg.snapshot.virtual_services[("shop", "web")]
+    dr = reg.snapshot.destination_rules[("shop", "web")]
+    assert vs.http[0].route[0].destination.subset == "v1" and vs.http[0].timeout_s == 2.0
+    assert vs.source == "istio.yaml:9" and [s.name for s in dr.subsets] == ["v1"]
+    # re-applied unchanged: nothing written
+    p2 = apply_mod.apply(b, parse_yaml(ISTIO, "istio.yaml", NET), NET)
+    assert not p2.puts and p2.unchanged == ("DestinationRule shop/web", "VirtualService shop/web")
+    # a route to a subset no rule defines is refused and writes nothing
+    rev = b.read().revision
+    with pytest.raises(InputError, match="unknown subset 'v2'"):
+        apply_mod.apply(b, parse_yaml(ISTIO.replace("subset: v1", "subset: v2"), "i.yaml", NET), NET)
+    assert b.read().revision == rev
+    apply_mod.delete(b, Kind.VIRTUAL_SERVICE, "shop", "web")
+    apply_mod.delete(b, Kind.DESTINATION_RULE, "shop", "web")
+    with pytest.raises(NotFound):
+        apply_mod.delete(b, Kind.DESTINATION_RULE, "shop", "web")
+    deadline = time.monotonic() + 5
+    while (reg.snapshot.virtual_services or reg.snapshot.destination_rules) \
+            and time.monotonic() < deadline:
+        reg.step(0.3)
+    assert not reg.snapshot.virtual_services and not reg.snapshot.destination_rules
+    assert reg.snapshot.service("shop", "web") is not None
 
 
 # -- backend-specific ---------------------------------------------------------------
