@@ -224,6 +224,8 @@ def _timeout(doc: _Doc, m: Mapping[str, Any], path: str) -> float | None:
     if m.get("timeout") is None:
         return None
     v, p = m["timeout"], f"{path}.timeout"
+    if not isinstance(v, str | int | float) or isinstance(v, bool):
+        raise doc.fail(p, f"expected a duration, got {_tname(v)}", hint="like 1.5s, 300ms, 1m")
     if not isinstance(v, str) or not _ISTIO_DURATION_RE.match(v):
         raise doc.fail(p, f"{v!r} is not a duration", hint="like 1.5s, 300ms, 1m (a unit is required)")
     s = parse_duration_s(v)

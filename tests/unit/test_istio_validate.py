@@ -8,7 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.cli.main import cli
 from agent.control.apply import _dump, plan
@@ -325,6 +328,48 @@ def test_snapshots_hold_virtual_services_and_destination_rules() -> None:
     # a value not written through apply is skipped, the rest keeps serving
     b.apply({resource_key(Kind.VIRTUAL_SERVICE, "shop", "bad"): '{"name": "bad"}'}, ())
     assert dict(b.build(4).virtual_services) == {}
+
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 70000) | st.sampled_from(
+        ["", "mesh", "reviews", "v1", "1s", "0s", "0.0001s", "(", "[a-", ".*", "*", "x-y", "GET"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["exact", "prefix", "regex", "host", "subset", "weight", "route", "match",
+                         "number", "set", "remove", "uri", "simple", "name", "labels"]),
+        inner, max_size=3),
+    max_leaves=8)
+
+
+def _paths(v: object, at: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    out = [at]
+    if isinstance(v, dict):
+        for k, x in v.items():
+            out += _paths(x, (*at, k))
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            out += _paths(x, (*at, i))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.sampled_from([VS, RULE]), pick=st.integers(0, 10_000), value=_VALUES)
+def test_any_value_anywhere_parses_or_is_refused_with_an_input_error(which: str, pick: int,
+                                                                     value: object) -> None:
+    """Whatever a field holds, the parser and the apply-time checks either take the document
+    or raise InputError naming a field: never another exception."""
+    doc = yaml.safe_load(which)
+    paths = _paths(doc["spec"], ("spec",))
+    path = paths[pick % len(paths)]
+    target = doc
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = value
+    text = f"{SERVICE}---\n{RULE}---\n" + json.dumps(doc) if which is VS else json.dumps(doc)
+    try:
+        locs = parse(text)
+        plan({}, locs, NET)
+    except InputError as e:
+        assert e.file == "mesh.yaml" and e.line is not None and e.reason
 
 
 # -- the CLI, end to end on an embedded registry in a temp dir --------------------------
