@@ -382,6 +382,11 @@ class InboundHttp:
     def response_headers(self, ex: Exchange, headers: list[Header]) -> list[Header]:
         return headers
 
+    def abandon(self, ex: Exchange, up: Upstream) -> None:  # (no retries on this side)
+        if self.pod is not None and up.end is self.pod:
+            self.pod.abort()
+            self.pod = None
+
     async def open_h2(self, ex: Exchange, headers: H2Headers, *, fresh: bool) -> H2Session:
         ex.upstream = self.target.authority
         async with self._dialing:  # concurrent requests share one new session

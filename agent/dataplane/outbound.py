@@ -342,7 +342,24 @@ class OutboundHttp:
         ex.timeout_s = plan.timeout_s
         if plan.path is not None:
             ex.target = plan.path
+        if plan.route is not None:
+            ex.retry = plan.route.retries
         return plan
+
+    async def _inject(self, ex: Exchange, plan: routing.Decision, grpc: bool) -> None:
+        """The route's fault: a delay (flag ``DI``) and/or an abort (``FI``), each for its
+        percentage of requests, as Envoy's fault filter."""
+        f = plan.route.fault if plan.route is not None else None
+        if f is None:
+            return
+        rng = self.out.rng
+        if f.delay_percent and rng.uniform(0, 100) < f.delay_percent:
+            ex.flags = "DI"
+            await asyncio.sleep(f.delay_s)
+        if f.abort_percent and rng.uniform(0, 100) < f.abort_percent:
+            if grpc and f.abort_grpc_status:
+                raise LocalReply(200, "fault filter abort", "FI", grpc_status=f.abort_grpc_status)
+            raise LocalReply(f.abort_status or 503, "fault filter abort", "FI")
 
     async def _open(
         self, ex: Exchange, fresh: bool, kind: str, headers: list[Header], scheme: str
@@ -353,6 +370,9 @@ class OutboundHttp:
         out = self.out
         route = self._decide()
         plan = ex.plan if isinstance(ex.plan, routing.Decision) else self._plan(route, ex, headers, scheme)
+        if plan is not None and ex.tries == 0 and not fresh:
+            await self._inject(ex, plan, any(k == b"content-type" and v.startswith(b"application/grpc")
+                                             for k, v in headers))
         service: Service | None
         if plan is not None:
             service, endpoints, policy, bkey = plan.service, plan.endpoints, plan.policy, plan.balancer_key
@@ -363,10 +383,12 @@ class OutboundHttp:
             what = f"{service.namespace}/{service.name}" if service is not None else self.dst[0]
             why = f"no healthy upstream: service {what} has no healthy endpoint"
             raise LocalReply(503, why, "UH")
-        tried: set[tuple[str, int]] = set()
+        tried: set[tuple[str, int]] = set(ex.tried or ())
         last_error = ""
         for _ in range(out.config.max_attempts):
             ep = out.balancer.pick(bkey, policy, endpoints, frozenset(tried))
+            if ep is None and ex.tried and tried == ex.tried:  # a retry with every endpoint tried
+                ep = out.balancer.pick(bkey, policy, endpoints)
             if ep is None:
                 break
             tried.add(endpoint_key(ep))
@@ -413,6 +435,18 @@ class OutboundHttp:
                 pseudo = [(k, plan.authority if k == ":authority" else v) for k, v in pseudo]
             regular = routing.apply_ops(regular, plan.request_ops)
         return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
+
+    def abandon(self, ex: Exchange, up: Upstream) -> None:
+        """A try to be retried: its connection is dropped, its endpoint not tried again while
+        another is left (Istio's retries go to another host)."""
+        self.out.upstreams.discard(up)
+        c = ex.state
+        if isinstance(c, _Choice):
+            self.out.balancer.finished(c.endpoint)
+            if ex.tried is None:
+                ex.tried = set()
+            ex.tried.add(endpoint_key(c.endpoint))
+        ex.state = None
 
     def response_headers(self, ex: Exchange, headers: list[Header]) -> list[Header]:
         plan = ex.plan

@@ -224,6 +224,10 @@ def workload(
     )
 
 
+_FLAKY: dict[str, int] = {}
+_FLAKY_LOCK = threading.Lock()
+
+
 class _PodHandler(BaseHTTPRequestHandler):
     """A real HTTP/1.1 server (the standard library's) answering with what it saw as JSON."""
 
@@ -256,6 +260,11 @@ class _PodHandler(BaseHTTPRequestHandler):
             status = int(self.path.split("/")[2])
         if self.path.startswith("/slow"):
             time.sleep(1.0)
+        if "flaky" in self.path:  # the service fails two requests of every three
+            with _FLAKY_LOCK:
+                _FLAKY["all"] = n = _FLAKY.get("all", 0) + 1
+            if n % 3:
+                status = 503
         doc = {
             "pod": self.pod_name,
             "method": self.command,

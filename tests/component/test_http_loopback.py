@@ -578,3 +578,74 @@ def test_virtual_service_routes_per_request_by_header_with_rewrite_header_ops_an
         )
 
     run(with_mesh(ws, [svc], body))
+
+
+def test_retries_make_a_flaky_server_reliable_and_faults_are_injected_and_flagged() -> None:
+    from agent.control.istio import (
+        Destination,
+        Fault,
+        HttpMatch,
+        HttpRoute,
+        Retry,
+        RouteDestination,
+        StringMatch,
+        VirtualService,
+    )
+    from agent.dataplane.route import Directory
+
+    ws = workloads(2)
+    web = RouteDestination(Destination("web"))
+    vs = VirtualService(
+        "web",
+        "default",
+        ("web",),
+        (
+            HttpRoute(
+                "flaky",
+                (HttpMatch(uri=StringMatch("prefix", "/flaky")),),
+                (web,),
+                retries=Retry(2, None, ("5xx",), ()),
+            ),
+            HttpRoute(
+                "once",
+                (HttpMatch(uri=StringMatch("prefix", "/once")),),
+                (web,),
+                retries=Retry(1, None, ("5xx",), ()),
+            ),
+            HttpRoute(
+                "abort",
+                (HttpMatch(uri=StringMatch("prefix", "/abort")),),
+                (web,),
+                fault=Fault(abort_status=418, abort_percent=50.0),
+            ),
+            HttpRoute(
+                "delay",
+                (HttpMatch(uri=StringMatch("prefix", "/delay")),),
+                (web,),
+                fault=Fault(delay_s=0.2, delay_percent=100.0),
+            ),
+        ),
+    )
+
+    async def body(mesh: Mesh) -> None:
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], []))  # type: ignore[arg-type]
+        n1 = mesh.nodes["n1"]
+        port = n1.outbound_port
+        res = await asyncio.to_thread(keepalive_requests, port, 60, "/flaky")
+        assert [s for s, _, _ in res] == [200] * 60  # each failing try went to another endpoint
+        assert metric(n1, "istio_requests_total", reporter="source", response_code="200") == 60
+        # one retry is not enough for every request: the rest are the server's 503, flagged URX
+        res = await asyncio.to_thread(keepalive_requests, port, 30, "/once/flaky")
+        codes = Counter(s for s, _, _ in res)
+        assert codes[503] > 0 and codes[200] > 0
+        assert metric(n1, "istio_requests_total", response_code="503", response_flags="URX") == codes[503]
+        res = await asyncio.to_thread(keepalive_requests, port, 200, "/abort")
+        aborted = sum(1 for s, _, _ in res if s == 418)
+        assert 60 <= aborted <= 140  # 50 % of 200 (sigma ~7)
+        assert metric(n1, "istio_requests_total", response_code="418", response_flags="FI") == aborted
+        t = asyncio.get_running_loop().time()
+        res = await asyncio.to_thread(keepalive_requests, port, 3, "/delay")
+        assert [s for s, _, _ in res] == [200] * 3 and asyncio.get_running_loop().time() - t >= 0.6
+        assert metric(n1, "istio_requests_total", response_code="200", response_flags="DI") == 3
+
+    run(with_mesh(ws, [http_service()], body))

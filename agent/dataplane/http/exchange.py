@@ -31,15 +31,19 @@ class Exchange:
     plan: object = None  # the routing decision (source side, with a VirtualService)
     target: str = ""  # request target sent upstream, if rewritten ("" = as received)
     timeout_s: float | None = None  # the route's timeout (None: none)
+    retry: object = None  # the route's retry policy (agent.control.istio.Retry) or None
+    tries: int = 0  # retries made so far
+    tried: set[tuple[str, int]] | None = None  # endpoints tried (retries go elsewhere)
 
 
 class LocalReply(Exception):
     """The side answers the request itself: ``status`` with Envoy's ``flag``."""
 
-    def __init__(self, status: int, message: str, flag: str) -> None:
+    def __init__(self, status: int, message: str, flag: str, *, grpc_status: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.flag = flag
+        self.grpc_status = grpc_status  # a fault's grpcStatus (an HTTP/2 gRPC call gets this)
 
 
 class UpstreamGone(Exception):

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent.control.istio import Retry
 from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.tcp import End, relay
@@ -66,6 +67,10 @@ class Side(Protocol):
         """The response headers to pass on (header operations of the route)."""
         ...
 
+    def abandon(self, ex: Exchange, up: Upstream) -> None:
+        """A try that will be retried: drop its upstream connection, end its count."""
+        ...
+
 
 class _ClientGone(Exception):
     pass
@@ -73,6 +78,10 @@ class _ClientGone(Exception):
 
 class _Stale(Exception):
     """A reused upstream connection ended before any byte of the response."""
+
+
+class _Retry(Exception):
+    """The route's retry policy takes this outcome: try again (another endpoint if any)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,27 +182,32 @@ class H1Loop:
         keep = False
         reusable = False
         try:
-            for attempt in (0, 1):
+            while True:  # one pass per try (the route's retries)
                 try:
-                    up = await self.side.open(head, ex, fresh=attempt > 0)
-                except LocalReply as r:
-                    return await self._local(head, ex, r.status, str(r), r.flag)
-                except UpstreamGone as e:
-                    ex.flags, ex.detail = "UF", str(e)
-                    self.down.abort()
-                    return False
-                try:
-                    if ex.timeout_s is None:
-                        keep, reusable = await self._forward(head, ex, up, switching)
-                    else:
-                        keep, reusable = await self._forward_within(head, ex, up, switching)
-                    break
-                except _Stale:
-                    up.end.abort()
+                    for attempt in (0, 1):  # (a second one when a reused connection was stale)
+                        try:
+                            up = await self.side.open(head, ex, fresh=attempt > 0)
+                        except LocalReply as r:
+                            return await self._local(head, ex, r.status, str(r), r.flag)
+                        except UpstreamGone as e:
+                            ex.flags, ex.detail = "UF", str(e)
+                            self.down.abort()
+                            return False
+                        try:
+                            keep, reusable = await self._attempt(head, ex, up, switching)
+                            break
+                        except _Stale:
+                            up.end.abort()
+                            up = None
+                            if attempt:
+                                raise
+                    return keep
+                except _Retry as r:
+                    ex.tries += 1
+                    ex.detail = f"retried after {r}"
+                    if up is not None:
+                        self.side.abandon(ex, up)
                     up = None
-                    if attempt:
-                        raise
-            return keep
         except _Stale:
             ex.flags = "UC"
             return await self._local(head, ex, 503, "upstream connection closed before the response", "UC")
@@ -204,14 +218,50 @@ class H1Loop:
             ex.duration_ms = (self.clock() - ex.start) * 1000.0
             self.side.finished(ex, up, reusable and keep)
 
-    async def _forward_within(
+    def _retry_ok(self, ex: Exchange, head: RequestHead, reason: str | int) -> bool:
+        """Will this outcome be retried (Envoy's retry conditions, as Istio's retryOn names
+        them)? Only requests without a body are retried (nodemesh does not buffer bodies)."""
+        r = ex.retry
+        if not isinstance(r, Retry) or not r.attempts or head.has_body or head.upgrade:
+            return False
+        if head.method == "CONNECT":
+            return False
+        on = r.retry_on
+        if isinstance(reason, int):
+            s = reason
+            wanted = (
+                ("5xx" in on and s >= 500)
+                or ("gateway-error" in on and s in (502, 503, 504))
+                or ("retriable-4xx" in on and s == 409)
+                or ("retriable-status-codes" in on and s in r.status_codes)
+            )
+        elif reason == "connect-failure":
+            wanted = any(c in on for c in ("connect-failure", "5xx", "gateway-error"))
+        else:  # reset, per-try timeout
+            wanted = any(c in on for c in ("reset", "5xx", "gateway-error"))
+        if not wanted:
+            return False
+        if ex.tries >= r.attempts:
+            ex.flags = "URX"  # retriable, but the retries are spent
+            return False
+        return True
+
+    async def _attempt(
         self, head: RequestHead, ex: Exchange, up: Upstream, switching: bool
     ) -> tuple[bool, bool]:
-        """The route's timeout: the whole exchange (Envoy's route timeout), then 504 ``UT`` —
-        or, once the response has begun, the client connection is reset (flag ``UT``)."""
-        assert ex.timeout_s is not None
+        """One try within the route's timeout (the whole exchange, retries included, as Envoy's
+        route timeout) and the retry policy's per-try timeout: 504 ``UT`` when the time is up
+        before the response began, a reset client connection after; a per-try timeout with a
+        retry left is retried."""
+        r = ex.retry
+        per_try = r.per_try_timeout_s if isinstance(r, Retry) else None
+        left = None if ex.timeout_s is None else ex.start + ex.timeout_s - self.clock()
+        limits = [t for t in (per_try, left) if t is not None]
+        if not limits:
+            return await self._forward(head, ex, up, switching)
+        limit = max(min(limits), 0.0)
         try:
-            async with asyncio.timeout(ex.timeout_s):
+            async with asyncio.timeout(limit):
                 return await self._forward(head, ex, up, switching)
         except TimeoutError:
             up.end.abort()  # the upstream is in an unknown state: never reused
@@ -219,6 +269,9 @@ class H1Loop:
                 ex.flags = "UT"
                 self.down.abort()
                 return False, False
+            route_timeout = left is not None and limit >= left
+            if not route_timeout and self._retry_ok(ex, head, "per-try-timeout"):
+                raise _Retry("a per-try timeout") from None
             return await self._local(head, ex, 504, "upstream request timeout", "UT"), False
 
     async def _local(self, head: RequestHead, ex: Exchange, status: int, why: str, flag: str) -> bool:
@@ -264,7 +317,7 @@ class H1Loop:
         body: asyncio.Future[None] | None = None
         if head.has_body:
             body = asyncio.ensure_future(self._send_body(head, ex, up))
-        else:
+        elif not self._request_read:  # (a retry: the first try took it)
             ev = await self._next()  # the request's END (it came with the head)
             assert ev is not None and ev[0] == END
             self._request_read = True
@@ -326,6 +379,8 @@ class H1Loop:
                 self._body_failure(body)
                 if not got_any and up.reused and body is None:
                     raise _Stale from None
+                if not sent_head and self._retry_ok(ex, head, "reset"):
+                    raise _Retry(f"a reset ({e})") from None
                 return await self._upstream_failed(ex, sent_head, 503, "UC", str(e))
             if not data and not got_any and up.reused and body is None:
                 raise _Stale
@@ -335,6 +390,8 @@ class H1Loop:
             except H1Error as e:
                 up.end.ack(credit)
                 self._body_failure(body)
+                if not data and not sent_head and self._retry_ok(ex, head, "reset"):
+                    raise _Retry("the upstream closed before its response") from None
                 flag = "UC" if not data else "UPE"
                 return await self._upstream_failed(ex, sent_head, 503 if not data else 502, flag, str(e))
             out: list[bytes] = []  # what this chunk gives the client: one write, not one per event
@@ -347,6 +404,8 @@ class H1Loop:
                             if head.version == "1.1":  # interim (100 Continue...): passed on
                                 out.append(http1.response_head(r.status, r.reason, r.headers, ()))
                             continue
+                        if not sent_head and self._retry_ok(ex, head, r.status):
+                            raise _Retry(f"status {r.status}")
                         ex.status = r.status
                         headers = self.side.response_headers(ex, http1.end_to_end(r.headers))
                         framing: list[Header] = []

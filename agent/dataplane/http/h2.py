@@ -36,6 +36,10 @@ Clock = Callable[[], float]
 CONNECTION_SPECIFIC = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 )
+GRPC_CODES = {name: i for i, name in enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"))}
 GRPC_OF_HTTP = {400: "13", 401: "16", 403: "7", 404: "12", 429: "14", 502: "14", 503: "14", 504: "14"}
 
 
@@ -120,6 +124,8 @@ class H2Loop:
                 try:
                     session = await self.side.open_h2(ex, headers, fresh=attempt > 0)
                 except LocalReply as r:
+                    if grpc and r.grpc_status:  # a fault's gRPC abort: that status, HTTP 200
+                        ex.grpc_status = str(GRPC_CODES.get(r.grpc_status.upper(), r.grpc_status))
                     self._reply(st, ex, r.status, str(r), r.flag, grpc)
                     return
                 try:
@@ -222,7 +228,7 @@ class H2Loop:
         try:
             if grpc:
                 ex.status = 200
-                ex.grpc_status = GRPC_OF_HTTP.get(status, "2")
+                ex.grpc_status = ex.grpc_status or GRPC_OF_HTTP.get(status, "2")
                 st.send_headers(
                     [
                         (":status", "200"),
