@@ -319,7 +319,9 @@ def _string_match(doc: _Doc, v: Any, path: str) -> StringMatch:
     _fields(doc, m, path, MATCH_KINDS)
     if len(m) != 1:
         raise doc.fail(path, "expected exactly one of " + ", ".join(MATCH_KINDS)
-                       + (f", got {len(m)}" if m else ""))
+                       + (f", got {len(m)}" if m else ""),
+                       hint=None if m else "an empty match (Istio's presence test) is not supported "
+                                           "yet; {regex: '.*'} matches any value")
     (kind, value), = m.items()
     if not isinstance(value, str):
         raise doc.fail(f"{path}.{kind}", f"expected a string, got {_tname(value)} {value!r}")
