@@ -216,7 +216,7 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
                 d["headers"] = h
             out["route"].append(d)
     if r.timeout_s is not None:
-        out["timeout"] = f"{r.timeout_s:g}s"
+        out["timeout"] = f"{r.timeout_s!r}s"
     h = {k: _ops_doc(o) for k, o in (("request", r.request_headers),
                                        ("response", r.response_headers)) if not o.empty}
     if h:
@@ -228,16 +228,17 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
         out["directResponse"] = {"status": r.direct_status, "body": {"string": r.direct_body}}
     if r.retries is not None:
         rt = r.retries
+        codes = rt.status_codes if "retriable-status-codes" in rt.retry_on else ()
         retry: dict[str, Any] = {"attempts": rt.attempts,
-                                 "retryOn": ",".join([*rt.retry_on, *map(str, rt.status_codes)])}
+                                 "retryOn": ",".join([*rt.retry_on, *map(str, codes)])}
         if rt.per_try_timeout_s is not None:
-            retry["perTryTimeout"] = f"{rt.per_try_timeout_s:g}s"
+            retry["perTryTimeout"] = f"{rt.per_try_timeout_s!r}s"
         out["retries"] = retry
     if r.fault is not None:
         f = r.fault
         fault: dict[str, Any] = {}
         if f.delay_percent:
-            fault["delay"] = {"fixedDelay": f"{f.delay_s:g}s", "percentage": {"value": f.delay_percent}}
+            fault["delay"] = {"fixedDelay": f"{f.delay_s!r}s", "percentage": {"value": f.delay_percent}}
         if f.abort_percent:
             abort: dict[str, Any] = {"percentage": {"value": f.abort_percent}}
             if f.abort_grpc_status:
@@ -324,15 +325,25 @@ def _retry_from(d: Mapping[str, Any]) -> Retry:
             codes.append(int(item))
         elif item:
             names.append(item)
-    default = Retry(0)
-    if codes and "retriable-status-codes" not in names:
-        names.append("retriable-status-codes")
-    return Retry(
+    return retry_policy(
         int(d.get("attempts", 0)),
         parse_duration(d["perTryTimeout"]) if d.get("perTryTimeout") else None,
-        tuple(names) if names or codes else default.retry_on,
-        tuple(codes) if codes else default.status_codes,
+        names,
+        codes,
     )
+
+
+def retry_policy(attempts: int, per_try_s: float | None, names: list[str], codes: list[int]) -> Retry:
+    """A Retry from Istio's retryOn parts: no conditions means Istio's default; status codes
+    imply retriable-status-codes; without that condition no codes are kept."""
+    default = Retry(attempts)
+    if codes and "retriable-status-codes" not in names:
+        names = [*names, "retriable-status-codes"]
+    if not names:
+        return Retry(attempts, per_try_s, default.retry_on, tuple(codes) or default.status_codes)
+    if "retriable-status-codes" not in names:
+        return Retry(attempts, per_try_s, tuple(names), ())
+    return Retry(attempts, per_try_s, tuple(names), tuple(codes) or default.status_codes)
 
 
 def _fault_from(d: Mapping[str, Any]) -> Fault:

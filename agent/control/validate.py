@@ -232,8 +232,9 @@ def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
     out: list[Located] = []
     loader = yaml.SafeLoader("")
     for node in nodes:
-        if node is None:
-            continue
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.value == ""
+                            and node.tag == "tag:yaml.org,2002:null"):
+            continue  # an empty document (a file ending in ---, as kubectl accepts it)
         try:
             value = _to_python(node, loader)
         except _BadNode as e:

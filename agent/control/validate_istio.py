@@ -22,15 +22,19 @@ import re2
 
 from agent.control.istio import (
     MATCH_KINDS,
+    RETRY_ON,
     Destination,
     DestinationRule,
+    Fault,
     HeaderOps,
     HttpMatch,
     HttpRoute,
+    Retry,
     RouteDestination,
     StringMatch,
     Subset,
     VirtualService,
+    retry_policy,
 )
 from agent.control.validate import (
     _at,
@@ -60,7 +64,7 @@ _VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every
                "tcp": f"is {_YET} (nodemesh routes HTTP; TCP traffic goes to the service itself)",
                "tls": f"is {_YET} (nodemesh routes HTTP; TLS traffic goes to the service itself)"}
 _ROUTE_REFUSED = {
-    "redirect": f"is {_YET}", "retries": f"is {_YET}", "fault": f"is {_YET}",
+    "redirect": f"is {_YET}",
     "mirror": f"is {_YET}", "mirrors": f"is {_YET}", "mirrorPercentage": f"is {_YET}",
     "mirror_percent": f"is {_YET}", "mirrorPercent": f"is {_YET}", "corsPolicy": f"is {_YET}",
     "delegate": "is not supported (a VirtualService holds all its routes)",
@@ -75,7 +79,8 @@ _LB_REFUSED = {k: f"is {_YET}" for k in ("consistentHash", "localityLbSetting",
                                          "warmupDurationSecs", "warmup")}
 
 _VS_FIELDS = ("hosts", "gateways", "http")
-_ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse")
+_ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse",
+                 "retries", "fault")
 _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
                  "queryParams", "ignoreUriCase", "port", "sourceLabels", "sourceNamespace")
 
@@ -180,7 +185,97 @@ def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
         timeout_s=_timeout(doc, m, path), request_headers=request_ops,
         response_headers=response_ops, rewrite_uri=rewrite_uri, rewrite_authority=rewrite_authority,
         direct_status=direct_status, direct_body=direct_body,
+        retries=_retries(doc, m.get("retries"), f"{path}.retries"),
+        fault=_fault(doc, m.get("fault"), f"{path}.fault"),
     )
+
+
+def _retries(doc: _Doc, v: Any, path: str) -> Retry | None:
+    """Istio's HTTPRetry: attempts, perTryTimeout, retryOn (Envoy's conditions and status codes).
+    ``retryRemoteLocalities`` and ``retryIgnorePreviousHosts`` are refused by name (retries
+    always go to another endpoint while one is left)."""
+    if v is None:
+        return None
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("attempts", "perTryTimeout", "retryOn"),
+            {"retryRemoteLocalities": f"is {_YET}", "retryIgnorePreviousHosts": f"is {_YET}",
+             "backoff": f"is {_YET}"})
+    attempts = _int(doc, m, "attempts", path, 0, 100, required=True)
+    per_try = _timeout(doc, {"timeout": m["perTryTimeout"]}, f"{path}.perTryTimeout") \
+        if m.get("perTryTimeout") is not None else None
+    names: list[str] = []
+    codes: list[int] = []
+    if m.get("retryOn") is not None:
+        text = m["retryOn"]
+        if not isinstance(text, str):
+            raise doc.fail(f"{path}.retryOn", f"expected a comma-separated string, got {_tname(text)}")
+        for item in (x.strip() for x in text.split(",")):
+            if not item:
+                continue
+            if item.isdigit() and 100 <= int(item) <= 599:
+                codes.append(int(item))
+            elif item in RETRY_ON:
+                names.append(item)
+            else:
+                raise doc.fail(f"{path}.retryOn", f"unknown retry condition {item!r}",
+                               hint="one of: " + ", ".join(RETRY_ON) + ", or HTTP status codes")
+    return retry_policy(attempts, per_try, names, codes)
+
+
+def _percent(doc: _Doc, m: Mapping[str, Any], path: str) -> float:
+    if m.get("percentage") is None:
+        if "percent" in m:
+            raise doc.fail(f"{path}.percent", "percent is deprecated in Istio and not supported",
+                           hint="write percentage: {value: 10}")
+        return 0.0  # Istio: unspecified injects nothing
+    pm = _map(doc, m["percentage"], f"{path}.percentage")
+    _fields(doc, pm, f"{path}.percentage", ("value",))
+    v = pm.get("value", 0)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 100:
+        raise doc.fail(f"{path}.percentage.value", f"expected a percentage 0-100, got {v!r}")
+    return float(v)
+
+
+def _fault(doc: _Doc, v: Any, path: str) -> Fault | None:
+    if v is None:
+        return None
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("delay", "abort"))
+    if not m:
+        raise doc.fail(path, "a fault needs 'delay' or 'abort'")
+    delay_s = delay_pct = 0.0
+    if m.get("delay") is not None:
+        dpath = f"{path}.delay"
+        d = _map(doc, m["delay"], dpath)
+        _fields(doc, d, dpath, ("fixedDelay", "percentage"), {"exponentialDelay": f"is {_YET}",
+                                                                "percent": "is deprecated"})
+        if d.get("fixedDelay") is None:
+            raise doc.fail(f"{dpath}.fixedDelay", "missing required field 'fixedDelay'")
+        delay_s = _timeout(doc, {"timeout": d["fixedDelay"]}, f"{dpath}.fixedDelay") or 0.0
+        delay_pct = _percent(doc, d, dpath)
+    status, grpc, abort_pct = 0, "", 0.0
+    if m.get("abort") is not None:
+        apath = f"{path}.abort"
+        a = _map(doc, m["abort"], apath)
+        _fields(doc, a, apath, ("httpStatus", "grpcStatus", "percentage"), {"http2Error": f"is {_YET}",
+                                                                            "percent": "is deprecated"})
+        if "httpStatus" not in a and "grpcStatus" not in a:
+            raise doc.fail(apath, "an abort needs 'httpStatus' or 'grpcStatus'")
+        if "httpStatus" in a:
+            status = _int(doc, a, "httpStatus", apath, 200, 599, required=True)
+        if "grpcStatus" in a:
+            grpc = _str(doc, a, "grpcStatus", apath).upper()
+            if grpc not in GRPC_STATUS_NAMES:
+                raise doc.fail(f"{apath}.grpcStatus", f"unknown gRPC status {grpc!r}",
+                               hint="one of: " + ", ".join(GRPC_STATUS_NAMES))
+        abort_pct = _percent(doc, a, apath)
+    return Fault(delay_s, delay_pct, status, grpc, abort_pct)
+
+
+GRPC_STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+                     "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                     "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+                     "UNAUTHENTICATED")
 
 
 def _destinations(doc: _Doc, m: Mapping[str, Any], path: str) -> tuple[RouteDestination, ...]:

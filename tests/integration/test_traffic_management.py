@@ -1,0 +1,226 @@
+"""Istio traffic management on the testbed: VirtualService and DestinationRule YAML applied with
+`nodemesh apply` as users write it, enforced by the source node's proxy for real clients
+(curl) through real eBPF capture and HBONE; outcomes checked in the agents' metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from agent import meshbed
+from netns import testbed, topology
+from tests.integration.conftest import run_prefix
+
+VIP = "10.96.0.40"
+
+SERVICES = f"""apiVersion: nodemesh.io/v1
+kind: Service
+metadata: {{name: reviews, namespace: default}}
+spec:
+  vip: {VIP}
+  selector: {{app: reviews}}
+  ports: [{{name: http, port: 80, targetPort: 8080}}]
+---
+"""
+ROLES: dict[str, meshbed.Role] = {
+    "n1-p1": ("client", {"app": "client"}, {}),
+    "n2-p1": ("reviews", {"app": "reviews", "version": "v1"}, {}),
+    "n2-p2": ("reviews", {"app": "reviews", "version": "v2"}, {}),
+}
+
+ISTIO = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match:
+    - headers: {end-user: {exact: jason}}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - name: flaky
+    match: [{uri: {prefix: /flaky}}]
+    route:
+    - destination: {host: reviews, subset: v1}
+    retries: {attempts: 3, retryOn: 5xx}
+  - name: slow
+    match: [{uri: {prefix: /slow}}]
+    route:
+    - destination: {host: reviews, subset: v1}
+    timeout: 0.3s
+  - name: teapot
+    match: [{uri: {prefix: /teapot}}]
+    route:
+    - destination: {host: reviews, subset: v1}
+    fault:
+      abort: {httpStatus: 418, percentage: {value: 20}}
+  - name: split
+    route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination: {host: reviews, subset: v2}
+      weight: 10
+---
+"""
+
+# An HTTP server per pod: its name; /flaky fails two requests of every three; /slow waits 1 s.
+SERVER = textwrap.dedent(
+    """
+    import http.server, sys, threading, time
+    NAME, ADDR = sys.argv[1], sys.argv[2]
+    lock, count = threading.Lock(), [0]
+    class H(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_GET(self):
+            status = 200
+            if self.path.startswith("/flaky"):
+                with lock:
+                    count[0] += 1
+                    status = 200 if count[0] % 3 == 0 else 503
+            if self.path.startswith("/slow"):
+                time.sleep(1.0)
+            body = NAME.encode()
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer((ADDR, 8080), H)
+    print("ready", flush=True)
+    srv.serve_forever()
+    """
+)
+
+
+class Bed:
+    def __init__(self, bed: meshbed.MeshBed) -> None:
+        self.bed = bed
+
+    def curl(self, *args: str, timeout_s: float = 120) -> list[tuple[str, str]]:
+        """(status, body) per URL, many URLs on one keep-alive connection."""
+        r = self.bed.exec("n1-p1", ["curl", "-sS", "--max-time", "60", "-w", "\x1f%{http_code}\x1e", *args],
+                          timeout_s=timeout_s)
+        rows = [item.rsplit("\x1f", 1) for item in r.stdout.split("\x1e") if "\x1f" in item]
+        return [(code, body) for body, code in rows]
+
+    def metrics(self) -> str:
+        n = self.bed.topo.node("n1")
+        assert n is not None
+        r = testbed.popen_in(
+            n.netns, None, ["curl", "-sS", f"http://{n.fabric_address}:15020/metrics"], stdout=subprocess.PIPE
+        )
+        return r.communicate(timeout=10)[0].decode()
+
+
+def requests(text: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("istio_requests_total{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Bed]:
+    prefix = run_prefix("v")
+    topo = testbed.up(topology.plan(topology.default_spec(prefix, 2, 2)))
+    procs: list[subprocess.Popen[bytes]] = []
+    work = f"/run/nodemesh/{prefix}-vs"
+    os.makedirs(work, exist_ok=True)
+    try:
+        with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES)) as mb:
+            try:
+                for name in ("n2-p1", "n2-p2"):
+                    pod = topo.pod(name)
+                    assert pod is not None
+                    p = testbed.popen_in_pod(pod, [sys.executable, "-c", SERVER, name, pod.address],
+                                             stdout=subprocess.PIPE)
+                    procs.append(p)
+                    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+                path = os.path.join(work, "reviews-istio.yaml")
+                with open(path, "w") as f:
+                    f.write(ISTIO)
+                mb.cli("apply", "-f", path, "--registry-dir", mb.registry_dir)
+                b = Bed(mb)
+                deadline = time.monotonic() + 10  # the agents see the new snapshot
+                while b.curl("-H", "end-user: jason", f"http://{VIP}/")[0][1] != "n2-p2":
+                    assert time.monotonic() < deadline, "the VirtualService did not take effect"
+                    time.sleep(0.1)
+                yield b
+            finally:
+                for p in procs:  # by PID: the ones this fixture started
+                    p.kill()
+                    p.wait()
+    finally:
+        testbed.down(prefix)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_weighted_split_90_10_over_1000_requests(bed: Bed) -> None:
+    rows = bed.curl(*[f"http://{VIP}/"] * 1000)
+    assert len(rows) == 1000 and {c for c, _ in rows} == {"200"}
+    got = Counter(b for _, b in rows)
+    assert 870 <= got["n2-p1"] <= 930, got  # 900 ± 3.2 sigma (sigma = 9.5)
+
+
+def test_header_match_routes_exactly(bed: Bed) -> None:
+    rows = bed.curl("-H", "end-user: jason", *["http://reviews.default/"] * 50)
+    assert {b for _, b in rows} == {"n2-p2"} and len(rows) == 50
+    rows = bed.curl("-H", "end-user: jasonx", *[f"http://{VIP}/"] * 50)  # exact is exact
+    assert "n2-p1" in {b for _, b in rows}
+
+
+def test_retries_make_a_server_failing_2_of_3_reliable(bed: Bed) -> None:
+    rows = bed.curl(*[f"http://{VIP}/flaky"] * 300)
+    ok = sum(1 for c, _ in rows if c == "200")
+    assert len(rows) == 300 and ok / 300 >= 0.99, Counter(c for c, _ in rows)
+
+
+def test_timeout_answers_504_ut_on_time(bed: Bed) -> None:
+    t = time.monotonic()
+    rows = bed.curl(f"http://{VIP}/slow")
+    assert rows[0][0] == "504" and "timeout" in rows[0][1]
+    assert time.monotonic() - t < 1.0  # the server would take 1 s
+    assert requests(bed.metrics(), reporter="source", response_code="504", response_flags="UT") >= 1
+
+
+def test_fault_abort_percentage_and_flag(bed: Bed) -> None:
+    before = requests(bed.metrics(), reporter="source", response_code="418", response_flags="FI")
+    rows = bed.curl(*[f"http://{VIP}/teapot"] * 500)
+    aborted = sum(1 for c, _ in rows if c == "418")
+    assert 65 <= aborted <= 135, aborted  # 20 % of 500 (sigma ~9)
+    after = requests(bed.metrics(), reporter="source", response_code="418", response_flags="FI")
+    assert after - before == aborted
+
+
+def test_bad_input_is_refused_with_file_line_field_and_nothing_applied(bed: Bed, tmp_path: object) -> None:
+    bad = ISTIO.replace("prefix: /slow", "regex: '/slow(['")
+    path = os.path.join(str(tmp_path), "bad.yaml")
+    with open(path, "w") as f:
+        f.write(bad)
+    r = bed.bed.cli("apply", "-f", path, "--registry-dir", bed.bed.registry_dir, check=False)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "bad.yaml:" in out and re.search(r"spec\.http\[2\]\.match\[0\]\.uri\.regex", out), out
+    # nothing applied: the routes in force are the old ones
+    assert bed.curl(f"http://{VIP}/slow")[0][0] == "504"
