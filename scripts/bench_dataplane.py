@@ -243,6 +243,41 @@ class BenchBed(meshbed.MeshBed):
         return cfg
 
 
+# --virtual-service: what a user's canary setup looks like; the benchmark's requests take the last
+# route, so each is matched against the four before it
+VIRTUAL_SERVICE = """apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  subsets:
+  - {name: v1, labels: {app: web}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: default}
+spec:
+  hosts: [web]
+  http:
+  - name: canary-header
+    match: [{headers: {x-canary: {exact: "true"}}}]
+    route: [{destination: {host: web, subset: v1}}]
+  - name: admin
+    match: [{uri: {regex: "/admin/[a-z0-9]+"}}]
+    route: [{destination: {host: web, subset: v1}}]
+  - name: writes
+    match: [{method: {exact: POST}, uri: {prefix: /api/}}]
+    route: [{destination: {host: web, subset: v1}}]
+  - name: debug
+    match: [{queryParams: {debug: {exact: "1"}}}]
+    route: [{destination: {host: web, subset: v1}}]
+  - name: default
+    route: [{destination: {host: web, subset: v1}}]
+    headers: {request: {set: {x-route: default}}}
+"""
+
+
 def manifest(topo: Topology, server: Pod, bypass: frozenset[str]) -> str:
     svc = {
         "apiVersion": "nodemesh.io/v1",
@@ -701,6 +736,8 @@ class Bench:
         self.bed = bed
         bed.cli("ca", "init", "--dir", bed.ca_dir, "--trust-domain", "cluster.local")
         bed.apply(manifest(topo, self.server, bypass))
+        if self.args.virtual_service:
+            bed.apply(VIRTUAL_SERVICE)
         for node in topo.nodes:
             bed.start_agent(node)
         # HAProxy: certs from the same CA, one process per node netns
@@ -1536,6 +1573,7 @@ def run(args: argparse.Namespace) -> int:
     doc = {
         "benchmark": "dataplane",
         "when": stamp,
+        "virtual_service": bool(getattr(bench.args, "virtual_service", False)),
         "host": {
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
@@ -1703,6 +1741,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=1,
         help="nbthread of each HAProxy (default 1: one core per node proxy, like the agent's one loop)",
+    )
+    ap.add_argument(
+        "--virtual-service",
+        action="store_true",
+        help="apply a 5-route VirtualService and a DestinationRule for the service (issue 12's "
+        "'with routing in force' run): every request of nodemesh-http is matched against 4 routes "
+        "that do not take it (uri regex, header, method, query) before the catch-all to a subset",
     )
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench-results"), help="where the JSON goes")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop starting rounds after this")

@@ -24,6 +24,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "get": ("agent.cli.registry", "get"),
     "describe": ("agent.cli.registry", "describe"),
     "delete": ("agent.cli.registry", "delete"),
+    "explain": ("agent.cli.explain", "explain_cmd"),
 }
 
 

@@ -118,8 +118,11 @@ class Bed:
 
     def curl(self, *args: str, timeout_s: float = 120) -> list[tuple[str, str]]:
         """(status, body) per URL, many URLs on one keep-alive connection."""
-        r = self.bed.exec("n1-p1", ["curl", "-sS", "--max-time", "60", "-w", "\x1f%{http_code}\x1e", *args],
-                          timeout_s=timeout_s)
+        r = self.bed.exec(
+            "n1-p1",
+            ["curl", "-sS", "--max-time", "60", "-w", "\x1f%{http_code}\x1e", *args],
+            timeout_s=timeout_s,
+        )
         rows = [item.rsplit("\x1f", 1) for item in r.stdout.split("\x1e") if "\x1f" in item]
         return [(code, body) for body, code in rows]
 
@@ -153,8 +156,9 @@ def bed() -> Iterator[Bed]:
                 for name in ("n2-p1", "n2-p2"):
                     pod = topo.pod(name)
                     assert pod is not None
-                    p = testbed.popen_in_pod(pod, [sys.executable, "-c", SERVER, name, pod.address],
-                                             stdout=subprocess.PIPE)
+                    p = testbed.popen_in_pod(
+                        pod, [sys.executable, "-c", SERVER, name, pod.address], stdout=subprocess.PIPE
+                    )
                     procs.append(p)
                     assert p.stdout is not None and p.stdout.readline() == b"ready\n"
                 path = os.path.join(work, "reviews-istio.yaml")
@@ -224,3 +228,35 @@ def test_bad_input_is_refused_with_file_line_field_and_nothing_applied(bed: Bed,
     assert "bad.yaml:" in out and re.search(r"spec\.http\[2\]\.match\[0\]\.uri\.regex", out), out
     # nothing applied: the routes in force are the old ones
     assert bed.curl(f"http://{VIP}/slow")[0][0] == "504"
+
+
+def test_explain_agrees_with_what_the_proxy_did(bed: Bed) -> None:
+    import json
+
+    def explain(*args: str) -> dict[str, object]:
+        r = bed.bed.cli(
+            "explain", "--from", "n1-p1", *args, "-o", "json", "--registry-dir", bed.bed.registry_dir
+        )
+        doc: dict[str, object] = json.loads(r.stdout)
+        return doc
+
+    # header routing: explain names the route and the pod; the proxy sends the request there
+    walk = explain("GET", "http://reviews.default/", "-H", "end-user: jason")
+    assert walk["virtual_service"] == {
+        "name": "default/reviews",
+        "source": walk["virtual_service"]["source"],  # type: ignore[index]
+        "route": {"index": 0, "name": "jason"},
+    }
+    assert walk["outcome"]["to"] == "n2-p2"  # type: ignore[index]
+    assert bed.curl("-H", "end-user: jason", f"http://{VIP}/")[0][1] == "n2-p2"
+    # the timeout in force is the one the proxy applied (504 before the server's 1 s)
+    walk = explain("GET", f"http://{VIP}/slow")
+    assert walk["in_force"] == {"timeout_s": 0.3} and walk["destination"]["subset"] == "v1"  # type: ignore[index]
+    assert bed.curl(f"http://{VIP}/slow")[0][0] == "504"
+    # retries and faults in force, as the proxy enforced them above
+    assert explain("GET", f"http://{VIP}/flaky")["in_force"]["retries"]["attempts"] == 3  # type: ignore[index]
+    fault = explain("GET", f"http://{VIP}/teapot")["in_force"]["fault"]  # type: ignore[index]
+    assert fault["abort_status"] == 418 and fault["abort_percent"] == 20.0
+    # the split: both destinations with their weights
+    walk = explain("GET", f"http://{VIP}/")
+    assert [(d["subset"], d["weight"]) for d in walk["destinations"]] == [("v1", 90), ("v2", 10)]  # type: ignore[attr-defined]

@@ -1,0 +1,224 @@
+"""`nodemesh explain`: the walk of one request through the mesh, without sending anything.
+
+How this works: the registry's snapshot is read as the agents read it; the
+request's destination is resolved as the pod would reach it (a VIP, or a mesh DNS
+name), then the source node's proxy's own pure decisions run on it:
+:func:`agent.dataplane.route.decide` (service, port, protocol) and
+:func:`agent.dataplane.http.routing.decide` (the VirtualService route, the
+destination and subset, the policy, what is in force), and the balancer's
+choice from a fresh balancer (the first pick of a new proxy; a running proxy's
+round-robin position is its own). So what this prints is what the proxy does,
+by construction, not a second model of it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+
+from agent.cli.errors import UserError, handled
+from agent.cli.output import OUTPUT_OPTION, emit_json
+from agent.cli.registry import _read, registry_options
+from agent.control.istio import Retry
+from agent.control.model import Service, Workload, l7_protocol
+from agent.control.snapshot import Snapshot
+from agent.dataplane.http import routing
+from agent.dataplane.http.exchange import LocalReply
+from agent.dataplane.lb import Balancer
+from agent.dataplane.route import Directory, RouteError, decide
+
+
+def _source(snap: Snapshot, name: str) -> Workload:
+    ns, _, wname = name.rpartition("/")
+    matches = [w for (wns, n), w in snap.workloads.items() if n == wname and (not ns or wns == ns)]
+    if not matches:
+        raise UserError(f"no workload {name!r} in the registry", hint="nodemesh get workloads -A")
+    if len(matches) > 1:
+        raise UserError(f"workload name {name!r} is in several namespaces",
+                        hint="write <namespace>/<name>")
+    return matches[0]
+
+
+def _service_of_host(snap: Snapshot, host: str, src: Workload) -> Service:
+    try:
+        ipaddress.ip_address(host)
+        svc = snap.service_by_vip(host)
+        if svc is None:
+            raise UserError(f"{host} is not a service VIP")
+        return svc
+    except ValueError:
+        pass
+    h = host.lower().rstrip(".")
+    parts = h.split(".")
+    if h.endswith(".service.consul"):
+        key = ("default", parts[0])
+    elif len(parts) == 1:
+        key = (src.namespace, h)
+    else:
+        key = (parts[1], parts[0])
+    svc = snap.service(key[0], key[1])
+    if svc is None:
+        raise UserError(f"{host} does not name a service (looked for {key[0]}/{key[1]})")
+    return svc
+
+
+def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[str, str]) -> dict[str, Any]:
+    src = _source(snap, source)
+    u = urlsplit(url if "://" in url else f"http://{url}")
+    if not u.hostname:
+        raise UserError(f"{url!r} has no host")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    svc = _service_of_host(snap, u.hostname, src)
+    walk: dict[str, Any] = {
+        "request": {"method": method, "url": url, "headers": headers},
+        "source": {"workload": f"{src.namespace}/{src.name}", "address": src.address, "node": src.node},
+        "capture": f"{svc.vip}:{port} is service {svc.namespace}/{svc.name}: the connection is captured "
+                   f"by eBPF and handed to node {src.node}'s proxy",
+    }
+    directory = Directory.build(snap)
+    try:
+        decide(directory, svc.vip, port)
+    except RouteError as e:
+        walk["outcome"] = {"answer": "connection reset", "response_flags": e.flag, "why": str(e)}
+        return walk
+    sp = next(p for p in svc.ports if p.port == port)
+    proto = l7_protocol(sp)
+    walk["protocol"] = (proto.value if proto is not None
+                        else "undeclared: sniffed (HTTP when the client's first bytes are)")
+    table = routing.RouteTable.build(snap)
+    facts = routing.RequestFacts(method, (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                                 u.netloc, u.scheme or "http",
+                                 {k.lower(): v for k, v in headers.items()}, port, src)
+    vs = table.virtual_service(svc)
+    try:
+        plan = routing.decide(table, svc, facts, random.Random(0))
+    except LocalReply as reply:
+        hit = table.match(vs, facts) if vs is not None else None
+        walk["virtual_service"] = _vs_doc(vs, hit)
+        walk["outcome"] = {"answer": reply.status, "response_flags": reply.flag, "why": str(reply)}
+        return walk
+    walk["virtual_service"] = _vs_doc(vs, (plan.route_index, plan.route, None) if plan.route else None)
+    if plan.route is not None:
+        walk["destinations"] = [
+            {"host": d.destination.host, "subset": d.destination.subset or None,
+             "port": d.destination.port or None, "weight": d.weight}
+            for d in plan.route.route
+        ]
+    walk["destination"] = {
+        "service": f"{plan.service.namespace}/{plan.service.name}", "port": plan.port,
+        "subset": plan.destination.destination.subset or None if plan.destination else None,
+        "picked": ("by weight, at random per request" if plan.route and len(plan.route.route) > 1
+                   else "the only one"),
+    }
+    in_force: dict[str, Any] = {}
+    if plan.timeout_s is not None:
+        in_force["timeout_s"] = plan.timeout_s
+    r = plan.route.retries if plan.route else None
+    if isinstance(r, Retry):
+        in_force["retries"] = {"attempts": r.attempts, "per_try_timeout_s": r.per_try_timeout_s,
+                               "retry_on": list(r.retry_on), "status_codes": list(r.status_codes)}
+    f = plan.route.fault if plan.route else None
+    if f is not None:
+        in_force["fault"] = {"delay_s": f.delay_s, "delay_percent": f.delay_percent,
+                             "abort_status": f.abort_status,
+                             "abort_grpc_status": f.abort_grpc_status or None,
+                             "abort_percent": f.abort_percent}
+    if plan.path is not None:
+        in_force["rewrite_path"] = plan.path
+    if plan.authority is not None:
+        in_force["rewrite_authority"] = plan.authority
+    walk["in_force"] = in_force
+    eps = plan.endpoints
+    walk["endpoints"] = [{"workload": e.workload, "address": f"{e.address}:{e.port}", "node": e.node,
+                          "health": e.health.value, "weight": e.weight} for e in eps]
+    if not eps:
+        walk["outcome"] = {"answer": 503, "response_flags": "UH", "why": "no healthy endpoint"}
+        return walk
+    pick = Balancer(random.Random(0)).pick(plan.balancer_key, plan.policy, eps)
+    assert pick is not None
+    walk["balancer"] = {"policy": plan.policy.value,
+                        "pick": f"{pick.workload} ({pick.address}:{pick.port})",
+                        "note": "a new proxy's first pick; a running proxy continues its own sequence"}
+    walk["outcome"] = {"answer": "forwarded", "to": pick.workload,
+                       "via": ("HBONE mTLS tunnel" if pick.node != src.node
+                               else "a direct connection (same node)")}
+    return walk
+
+
+def _vs_doc(vs: Any, hit: Any) -> dict[str, Any] | None:
+    if vs is None:
+        return None
+    doc: dict[str, Any] = {"name": f"{vs.namespace}/{vs.name}", "source": vs.source or None}
+    if hit is None:
+        doc["route"] = None
+        doc["why"] = "no route matched"
+    else:
+        i, route, _ = hit
+        doc["route"] = {"index": i, "name": route.name or None}
+    return doc
+
+
+def _text(walk: dict[str, Any]) -> str:
+    lines = [f"request:    {walk['request']['method']} {walk['request']['url']}"
+             + "".join(f" -H '{k}: {v}'" for k, v in walk["request"]["headers"].items()),
+             f"from:       {walk['source']['workload']} ({walk['source']['address']}, "
+             f"node {walk['source']['node']})",
+             f"capture:    {walk['capture']}"]
+    if "protocol" in walk:
+        lines.append(f"protocol:   {walk['protocol']}")
+    if "virtual_service" in walk:
+        vs = walk["virtual_service"]
+        if vs is None:
+            lines.append("route:      no VirtualService for this service: to the service itself")
+        elif vs["route"] is None:
+            lines.append(f"route:      VirtualService {vs['name']} ({vs['source']}): {vs['why']}")
+        else:
+            lines.append(f"route:      VirtualService {vs['name']} ({vs['source']}) "
+                         f"http[{vs['route']['index']}] {vs['route']['name'] or ''}".rstrip())
+    for d in walk.get("destinations", ()):
+        sub = f" subset {d['subset']}" if d["subset"] else ""
+        lines.append(f"  weight {d['weight']:>3}: {d['host']}{sub}")
+    if "destination" in walk:
+        d = walk["destination"]
+        subset = f" subset {d['subset']}" if d["subset"] else ""
+        lines.append(f"destination: {d['service']} port {d['port']}{subset} ({d['picked']})")
+    if walk.get("in_force"):
+        lines.append("in force:   " + "; ".join(f"{k} {v}" for k, v in walk["in_force"].items()))
+    for e in walk.get("endpoints", ()):
+        lines.append(f"  endpoint: {e['workload']} {e['address']} node {e['node']} {e['health']} "
+                     f"weight {e['weight']}")
+    if "balancer" in walk:
+        b = walk["balancer"]
+        lines.append(f"balancer:   {b['policy']} -> {b['pick']} ({b['note']})")
+    o = walk["outcome"]
+    lines.append("outcome:    " + ", ".join(f"{k} {v}" for k, v in o.items()))
+    return "\n".join(lines)
+
+
+@click.command("explain")
+@click.option("--from", "source", required=True, help="source workload: NAME or NAMESPACE/NAME")
+@click.argument("method")
+@click.argument("url")
+@click.option("-H", "--header", "headers", multiple=True, help="'Name: value' (repeatable)")
+@registry_options
+@OUTPUT_OPTION
+@handled
+def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], registry_dir: str,
+                etcd_url: str | None, output: str) -> None:
+    """Print the walk of one request (capture, route, destination, endpoints, pick), sending nothing."""
+    hs: dict[str, str] = {}
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise UserError(f"header {h!r} is not 'Name: value'")
+        hs[name.strip().lower()] = value.strip()
+    snap, _ = _read(registry_dir, etcd_url)
+    walk = explain(snap, source, method.upper(), url, hs)
+    if output == "json":
+        emit_json(walk)
+    else:
+        click.echo(_text(walk))
