@@ -105,6 +105,9 @@ class RouteTable:
     dr_of: Mapping[str, DestinationRule]  # service FQDN -> its DestinationRule
     service_of: Mapping[str, Service]  # FQDN -> service
     matcher: _Matcher = field(default_factory=_Matcher)
+    # (service namespace, name, port, subset) -> (healthy endpoints of the subset, subset policy);
+    # the snapshot is immutable, so computed once per table (bounded by the routes' subsets)
+    subsets: dict[tuple[str, str, int, str], tuple[tuple[Endpoint, ...], str]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, snapshot: Snapshot) -> RouteTable:
@@ -206,6 +209,16 @@ def _subset_endpoints(
     table: RouteTable, svc: Service, port: int, subset: str
 ) -> tuple[tuple[Endpoint, ...], str]:
     """Healthy endpoints of the service port, of ``subset``'s labels; and the subset's policy."""
+    key = (svc.namespace, svc.name, port, subset)
+    hit = table.subsets.get(key)
+    if hit is None:
+        hit = table.subsets[key] = _compute_subset(table, svc, port, subset)
+    return hit
+
+
+def _compute_subset(
+    table: RouteTable, svc: Service, port: int, subset: str
+) -> tuple[tuple[Endpoint, ...], str]:
     eps = healthy_endpoints(table.snapshot, svc, port)
     if not subset:
         return eps, ""
@@ -226,7 +239,7 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
     """Where this request goes. Raises LocalReply for no matching route or a direct response."""
     vs = table.virtual_service(svc)
     if vs is None:
-        eps = healthy_endpoints(table.snapshot, svc, req.port)
+        eps, _ = _subset_endpoints(table, svc, req.port, "")
         return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}")
     hit = table.match(vs, req)
     if hit is None:
