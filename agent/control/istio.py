@@ -131,6 +131,18 @@ class Subset:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Envoy's outlier detection as Istio configures it (durations in seconds)."""
+
+    consecutive_5xx: int = 5  # consecutive5xxErrors (0: off); local-origin failures count too
+    consecutive_gateway: int = 0  # consecutiveGatewayErrors: 502/503/504 (0: off)
+    interval_s: float = 10.0  # (Envoy sweeps at this interval; nodemesh ejects at once)
+    base_ejection_s: float = 30.0  # baseEjectionTime, times the endpoint's ejection count
+    max_ejection_percent: int = 10  # at most this share of endpoints ejected (at least one)
+    min_health_percent: int = 0  # below this share of available endpoints: no ejection at all
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationRule:
     name: str
     namespace: str
@@ -138,6 +150,7 @@ class DestinationRule:
     load_balancer: str = ""  # trafficPolicy.loadBalancer.simple; "": the service's policy
     subsets: tuple[Subset, ...] = ()
     source: str = ""
+    outlier: OutlierDetection | None = None  # trafficPolicy.outlierDetection
 
 
 # -- JSON documents (what the registry stores) -----------------------------------------------
@@ -257,10 +270,18 @@ def virtual_service_doc(vs: VirtualService) -> dict[str, Any]:
 
 
 def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
-    return {"name": dr.name, "namespace": dr.namespace, "host": dr.host,
-            "loadBalancer": dr.load_balancer, "source": dr.source,
-            "subsets": [{"name": s.name, "labels": dict(s.labels), "loadBalancer": s.load_balancer}
-                        for s in dr.subsets]}
+    doc: dict[str, Any] = {"name": dr.name, "namespace": dr.namespace, "host": dr.host,
+                           "loadBalancer": dr.load_balancer, "source": dr.source,
+                           "subsets": [{"name": s.name, "labels": dict(s.labels),
+                                        "loadBalancer": s.load_balancer} for s in dr.subsets]}
+    o = dr.outlier
+    if o is not None:
+        doc["outlierDetection"] = {
+            "consecutive5xxErrors": o.consecutive_5xx, "consecutiveGatewayErrors": o.consecutive_gateway,
+            "interval": f"{o.interval_s!r}s", "baseEjectionTime": f"{o.base_ejection_s!r}s",
+            "maxEjectionPercent": o.max_ejection_percent, "minHealthPercent": o.min_health_percent,
+        }
+    return doc
 
 
 def _match_from(d: Mapping[str, Any]) -> HttpMatch:
@@ -366,11 +387,17 @@ def virtual_service_from_doc(d: Mapping[str, Any]) -> VirtualService:
 
 
 def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:
+    o = d.get("outlierDetection")
     return DestinationRule(
         d["name"], d["namespace"], d["host"], d.get("loadBalancer", ""),
         tuple(Subset(s["name"], tuple(s.get("labels", {}).items()), s.get("loadBalancer", ""))
               for s in d.get("subsets", ())),
         d.get("source", ""),
+        OutlierDetection(
+            int(o["consecutive5xxErrors"]), int(o["consecutiveGatewayErrors"]),
+            parse_duration(o["interval"]), parse_duration(o["baseEjectionTime"]),
+            int(o["maxEjectionPercent"]), int(o["minHealthPercent"]),
+        ) if o else None,
     )
 
 

@@ -29,6 +29,7 @@ from agent.control.istio import (
     HeaderOps,
     HttpMatch,
     HttpRoute,
+    OutlierDetection,
     Retry,
     RouteDestination,
     StringMatch,
@@ -73,7 +74,7 @@ _MATCH_REFUSED = {"statPrefix": f"is {_YET}",
                   "gateways": f"is {_YET} (gateways come with the gateway work)"}
 _DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
                "workloadSelector": f"is {_YET}"}
-_POLICY_REFUSED = {k: f"is {_YET}" for k in ("connectionPool", "outlierDetection",
+_POLICY_REFUSED = {k: f"is {_YET}" for k in ("connectionPool",
                                              "portLevelSettings", "tls", "proxyProtocol", "tunnel")}
 _LB_REFUSED = {k: f"is {_YET}" for k in ("consistentHash", "localityLbSetting",
                                          "warmupDurationSecs", "warmup")}
@@ -439,7 +440,11 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
     if "host" not in spec:
         raise doc.fail("spec.host", "missing required field 'host'")
     host = _host(doc, spec["host"], "spec.host", wildcard=True)
-    lb = _traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy")
+    lb = _traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy", outlier_ok=True)
+    outlier = None
+    tp = spec.get("trafficPolicy")
+    if isinstance(tp, Mapping) and tp.get("outlierDetection") is not None:
+        outlier = _outlier(doc, tp["outlierDetection"], "spec.trafficPolicy.outlierDetection")
     subsets: list[Subset] = []
     for i, item in enumerate(_list(doc, spec, "subsets", "spec")):
         path = f"spec.subsets[{i}]"
@@ -451,15 +456,52 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
         labels = _labels(doc, s.get("labels"), f"{path}.labels")
         subsets.append(Subset(sname, tuple(sorted(labels.items())),
                               _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")))
-    return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}")
+    return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}",
+                           outlier=outlier)
 
 
-def _traffic_policy(doc: _Doc, v: Any, path: str) -> str:
+def _outlier(doc: _Doc, v: Any, path: str) -> OutlierDetection:
+    """Istio's OutlierDetection: ejection after consecutive 5xx (or gateway) errors, for
+    baseEjectionTime times the ejection count, at most maxEjectionPercent of the endpoints."""
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
+                           "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
+                           "consecutiveErrors"),
+            {"splitExternalLocalOriginErrors": f"is {_YET}",
+             "consecutiveLocalOriginFailures": f"is {_YET}"})
+    if "consecutiveErrors" in m:
+        raise doc.fail(f"{path}.consecutiveErrors", "consecutiveErrors is deprecated in Istio",
+                       hint="write consecutive5xxErrors")
+    d = OutlierDetection()
+
+    def dur(key: str, default: float) -> float:
+        if m.get(key) is None:
+            return default
+        s = _timeout(doc, {"timeout": m[key]}, f"{path}.{key}")
+        if s is None:
+            raise doc.fail(f"{path}.{key}", "expected a positive duration")
+        return s
+
+    return OutlierDetection(
+        _int(doc, m, "consecutive5xxErrors", path, 0, 1_000_000, default=d.consecutive_5xx),
+        _int(doc, m, "consecutiveGatewayErrors", path, 0, 1_000_000, default=d.consecutive_gateway),
+        dur("interval", d.interval_s),
+        dur("baseEjectionTime", d.base_ejection_s),
+        _int(doc, m, "maxEjectionPercent", path, 0, 100, default=d.max_ejection_percent),
+        _int(doc, m, "minHealthPercent", path, 0, 100, default=d.min_health_percent),
+    )
+
+
+def _traffic_policy(doc: _Doc, v: Any, path: str, *, outlier_ok: bool = False) -> str:
     """The simple load balancer of a trafficPolicy ("" when it names none)."""
     if v is None:
         return ""
     m = _map(doc, v, path)
-    _fields(doc, m, path, ("loadBalancer",), _POLICY_REFUSED)
+    if outlier_ok:
+        _fields(doc, m, path, ("loadBalancer", "outlierDetection"), _POLICY_REFUSED)
+    else:
+        _fields(doc, m, path, ("loadBalancer",), {
+            **_POLICY_REFUSED, "outlierDetection": f"in a subset is {_YET} (set it for the whole rule)"})
     if m.get("loadBalancer") is None:
         return ""
     lpath = f"{path}.loadBalancer"

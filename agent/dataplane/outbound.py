@@ -44,6 +44,7 @@ from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
+from agent.dataplane.http.outlier import Outliers
 from agent.dataplane.http.upstream import H2Pool, Upstream, UpstreamPool
 from agent.dataplane.lb import Balancer, endpoint_key
 from agent.dataplane.podsock import open_pod
@@ -103,6 +104,7 @@ class Outbound:
         self.rng = rng or random.Random()
         self._table_of: Directory | None = None
         self._table: routing.RouteTable | None = None
+        self.outliers = Outliers()  # outlier detection state, per cluster and endpoint
         self.directory = directory
         self.original_dst = original_dst
         self.node_address = node_address
@@ -327,15 +329,10 @@ class OutboundHttp:
         if svc is None:
             return None
         table = self.out.route_table()
-        if table.virtual_service(svc) is None:
-            return None
-        joined: dict[str, str] = {}
-        for k, v in headers:
-            name = k.decode("latin-1")
-            text = v.decode("latin-1")
-            joined[name] = f"{joined[name]},{text}" if name in joined else text
+        if table.virtual_service(svc) is None and routing.service_fqdn(svc) not in table.dr_of:
+            return None  # (a DestinationRule alone applies too: its policy, its outlier detection)
         facts = routing.RequestFacts(
-            ex.method, ex.path, ex.authority or joined.get("host", ""), scheme, joined, route.port, self.src
+            ex.method, ex.path, ex.authority, scheme, routing.LazyHeaders(headers), route.port, self.src
         )
         plan = routing.decide(table, svc, facts, self.out.rng)
         ex.plan = plan
@@ -379,6 +376,8 @@ class OutboundHttp:
         else:
             service, endpoints, policy = route.service, route.endpoints, route.policy
             bkey = route.service_key or self.dst[0]
+        if plan is not None and plan.outlier is not None:
+            endpoints = out.outliers.available(bkey, endpoints, plan.outlier)
         if not endpoints:
             what = f"{service.namespace}/{service.name}" if service is not None else self.dst[0]
             why = f"no healthy upstream: service {what} has no healthy endpoint"
@@ -436,12 +435,22 @@ class OutboundHttp:
             regular = routing.apply_ops(regular, plan.request_ops)
         return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
 
+    def _observe(self, ex: Exchange, c: _Choice, status: int, flags: str) -> None:
+        plan = ex.plan
+        if isinstance(plan, routing.Decision) and plan.outlier is not None:
+            ep = c.endpoint
+            if self.out.outliers.observe(plan.balancer_key, endpoint_key(ep), status, flags, plan.outlier,
+                                         len(plan.endpoints)):
+                log.info("outbound: endpoint %s ejected by outlier detection of %s", ep.workload,
+                         plan.balancer_key)
+
     def abandon(self, ex: Exchange, up: Upstream) -> None:
         """A try to be retried: its connection is dropped, its endpoint not tried again while
         another is left (Istio's retries go to another host)."""
         self.out.upstreams.discard(up)
         c = ex.state
         if isinstance(c, _Choice):
+            self._observe(ex, c, ex.status or 503, "UC" if not ex.status else "-")
             self.out.balancer.finished(c.endpoint)
             if ex.tried is None:
                 ex.tried = set()
@@ -481,6 +490,7 @@ class OutboundHttp:
         c = ex.state
         if isinstance(c, _Choice):
             out.balancer.finished(c.endpoint)
+            self._observe(ex, c, ex.status, ex.flags)
             out.reporter.request(c.flow, c.labels, ex, request_protocol)
             if c.same_node is not None:
                 out.reporter.request(c.same_node[0], c.same_node[1], ex, request_protocol)

@@ -260,6 +260,8 @@ class _PodHandler(BaseHTTPRequestHandler):
             status = int(self.path.split("/")[2])
         if self.path.startswith("/slow"):
             time.sleep(1.0)
+        if self.path.startswith("/fail-if/") and self.path.split("/")[2] == self.pod_name:
+            status = 500  # this pod is broken (for this path)
         if "flaky" in self.path:  # the service fails two requests of every three
             with _FLAKY_LOCK:
                 _FLAKY["all"] = n = _FLAKY.get("all", 0) + 1

@@ -649,3 +649,32 @@ def test_retries_make_a_flaky_server_reliable_and_faults_are_injected_and_flagge
         assert metric(n1, "istio_requests_total", response_code="200", response_flags="DI") == 3
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_outlier_detection_ejects_an_endpoint_answering_5xx_and_brings_it_back() -> None:
+    from agent.control.istio import DestinationRule, OutlierDetection
+
+    ws = workloads(2)
+    od = OutlierDetection(consecutive_5xx=3, interval_s=1.0, base_ejection_s=1.5, max_ejection_percent=50)
+    dr = DestinationRule("web", "default", "web", outlier=od)  # (no VirtualService: the rule applies alone)
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [], [dr]))  # type: ignore[arg-type]
+        n1 = mesh.nodes["n1"]
+        port = n1.outbound_port
+        res = await asyncio.to_thread(keepalive_requests, port, 14, "/fail-if/web-2")
+        pods = [d.get("pod", "web-2" if s == 500 else "?") for s, d, _ in res]
+        failed = sum(1 for s, _, _ in res if s == 500)
+        assert failed == 3, pods  # round robin reached web-2 three times, then it was ejected
+        assert pods[6:] == ["web-1"] * 8, pods
+        assert n1.outbound.outliers.ejected_total == 1
+        await asyncio.sleep(1.6)  # past baseEjectionTime: web-2 takes requests again...
+        res = await asyncio.to_thread(keepalive_requests, port, 10, "/fail-if/web-2")
+        assert sum(1 for s, _, _ in res if s == 500) == 3  # ...until three more failures
+        assert n1.outbound.outliers.ejected_total == 2  # ejected again (for 2 x 1.5 s)
+        res = await asyncio.to_thread(keepalive_requests, port, 4, "/")
+        assert {d["pod"] for _, d, _ in res} == {"web-1"}
+
+    run(with_mesh(ws, [http_service()], body))

@@ -238,9 +238,14 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
     "consistent hash": (RULE.replace("{simple: LEAST_REQUEST}", "{consistentHash: {}}"),
                         "consistentHash", "spec.trafficPolicy.loadBalancer.consistentHash",
                         "consistentHash is not supported yet"),
-    "outlier detection": (RULE.replace("  subsets:\n", "    outlierDetection: {}\n  subsets:\n"),
-                          "outlierDetection", "spec.trafficPolicy.outlierDetection",
-                          "outlierDetection is not supported yet"),
+    "outlier detection field": (
+        RULE.replace("  subsets:\n",
+                     "    outlierDetection: {consecutiveLocalOriginFailures: 2}\n  subsets:\n"),
+        "outlierDetection", "spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
+        "consecutiveLocalOriginFailures is not supported yet"),
+    "outlier detection percent": (
+        RULE.replace("  subsets:\n", "    outlierDetection: {maxEjectionPercent: 150}\n  subsets:\n"),
+        "outlierDetection", "spec.trafficPolicy.outlierDetection.maxEjectionPercent", "150"),
     "subset connection pool": (RULE + "    trafficPolicy: {connectionPool: {}}\n", "connectionPool",
                                "spec.subsets[1].trafficPolicy.connectionPool",
                                "connectionPool is not supported yet"),

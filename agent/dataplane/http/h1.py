@@ -208,6 +208,7 @@ class H1Loop:
                     if up is not None:
                         self.side.abandon(ex, up)
                     up = None
+                    ex.status = 0
         except _Stale:
             ex.flags = "UC"
             return await self._local(head, ex, 503, "upstream connection closed before the response", "UC")
@@ -405,6 +406,7 @@ class H1Loop:
                                 out.append(http1.response_head(r.status, r.reason, r.headers, ()))
                             continue
                         if not sent_head and self._retry_ok(ex, head, r.status):
+                            ex.status = r.status  # (what the try got: outlier detection counts it)
                             raise _Retry(f"status {r.status}")
                         ex.status = r.status
                         headers = self.side.response_headers(ex, http1.end_to_end(r.headers))

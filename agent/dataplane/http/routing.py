@@ -20,7 +20,7 @@ they must match the whole string, as Envoy's ``safe_regex`` does.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -33,6 +33,7 @@ from agent.control.istio import (
     HeaderOps,
     HttpMatch,
     HttpRoute,
+    OutlierDetection,
     RouteDestination,
     StringMatch,
     VirtualService,
@@ -43,6 +44,38 @@ from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.lb import Policy
+
+
+class LazyHeaders(Mapping[str, str]):
+    """A request's headers for matching, read only when a route asks (most routes match on the
+    path alone): lower-case names, repeated headers joined with ","."""
+
+    __slots__ = ("_d", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._d: dict[str, str] | None = None
+
+    def _dict(self) -> dict[str, str]:
+        d = self._d
+        if d is None:
+            d = self._d = {}
+            for k, v in self._raw:
+                name, text = k.decode("latin-1"), v.decode("latin-1")
+                d[name] = f"{d[name]},{text}" if name in d else text
+        return d
+
+    def __getitem__(self, name: str) -> str:
+        return self._dict()[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._dict().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
 
 
 def service_fqdn(svc: Service) -> str:
@@ -76,6 +109,7 @@ class Decision:
     request_ops: tuple[HeaderOps, ...] = ()
     response_ops: tuple[HeaderOps, ...] = ()
     timeout_s: float | None = None
+    outlier: OutlierDetection | None = None  # the destination's DestinationRule's
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
@@ -240,7 +274,9 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
     vs = table.virtual_service(svc)
     if vs is None:
         eps, _ = _subset_endpoints(table, svc, req.port, "")
-        return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}")
+        dr = table.dr_of.get(service_fqdn(svc))
+        return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
+                        outlier=dr.outlier if dr is not None else None)
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -273,7 +309,13 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         tuple(o for o in (route.request_headers, d.request_headers) if not o.empty) or _NO_OPS,
         tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
         route.timeout_s,
+        _outlier_of(table, target),
     )
+
+
+def _outlier_of(table: RouteTable, svc: Service) -> OutlierDetection | None:
+    dr = table.dr_of.get(service_fqdn(svc))
+    return dr.outlier if dr is not None else None
 
 
 def _policy(table: RouteTable, svc: Service, subset_lb: str) -> Policy:
@@ -284,16 +326,29 @@ def _policy(table: RouteTable, svc: Service, subset_lb: str) -> Policy:
     return Policy.parse(name or svc.lb_policy)
 
 
+_Encoded = tuple[frozenset[bytes], list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]
+_ENCODED: dict[HeaderOps, _Encoded] = {}
+
+
+def _encoded(o: HeaderOps) -> _Encoded:
+    """(names removed or replaced, headers set, headers added), as bytes, coded once per ops."""
+    e = _ENCODED.get(o)
+    if e is None:
+        if len(_ENCODED) >= 4096:
+            _ENCODED.clear()
+        sets = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in o.set]
+        drop = frozenset({n.lower().encode("latin-1") for n in o.remove} | {n for n, _ in sets})
+        adds = [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in o.add]
+        e = _ENCODED[o] = (drop, sets, adds)
+    return e
+
+
 def apply_ops(headers: list[tuple[bytes, bytes]], ops: tuple[HeaderOps, ...]) -> list[tuple[bytes, bytes]]:
     """Istio's header operations, in order: remove, then set (replaces), then add (appends)."""
     for o in ops:
-        if o.remove:
-            drop = {n.lower().encode("latin-1") for n in o.remove}
+        drop, sets, adds = _encoded(o)
+        if drop:
             headers = [(k, v) for k, v in headers if k not in drop]
-        if o.set:
-            names = {n.lower().encode("latin-1") for n, _ in o.set}
-            headers = [(k, v) for k, v in headers if k not in names]
-            headers += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in o.set]
-        if o.add:
-            headers += [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in o.add]
+        if sets or adds:
+            headers = headers + sets + adds
     return headers
