@@ -151,6 +151,7 @@ class DestinationRule:
     subsets: tuple[Subset, ...] = ()
     source: str = ""
     outlier: OutlierDetection | None = None  # trafficPolicy.outlierDetection
+    max_requests: int = 0  # connectionPool.http.http2MaxRequests (0: no limit): over it, 503 UO
 
 
 # -- JSON documents (what the registry stores) -----------------------------------------------
@@ -274,6 +275,8 @@ def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
                            "loadBalancer": dr.load_balancer, "source": dr.source,
                            "subsets": [{"name": s.name, "labels": dict(s.labels),
                                         "loadBalancer": s.load_balancer} for s in dr.subsets]}
+    if dr.max_requests:
+        doc["maxRequests"] = dr.max_requests
     o = dr.outlier
     if o is not None:
         doc["outlierDetection"] = {
@@ -398,6 +401,7 @@ def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:
             parse_duration(o["interval"]), parse_duration(o["baseEjectionTime"]),
             int(o["maxEjectionPercent"]), int(o["minHealthPercent"]),
         ) if o else None,
+        int(d.get("maxRequests", 0)),
     )
 
 

@@ -74,7 +74,7 @@ _MATCH_REFUSED = {"statPrefix": f"is {_YET}",
                   "gateways": f"is {_YET} (gateways come with the gateway work)"}
 _DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
                "workloadSelector": f"is {_YET}"}
-_POLICY_REFUSED = {k: f"is {_YET}" for k in ("connectionPool",
+_POLICY_REFUSED = {k: f"is {_YET}" for k in (
                                              "portLevelSettings", "tls", "proxyProtocol", "tunnel")}
 _LB_REFUSED = {k: f"is {_YET}" for k in ("consistentHash", "localityLbSetting",
                                          "warmupDurationSecs", "warmup")}
@@ -445,6 +445,9 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
     tp = spec.get("trafficPolicy")
     if isinstance(tp, Mapping) and tp.get("outlierDetection") is not None:
         outlier = _outlier(doc, tp["outlierDetection"], "spec.trafficPolicy.outlierDetection")
+    max_requests = 0
+    if isinstance(tp, Mapping) and tp.get("connectionPool") is not None:
+        max_requests = _connection_pool(doc, tp["connectionPool"], "spec.trafficPolicy.connectionPool")
     subsets: list[Subset] = []
     for i, item in enumerate(_list(doc, spec, "subsets", "spec")):
         path = f"spec.subsets[{i}]"
@@ -457,7 +460,24 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
         subsets.append(Subset(sname, tuple(sorted(labels.items())),
                               _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")))
     return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}",
-                           outlier=outlier)
+                           outlier=outlier, max_requests=max_requests)
+
+
+def _connection_pool(doc: _Doc, v: Any, path: str) -> int:
+    """connectionPool: ``http.http2MaxRequests`` (Envoy's max_requests: requests in flight to the
+    service from this proxy, whatever the protocol; over it, 503 ``UO``). The other fields are
+    refused by name."""
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("http",), {"tcp": f"is {_YET}"})
+    if m.get("http") is None:
+        return 0
+    hpath = f"{path}.http"
+    h = _map(doc, m["http"], hpath)
+    _fields(doc, h, hpath, ("http2MaxRequests",),
+            {k: f"is {_YET}" for k in ("http1MaxPendingRequests", "maxRequestsPerConnection", "maxRetries",
+                                         "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
+                                         "maxConcurrentStreams")})
+    return _int(doc, h, "http2MaxRequests", hpath, 1, 1 << 30, default=0)
 
 
 def _outlier(doc: _Doc, v: Any, path: str) -> OutlierDetection:
@@ -498,10 +518,11 @@ def _traffic_policy(doc: _Doc, v: Any, path: str, *, outlier_ok: bool = False) -
         return ""
     m = _map(doc, v, path)
     if outlier_ok:
-        _fields(doc, m, path, ("loadBalancer", "outlierDetection"), _POLICY_REFUSED)
+        _fields(doc, m, path, ("loadBalancer", "outlierDetection", "connectionPool"), _POLICY_REFUSED)
     else:
         _fields(doc, m, path, ("loadBalancer",), {
-            **_POLICY_REFUSED, "outlierDetection": f"in a subset is {_YET} (set it for the whole rule)"})
+            **_POLICY_REFUSED, "outlierDetection": f"in a subset is {_YET} (set it for the whole rule)",
+            "connectionPool": f"in a subset is {_YET} (set it for the whole rule)"})
     if m.get("loadBalancer") is None:
         return ""
     lpath = f"{path}.loadBalancer"

@@ -105,6 +105,7 @@ class Outbound:
         self._table_of: Directory | None = None
         self._table: routing.RouteTable | None = None
         self.outliers = Outliers()  # outlier detection state, per cluster and endpoint
+        self.in_flight: dict[str, int] = {}  # requests in flight per cluster (connectionPool)
         self.directory = directory
         self.original_dst = original_dst
         self.node_address = node_address
@@ -376,6 +377,14 @@ class OutboundHttp:
         else:
             service, endpoints, policy = route.service, route.endpoints, route.policy
             bkey = route.service_key or self.dst[0]
+        if plan is not None and plan.max_requests and ex.tries == 0 and not ex.holds_slot:
+            n = out.in_flight.get(bkey, 0)
+            if n >= plan.max_requests:  # Envoy's circuit breaker: overflow, not a queue
+                raise LocalReply(
+                    503, f"upstream overflow: {n} requests in flight to {bkey} (http2MaxRequests)", "UO"
+                )
+            out.in_flight[bkey] = n + 1
+            ex.holds_slot = True
         if plan is not None and plan.outlier is not None:
             endpoints = out.outliers.available(bkey, endpoints, plan.outlier)
         if not endpoints:
@@ -487,6 +496,14 @@ class OutboundHttp:
 
     def _report(self, ex: Exchange, request_protocol: str) -> None:
         out = self.out
+        if ex.holds_slot and isinstance(ex.plan, routing.Decision):
+            key = ex.plan.balancer_key
+            n = out.in_flight.get(key, 0) - 1
+            if n > 0:
+                out.in_flight[key] = n
+            else:
+                out.in_flight.pop(key, None)
+            ex.holds_slot = False
         c = ex.state
         if isinstance(c, _Choice):
             out.balancer.finished(c.endpoint)

@@ -678,3 +678,33 @@ def test_outlier_detection_ejects_an_endpoint_answering_5xx_and_brings_it_back()
         assert {d["pod"] for _, d, _ in res} == {"web-1"}
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_connection_pool_overflow_is_503_uo_and_the_slot_is_given_back() -> None:
+    from agent.control.istio import DestinationRule
+
+    ws = workloads(2)
+    dr = DestinationRule("web", "default", "web", max_requests=1)
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [], [dr]))  # type: ignore[arg-type]
+        n1 = mesh.nodes["n1"]
+        port = n1.outbound_port
+        slow = asyncio.ensure_future(asyncio.to_thread(keepalive_requests, port, 1, "/slow"))
+        await asyncio.sleep(0.3)  # one request in flight: the limit
+        t = asyncio.get_running_loop().time()
+        res = await asyncio.to_thread(keepalive_requests, port, 3, "/")
+        assert [s for s, _, _ in res] == [503] * 3 and asyncio.get_running_loop().time() - t < 0.5
+        assert "overflow" in res[0][1]["raw"] and res[0][2]["server"] == "nodemesh"
+        assert (await slow)[0][0] == 200
+        res = await asyncio.to_thread(keepalive_requests, port, 3, "/")  # the slot came back
+        assert [s for s, _, _ in res] == [200] * 3
+        assert (
+            metric(n1, "istio_requests_total", reporter="source", response_code="503", response_flags="UO")
+            == 3
+        )
+        assert n1.outbound.in_flight == {}
+
+    run(with_mesh(ws, [http_service()], body))

@@ -42,6 +42,8 @@ kind: DestinationRule
 metadata: {name: reviews, namespace: default}
 spec:
   host: reviews
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 2}}
   subsets:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
@@ -62,6 +64,10 @@ spec:
     route:
     - destination: {host: reviews, subset: v1}
     retries: {attempts: 3, retryOn: 5xx}
+  - name: hold
+    match: [{uri: {prefix: /slow/hold}}]
+    route:
+    - destination: {host: reviews, subset: v1}
   - name: slow
     match: [{uri: {prefix: /slow}}]
     route:
@@ -218,16 +224,29 @@ def test_fault_abort_percentage_and_flag(bed: Bed) -> None:
 
 
 def test_bad_input_is_refused_with_file_line_field_and_nothing_applied(bed: Bed, tmp_path: object) -> None:
-    bad = ISTIO.replace("prefix: /slow", "regex: '/slow(['")
+    bad = ISTIO.replace("prefix: /slow}", "regex: '/slow(['}")
     path = os.path.join(str(tmp_path), "bad.yaml")
     with open(path, "w") as f:
         f.write(bad)
     r = bed.bed.cli("apply", "-f", path, "--registry-dir", bed.bed.registry_dir, check=False)
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert "bad.yaml:" in out and re.search(r"spec\.http\[2\]\.match\[0\]\.uri\.regex", out), out
+    assert "bad.yaml:" in out and re.search(r"spec\.http\[3\]\.match\[0\]\.uri\.regex", out), out
     # nothing applied: the routes in force are the old ones
     assert bed.curl(f"http://{VIP}/slow")[0][0] == "504"
+
+
+def test_circuit_breaker_overflow_gives_503_uo(bed: Bed) -> None:
+    # http2MaxRequests: 2 — four concurrent requests held 1 s by the server: two are served,
+    # two overflow at once
+    script = " & ".join(
+        [f"curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{VIP}/slow/hold"] * 4
+    ) + " & wait"
+    before = requests(bed.metrics(), reporter="source", response_code="503", response_flags="UO")
+    r = bed.bed.exec("n1-p1", ["sh", "-c", script], timeout_s=30)
+    assert sorted(r.stdout.split()) == ["200", "200", "503", "503"], r.stdout + r.stderr
+    after = requests(bed.metrics(), reporter="source", response_code="503", response_flags="UO")
+    assert after - before == 2
 
 
 def test_explain_agrees_with_what_the_proxy_did(bed: Bed) -> None:

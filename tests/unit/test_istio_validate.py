@@ -248,7 +248,11 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
         "outlierDetection", "spec.trafficPolicy.outlierDetection.maxEjectionPercent", "150"),
     "subset connection pool": (RULE + "    trafficPolicy: {connectionPool: {}}\n", "connectionPool",
                                "spec.subsets[1].trafficPolicy.connectionPool",
-                               "connectionPool is not supported yet"),
+                               "connectionPool in a subset is not supported yet"),
+    "connection pool field": (
+        RULE.replace("  subsets:\n", "    connectionPool: {http: {maxRetries: 3}}\n  subsets:\n"),
+        "connectionPool", "spec.trafficPolicy.connectionPool.http.maxRetries",
+        "maxRetries is not supported yet"),
     "workload selector": (RULE + "  workloadSelector: {}\n", "workloadSelector",
                           "spec.workloadSelector", "workloadSelector is not supported yet"),
     "subset twice": (RULE.replace("name: v2", "name: v1"), ("labels: {version: v2}", -1),

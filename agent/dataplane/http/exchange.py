@@ -34,6 +34,7 @@ class Exchange:
     retry: object = None  # the route's retry policy (agent.control.istio.Retry) or None
     tries: int = 0  # retries made so far
     tried: set[tuple[str, int]] | None = None  # endpoints tried (retries go elsewhere)
+    holds_slot: bool = False  # counted in its cluster's requests in flight (connectionPool)
 
 
 class LocalReply(Exception):

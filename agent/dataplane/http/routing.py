@@ -110,6 +110,7 @@ class Decision:
     response_ops: tuple[HeaderOps, ...] = ()
     timeout_s: float | None = None
     outlier: OutlierDetection | None = None  # the destination's DestinationRule's
+    max_requests: int = 0  # its connectionPool.http.http2MaxRequests (0: none)
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
@@ -276,7 +277,8 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         eps, _ = _subset_endpoints(table, svc, req.port, "")
         dr = table.dr_of.get(service_fqdn(svc))
         return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
-                        outlier=dr.outlier if dr is not None else None)
+                        outlier=dr.outlier if dr is not None else None,
+                        max_requests=dr.max_requests if dr is not None else 0)
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -310,7 +312,13 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
         route.timeout_s,
         _outlier_of(table, target),
+        _max_requests_of(table, target),
     )
+
+
+def _max_requests_of(table: RouteTable, svc: Service) -> int:
+    dr = table.dr_of.get(service_fqdn(svc))
+    return dr.max_requests if dr is not None else 0
 
 
 def _outlier_of(table: RouteTable, svc: Service) -> OutlierDetection | None:
