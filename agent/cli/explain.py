@@ -28,6 +28,7 @@ from agent.control.model import Service, Workload, l7_protocol
 from agent.control.snapshot import Snapshot
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import LocalReply
+from agent.dataplane.http.hashing import Hashers
 from agent.dataplane.lb import Balancer
 from agent.dataplane.route import Directory, RouteError, decide
 
@@ -138,11 +139,21 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
     if not eps:
         walk["outcome"] = {"answer": 503, "response_flags": "UH", "why": "no healthy endpoint"}
         return walk
-    pick = Balancer(random.Random(0)).pick(plan.balancer_key, plan.policy, eps)
+    ch = plan.consistent_hash
+    key = routing.hash_key(ch, facts, src.address) if ch is not None else None
+    if ch is not None and key is not None:
+        pick = Hashers().pick(plan.balancer_key, eps, ch.algorithm, ch.size, key)
+        policy, note = f"consistentHash ({ch.algorithm}, {ch.key} {ch.name})".replace(" )", ")"), \
+            "the same key always goes here while the endpoints stay the same"
+    else:
+        pick = Balancer(random.Random(0)).pick(plan.balancer_key, plan.policy, eps)
+        policy = plan.policy.value
+        note = "a new proxy's first pick; a running proxy continues its own sequence"
+        if ch is not None:
+            note = "no hash key in the request: " + note
     assert pick is not None
-    walk["balancer"] = {"policy": plan.policy.value,
-                        "pick": f"{pick.workload} ({pick.address}:{pick.port})",
-                        "note": "a new proxy's first pick; a running proxy continues its own sequence"}
+    walk["balancer"] = {"policy": policy, "pick": f"{pick.workload} ({pick.address}:{pick.port})",
+                        "note": note}
     walk["outcome"] = {"answer": "forwarded", "to": pick.workload,
                        "via": ("HBONE mTLS tunnel" if pick.node != src.node
                                else "a direct connection (same node)")}

@@ -143,6 +143,18 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    """loadBalancer.consistentHash: what to hash, and how (Envoy's ring hash or Maglev)."""
+
+    key: str  # header | cookie | source_ip | query
+    name: str = ""  # the header, cookie or query parameter name
+    cookie_path: str = ""
+    cookie_ttl_s: float | None = None  # a cookie with a ttl is generated when the request has none
+    algorithm: str = "ring"  # ring | maglev
+    size: int = 1024  # ringHash.minimumRingSize / maglev.tableSize (65537 by default)
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationRule:
     name: str
     namespace: str
@@ -152,6 +164,7 @@ class DestinationRule:
     source: str = ""
     outlier: OutlierDetection | None = None  # trafficPolicy.outlierDetection
     max_requests: int = 0  # connectionPool.http.http2MaxRequests (0: no limit): over it, 503 UO
+    consistent_hash: ConsistentHash | None = None  # trafficPolicy.loadBalancer.consistentHash
 
 
 # -- JSON documents (what the registry stores) -----------------------------------------------
@@ -277,6 +290,11 @@ def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
                                         "loadBalancer": s.load_balancer} for s in dr.subsets]}
     if dr.max_requests:
         doc["maxRequests"] = dr.max_requests
+    ch = dr.consistent_hash
+    if ch is not None:
+        doc["consistentHash"] = {"key": ch.key, "name": ch.name, "cookiePath": ch.cookie_path,
+                                 "cookieTtl": ch.cookie_ttl_s, "algorithm": ch.algorithm,
+                                 "size": ch.size}
     o = dr.outlier
     if o is not None:
         doc["outlierDetection"] = {
@@ -402,6 +420,8 @@ def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:
             int(o["maxEjectionPercent"]), int(o["minHealthPercent"]),
         ) if o else None,
         int(d.get("maxRequests", 0)),
+        ConsistentHash(ch["key"], ch["name"], ch["cookiePath"], ch["cookieTtl"], ch["algorithm"],
+                       int(ch["size"])) if (ch := d.get("consistentHash")) else None,
     )
 
 

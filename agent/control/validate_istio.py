@@ -23,6 +23,7 @@ import re2
 from agent.control.istio import (
     MATCH_KINDS,
     RETRY_ON,
+    ConsistentHash,
     Destination,
     DestinationRule,
     Fault,
@@ -76,7 +77,7 @@ _DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every
                "workloadSelector": f"is {_YET}"}
 _POLICY_REFUSED = {k: f"is {_YET}" for k in (
                                              "portLevelSettings", "tls", "proxyProtocol", "tunnel")}
-_LB_REFUSED = {k: f"is {_YET}" for k in ("consistentHash", "localityLbSetting",
+_LB_REFUSED = {k: f"is {_YET}" for k in ("localityLbSetting",
                                          "warmupDurationSecs", "warmup")}
 
 _VS_FIELDS = ("hosts", "gateways", "http")
@@ -445,6 +446,11 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
     tp = spec.get("trafficPolicy")
     if isinstance(tp, Mapping) and tp.get("outlierDetection") is not None:
         outlier = _outlier(doc, tp["outlierDetection"], "spec.trafficPolicy.outlierDetection")
+    consistent = None
+    if isinstance(tp, Mapping) and isinstance(tp.get("loadBalancer"), Mapping) \
+            and tp["loadBalancer"].get("consistentHash") is not None:
+        consistent = _consistent_hash(doc, tp["loadBalancer"]["consistentHash"],
+                                      "spec.trafficPolicy.loadBalancer.consistentHash")
     max_requests = 0
     if isinstance(tp, Mapping) and tp.get("connectionPool") is not None:
         max_requests = _connection_pool(doc, tp["connectionPool"], "spec.trafficPolicy.connectionPool")
@@ -460,7 +466,55 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
         subsets.append(Subset(sname, tuple(sorted(labels.items())),
                               _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")))
     return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}",
-                           outlier=outlier, max_requests=max_requests)
+                           outlier=outlier, max_requests=max_requests, consistent_hash=consistent)
+
+
+def _consistent_hash(doc: _Doc, v: Any, path: str) -> ConsistentHash:
+    """loadBalancer.consistentHash: exactly one key (httpHeaderName, httpCookie, useSourceIp,
+    httpQueryParameterName) and optionally ringHash.minimumRingSize or maglev.tableSize."""
+    m = _map(doc, v, path)
+    keys = ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+    _fields(doc, m, path, (*keys, "ringHash", "maglev", "minimumRingSize"))
+    given = [k for k in keys if m.get(k) not in (None, False)]
+    if len(given) != 1:
+        raise doc.fail(path, "consistentHash needs exactly one of " + ", ".join(keys)
+                       + (f" (it has {', '.join(given)})" if given else ""))
+    k = given[0]
+    name, cpath, ttl = "", "", None
+    if k == "httpHeaderName":
+        key, name = "header", _str(doc, m, k, path, required=True).lower()
+        _header_name(doc, name, f"{path}.{k}")
+    elif k == "httpQueryParameterName":
+        key, name = "query", _str(doc, m, k, path, required=True)
+    elif k == "useSourceIp":
+        if m[k] is not True:
+            raise doc.fail(f"{path}.{k}", "expected true")
+        key = "source_ip"
+    else:
+        key = "cookie"
+        cp = f"{path}.httpCookie"
+        c = _map(doc, m[k], cp)
+        _fields(doc, c, cp, ("name", "path", "ttl"), {"attributes": f"is {_YET}"})
+        name = _str(doc, c, "name", cp, required=True)
+        cpath = _str(doc, c, "path", cp)
+        if c.get("ttl") is not None:
+            ttl = _timeout(doc, {"timeout": c["ttl"]}, f"{cp}.ttl")
+    algorithm, size = "ring", 1024
+    if m.get("maglev") is not None:
+        if m.get("ringHash") is not None or m.get("minimumRingSize") is not None:
+            raise doc.fail(f"{path}.maglev", "maglev and ringHash are alternatives")
+        mg = _map(doc, m["maglev"], f"{path}.maglev")
+        _fields(doc, mg, f"{path}.maglev", ("tableSize",))
+        algorithm, size = "maglev", _int(doc, mg, "tableSize", f"{path}.maglev", 7, 5_000_011, default=65537)
+        if any(size % p == 0 for p in range(2, int(size ** 0.5) + 1)):
+            raise doc.fail(f"{path}.maglev.tableSize", f"{size} is not a prime (Maglev's table size must be)")
+    elif m.get("ringHash") is not None:
+        rh = _map(doc, m["ringHash"], f"{path}.ringHash")
+        _fields(doc, rh, f"{path}.ringHash", ("minimumRingSize",))
+        size = _int(doc, rh, "minimumRingSize", f"{path}.ringHash", 1, 8_388_608, default=1024)
+    elif m.get("minimumRingSize") is not None:
+        size = _int(doc, m, "minimumRingSize", path, 1, 8_388_608)
+    return ConsistentHash(key, name, cpath, ttl, algorithm, size)
 
 
 def _connection_pool(doc: _Doc, v: Any, path: str) -> int:
@@ -527,7 +581,15 @@ def _traffic_policy(doc: _Doc, v: Any, path: str, *, outlier_ok: bool = False) -
         return ""
     lpath = f"{path}.loadBalancer"
     lb = _map(doc, m["loadBalancer"], lpath)
-    _fields(doc, lb, lpath, ("simple",), _LB_REFUSED)
+    if outlier_ok:  # (the rule level: consistentHash is read by destination_rule)
+        _fields(doc, lb, lpath, ("simple", "consistentHash"), _LB_REFUSED)
+        if lb.get("consistentHash") is not None:
+            if "simple" in lb:
+                raise doc.fail(lpath, "simple and consistentHash are alternatives")
+            return ""
+    else:
+        _fields(doc, lb, lpath, ("simple",), {**_LB_REFUSED,
+                                              "consistentHash": f"in a subset is {_YET}"})
     simple = _str(doc, lb, "simple", lpath, required=True)
     if simple not in DR_LOAD_BALANCERS:
         why = f"{simple} is {_YET}" if simple == "PASSTHROUGH" else f"unknown load balancer {simple!r}"

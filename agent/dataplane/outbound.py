@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.control.istio import ConsistentHash
 from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
@@ -44,6 +45,7 @@ from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
+from agent.dataplane.http.hashing import Hashers
 from agent.dataplane.http.outlier import Outliers
 from agent.dataplane.http.upstream import H2Pool, Upstream, UpstreamPool
 from agent.dataplane.lb import Balancer, endpoint_key
@@ -106,6 +108,7 @@ class Outbound:
         self._table: routing.RouteTable | None = None
         self.outliers = Outliers()  # outlier detection state, per cluster and endpoint
         self.in_flight: dict[str, int] = {}  # requests in flight per cluster (connectionPool)
+        self.hashers = Hashers()  # consistent-hash rings and Maglev tables per endpoint set
         self.directory = directory
         self.original_dst = original_dst
         self.node_address = node_address
@@ -337,12 +340,25 @@ class OutboundHttp:
         )
         plan = routing.decide(table, svc, facts, self.out.rng)
         ex.plan = plan
+        if plan.consistent_hash is not None:
+            ex.hash_key = self._hash_key(plan.consistent_hash, facts, ex)
         ex.timeout_s = plan.timeout_s
         if plan.path is not None:
             ex.target = plan.path
         if plan.route is not None:
             ex.retry = plan.route.retries
         return plan
+
+    def _hash_key(self, ch: ConsistentHash, facts: routing.RequestFacts, ex: Exchange) -> str | None:
+        """The request's consistent-hash key (:func:`routing.hash_key`); a cookie with a ttl the
+        request does not carry is made up and set on the response, as Envoy does."""
+        key = routing.hash_key(ch, facts, self.src_ip)
+        if key is not None or ch.key != "cookie" or ch.cookie_ttl_s is None:
+            return key
+        value = f"{self.out.rng.getrandbits(64):016x}"
+        attrs = f"; Max-Age={int(ch.cookie_ttl_s)}" + (f"; Path={ch.cookie_path}" if ch.cookie_path else "")
+        ex.set_cookie = f'{ch.name}="{value}"{attrs}; HttpOnly'
+        return value
 
     async def _inject(self, ex: Exchange, plan: routing.Decision, grpc: bool) -> None:
         """The route's fault: a delay (flag ``DI``) and/or an abort (``FI``), each for its
@@ -393,8 +409,12 @@ class OutboundHttp:
             raise LocalReply(503, why, "UH")
         tried: set[tuple[str, int]] = set(ex.tried or ())
         last_error = ""
+        ch = plan.consistent_hash if plan is not None else None
         for _ in range(out.config.max_attempts):
-            ep = out.balancer.pick(bkey, policy, endpoints, frozenset(tried))
+            if ch is not None and ex.hash_key is not None:
+                ep = out.hashers.pick(bkey, endpoints, ch.algorithm, ch.size, ex.hash_key, frozenset(tried))
+            else:
+                ep = out.balancer.pick(bkey, policy, endpoints, frozenset(tried))
             if ep is None and ex.tried and tried == ex.tried:  # a retry with every endpoint tried
                 ep = out.balancer.pick(bkey, policy, endpoints)
             if ep is None:
@@ -469,7 +489,9 @@ class OutboundHttp:
     def response_headers(self, ex: Exchange, headers: list[Header]) -> list[Header]:
         plan = ex.plan
         if isinstance(plan, routing.Decision) and plan.response_ops:
-            return routing.apply_ops(headers, plan.response_ops)
+            headers = routing.apply_ops(headers, plan.response_ops)
+        if ex.set_cookie:
+            headers = [*headers, (b"set-cookie", ex.set_cookie.encode("latin-1"))]
         return headers
 
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:

@@ -708,3 +708,39 @@ def test_connection_pool_overflow_is_503_uo_and_the_slot_is_given_back() -> None
         assert n1.outbound.in_flight == {}
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> None:
+    from agent.control.istio import ConsistentHash, DestinationRule
+
+    ws = workloads(2)
+    by_header = DestinationRule("web", "default", "web", consistent_hash=ConsistentHash("header", "x-user"))
+    by_cookie = DestinationRule(
+        "web",
+        "default",
+        "web",
+        consistent_hash=ConsistentHash("cookie", "nm-affinity", "/", 60.0, "maglev", 65537),
+    )
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        snap = mesh.directory.snapshot
+        mesh.directory = Directory.build(_WithIstio(snap, [], [by_header]))  # type: ignore[arg-type]
+        port = mesh.nodes["n1"].outbound_port
+        seen: dict[str, set[str]] = {}
+        for user in [f"user-{i}" for i in range(12)]:
+            res = await asyncio.to_thread(keepalive_requests, port, 5, "/", "GET", {"x-user": user})
+            seen[user] = {d["pod"] for _, d, _ in res}
+        assert all(len(p) == 1 for p in seen.values()), seen  # each key on one endpoint
+        assert {p for ps in seen.values() for p in ps} == {"web-1", "web-2"}  # keys spread
+        mesh.directory = Directory.build(_WithIstio(snap, [], [by_cookie]))  # type: ignore[arg-type]
+        first = await asyncio.to_thread(keepalive_requests, port, 1, "/")
+        cookie = first[0][2]["set-cookie"]
+        assert cookie.startswith('nm-affinity="') and "Max-Age=60" in cookie and "Path=/" in cookie
+        value = cookie.split(";")[0]
+        res = await asyncio.to_thread(keepalive_requests, port, 8, "/", "GET", {"cookie": value})
+        assert {d["pod"] for _, d, _ in res} == {first[0][1]["pod"]}
+        assert all("set-cookie" not in h for _, _, h in res)  # the client has it: not made up again
+
+    run(with_mesh(ws, [http_service()], body))

@@ -44,6 +44,7 @@ spec:
   host: reviews
   trafficPolicy:
     connectionPool: {http: {http2MaxRequests: 2}}
+    loadBalancer: {consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}
   subsets:
   - {name: v1, labels: {version: v1}}
   - {name: v2, labels: {version: v2}}
@@ -64,6 +65,10 @@ spec:
     route:
     - destination: {host: reviews, subset: v1}
     retries: {attempts: 3, retryOn: 5xx}
+  - name: sticky
+    match: [{uri: {prefix: /sticky}}]
+    route:
+    - destination: {host: reviews}
   - name: hold
     match: [{uri: {prefix: /slow/hold}}]
     route:
@@ -231,9 +236,18 @@ def test_bad_input_is_refused_with_file_line_field_and_nothing_applied(bed: Bed,
     r = bed.bed.cli("apply", "-f", path, "--registry-dir", bed.bed.registry_dir, check=False)
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert "bad.yaml:" in out and re.search(r"spec\.http\[3\]\.match\[0\]\.uri\.regex", out), out
+    assert "bad.yaml:" in out and re.search(r"spec\.http\[4\]\.match\[0\]\.uri\.regex", out), out
     # nothing applied: the routes in force are the old ones
     assert bed.curl(f"http://{VIP}/slow")[0][0] == "504"
+
+
+def test_consistent_hash_keeps_each_user_on_one_endpoint(bed: Bed) -> None:
+    pods: dict[str, set[str]] = {}
+    for i in range(16):
+        rows = bed.curl("-H", f"x-user: user-{i}", *[f"http://{VIP}/sticky"] * 6)
+        pods[f"user-{i}"] = {b for _, b in rows}
+    assert all(len(p) == 1 for p in pods.values()), pods
+    assert set().union(*pods.values()) == {"n2-p1", "n2-p2"}  # the keys spread over both
 
 
 def test_circuit_breaker_overflow_gives_503_uo(bed: Bed) -> None:

@@ -235,9 +235,14 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
                      "spec.http[0].route[1].headers.response.set.x-canary", "expected a string value"),
     "passthrough": (RULE.replace("LEAST_REQUEST", "PASSTHROUGH"), "PASSTHROUGH",
                     "spec.trafficPolicy.loadBalancer.simple", "PASSTHROUGH is not supported yet"),
-    "consistent hash": (RULE.replace("{simple: LEAST_REQUEST}", "{consistentHash: {}}"),
-                        "consistentHash", "spec.trafficPolicy.loadBalancer.consistentHash",
-                        "consistentHash is not supported yet"),
+    "consistent hash without a key": (RULE.replace("{simple: LEAST_REQUEST}", "{consistentHash: {}}"),
+                                      "consistentHash", "spec.trafficPolicy.loadBalancer.consistentHash",
+                                      "consistentHash needs exactly one of"),
+    "maglev table size": (
+        RULE.replace("{simple: LEAST_REQUEST}",
+                     "{consistentHash: {useSourceIp: true, maglev: {tableSize: 1000}}}"),
+        "consistentHash", "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+        "1000 is not a prime"),
     "outlier detection field": (
         RULE.replace("  subsets:\n",
                      "    outlierDetection: {consecutiveLocalOriginFailures: 2}\n  subsets:\n"),
@@ -440,3 +445,26 @@ def test_cli_get_describe_delete(tmp_path: Path) -> None:
     assert list(items) == [resource_key(Kind.SERVICE, "shop", "reviews")]
     code, out = run(["delete", "vs", "reviews", "-n", "shop"], reg)
     assert code == 3 and "not found" in out
+
+
+def test_destination_rule_policies_parse_and_round_trip() -> None:
+    from agent.control.istio import (
+        ConsistentHash,
+        OutlierDetection,
+        destination_rule_doc,
+        destination_rule_from_doc,
+    )
+
+    text = RULE.replace(
+        "{simple: LEAST_REQUEST}",
+        "{consistentHash: {httpCookie: {name: user, ttl: 60s, path: /}, ringHash: {minimumRingSize: 2048}}}\n"
+        "    outlierDetection: {consecutive5xxErrors: 3, interval: 5s, baseEjectionTime: 10s,\n"
+        "                       maxEjectionPercent: 50}\n"
+        "    connectionPool: {http: {http2MaxRequests: 100}}",
+    )
+    dr = parse(text)[0].resource
+    assert isinstance(dr, DestinationRule)
+    assert dr.consistent_hash == ConsistentHash("cookie", "user", "/", 60.0, "ring", 2048)
+    assert dr.outlier == OutlierDetection(3, 0, 5.0, 10.0, 50, 0)
+    assert dr.max_requests == 100 and dr.load_balancer == ""
+    assert destination_rule_from_doc(destination_rule_doc(dr)) == dr

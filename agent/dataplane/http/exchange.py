@@ -35,6 +35,8 @@ class Exchange:
     tries: int = 0  # retries made so far
     tried: set[tuple[str, int]] | None = None  # endpoints tried (retries go elsewhere)
     holds_slot: bool = False  # counted in its cluster's requests in flight (connectionPool)
+    hash_key: str | None = None  # consistent-hash key of the request (None: none)
+    set_cookie: str = ""  # a consistent-hash cookie to set on the response
 
 
 class LocalReply(Exception):

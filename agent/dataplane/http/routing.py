@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl
 import re2
 
 from agent.control.istio import (
+    ConsistentHash,
     DestinationRule,
     HeaderOps,
     HttpMatch,
@@ -111,6 +112,7 @@ class Decision:
     timeout_s: float | None = None
     outlier: OutlierDetection | None = None  # the destination's DestinationRule's
     max_requests: int = 0  # its connectionPool.http.http2MaxRequests (0: none)
+    consistent_hash: ConsistentHash | None = None  # its loadBalancer.consistentHash
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
@@ -278,7 +280,8 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         dr = table.dr_of.get(service_fqdn(svc))
         return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
                         outlier=dr.outlier if dr is not None else None,
-                        max_requests=dr.max_requests if dr is not None else 0)
+                        max_requests=dr.max_requests if dr is not None else 0,
+                        consistent_hash=dr.consistent_hash if dr is not None else None)
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -313,7 +316,13 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         route.timeout_s,
         _outlier_of(table, target),
         _max_requests_of(table, target),
+        _hash_of(table, target),
     )
+
+
+def _hash_of(table: RouteTable, svc: Service) -> ConsistentHash | None:
+    dr = table.dr_of.get(service_fqdn(svc))
+    return dr.consistent_hash if dr is not None else None
 
 
 def _max_requests_of(table: RouteTable, svc: Service) -> int:
@@ -360,3 +369,18 @@ def apply_ops(headers: list[tuple[bytes, bytes]], ops: tuple[HeaderOps, ...]) ->
         if sets or adds:
             headers = headers + sets + adds
     return headers
+
+
+def hash_key(ch: ConsistentHash, req: RequestFacts, source_address: str) -> str | None:
+    """The request's consistent-hash key (None: the request has none: the policy's fallback)."""
+    if ch.key == "source_ip":
+        return source_address
+    if ch.key == "header":
+        return req.headers.get(ch.name)
+    if ch.key == "query":
+        return dict(parse_qsl(req.path.partition("?")[2], keep_blank_values=True)).get(ch.name)
+    for part in (req.headers.get("cookie") or "").replace(",", ";").split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name == ch.name:
+            return value.strip('"')
+    return None
