@@ -165,6 +165,8 @@ class DestinationRule:
     outlier: OutlierDetection | None = None  # trafficPolicy.outlierDetection
     max_requests: int = 0  # connectionPool.http.http2MaxRequests (0: no limit): over it, 503 UO
     consistent_hash: ConsistentHash | None = None  # trafficPolicy.loadBalancer.consistentHash
+    # loadBalancer.localityLbSetting.enabled (Istio's default: on), effective with outlierDetection
+    locality_lb: bool = True
 
 
 # -- JSON documents (what the registry stores) -----------------------------------------------
@@ -290,6 +292,8 @@ def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
                                         "loadBalancer": s.load_balancer} for s in dr.subsets]}
     if dr.max_requests:
         doc["maxRequests"] = dr.max_requests
+    if not dr.locality_lb:
+        doc["localityLb"] = False
     ch = dr.consistent_hash
     if ch is not None:
         doc["consistentHash"] = {"key": ch.key, "name": ch.name, "cookiePath": ch.cookie_path,
@@ -422,6 +426,7 @@ def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:
         int(d.get("maxRequests", 0)),
         ConsistentHash(ch["key"], ch["name"], ch["cookiePath"], ch["cookieTtl"], ch["algorithm"],
                        int(ch["size"])) if (ch := d.get("consistentHash")) else None,
+        bool(d.get("localityLb", True)),
     )
 
 

@@ -77,7 +77,7 @@ _DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every
                "workloadSelector": f"is {_YET}"}
 _POLICY_REFUSED = {k: f"is {_YET}" for k in (
                                              "portLevelSettings", "tls", "proxyProtocol", "tunnel")}
-_LB_REFUSED = {k: f"is {_YET}" for k in ("localityLbSetting",
+_LB_REFUSED = {k: f"is {_YET}" for k in (
                                          "warmupDurationSecs", "warmup")}
 
 _VS_FIELDS = ("hosts", "gateways", "http")
@@ -451,6 +451,10 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
             and tp["loadBalancer"].get("consistentHash") is not None:
         consistent = _consistent_hash(doc, tp["loadBalancer"]["consistentHash"],
                                       "spec.trafficPolicy.loadBalancer.consistentHash")
+    locality_lb = True
+    if isinstance(tp, Mapping) and isinstance(tp.get("loadBalancer"), Mapping) \
+            and isinstance(tp["loadBalancer"].get("localityLbSetting"), Mapping):
+        locality_lb = tp["loadBalancer"]["localityLbSetting"].get("enabled", True) is not False
     max_requests = 0
     if isinstance(tp, Mapping) and tp.get("connectionPool") is not None:
         max_requests = _connection_pool(doc, tp["connectionPool"], "spec.trafficPolicy.connectionPool")
@@ -466,7 +470,8 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
         subsets.append(Subset(sname, tuple(sorted(labels.items())),
                               _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")))
     return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}",
-                           outlier=outlier, max_requests=max_requests, consistent_hash=consistent)
+                           outlier=outlier, max_requests=max_requests, consistent_hash=consistent,
+                           locality_lb=locality_lb)
 
 
 def _consistent_hash(doc: _Doc, v: Any, path: str) -> ConsistentHash:
@@ -581,15 +586,26 @@ def _traffic_policy(doc: _Doc, v: Any, path: str, *, outlier_ok: bool = False) -
         return ""
     lpath = f"{path}.loadBalancer"
     lb = _map(doc, m["loadBalancer"], lpath)
-    if outlier_ok:  # (the rule level: consistentHash is read by destination_rule)
-        _fields(doc, lb, lpath, ("simple", "consistentHash"), _LB_REFUSED)
+    if outlier_ok:  # (rule level: destination_rule reads consistentHash and localityLbSetting)
+        _fields(doc, lb, lpath, ("simple", "consistentHash", "localityLbSetting"), _LB_REFUSED)
+        if lb.get("localityLbSetting") is not None:
+            spath = f"{lpath}.localityLbSetting"
+            ls = _map(doc, lb["localityLbSetting"], spath)
+            _fields(doc, ls, spath, ("enabled",), {k: f"is {_YET}" for k in (
+                "distribute", "failover", "failoverPriority")})
+            if "enabled" in ls and not isinstance(ls["enabled"], bool):
+                raise doc.fail(f"{spath}.enabled",
+                               f"expected true or false, got {_tname(ls['enabled'])}")
+            if set(lb) <= {"localityLbSetting"}:
+                return ""
         if lb.get("consistentHash") is not None:
             if "simple" in lb:
                 raise doc.fail(lpath, "simple and consistentHash are alternatives")
             return ""
     else:
         _fields(doc, lb, lpath, ("simple",), {**_LB_REFUSED,
-                                              "consistentHash": f"in a subset is {_YET}"})
+                                              "consistentHash": f"in a subset is {_YET}",
+                                              "localityLbSetting": f"in a subset is {_YET}"})
     simple = _str(doc, lb, "simple", lpath, required=True)
     if simple not in DR_LOAD_BALANCERS:
         why = f"{simple} is {_YET}" if simple == "PASSTHROUGH" else f"unknown load balancer {simple!r}"

@@ -403,6 +403,8 @@ class OutboundHttp:
             ex.holds_slot = True
         if plan is not None and plan.outlier is not None:
             endpoints = out.outliers.available(bkey, endpoints, plan.outlier)
+            if plan.locality_lb:
+                endpoints = routing.by_locality(endpoints, self.src.locality)
         if not endpoints:
             what = f"{service.namespace}/{service.name}" if service is not None else self.dst[0]
             why = f"no healthy upstream: service {what} has no healthy endpoint"

@@ -744,3 +744,27 @@ def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> 
         assert all("set-cookie" not in h for _, _, h in res)  # the client has it: not made up again
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_locality_load_balancing_stays_in_zone_and_fails_over_when_the_zone_is_ejected() -> None:
+    from agent.control.istio import DestinationRule, OutlierDetection
+
+    base = workloads(2)
+    loc = {"client": "eu/eu-1a", "web-1": "eu/eu-1a", "web-2": "eu/eu-1b"}
+    ws = [dataclasses.replace(w, locality=loc[w.name]) for w in base]
+    od = OutlierDetection(consecutive_5xx=2, base_ejection_s=30.0, max_ejection_percent=100)
+    dr = DestinationRule("web", "default", "web", outlier=od)  # locality LB: on (Istio's default)
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [], [dr]))  # type: ignore[arg-type]
+        port = mesh.nodes["n1"].outbound_port
+        res = await asyncio.to_thread(keepalive_requests, port, 10, "/")
+        assert {d["pod"] for _, d, _ in res} == {"web-1"}  # the caller's zone only
+        res = await asyncio.to_thread(keepalive_requests, port, 10, "/fail-if/web-1")
+        codes = [s for s, _, _ in res]
+        assert codes[:2] == [500, 500] and codes[2:] == [200] * 8  # ejected: over to the other zone
+        assert {d.get("pod") for s, d, _ in res if s == 200} == {"web-2"}
+
+    run(with_mesh(ws, [http_service()], body))

@@ -113,6 +113,7 @@ class Decision:
     outlier: OutlierDetection | None = None  # the destination's DestinationRule's
     max_requests: int = 0  # its connectionPool.http.http2MaxRequests (0: none)
     consistent_hash: ConsistentHash | None = None  # its loadBalancer.consistentHash
+    locality_lb: bool = False  # locality-aware (Istio: on when outlierDetection is set)
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
@@ -281,7 +282,8 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
                         outlier=dr.outlier if dr is not None else None,
                         max_requests=dr.max_requests if dr is not None else 0,
-                        consistent_hash=dr.consistent_hash if dr is not None else None)
+                        consistent_hash=dr.consistent_hash if dr is not None else None,
+                        locality_lb=dr is not None and dr.locality_lb and dr.outlier is not None)
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -317,7 +319,33 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         _outlier_of(table, target),
         _max_requests_of(table, target),
         _hash_of(table, target),
+        _locality_of(table, target),
     )
+
+
+def _locality_of(table: RouteTable, svc: Service) -> bool:
+    dr = table.dr_of.get(service_fqdn(svc))
+    return dr is not None and dr.locality_lb and dr.outlier is not None
+
+
+def by_locality(endpoints: tuple[Endpoint, ...], source_locality: str) -> tuple[Endpoint, ...]:
+    """Istio's locality load balancing: the endpoints sharing the most of the caller's
+    region/zone/subzone (same subzone, else same zone, else same region, else any) — so traffic
+    fails over to the next locality only when a whole locality is unhealthy or ejected."""
+    if not source_locality or not endpoints:
+        return endpoints
+    src = source_locality.split("/")
+    levels: list[int] = []
+    for e in endpoints:
+        parts = e.locality.split("/") if e.locality else []
+        level = 0
+        while level < min(len(src), len(parts)) and src[level] == parts[level]:
+            level += 1
+        levels.append(level)
+    best = max(levels)
+    if best == 0:
+        return endpoints
+    return tuple(e for e, lv in zip(endpoints, levels, strict=True) if lv == best)
 
 
 def _hash_of(table: RouteTable, svc: Service) -> ConsistentHash | None:
