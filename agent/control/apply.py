@@ -225,9 +225,11 @@ def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> Non
             rules[_key(r)] = r
     for loc, vs in located_vs:
         for i, route in enumerate(vs.http):
-            for j, rd in enumerate(route.route):
-                path = f"spec.http[{i}].route[{j}].destination"
-                d = rd.destination
+            targets = [(f"spec.http[{i}].route[{j}].destination", rd.destination)
+                       for j, rd in enumerate(route.route)]
+            if route.mirror is not None:
+                targets.append((f"spec.http[{i}].mirror", route.mirror))
+            for path, d in targets:
                 fq = host_fqdn(d.host, vs.namespace)
                 if fq not in fqdns:
                     raise loc.fail(f"{path}.host", f"route to unknown host {d.host!r}: no Service "

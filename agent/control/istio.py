@@ -111,6 +111,8 @@ class HttpRoute:
     direct_body: str = ""
     retries: Retry | None = None  # None: no retries
     fault: Fault | None = None
+    mirror: Destination | None = None  # a copy of each request goes here (response dropped)
+    mirror_percent: float = 100.0  # mirrorPercentage (Istio: 100 when not given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +265,14 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
         if rt.per_try_timeout_s is not None:
             retry["perTryTimeout"] = f"{rt.per_try_timeout_s!r}s"
         out["retries"] = retry
+    if r.mirror is not None:
+        m: dict[str, Any] = {"host": r.mirror.host}
+        if r.mirror.subset:
+            m["subset"] = r.mirror.subset
+        if r.mirror.port:
+            m["port"] = {"number": r.mirror.port}
+        out["mirror"] = m
+        out["mirrorPercentage"] = {"value": r.mirror_percent}
     if r.fault is not None:
         f = r.fault
         fault: dict[str, Any] = {}
@@ -346,6 +356,9 @@ def _route_from(d: Mapping[str, Any]) -> HttpRoute:
         direct_body=(direct.get("body") or {}).get("string", "") if direct else "",
         retries=_retry_from(d["retries"]) if "retries" in d else None,
         fault=_fault_from(d["fault"]) if "fault" in d else None,
+        mirror=Destination(d["mirror"]["host"], d["mirror"].get("subset", ""),
+                           int(d["mirror"].get("port", {}).get("number", 0))) if "mirror" in d else None,
+        mirror_percent=float(d.get("mirrorPercentage", {}).get("value", 100.0)),
     )
 
 

@@ -67,8 +67,9 @@ _VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every
                "tls": f"is {_YET} (nodemesh routes HTTP; TLS traffic goes to the service itself)"}
 _ROUTE_REFUSED = {
     "redirect": f"is {_YET}",
-    "mirror": f"is {_YET}", "mirrors": f"is {_YET}", "mirrorPercentage": f"is {_YET}",
-    "mirror_percent": f"is {_YET}", "mirrorPercent": f"is {_YET}", "corsPolicy": f"is {_YET}",
+    "mirrors": f"is {_YET} (one mirror per route: use mirror)",
+    "mirror_percent": "is deprecated in Istio (use mirrorPercentage)",
+    "mirrorPercent": "is deprecated in Istio (use mirrorPercentage)", "corsPolicy": f"is {_YET}",
     "delegate": "is not supported (a VirtualService holds all its routes)",
 }
 _MATCH_REFUSED = {"statPrefix": f"is {_YET}",
@@ -82,7 +83,7 @@ _LB_REFUSED = {k: f"is {_YET}" for k in (
 
 _VS_FIELDS = ("hosts", "gateways", "http")
 _ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse",
-                 "retries", "fault")
+                 "retries", "fault", "mirror", "mirrorPercentage")
 _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
                  "queryParams", "ignoreUriCase", "port", "sourceLabels", "sourceNamespace")
 
@@ -189,7 +190,40 @@ def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
         direct_status=direct_status, direct_body=direct_body,
         retries=_retries(doc, m.get("retries"), f"{path}.retries"),
         fault=_fault(doc, m.get("fault"), f"{path}.fault"),
+        mirror=_mirror(doc, m.get("mirror"), f"{path}.mirror"),
+        mirror_percent=_mirror_percent(doc, m, path),
     )
+
+
+def _mirror_percent(doc: _Doc, m: Mapping[str, Any], path: str) -> float:
+    if m.get("mirrorPercentage") is None:
+        return 100.0  # Istio: every request when not given
+    if "mirror" not in m:
+        raise doc.fail(f"{path}.mirrorPercentage", "mirrorPercentage without a mirror")
+    pp = f"{path}.mirrorPercentage"
+    pm = _map(doc, m["mirrorPercentage"], pp)
+    _fields(doc, pm, pp, ("value",))
+    v = pm.get("value", 0)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 100:
+        raise doc.fail(f"{pp}.value", f"expected a percentage 0-100, got {v!r}")
+    return float(v)
+
+
+def _mirror(doc: _Doc, v: Any, path: str) -> Destination | None:
+    if v is None:
+        return None
+    d = _map(doc, v, path)
+    _fields(doc, d, path, ("host", "subset", "port"))
+    if "host" not in d:
+        raise doc.fail(f"{path}.host", "missing required field 'host'")
+    host = _host(doc, d["host"], f"{path}.host", wildcard=False)
+    subset = _name(doc, _str(doc, d, "subset", path), f"{path}.subset") if "subset" in d else ""
+    port = 0
+    if d.get("port") is not None:
+        pm = _map(doc, d["port"], f"{path}.port")
+        _fields(doc, pm, f"{path}.port", ("number",))
+        port = _int(doc, pm, "number", f"{path}.port", 1, 65535, required=True)
+    return Destination(host, subset, port)
 
 
 def _retries(doc: _Doc, v: Any, path: str) -> Retry | None:

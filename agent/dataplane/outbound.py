@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.control.istio import ConsistentHash
+from agent.control.istio import ConsistentHash, Destination, host_fqdn
 from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
@@ -48,7 +48,7 @@ from agent.dataplane.http.h2session import H2Session
 from agent.dataplane.http.hashing import Hashers
 from agent.dataplane.http.outlier import Outliers
 from agent.dataplane.http.upstream import H2Pool, Upstream, UpstreamPool
-from agent.dataplane.lb import Balancer, endpoint_key
+from agent.dataplane.lb import Balancer, Policy, endpoint_key
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.report import Flow, Party, Reporter, party
@@ -62,6 +62,9 @@ from agent.proto.h2.connection import Headers as H2Headers
 from agent.proto.http1 import Header, RequestHead
 
 log = logging.getLogger(__name__)
+
+MAX_MIRRORS = 256  # mirror copies in flight at once; more are dropped (and counted)
+MIRROR_TIMEOUT_S = 10.0
 
 OUTBOUND_PORT = 15001
 
@@ -109,6 +112,8 @@ class Outbound:
         self.outliers = Outliers()  # outlier detection state, per cluster and endpoint
         self.in_flight: dict[str, int] = {}  # requests in flight per cluster (connectionPool)
         self.hashers = Hashers()  # consistent-hash rings and Maglev tables per endpoint set
+        self._mirrors: set[asyncio.Task[None]] = set()
+        self.mirrored = self.mirror_failures = self.mirrors_dropped = 0
         self.directory = directory
         self.original_dst = original_dst
         self.node_address = node_address
@@ -116,6 +121,65 @@ class Outbound:
         self.balancer = balancer
         self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def mirror(
+        self, side: OutboundHttp, dest: Destination, namespace: str, port: int, method: str, target: str,
+        headers: list[Header],
+    ) -> None:
+        """Send a copy of a request to ``dest`` (a route's ``mirror``): fire and forget, its
+        response read and dropped, never waited for (Envoy's request mirroring; the copy's
+        authority gets ``-shadow`` appended, as Envoy's does). At most MAX_MIRRORS at once."""
+        if len(self._mirrors) >= MAX_MIRRORS:
+            self.mirrors_dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._mirror(side, dest, namespace, port, method, target, headers)
+        )
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    async def _mirror(
+        self, side: OutboundHttp, dest: Destination, namespace: str, port: int, method: str, target: str,
+        headers: list[Header],
+    ) -> None:
+        up: Upstream | None = None
+        try:
+            table = self.route_table()
+            svc = table.service_of.get(host_fqdn(dest.host, namespace))
+            if svc is None:
+                return
+            if dest.port:
+                port = dest.port
+            elif not any(p.port == port for p in svc.ports) and len(svc.ports) == 1:
+                port = svc.ports[0].port
+            eps, _ = routing.subset_endpoints(table, svc, port, dest.subset)
+            key = f"{svc.namespace}/{svc.name}/{dest.subset}/mirror"
+            ep = self.balancer.pick(key, Policy.ROUND_ROBIN, eps)
+            if ep is None:
+                return
+            shadow = [(k, v + b"-shadow" if k == b"host" else v) for k, v in headers]
+            async with asyncio.timeout(MIRROR_TIMEOUT_S):
+                up = await self.upstreams.acquire(
+                    (side.src_ip, ep.address, ep.port, "h1"), functools.partial(side._dial, ep)
+                )
+                await up.end.write(http1.request_head(method, target, shadow, ()))
+                rr = http1.ResponseReader(head_only=method == "HEAD")
+                while not rr.done:
+                    data, credit = await up.end.read()
+                    try:
+                        rr.feed(data) if data else rr.eof()
+                    finally:
+                        up.end.ack(credit)
+            self.mirrored += 1
+            final = rr.final
+            self.upstreams.release(up, final is not None and final.keep_alive and not rr.extra)
+            up = None
+        except Exception as e:  # a mirror never affects anything: count, log at debug
+            self.mirror_failures += 1
+            log.debug("outbound: mirror to %s failed: %s", dest.host, e)
+        finally:
+            if up is not None:
+                self.upstreams.discard(up)
 
     def route_table(self) -> routing.RouteTable:
         """The VirtualService/DestinationRule index of the current snapshot (built once per
@@ -453,7 +517,15 @@ class OutboundHttp:
             if plan.authority is not None:
                 h = [(k, v) for k, v in h if k != b"host"] + [(b"host", plan.authority.encode("latin-1"))]
             h = routing.apply_ops(h, plan.request_ops)
-        return self._rewrite(h, ex)
+        out = self._rewrite(h, ex)
+        route = plan.route if isinstance(plan, routing.Decision) else None
+        if route is not None and route.mirror is not None and not ex.mirrored and not head.has_body:
+            ex.mirrored = True  # (once per request, whatever the tries)
+            assert isinstance(plan, routing.Decision) and plan.vs is not None
+            if route.mirror_percent >= 100 or self.out.rng.uniform(0, 100) < route.mirror_percent:
+                self.out.mirror(self, route.mirror, plan.vs.namespace, plan.port, head.method,
+                                ex.target or head.target, out)
+        return out
 
     def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:
         pseudo, regular = hdrs.split_h2(headers)

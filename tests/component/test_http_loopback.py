@@ -768,3 +768,49 @@ def test_locality_load_balancing_stays_in_zone_and_fails_over_when_the_zone_is_e
         assert {d.get("pod") for s, d, _ in res if s == 200} == {"web-2"}
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_mirror_sends_copies_and_drops_their_answers() -> None:
+    from agent.control.istio import (
+        Destination,
+        DestinationRule,
+        HttpRoute,
+        RouteDestination,
+        Subset,
+        VirtualService,
+    )
+
+    ws = [workload("client", CLIENT, "n1", sa="client")]
+    ws += [workload("web-1", "127.0.0.11", "n2", sa="web", labels={"app": "web", "version": "v1"})]
+    ws += [workload("web-2", "127.0.0.12", "n2", sa="web", labels={"app": "web", "version": "v2"})]
+    dr = DestinationRule(
+        "web",
+        "default",
+        "web",
+        subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),))),
+    )
+    vs = VirtualService(
+        "web",
+        "default",
+        ("web",),
+        (
+            HttpRoute(
+                "main", (), (RouteDestination(Destination("web", "v1")),), mirror=Destination("web", "v2")
+            ),
+        ),
+    )
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], [dr]))  # type: ignore[arg-type]
+        n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 10, "/")
+        assert {d["pod"] for _, d, _ in res} == {"web-1"}  # the client sees the main route only
+        deadline = asyncio.get_running_loop().time() + 5
+        while metric(n2, "istio_requests_total", reporter="destination", destination_workload="web-2") < 10:
+            assert asyncio.get_running_loop().time() < deadline, "the copies did not arrive"
+            await asyncio.sleep(0.05)
+        assert n1.outbound.mirrored == 10 and n1.outbound.mirror_failures == 0
+
+    run(with_mesh(ws, [http_service()], body))

@@ -37,6 +37,7 @@ class Exchange:
     holds_slot: bool = False  # counted in its cluster's requests in flight (connectionPool)
     hash_key: str | None = None  # consistent-hash key of the request (None: none)
     set_cookie: str = ""  # a consistent-hash cookie to set on the response
+    mirrored: bool = False  # a copy went to the route's mirror
 
 
 class LocalReply(Exception):

@@ -243,7 +243,7 @@ def _rewrite(path: str, route: HttpRoute, m: HttpMatch | None) -> str | None:
     return p + sep + query
 
 
-def _subset_endpoints(
+def subset_endpoints(
     table: RouteTable, svc: Service, port: int, subset: str
 ) -> tuple[tuple[Endpoint, ...], str]:
     """Healthy endpoints of the service port, of ``subset``'s labels; and the subset's policy."""
@@ -277,7 +277,7 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
     """Where this request goes. Raises LocalReply for no matching route or a direct response."""
     vs = table.virtual_service(svc)
     if vs is None:
-        eps, _ = _subset_endpoints(table, svc, req.port, "")
+        eps, _ = subset_endpoints(table, svc, req.port, "")
         dr = table.dr_of.get(service_fqdn(svc))
         return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
                         outlier=dr.outlier if dr is not None else None,
@@ -300,7 +300,7 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
             port = target.ports[0].port
         else:
             raise LocalReply(503, f"{service_fqdn(target)} has no port {port}", "NR")
-    eps, subset_lb = _subset_endpoints(table, target, port, d.destination.subset)
+    eps, subset_lb = subset_endpoints(table, target, port, d.destination.subset)
     return Decision(
         target,
         port,
