@@ -65,6 +65,18 @@ spec:
     route:
     - destination: {host: reviews, subset: v1}
     retries: {attempts: 3, retryOn: 5xx}
+  - name: mirrored
+    match: [{uri: {prefix: /mirrored}}]
+    route:
+    - destination: {host: reviews, subset: v1}
+    mirror: {host: reviews, subset: v2}
+    mirrorPercentage: {value: 100}
+  - name: delayed
+    match: [{uri: {prefix: /delayed}}]
+    route:
+    - destination: {host: reviews, subset: v1}
+    fault:
+      delay: {fixedDelay: 0.2s, percentage: {value: 50}}
   - name: sticky
     match: [{uri: {prefix: /sticky}}]
     route:
@@ -236,9 +248,39 @@ def test_bad_input_is_refused_with_file_line_field_and_nothing_applied(bed: Bed,
     r = bed.bed.cli("apply", "-f", path, "--registry-dir", bed.bed.registry_dir, check=False)
     assert r.returncode != 0
     out = r.stdout + r.stderr
-    assert "bad.yaml:" in out and re.search(r"spec\.http\[4\]\.match\[0\]\.uri\.regex", out), out
+    assert "bad.yaml:" in out and re.search(r"spec\.http\[6\]\.match\[0\]\.uri\.regex", out), out
     # nothing applied: the routes in force are the old ones
     assert bed.curl(f"http://{VIP}/slow")[0][0] == "504"
+
+
+def dest_requests(bed: Bed, workload: str) -> float:
+    n = bed.bed.topo.node("n2")
+    assert n is not None
+    r = testbed.popen_in(
+        n.netns, None, ["curl", "-sS", f"http://{n.fabric_address}:15020/metrics"], stdout=subprocess.PIPE
+    )
+    return requests(
+        r.communicate(timeout=10)[0].decode(), reporter="destination", destination_workload=workload
+    )
+
+
+def test_mirror_copies_reach_the_mirror_and_the_client_sees_the_main_route(bed: Bed) -> None:
+    before = dest_requests(bed, "n2-p2")
+    rows = bed.curl(*[f"http://{VIP}/mirrored"] * 40)
+    assert {b for _, b in rows} == {"n2-p1"} and len(rows) == 40
+    deadline = time.monotonic() + 10
+    while dest_requests(bed, "n2-p2") - before < 40:
+        assert time.monotonic() < deadline, dest_requests(bed, "n2-p2") - before
+        time.sleep(0.2)
+
+
+def test_fault_delay_percentage_and_flag(bed: Bed) -> None:
+    script = f"for i in $(seq 60); do curl -s -o /dev/null -w '%{{time_total}}\\n' http://{VIP}/delayed; done"
+    r = bed.bed.exec("n1-p1", ["sh", "-c", script], timeout_s=60)
+    times = [float(t) for t in r.stdout.split()]
+    delayed = sum(1 for t in times if t >= 0.2)
+    assert len(times) == 60 and 15 <= delayed <= 45, sorted(times)  # 50 % of 60 (sigma ~3.9)
+    assert requests(bed.metrics(), reporter="source", response_code="200", response_flags="DI") >= delayed
 
 
 def test_consistent_hash_keeps_each_user_on_one_endpoint(bed: Bed) -> None:
@@ -253,9 +295,10 @@ def test_consistent_hash_keeps_each_user_on_one_endpoint(bed: Bed) -> None:
 def test_circuit_breaker_overflow_gives_503_uo(bed: Bed) -> None:
     # http2MaxRequests: 2 — four concurrent requests held 1 s by the server: two are served,
     # two overflow at once
-    script = " & ".join(
-        [f"curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{VIP}/slow/hold"] * 4
-    ) + " & wait"
+    script = (
+        " & ".join([f"curl -s -o /dev/null -w '%{{http_code}}\\n' --max-time 10 http://{VIP}/slow/hold"] * 4)
+        + " & wait"
+    )
     before = requests(bed.metrics(), reporter="source", response_code="503", response_flags="UO")
     r = bed.bed.exec("n1-p1", ["sh", "-c", script], timeout_s=30)
     assert sorted(r.stdout.split()) == ["200", "200", "503", "503"], r.stdout + r.stderr
