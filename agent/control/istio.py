@@ -98,6 +98,16 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Redirect:
+    """HTTPRedirect: the parts of the request's URL replaced in the Location answered."""
+
+    uri: str = ""  # replaces the path (and query)
+    authority: str = ""
+    scheme: str = ""
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
 class HttpRoute:
     name: str = ""
     matches: tuple[HttpMatch, ...] = ()  # empty: every request
@@ -112,6 +122,7 @@ class HttpRoute:
     retries: Retry | None = None  # None: no retries
     fault: Fault | None = None
     mirror: Destination | None = None  # a copy of each request goes here (response dropped)
+    redirect: Redirect | None = None  # answered by the proxy with a redirect
     mirror_percent: float = 100.0  # mirrorPercentage (Istio: 100 when not given)
 
 
@@ -265,6 +276,10 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
         if rt.per_try_timeout_s is not None:
             retry["perTryTimeout"] = f"{rt.per_try_timeout_s!r}s"
         out["retries"] = retry
+    if r.redirect is not None:
+        redir = r.redirect
+        out["redirect"] = {k: v for k, v in (("uri", redir.uri), ("authority", redir.authority),
+                                            ("scheme", redir.scheme), ("redirectCode", redir.code)) if v}
     if r.mirror is not None:
         m: dict[str, Any] = {"host": r.mirror.host}
         if r.mirror.subset:
@@ -359,6 +374,9 @@ def _route_from(d: Mapping[str, Any]) -> HttpRoute:
         mirror=Destination(d["mirror"]["host"], d["mirror"].get("subset", ""),
                            int(d["mirror"].get("port", {}).get("number", 0))) if "mirror" in d else None,
         mirror_percent=float(d.get("mirrorPercentage", {}).get("value", 100.0)),
+        redirect=Redirect(d["redirect"].get("uri", ""), d["redirect"].get("authority", ""),
+                          d["redirect"].get("scheme", ""), int(d["redirect"].get("redirectCode", 301)))
+        if "redirect" in d else None,
     )
 
 

@@ -31,6 +31,7 @@ from agent.control.istio import (
     HttpMatch,
     HttpRoute,
     OutlierDetection,
+    Redirect,
     Retry,
     RouteDestination,
     StringMatch,
@@ -66,7 +67,7 @@ _VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every
                "tcp": f"is {_YET} (nodemesh routes HTTP; TCP traffic goes to the service itself)",
                "tls": f"is {_YET} (nodemesh routes HTTP; TLS traffic goes to the service itself)"}
 _ROUTE_REFUSED = {
-    "redirect": f"is {_YET}",
+
     "mirrors": f"is {_YET} (one mirror per route: use mirror)",
     "mirror_percent": "is deprecated in Istio (use mirrorPercentage)",
     "mirrorPercent": "is deprecated in Istio (use mirrorPercentage)", "corsPolicy": f"is {_YET}",
@@ -83,7 +84,7 @@ _LB_REFUSED = {k: f"is {_YET}" for k in (
 
 _VS_FIELDS = ("hosts", "gateways", "http")
 _ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse",
-                 "retries", "fault", "mirror", "mirrorPercentage")
+                 "retries", "fault", "mirror", "mirrorPercentage", "redirect")
 _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
                  "queryParams", "ignoreUriCase", "port", "sourceLabels", "sourceNamespace")
 
@@ -148,16 +149,20 @@ def virtual_service(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> V
 
 def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
     _fields(doc, m, path, _ROUTE_FIELDS, _ROUTE_REFUSED)
-    has_route, has_direct = "route" in m, "directResponse" in m
-    if has_route == has_direct:
-        raise doc.fail(path, "an http route needs exactly one of 'route' or 'directResponse'"
-                       + (", not both" if has_route else ""))
+    has_route, has_direct = "route" in m, "directResponse" in m or "redirect" in m
+    both = "directResponse" in m and "redirect" in m
+    if has_route == has_direct or both:
+        raise doc.fail(path, "an http route needs exactly one of 'route', 'redirect' or "
+                       "'directResponse'" + (", not several" if has_route or both else ""))
     matches = tuple(_match(doc, _map(doc, x, f"{path}.match[{i}]"), f"{path}.match[{i}]")
                     for i, x in enumerate(_list(doc, m, "match", path)))
     dests: tuple[RouteDestination, ...] = ()
     direct_status, direct_body = 0, ""
+    redirect = None
     if has_route:
         dests = _destinations(doc, m, path)
+    elif "redirect" in m:
+        redirect = _redirect(doc, m["redirect"], f"{path}.redirect")
     else:
         dpath = f"{path}.directResponse"
         d = _map(doc, m["directResponse"], dpath)
@@ -192,7 +197,26 @@ def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
         fault=_fault(doc, m.get("fault"), f"{path}.fault"),
         mirror=_mirror(doc, m.get("mirror"), f"{path}.mirror"),
         mirror_percent=_mirror_percent(doc, m, path),
+        redirect=redirect,
     )
+
+
+def _redirect(doc: _Doc, v: Any, path: str) -> Redirect:
+    """HTTPRedirect: uri, authority, scheme, redirectCode (301 by default); port and derivePort
+    are refused by name."""
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("uri", "authority", "scheme", "redirectCode"),
+            {"port": f"is {_YET}", "derivePort": f"is {_YET}"})
+    if not m:
+        raise doc.fail(path, "a redirect needs at least one of uri, authority, scheme")
+    code = _int(doc, m, "redirectCode", path, 300, 399, default=301)
+    scheme = _str(doc, m, "scheme", path)
+    if scheme and scheme not in ("http", "https"):
+        raise doc.fail(f"{path}.scheme", f"expected http or https, got {scheme!r}")
+    uri = _str(doc, m, "uri", path)
+    if uri and not uri.startswith("/"):
+        raise doc.fail(f"{path}.uri", f"expected a path starting with /, got {uri!r}")
+    return Redirect(uri, _str(doc, m, "authority", path), scheme, code)
 
 
 def _mirror_percent(doc: _Doc, m: Mapping[str, Any], path: str) -> float:

@@ -814,3 +814,34 @@ def test_mirror_sends_copies_and_drops_their_answers() -> None:
         assert n1.outbound.mirrored == 10 and n1.outbound.mirror_failures == 0
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_redirect_is_answered_by_the_proxy_with_the_location() -> None:
+    from agent.control.istio import HttpMatch, HttpRoute, Redirect, StringMatch, VirtualService
+
+    ws = workloads(1)
+    vs = VirtualService(
+        "web",
+        "default",
+        ("web",),
+        (
+            HttpRoute(
+                "moved",
+                (HttpMatch(uri=StringMatch("prefix", "/old")),),
+                redirect=Redirect(uri="/new", authority="web.example", code=308),
+            ),
+        ),
+    )
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], []))  # type: ignore[arg-type]
+        n1 = mesh.nodes["n1"]
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 2, "/old/page")
+        for status, _, headers in res:  # (the connection stays open: a local answer, no body to skip)
+            assert status == 308 and headers["location"] == "http://web.example/new"
+            assert headers["server"] == "nodemesh"
+        assert metric(n1, "istio_requests_total", reporter="source", response_code="308") == 2
+
+    run(with_mesh(ws, [http_service()], body))

@@ -185,8 +185,9 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
                 "the weights of the destinations sum to 110, not 100"),
     "weight missing": (VS.replace("      weight: 20\n", ""), ("route:", 1), "spec.http[0].route",
                        "sum to 80, not 100"),
-    "redirect": (VS.replace("    timeout: 1.5s\n", "    timeout: 1.5s\n    redirect: {uri: /x}\n"),
-                 "redirect:", "spec.http[0].redirect", "redirect is not supported yet"),
+    "corsPolicy": (VS.replace("    timeout: 1.5s\n",
+                              "    timeout: 1.5s\n    corsPolicy: {allowOrigins: []}\n"),
+                   "corsPolicy:", "spec.http[0].corsPolicy", "corsPolicy is not supported yet"),
     "retry condition": (VS.replace("    timeout: 1.5s\n",
                                    "    timeout: 1.5s\n    retries: {attempts: 3, retryOn: '5xx,oops'}\n"),
                         "retries:", "spec.http[0].retries.retryOn", "unknown retry condition 'oops'"),
@@ -220,8 +221,8 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
                           "uriRegexRewrite is not supported yet"),
     "route and direct": (VS.replace("    timeout: 1.5s\n",
                                     "    timeout: 1.5s\n    directResponse: {status: 200}\n"),
-                         "- name: canary", "spec.http[0]", "exactly one of 'route' or 'directResponse', "
-                         "not both"),
+                         "- name: canary", "spec.http[0]",
+                         "exactly one of 'route', 'redirect' or 'directResponse', not several"),
     "timeout without unit": (VS.replace("timeout: 1.5s", "timeout: 2"), "timeout:",
                              "spec.http[0].timeout", "2 is not a duration"),
     "weight range": (VS.replace("weight: 20", "weight: 120"), "weight: 120",
@@ -468,3 +469,18 @@ def test_destination_rule_policies_parse_and_round_trip() -> None:
     assert dr.outlier == OutlierDetection(3, 0, 5.0, 10.0, 50, 0)
     assert dr.max_requests == 100 and dr.load_balancer == ""
     assert destination_rule_from_doc(destination_rule_doc(dr)) == dr
+
+
+def test_redirect_parses_and_its_unsupported_parts_are_refused() -> None:
+    text = VS.replace("  http:\n",
+                      "  http:\n  - redirect: {uri: /new, authority: new.example, redirectCode: 308}\n"
+                      "    match: [{uri: {prefix: /old}}]\n", 1)
+    vs = parse(SERVICE + "---\n" + text)[1].resource
+    assert isinstance(vs, VirtualService)
+    r = vs.http[0].redirect
+    assert r is not None and (r.uri, r.authority, r.code) == ("/new", "new.example", 308)
+    assert virtual_service_from_doc(virtual_service_doc(vs)) == vs
+    bad = VS.replace("  http:\n",
+                     "  http:\n  - redirect: {uri: /new, derivePort: FROM_PROTOCOL_DEFAULT}\n", 1)
+    e = _err(SERVICE + "---\n" + bad)
+    assert e.path == "spec.http[0].redirect.derivePort" and "not supported yet" in e.reason

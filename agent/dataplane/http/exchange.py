@@ -43,11 +43,15 @@ class Exchange:
 class LocalReply(Exception):
     """The side answers the request itself: ``status`` with Envoy's ``flag``."""
 
-    def __init__(self, status: int, message: str, flag: str, *, grpc_status: str = "") -> None:
+    def __init__(
+        self, status: int, message: str, flag: str, *, grpc_status: str = "",
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.flag = flag
         self.grpc_status = grpc_status  # a fault's grpcStatus (an HTTP/2 gRPC call gets this)
+        self.headers = headers  # added to the answer (a redirect's location)
 
 
 class UpstreamGone(Exception):

@@ -188,7 +188,7 @@ class H1Loop:
                         try:
                             up = await self.side.open(head, ex, fresh=attempt > 0)
                         except LocalReply as r:
-                            return await self._local(head, ex, r.status, str(r), r.flag)
+                            return await self._local(head, ex, r.status, str(r), r.flag, r.headers)
                         except UpstreamGone as e:
                             ex.flags, ex.detail = "UF", str(e)
                             self.down.abort()
@@ -275,7 +275,10 @@ class H1Loop:
                 raise _Retry("a per-try timeout") from None
             return await self._local(head, ex, 504, "upstream request timeout", "UT"), False
 
-    async def _local(self, head: RequestHead, ex: Exchange, status: int, why: str, flag: str) -> bool:
+    async def _local(
+        self, head: RequestHead, ex: Exchange, status: int, why: str, flag: str,
+        extra: tuple[Header, ...] = (),
+    ) -> bool:
         ex.status, ex.flags, ex.detail = status, flag, why
         # a request body we did not read (or a switch we did not make) ends the connection
         close = not head.keep_alive or head.has_body or head.method == "CONNECT" or bool(head.upgrade)
@@ -283,7 +286,7 @@ class H1Loop:
             while not self._request_read and (ev := await self._next()) is not None and ev[0] != END:
                 pass
             self._request_read = True
-        reply = http1.local_reply(status, why, close=close)
+        reply = http1.local_reply(status, why, close=close, extra=extra)
         ex.response_bytes = len(reply)
         await self._to_client(reply)
         if close:

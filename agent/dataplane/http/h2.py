@@ -126,7 +126,7 @@ class H2Loop:
                 except LocalReply as r:
                     if grpc and r.grpc_status:  # a fault's gRPC abort: that status, HTTP 200
                         ex.grpc_status = str(GRPC_CODES.get(r.grpc_status.upper(), r.grpc_status))
-                    self._reply(st, ex, r.status, str(r), r.flag, grpc)
+                    self._reply(st, ex, r.status, str(r), r.flag, grpc, r.headers)
                     return
                 try:
                     up = session.request(self.side.headers_h2(headers, ex), end=st.ended)
@@ -223,7 +223,10 @@ class H2Loop:
             raise
 
     @staticmethod
-    def _reply(st: H2Stream, ex: Exchange, status: int, why: str, flag: str, grpc: bool) -> None:
+    def _reply(
+        st: H2Stream, ex: Exchange, status: int, why: str, flag: str, grpc: bool,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         ex.status, ex.flags, ex.detail = status, flag, why
         try:
             if grpc:
@@ -247,6 +250,7 @@ class H2Loop:
                     ("server", "nodemesh"),
                     ("content-type", "text/plain; charset=utf-8"),
                     ("content-length", str(len(body))),
+                    *((k.decode("latin-1"), v.decode("latin-1")) for k, v in extra),
                 ]
             )
             ex.response_bytes = len(body)

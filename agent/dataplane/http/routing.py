@@ -290,6 +290,15 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
     i, route, m = hit
     if route.direct_status:
         raise LocalReply(route.direct_status, route.direct_body, "-")
+    if route.redirect is not None:
+        rd = route.redirect
+        path = req.path
+        if rd.uri:  # the path is replaced; the request's query is kept unless the uri has one
+            query = req.path.partition("?")[2]
+            path = rd.uri if "?" in rd.uri or not query else f"{rd.uri}?{query}"
+        location = f"{rd.scheme or req.scheme}://{rd.authority or req.authority}{path}"
+        raise LocalReply(rd.code, f"redirected to {location}", "-",
+                         headers=((b"location", location.encode("latin-1")),))
     d = _weighted(route, rng)
     target = table.service_of.get(host_fqdn(d.destination.host, vs.namespace))
     if target is None:
