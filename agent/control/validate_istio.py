@@ -234,8 +234,11 @@ def _mirror_percent(doc: _Doc, m: Mapping[str, Any], path: str) -> float:
 
 
 def _mirror(doc: _Doc, v: Any, path: str) -> Destination | None:
-    if v is None:
-        return None
+    return None if v is None else _destination(doc, v, path)
+
+
+def _destination(doc: _Doc, v: Any, path: str) -> Destination:
+    """A Destination: host (a service, never a wildcard), subset, port.number."""
     d = _map(doc, v, path)
     _fields(doc, d, path, ("host", "subset", "port"))
     if "host" not in d:
@@ -349,24 +352,13 @@ def _destinations(doc: _Doc, m: Mapping[str, Any], path: str) -> tuple[RouteDest
         _fields(doc, rd, rpath, ("destination", "weight", "headers"))
         if "destination" not in rd:
             raise doc.fail(f"{rpath}.destination", "missing required field 'destination'")
-        dpath = f"{rpath}.destination"
-        d = _map(doc, rd["destination"], dpath)
-        _fields(doc, d, dpath, ("host", "subset", "port"))
-        if "host" not in d:
-            raise doc.fail(f"{dpath}.host", "missing required field 'host'")
-        host = _host(doc, d["host"], f"{dpath}.host", wildcard=False)
-        subset = _name(doc, _str(doc, d, "subset", dpath), f"{dpath}.subset") if "subset" in d else ""
-        port = 0
-        if d.get("port") is not None:
-            pm = _map(doc, d["port"], f"{dpath}.port")
-            _fields(doc, pm, f"{dpath}.port", ("number",))
-            port = _int(doc, pm, "number", f"{dpath}.port", 1, 65535, required=True)
+        dest = _destination(doc, rd["destination"], f"{rpath}.destination")
         # Istio: a lone destination takes all traffic, whatever its weight says
         weight = _int(doc, rd, "weight", rpath, 0, 100, default=0 if len(items) > 1 else 100)
         if len(items) == 1:
             weight = 100
         request_ops, response_ops = _header_ops(doc, rd.get("headers"), f"{rpath}.headers")
-        out.append(RouteDestination(Destination(host, subset, port), weight, request_ops, response_ops))
+        out.append(RouteDestination(dest, weight, request_ops, response_ops))
     total = sum(r.weight for r in out)
     if len(out) > 1 and total != 100:
         raise doc.fail(f"{path}.route", f"the weights of the destinations sum to {total}, not 100",

@@ -397,7 +397,7 @@ class OutboundHttp:
         if svc is None:
             return None
         table = self.out.route_table()
-        if table.virtual_service(svc) is None and routing.service_fqdn(svc) not in table.dr_of:
+        if not table.applies(svc):
             return None  # (a DestinationRule alone applies too: its policy, its outlier detection)
         facts = routing.RequestFacts(
             ex.method, ex.path, ex.authority, scheme, routing.LazyHeaders(headers), route.port, self.src

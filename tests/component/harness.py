@@ -139,6 +139,16 @@ async def start_node(
     return node
 
 
+def metric(node: Node, name: str, **labels: str) -> float:
+    """The sum of a node's samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for fam in node.registry.collect():
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
 async def echo_server(host: str, port: int, name: str) -> asyncio.Server:
     """A pod: answers each connection with '<name>:' + everything it received, after EOF."""
 

@@ -14,18 +14,9 @@ from typing import Any
 import grpc
 
 from agent.control.model import Protocol, Service, ServicePort
-from tests.component.harness import VIP, Mesh, run, two_node_mesh, workload
+from tests.component.harness import VIP, Mesh, metric, run, two_node_mesh, workload
 
 CLIENT = "127.0.0.1"  # grpcio cannot bind a source address: the client workload lives here
-
-
-def metric(node: Any, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in node.registry.collect():
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def grpc_pod(addr: str, name: str) -> grpc.Server:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agent.control.model import Service, ServicePort
+from agent.control.snapshot import Snapshot
 from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
 from agent.dataplane.report import Reporter
 from tests.component.harness import (
@@ -28,6 +29,7 @@ from tests.component.harness import (
     build_snapshot,
     http_pod,
     http_service,
+    metric,
     run,
     two_node_mesh,
     workload,
@@ -41,15 +43,6 @@ def workloads(n_web: int = 2, node: str = "n2") -> list[Any]:
     ws = [workload("client", CLIENT, "n1", sa="client", labels={"app": "client"})]
     ws += [workload(f"web-{i}", f"127.0.0.{10 + i}", node, sa="web", labels=WEB) for i in range(1, n_web + 1)]
     return ws
-
-
-def metric(node: Any, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in node.registry.collect():
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 class Pods:
@@ -494,18 +487,14 @@ def test_least_request_counts_requests_in_flight_not_connections() -> None:
     run(with_mesh(ws, [http_service(policy="LEAST_REQUEST")], body))
 
 
-class _WithIstio:
-    """A snapshot with VirtualServices/DestinationRules beside it (their registry decoding is
+def _with_istio(snap: Snapshot, vss: list[Any], drs: list[Any]) -> Snapshot:
+    """The snapshot with these VirtualServices/DestinationRules (their registry decoding is
     tested with the control plane)."""
-
-    def __init__(self, snap: Any, vss: list[Any], drs: list[Any]) -> None:
-        self._s = snap
-        self.virtual_services = {(v.namespace, v.name): v for v in vss}
-        self.destination_rules = {(d.namespace, d.name): d for d in drs}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._s, name)
-
+    return dataclasses.replace(
+        snap,
+        virtual_services={(v.namespace, v.name): v for v in vss},
+        destination_rules={(d.namespace, d.name): d for d in drs},
+    )
 
 def test_virtual_service_routes_per_request_by_header_with_rewrite_header_ops_and_timeout() -> None:
     from agent.control.istio import (
@@ -559,7 +548,7 @@ def test_virtual_service_routes_per_request_by_header_with_rewrite_header_ops_an
     )
 
     async def body(mesh: Mesh) -> None:
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], [dr]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], [dr]))
         n1 = mesh.nodes["n1"]
         port = n1.outbound_port
         plain = await asyncio.to_thread(keepalive_requests, port, 4, "/api")
@@ -628,7 +617,7 @@ def test_retries_make_a_flaky_server_reliable_and_faults_are_injected_and_flagge
     )
 
     async def body(mesh: Mesh) -> None:
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], []))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], []))
         n1 = mesh.nodes["n1"]
         port = n1.outbound_port
         res = await asyncio.to_thread(keepalive_requests, port, 60, "/flaky")
@@ -661,7 +650,7 @@ def test_outlier_detection_ejects_an_endpoint_answering_5xx_and_brings_it_back()
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
 
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [], [dr]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
         n1 = mesh.nodes["n1"]
         port = n1.outbound_port
         res = await asyncio.to_thread(keepalive_requests, port, 14, "/fail-if/web-2")
@@ -689,7 +678,7 @@ def test_connection_pool_overflow_is_503_uo_and_the_slot_is_given_back() -> None
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
 
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [], [dr]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
         n1 = mesh.nodes["n1"]
         port = n1.outbound_port
         slow = asyncio.ensure_future(asyncio.to_thread(keepalive_requests, port, 1, "/slow"))
@@ -726,7 +715,7 @@ def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> 
         from agent.dataplane.route import Directory
 
         snap = mesh.directory.snapshot
-        mesh.directory = Directory.build(_WithIstio(snap, [], [by_header]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(snap, [], [by_header]))
         port = mesh.nodes["n1"].outbound_port
         seen: dict[str, set[str]] = {}
         for user in [f"user-{i}" for i in range(12)]:
@@ -734,7 +723,7 @@ def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> 
             seen[user] = {d["pod"] for _, d, _ in res}
         assert all(len(p) == 1 for p in seen.values()), seen  # each key on one endpoint
         assert {p for ps in seen.values() for p in ps} == {"web-1", "web-2"}  # keys spread
-        mesh.directory = Directory.build(_WithIstio(snap, [], [by_cookie]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(snap, [], [by_cookie]))
         first = await asyncio.to_thread(keepalive_requests, port, 1, "/")
         cookie = first[0][2]["set-cookie"]
         assert cookie.startswith('nm-affinity="') and "Max-Age=60" in cookie and "Path=/" in cookie
@@ -758,7 +747,7 @@ def test_locality_load_balancing_stays_in_zone_and_fails_over_when_the_zone_is_e
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
 
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [], [dr]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
         port = mesh.nodes["n1"].outbound_port
         res = await asyncio.to_thread(keepalive_requests, port, 10, "/")
         assert {d["pod"] for _, d, _ in res} == {"web-1"}  # the caller's zone only
@@ -803,7 +792,7 @@ def test_mirror_sends_copies_and_drops_their_answers() -> None:
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
 
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], [dr]))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], [dr]))
         n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
         res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 10, "/")
         assert {d["pod"] for _, d, _ in res} == {"web-1"}  # the client sees the main route only
@@ -836,7 +825,7 @@ def test_redirect_is_answered_by_the_proxy_with_the_location() -> None:
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
 
-        mesh.directory = Directory.build(_WithIstio(mesh.directory.snapshot, [vs], []))  # type: ignore[arg-type]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], []))
         n1 = mesh.nodes["n1"]
         res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 2, "/old/page")
         for status, _, headers in res:  # (the connection stays open: a local answer, no body to skip)

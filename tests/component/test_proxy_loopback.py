@@ -24,6 +24,7 @@ from tests.component.harness import (
     build_snapshot,
     client_exchange,
     echo_server,
+    metric,
     run,
     two_node_mesh,
     web_service,
@@ -37,15 +38,6 @@ def mesh_workloads(n_web: int = 2) -> list:
     ws = [workload("client", "127.0.0.5", "n1", sa="client")]
     ws += [workload(f"web-{i}", f"127.0.0.{10 + i}", "n2", sa="web", labels=WEB) for i in range(1, n_web + 1)]
     return ws
-
-
-def metric(node, name: str, **labels: str) -> float:
-    total = 0.0
-    for fam in node.registry.collect():
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def test_vip_connection_crosses_the_tunnel_and_is_load_balanced() -> None:

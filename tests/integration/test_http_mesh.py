@@ -19,6 +19,8 @@ import pytest
 from agent import meshbed
 from netns import testbed, topology
 from tests.integration.conftest import run_prefix
+from tests.integration.scrape import node_metrics
+from tests.integration.scrape import requests_total as requests
 
 WEB_VIP = "10.96.0.30"
 LOCAL_VIP = "10.96.0.31"
@@ -171,20 +173,11 @@ class Bed:
         return r.stdout
 
     def metrics(self, node: str) -> str:
-        n = self.bed.topo.node(node)
-        assert n is not None
-        r = testbed.popen_in(
-            n.netns, None, ["curl", "-sS", f"http://{n.fabric_address}:15020/metrics"], stdout=subprocess.PIPE
-        )
-        return r.communicate(timeout=10)[0].decode()
+        return node_metrics(self.bed.topo, node)
 
 
-def requests(text: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("istio_requests_total{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+
+
 
 
 @pytest.fixture(scope="module")

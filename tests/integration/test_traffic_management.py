@@ -19,6 +19,8 @@ import pytest
 from agent import meshbed
 from netns import testbed, topology
 from tests.integration.conftest import run_prefix
+from tests.integration.scrape import node_metrics
+from tests.integration.scrape import requests_total as requests
 
 VIP = "10.96.0.40"
 
@@ -150,20 +152,11 @@ class Bed:
         return [(code, body) for body, code in rows]
 
     def metrics(self) -> str:
-        n = self.bed.topo.node("n1")
-        assert n is not None
-        r = testbed.popen_in(
-            n.netns, None, ["curl", "-sS", f"http://{n.fabric_address}:15020/metrics"], stdout=subprocess.PIPE
-        )
-        return r.communicate(timeout=10)[0].decode()
+        return node_metrics(self.bed.topo, "n1")
 
 
-def requests(text: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("istio_requests_total{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+
+
 
 
 @pytest.fixture(scope="module")
@@ -254,14 +247,8 @@ def test_bad_input_is_refused_with_file_line_field_and_nothing_applied(bed: Bed,
 
 
 def dest_requests(bed: Bed, workload: str) -> float:
-    n = bed.bed.topo.node("n2")
-    assert n is not None
-    r = testbed.popen_in(
-        n.netns, None, ["curl", "-sS", f"http://{n.fabric_address}:15020/metrics"], stdout=subprocess.PIPE
-    )
-    return requests(
-        r.communicate(timeout=10)[0].decode(), reporter="destination", destination_workload=workload
-    )
+    text = node_metrics(bed.bed.topo, "n2")
+    return requests(text, reporter="destination", destination_workload=workload)
 
 
 def test_mirror_copies_reach_the_mirror_and_the_client_sees_the_main_route(bed: Bed) -> None:

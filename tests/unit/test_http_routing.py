@@ -3,10 +3,10 @@ header operations, timeouts, direct responses. Pure: no sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
-from typing import Any
 
 import pytest
 
@@ -22,7 +22,7 @@ from agent.control.istio import (
     VirtualService,
 )
 from agent.control.model import Kind, Service, ServicePort, Workload, resource_key
-from agent.control.snapshot import Snapshot, SnapshotBuilder
+from agent.control.snapshot import SnapshotBuilder
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.lb import Policy
@@ -58,18 +58,6 @@ WORKLOADS = [
 ]
 
 
-class Snap:
-    """A snapshot with Istio kinds beside it (the registry's own decoding is tested elsewhere)."""
-
-    def __init__(self, snap: Snapshot, vss: list[VirtualService], drs: list[DestinationRule]) -> None:
-        self._s = snap
-        self.virtual_services = {(v.namespace, v.name): v for v in vss}
-        self.destination_rules = {(d.namespace, d.name): d for d in drs}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._s, name)
-
-
 def table(vss: list[VirtualService], drs: list[DestinationRule] = ()) -> routing.RouteTable:  # type: ignore[assignment]
     b = SnapshotBuilder()
     puts = {
@@ -77,7 +65,9 @@ def table(vss: list[VirtualService], drs: list[DestinationRule] = ()) -> routing
     }
     puts.update({resource_key(Kind.WORKLOAD, w.namespace, w.name): json.dumps(w.to_doc()) for w in WORKLOADS})
     b.apply(puts, [])
-    return routing.RouteTable.build(Snap(b.build(1), vss, list(drs)))  # type: ignore[arg-type]
+    snap = dataclasses.replace(b.build(1), virtual_services={(v.namespace, v.name): v for v in vss},
+                               destination_rules={(d.namespace, d.name): d for d in drs})
+    return routing.RouteTable.build(snap)
 
 
 DR = DestinationRule(

@@ -176,8 +176,6 @@ class H1Loop:
         self._request_read = False  # the request's END event taken from the client
         if head.version == "1.0":
             ex.protocol = "HTTP/1.0"
-        connect = head.method == "CONNECT"
-        switching = connect or bool(head.upgrade)
         up: Upstream | None = None
         keep = False
         reusable = False
@@ -194,7 +192,7 @@ class H1Loop:
                             self.down.abort()
                             return False
                         try:
-                            keep, reusable = await self._attempt(head, ex, up, switching)
+                            keep, reusable = await self._attempt(head, ex, up)
                             break
                         except _Stale:
                             up.end.abort()
@@ -248,7 +246,7 @@ class H1Loop:
         return True
 
     async def _attempt(
-        self, head: RequestHead, ex: Exchange, up: Upstream, switching: bool
+        self, head: RequestHead, ex: Exchange, up: Upstream
     ) -> tuple[bool, bool]:
         """One try within the route's timeout (the whole exchange, retries included, as Envoy's
         route timeout) and the retry policy's per-try timeout: 504 ``UT`` when the time is up
@@ -259,11 +257,11 @@ class H1Loop:
         left = None if ex.timeout_s is None else ex.start + ex.timeout_s - self.clock()
         limits = [t for t in (per_try, left) if t is not None]
         if not limits:
-            return await self._forward(head, ex, up, switching)
+            return await self._forward(head, ex, up)
         limit = max(min(limits), 0.0)
         try:
             async with asyncio.timeout(limit):
-                return await self._forward(head, ex, up, switching)
+                return await self._forward(head, ex, up)
         except TimeoutError:
             up.end.abort()  # the upstream is in an unknown state: never reused
             if ex.response_bytes:
@@ -299,9 +297,7 @@ class H1Loop:
         except (ConnectionError, TunnelError, OSError) as e:
             raise _ClientGone(str(e)) from e
 
-    async def _forward(
-        self, head: RequestHead, ex: Exchange, up: Upstream, switching: bool
-    ) -> tuple[bool, bool]:
+    async def _forward(self, head: RequestHead, ex: Exchange, up: Upstream) -> tuple[bool, bool]:
         framing: list[Header] = []
         if head.chunked:
             framing.append((b"transfer-encoding", b"chunked"))

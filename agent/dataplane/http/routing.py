@@ -110,10 +110,24 @@ class Decision:
     request_ops: tuple[HeaderOps, ...] = ()
     response_ops: tuple[HeaderOps, ...] = ()
     timeout_s: float | None = None
-    outlier: OutlierDetection | None = None  # the destination's DestinationRule's
-    max_requests: int = 0  # its connectionPool.http.http2MaxRequests (0: none)
-    consistent_hash: ConsistentHash | None = None  # its loadBalancer.consistentHash
-    locality_lb: bool = False  # locality-aware (Istio: on when outlierDetection is set)
+    rule: DestinationRule | None = None  # the destination service's DestinationRule
+
+    @property
+    def outlier(self) -> OutlierDetection | None:
+        return self.rule.outlier if self.rule is not None else None
+
+    @property
+    def max_requests(self) -> int:  # connectionPool.http.http2MaxRequests (0: none)
+        return self.rule.max_requests if self.rule is not None else 0
+
+    @property
+    def consistent_hash(self) -> ConsistentHash | None:
+        return self.rule.consistent_hash if self.rule is not None else None
+
+    @property
+    def locality_lb(self) -> bool:  # locality-aware: Istio's condition is outlierDetection set
+        r = self.rule
+        return r is not None and r.locality_lb and r.outlier is not None
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
@@ -140,7 +154,7 @@ class _Matcher:
 class RouteTable:
     snapshot: Snapshot
     vs_of: Mapping[tuple[str, str], VirtualService]  # service (ns, name) -> its VirtualService
-    dr_of: Mapping[str, DestinationRule]  # service FQDN -> its DestinationRule
+    dr_of: Mapping[tuple[str, str], DestinationRule]  # service (ns, name) -> its DestinationRule
     service_of: Mapping[str, Service]  # FQDN -> service
     matcher: _Matcher = field(default_factory=_Matcher)
     # (service namespace, name, port, subset) -> (healthy endpoints of the subset, subset policy);
@@ -150,8 +164,8 @@ class RouteTable:
     @classmethod
     def build(cls, snapshot: Snapshot) -> RouteTable:
         services = {service_fqdn(s): s for s in snapshot.services.values()}
-        vss = sorted(getattr(snapshot, "virtual_services", {}).values(), key=lambda v: (v.namespace, v.name))
-        drs = sorted(getattr(snapshot, "destination_rules", {}).values(), key=lambda d: (d.namespace, d.name))
+        vss = sorted(snapshot.virtual_services.values(), key=lambda v: (v.namespace, v.name))
+        drs = sorted(snapshot.destination_rules.values(), key=lambda d: (d.namespace, d.name))
         vs_of: dict[tuple[str, str], VirtualService] = {}
         for vs in vss:
             if vs.gateways and "mesh" not in vs.gateways:
@@ -161,16 +175,25 @@ class RouteTable:
                 key = (svc.namespace, svc.name)
                 if key not in vs_of and any(host_matches(p, fq) for p in patterns):
                     vs_of[key] = vs
-        dr_of: dict[str, DestinationRule] = {}
+        dr_of: dict[tuple[str, str], DestinationRule] = {}
         for dr in drs:
             p = host_fqdn(dr.host, dr.namespace)
-            for fq in services:
-                if fq not in dr_of and host_matches(p, fq):
-                    dr_of[fq] = dr
+            for fq, svc in services.items():
+                key = (svc.namespace, svc.name)
+                if key not in dr_of and host_matches(p, fq):
+                    dr_of[key] = dr
         return cls(snapshot, MappingProxyType(vs_of), MappingProxyType(dr_of), MappingProxyType(services))
 
     def virtual_service(self, svc: Service) -> VirtualService | None:
         return self.vs_of.get((svc.namespace, svc.name))
+
+    def rule(self, svc: Service) -> DestinationRule | None:
+        return self.dr_of.get((svc.namespace, svc.name))
+
+    def applies(self, svc: Service) -> bool:
+        """A VirtualService or a DestinationRule applies to the service (else: no decision)."""
+        key = (svc.namespace, svc.name)
+        return key in self.vs_of or key in self.dr_of
 
     # -- matching ----------------------------------------------------------------------------
 
@@ -260,7 +283,7 @@ def _compute_subset(
     eps = healthy_endpoints(table.snapshot, svc, port)
     if not subset:
         return eps, ""
-    dr = table.dr_of.get(service_fqdn(svc))
+    dr = table.rule(svc)
     sub = next((s for s in dr.subsets if s.name == subset), None) if dr is not None else None
     if sub is None:
         raise LocalReply(503, f"no subset {subset!r} of {service_fqdn(svc)} is defined", "NR")
@@ -278,12 +301,8 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
     vs = table.virtual_service(svc)
     if vs is None:
         eps, _ = subset_endpoints(table, svc, req.port, "")
-        dr = table.dr_of.get(service_fqdn(svc))
         return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
-                        outlier=dr.outlier if dr is not None else None,
-                        max_requests=dr.max_requests if dr is not None else 0,
-                        consistent_hash=dr.consistent_hash if dr is not None else None,
-                        locality_lb=dr is not None and dr.locality_lb and dr.outlier is not None)
+                        rule=table.rule(svc))
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -325,16 +344,8 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         tuple(o for o in (route.request_headers, d.request_headers) if not o.empty) or _NO_OPS,
         tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
         route.timeout_s,
-        _outlier_of(table, target),
-        _max_requests_of(table, target),
-        _hash_of(table, target),
-        _locality_of(table, target),
+        table.rule(target),
     )
-
-
-def _locality_of(table: RouteTable, svc: Service) -> bool:
-    dr = table.dr_of.get(service_fqdn(svc))
-    return dr is not None and dr.locality_lb and dr.outlier is not None
 
 
 def by_locality(endpoints: tuple[Endpoint, ...], source_locality: str) -> tuple[Endpoint, ...]:
@@ -357,25 +368,10 @@ def by_locality(endpoints: tuple[Endpoint, ...], source_locality: str) -> tuple[
     return tuple(e for e, lv in zip(endpoints, levels, strict=True) if lv == best)
 
 
-def _hash_of(table: RouteTable, svc: Service) -> ConsistentHash | None:
-    dr = table.dr_of.get(service_fqdn(svc))
-    return dr.consistent_hash if dr is not None else None
-
-
-def _max_requests_of(table: RouteTable, svc: Service) -> int:
-    dr = table.dr_of.get(service_fqdn(svc))
-    return dr.max_requests if dr is not None else 0
-
-
-def _outlier_of(table: RouteTable, svc: Service) -> OutlierDetection | None:
-    dr = table.dr_of.get(service_fqdn(svc))
-    return dr.outlier if dr is not None else None
-
-
 def _policy(table: RouteTable, svc: Service, subset_lb: str) -> Policy:
     name = subset_lb
     if not name:
-        dr = table.dr_of.get(service_fqdn(svc))
+        dr = table.rule(svc)
         name = dr.load_balancer if dr is not None else ""
     return Policy.parse(name or svc.lb_policy)
 
