@@ -137,13 +137,6 @@ class VirtualService:
 
 
 @dataclass(frozen=True, slots=True)
-class Subset:
-    name: str
-    labels: tuple[tuple[str, str], ...]
-    load_balancer: str = ""  # "" : the rule's (or the service's) policy
-
-
-@dataclass(frozen=True, slots=True)
 class OutlierDetection:
     """Envoy's outlier detection as Istio configures it (durations in seconds)."""
 
@@ -153,6 +146,10 @@ class OutlierDetection:
     base_ejection_s: float = 30.0  # baseEjectionTime, times the endpoint's ejection count
     max_ejection_percent: int = 10  # at most this share of endpoints ejected (at least one)
     min_health_percent: int = 0  # below this share of available endpoints: no ejection at all
+    # splitExternalLocalOriginErrors: local-origin failures (connect failure, reset, timeout)
+    # are counted apart, against consecutiveLocalOriginFailures, not as 5xx
+    split_local_origin: bool = False
+    consecutive_local_origin: int = 5  # consecutiveLocalOriginFailures (with the split; 0: off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,18 +165,114 @@ class ConsistentHash:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadBalancer:
+    """trafficPolicy.loadBalancer: one of simple and consistentHash, and the locality setting."""
+
+    simple: str = ""  # ROUND_ROBIN | LEAST_REQUEST | RANDOM ("": the service's policy)
+    consistent_hash: ConsistentHash | None = None
+    # localityLbSetting.enabled (Istio's default: on), effective only with outlierDetection
+    locality: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    """trafficPolicy.connectionPool: Envoy's circuit breakers and connection settings for the
+    destination (per source proxy, as in Envoy). 0 / None: no limit, the proxy's default."""
+
+    max_connections: int = 0  # tcp.maxConnections: upstream connections open at once
+    connect_timeout_s: float | None = None  # tcp.connectTimeout
+    max_pending: int = 0  # http.http1MaxPendingRequests: requests waiting for a connection
+    max_requests: int = 0  # http.http2MaxRequests: requests in flight
+    max_requests_per_connection: int = 0  # http.maxRequestsPerConnection
+    max_retries: int = 0  # http.maxRetries: retries in flight at once
+    idle_timeout_s: float | None = None  # http.idleTimeout: an idle upstream connection closes
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """One level of a DestinationRule's trafficPolicy (the rule's, a port's, a subset's). A
+    field left unset (None) is inherited; a field set replaces the inherited one as a whole,
+    as Istio merges subset and port-level policies."""
+
+    load_balancer: LoadBalancer | None = None
+    outlier: OutlierDetection | None = None
+    pool: ConnectionPool | None = None
+
+    def over(self, base: TrafficPolicy) -> TrafficPolicy:
+        """This policy's fields over ``base``'s."""
+        return TrafficPolicy(
+            self.load_balancer if self.load_balancer is not None else base.load_balancer,
+            self.outlier if self.outlier is not None else base.outlier,
+            self.pool if self.pool is not None else base.pool,
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self.load_balancer is None and self.outlier is None and self.pool is None
+
+
+PortPolicies = tuple[tuple[int, TrafficPolicy], ...]  # portLevelSettings: port -> policy
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    policy: TrafficPolicy = TrafficPolicy()
+    ports: PortPolicies = ()
+
+    @property
+    def load_balancer(self) -> str:
+        lb = self.policy.load_balancer
+        return lb.simple if lb is not None else ""
+
+
+@dataclass(frozen=True, slots=True)
 class DestinationRule:
     name: str
     namespace: str
     host: str
-    load_balancer: str = ""  # trafficPolicy.loadBalancer.simple; "": the service's policy
+    policy: TrafficPolicy = TrafficPolicy()  # trafficPolicy
     subsets: tuple[Subset, ...] = ()
     source: str = ""
-    outlier: OutlierDetection | None = None  # trafficPolicy.outlierDetection
-    max_requests: int = 0  # connectionPool.http.http2MaxRequests (0: no limit): over it, 503 UO
-    consistent_hash: ConsistentHash | None = None  # trafficPolicy.loadBalancer.consistentHash
-    # loadBalancer.localityLbSetting.enabled (Istio's default: on), effective with outlierDetection
-    locality_lb: bool = True
+    ports: PortPolicies = ()  # trafficPolicy.portLevelSettings
+
+    def resolve(self, port: int, subset: str) -> TrafficPolicy:
+        """The policy in force for a port of a subset, as Istio merges them: the rule's, the
+        rule's port-level settings over it, the subset's over that, the subset's port-level
+        settings over all."""
+        p = self.policy
+        for n, pp in self.ports:
+            if n == port:
+                p = pp.over(p)
+        if subset:
+            for s in self.subsets:
+                if s.name == subset:
+                    p = s.policy.over(p)
+                    for n, pp in s.ports:
+                        if n == port:
+                            p = pp.over(p)
+        return p
+
+    # the rule-level policy, for listings
+    @property
+    def load_balancer(self) -> str:
+        lb = self.policy.load_balancer
+        return lb.simple if lb is not None else ""
+
+    @property
+    def outlier(self) -> OutlierDetection | None:
+        return self.policy.outlier
+
+    @property
+    def consistent_hash(self) -> ConsistentHash | None:
+        lb = self.policy.load_balancer
+        return lb.consistent_hash if lb is not None else None
+
+    @property
+    def max_requests(self) -> int:
+        pool = self.policy.pool
+        return pool.max_requests if pool is not None else 0
 
 
 # -- JSON documents (what the registry stores) -----------------------------------------------
@@ -310,28 +403,75 @@ def virtual_service_doc(vs: VirtualService) -> dict[str, Any]:
             "source": vs.source}
 
 
-def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
-    doc: dict[str, Any] = {"name": dr.name, "namespace": dr.namespace, "host": dr.host,
-                           "loadBalancer": dr.load_balancer, "source": dr.source,
-                           "subsets": [{"name": s.name, "labels": dict(s.labels),
-                                        "loadBalancer": s.load_balancer} for s in dr.subsets]}
-    if dr.max_requests:
-        doc["maxRequests"] = dr.max_requests
-    if not dr.locality_lb:
-        doc["localityLb"] = False
-    ch = dr.consistent_hash
-    if ch is not None:
-        doc["consistentHash"] = {"key": ch.key, "name": ch.name, "cookiePath": ch.cookie_path,
-                                 "cookieTtl": ch.cookie_ttl_s, "algorithm": ch.algorithm,
-                                 "size": ch.size}
-    o = dr.outlier
+def _policy_doc(p: TrafficPolicy) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    lb = p.load_balancer
+    if lb is not None:
+        d: dict[str, Any] = {"simple": lb.simple, "locality": lb.locality}
+        ch = lb.consistent_hash
+        if ch is not None:
+            d["consistentHash"] = {"key": ch.key, "name": ch.name, "cookiePath": ch.cookie_path,
+                                   "cookieTtl": ch.cookie_ttl_s, "algorithm": ch.algorithm,
+                                   "size": ch.size}
+        out["loadBalancer"] = d
+    o = p.outlier
     if o is not None:
-        doc["outlierDetection"] = {
+        out["outlierDetection"] = {
             "consecutive5xxErrors": o.consecutive_5xx, "consecutiveGatewayErrors": o.consecutive_gateway,
             "interval": f"{o.interval_s!r}s", "baseEjectionTime": f"{o.base_ejection_s!r}s",
             "maxEjectionPercent": o.max_ejection_percent, "minHealthPercent": o.min_health_percent,
+            "splitExternalLocalOriginErrors": o.split_local_origin,
+            "consecutiveLocalOriginFailures": o.consecutive_local_origin,
         }
-    return doc
+    c = p.pool
+    if c is not None:
+        out["connectionPool"] = {
+            "maxConnections": c.max_connections, "connectTimeout": c.connect_timeout_s,
+            "maxPending": c.max_pending, "maxRequests": c.max_requests,
+            "maxRequestsPerConnection": c.max_requests_per_connection, "maxRetries": c.max_retries,
+            "idleTimeout": c.idle_timeout_s,
+        }
+    return out
+
+
+def _ports_doc(ports: PortPolicies) -> list[dict[str, Any]]:
+    return [{"port": n, "policy": _policy_doc(p)} for n, p in ports]
+
+
+def destination_rule_doc(dr: DestinationRule) -> dict[str, Any]:
+    return {"name": dr.name, "namespace": dr.namespace, "host": dr.host, "source": dr.source,
+            "policy": _policy_doc(dr.policy), "ports": _ports_doc(dr.ports),
+            "subsets": [{"name": s.name, "labels": dict(s.labels), "policy": _policy_doc(s.policy),
+                         "ports": _ports_doc(s.ports)} for s in dr.subsets]}
+
+
+def _policy_from(d: Mapping[str, Any]) -> TrafficPolicy:
+    lb = d.get("loadBalancer")
+    o = d.get("outlierDetection")
+    c = d.get("connectionPool")
+    return TrafficPolicy(
+        LoadBalancer(
+            lb.get("simple", ""),
+            ConsistentHash(ch["key"], ch["name"], ch["cookiePath"], ch["cookieTtl"], ch["algorithm"],
+                           int(ch["size"])) if (ch := lb.get("consistentHash")) else None,
+            bool(lb.get("locality", True)),
+        ) if lb is not None else None,
+        OutlierDetection(
+            int(o["consecutive5xxErrors"]), int(o["consecutiveGatewayErrors"]),
+            parse_duration(o["interval"]), parse_duration(o["baseEjectionTime"]),
+            int(o["maxEjectionPercent"]), int(o["minHealthPercent"]),
+            bool(o.get("splitExternalLocalOriginErrors", False)),
+            int(o.get("consecutiveLocalOriginFailures", 5)),
+        ) if o is not None else None,
+        ConnectionPool(
+            int(c["maxConnections"]), c["connectTimeout"], int(c["maxPending"]), int(c["maxRequests"]),
+            int(c["maxRequestsPerConnection"]), int(c["maxRetries"]), c["idleTimeout"],
+        ) if c is not None else None,
+    )
+
+
+def _ports_from(items: Any) -> PortPolicies:
+    return tuple((int(x["port"]), _policy_from(x["policy"])) for x in items or ())
 
 
 def _match_from(d: Mapping[str, Any]) -> HttpMatch:
@@ -443,21 +583,12 @@ def virtual_service_from_doc(d: Mapping[str, Any]) -> VirtualService:
 
 
 def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:
-    o = d.get("outlierDetection")
     return DestinationRule(
-        d["name"], d["namespace"], d["host"], d.get("loadBalancer", ""),
-        tuple(Subset(s["name"], tuple(s.get("labels", {}).items()), s.get("loadBalancer", ""))
-              for s in d.get("subsets", ())),
+        d["name"], d["namespace"], d["host"], _policy_from(d.get("policy", {})),
+        tuple(Subset(s["name"], tuple(s.get("labels", {}).items()), _policy_from(s.get("policy", {})),
+                     _ports_from(s.get("ports"))) for s in d.get("subsets", ())),
         d.get("source", ""),
-        OutlierDetection(
-            int(o["consecutive5xxErrors"]), int(o["consecutiveGatewayErrors"]),
-            parse_duration(o["interval"]), parse_duration(o["baseEjectionTime"]),
-            int(o["maxEjectionPercent"]), int(o["minHealthPercent"]),
-        ) if o else None,
-        int(d.get("maxRequests", 0)),
-        ConsistentHash(ch["key"], ch["name"], ch["cookiePath"], ch["cookieTtl"], ch["algorithm"],
-                       int(ch["size"])) if (ch := d.get("consistentHash")) else None,
-        bool(d.get("localityLb", True)),
+        _ports_from(d.get("ports")),
     )
 
 

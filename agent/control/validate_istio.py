@@ -23,6 +23,7 @@ import re2
 from agent.control.istio import (
     MATCH_KINDS,
     RETRY_ON,
+    ConnectionPool,
     ConsistentHash,
     Destination,
     DestinationRule,
@@ -30,12 +31,15 @@ from agent.control.istio import (
     HeaderOps,
     HttpMatch,
     HttpRoute,
+    LoadBalancer,
     OutlierDetection,
+    PortPolicies,
     Redirect,
     Retry,
     RouteDestination,
     StringMatch,
     Subset,
+    TrafficPolicy,
     VirtualService,
     retry_policy,
 )
@@ -77,8 +81,8 @@ _MATCH_REFUSED = {"statPrefix": f"is {_YET}",
                   "gateways": f"is {_YET} (gateways come with the gateway work)"}
 _DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
                "workloadSelector": f"is {_YET}"}
-_POLICY_REFUSED = {k: f"is {_YET}" for k in (
-                                             "portLevelSettings", "tls", "proxyProtocol", "tunnel")}
+_POLICY_REFUSED = {k: f"is {_YET}" for k in ("proxyProtocol", "tunnel")}
+_POLICY_FIELDS = ("loadBalancer", "outlierDetection", "connectionPool", "tls")
 _LB_REFUSED = {k: f"is {_YET}" for k in (
                                          "warmupDurationSecs", "warmup")}
 
@@ -491,23 +495,7 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
     if "host" not in spec:
         raise doc.fail("spec.host", "missing required field 'host'")
     host = _host(doc, spec["host"], "spec.host", wildcard=True)
-    lb = _traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy", outlier_ok=True)
-    outlier = None
-    tp = spec.get("trafficPolicy")
-    if isinstance(tp, Mapping) and tp.get("outlierDetection") is not None:
-        outlier = _outlier(doc, tp["outlierDetection"], "spec.trafficPolicy.outlierDetection")
-    consistent = None
-    if isinstance(tp, Mapping) and isinstance(tp.get("loadBalancer"), Mapping) \
-            and tp["loadBalancer"].get("consistentHash") is not None:
-        consistent = _consistent_hash(doc, tp["loadBalancer"]["consistentHash"],
-                                      "spec.trafficPolicy.loadBalancer.consistentHash")
-    locality_lb = True
-    if isinstance(tp, Mapping) and isinstance(tp.get("loadBalancer"), Mapping) \
-            and isinstance(tp["loadBalancer"].get("localityLbSetting"), Mapping):
-        locality_lb = tp["loadBalancer"]["localityLbSetting"].get("enabled", True) is not False
-    max_requests = 0
-    if isinstance(tp, Mapping) and tp.get("connectionPool") is not None:
-        max_requests = _connection_pool(doc, tp["connectionPool"], "spec.trafficPolicy.connectionPool")
+    policy, ports = _traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy")
     subsets: list[Subset] = []
     for i, item in enumerate(_list(doc, spec, "subsets", "spec")):
         path = f"spec.subsets[{i}]"
@@ -517,11 +505,83 @@ def destination_rule(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> 
         if any(x.name == sname for x in subsets):
             raise doc.fail(f"{path}.name", f"subset {sname!r} is defined twice")
         labels = _labels(doc, s.get("labels"), f"{path}.labels")
-        subsets.append(Subset(sname, tuple(sorted(labels.items())),
-                              _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")))
-    return DestinationRule(name, ns, host, lb, tuple(subsets), source=f"{doc.file}:{doc.start_line}",
-                           outlier=outlier, max_requests=max_requests, consistent_hash=consistent,
-                           locality_lb=locality_lb)
+        sp, sports = _traffic_policy(doc, s.get("trafficPolicy"), f"{path}.trafficPolicy")
+        subsets.append(Subset(sname, tuple(sorted(labels.items())), sp, sports))
+    return DestinationRule(name, ns, host, policy, tuple(subsets), f"{doc.file}:{doc.start_line}", ports)
+
+
+def _traffic_policy(doc: _Doc, v: Any, path: str) -> tuple[TrafficPolicy, PortPolicies]:
+    """A trafficPolicy (the rule's or a subset's) and its portLevelSettings."""
+    if v is None:
+        return TrafficPolicy(), ()
+    m = _map(doc, v, path)
+    _fields(doc, m, path, (*_POLICY_FIELDS, "portLevelSettings"), _POLICY_REFUSED)
+    policy = _policy_fields(doc, m, path)
+    ports: list[tuple[int, TrafficPolicy]] = []
+    for i, item in enumerate(_list(doc, m, "portLevelSettings", path)):
+        ppath = f"{path}.portLevelSettings[{i}]"
+        pm = _map(doc, item, ppath)
+        _fields(doc, pm, ppath, ("port", *_POLICY_FIELDS), _POLICY_REFUSED)
+        if pm.get("port") is None:
+            raise doc.fail(f"{ppath}.port", "missing required field 'port'")
+        port_m = _map(doc, pm["port"], f"{ppath}.port")
+        _fields(doc, port_m, f"{ppath}.port", ("number",))
+        number = _int(doc, port_m, "number", f"{ppath}.port", 1, 65535, required=True)
+        if any(n == number for n, _ in ports):
+            raise doc.fail(f"{ppath}.port.number", f"port {number} has settings twice")
+        pp = _policy_fields(doc, pm, ppath)
+        if pp.empty:
+            raise doc.fail(ppath, f"port {number} has no settings",
+                           hint="give loadBalancer, connectionPool or outlierDetection")
+        ports.append((number, pp))
+    return policy, tuple(ports)
+
+
+def _policy_fields(doc: _Doc, m: Mapping[str, Any], path: str) -> TrafficPolicy:
+    if m.get("tls") is not None:  # what mesh traffic always is here; other modes originate TLS
+        t = _map(doc, m["tls"], f"{path}.tls")
+        _fields(doc, t, f"{path}.tls", ("mode",))
+        if t.get("mode") != "ISTIO_MUTUAL":
+            raise doc.fail(f"{path}.tls.mode", f"tls mode {t.get('mode')!r} is {_YET}",
+                           hint="ISTIO_MUTUAL (mesh mTLS, which every mesh hop already uses)")
+    return TrafficPolicy(
+        _load_balancer(doc, m["loadBalancer"], f"{path}.loadBalancer")
+        if m.get("loadBalancer") is not None else None,
+        _outlier(doc, m["outlierDetection"], f"{path}.outlierDetection")
+        if m.get("outlierDetection") is not None else None,
+        _connection_pool(doc, m["connectionPool"], f"{path}.connectionPool")
+        if m.get("connectionPool") is not None else None,
+    )
+
+
+def _load_balancer(doc: _Doc, v: Any, path: str) -> LoadBalancer:
+    """loadBalancer: simple or consistentHash (alternatives), and localityLbSetting.enabled."""
+    lb = _map(doc, v, path)
+    _fields(doc, lb, path, ("simple", "consistentHash", "localityLbSetting"), _LB_REFUSED)
+    locality = True
+    if lb.get("localityLbSetting") is not None:
+        spath = f"{path}.localityLbSetting"
+        ls = _map(doc, lb["localityLbSetting"], spath)
+        _fields(doc, ls, spath, ("enabled",), {k: f"is {_YET}" for k in (
+            "distribute", "failover", "failoverPriority")})
+        if "enabled" in ls and not isinstance(ls["enabled"], bool):
+            raise doc.fail(f"{spath}.enabled", f"expected true or false, got {_tname(ls['enabled'])}")
+        locality = ls.get("enabled", True) is not False
+    consistent = None
+    if lb.get("consistentHash") is not None:
+        if "simple" in lb:
+            raise doc.fail(path, "simple and consistentHash are alternatives")
+        consistent = _consistent_hash(doc, lb["consistentHash"], f"{path}.consistentHash")
+    simple = ""
+    if "simple" in lb:
+        simple = _str(doc, lb, "simple", path, required=True)
+        if simple not in DR_LOAD_BALANCERS:
+            why = f"{simple} is {_YET}" if simple == "PASSTHROUGH" else f"unknown load balancer {simple!r}"
+            hint = "one of: " + ", ".join(DR_LOAD_BALANCERS)
+            if simple == "LEAST_CONN":
+                hint += " (LEAST_REQUEST is LEAST_CONN's current name)"
+            raise doc.fail(f"{path}.simple", why, hint=hint)
+    return LoadBalancer(simple, consistent, locality)
 
 
 def _consistent_hash(doc: _Doc, v: Any, path: str) -> ConsistentHash:
@@ -572,21 +632,47 @@ def _consistent_hash(doc: _Doc, v: Any, path: str) -> ConsistentHash:
     return ConsistentHash(key, name, cpath, ttl, algorithm, size)
 
 
-def _connection_pool(doc: _Doc, v: Any, path: str) -> int:
-    """connectionPool: ``http.http2MaxRequests`` (Envoy's max_requests: requests in flight to the
-    service from this proxy, whatever the protocol; over it, 503 ``UO``). The other fields are
-    refused by name."""
+def _connection_pool(doc: _Doc, v: Any, path: str) -> ConnectionPool:
+    """connectionPool: Envoy's circuit breakers (over a limit: 503 ``UO``) and the upstream
+    connections' connect and idle timeouts. Settings nodemesh does not implement are refused."""
     m = _map(doc, v, path)
-    _fields(doc, m, path, ("http",), {"tcp": f"is {_YET}"})
-    if m.get("http") is None:
-        return 0
+    _fields(doc, m, path, ("tcp", "http"))
+    t: Mapping[str, Any] = {}
+    tpath = f"{path}.tcp"
+    if m.get("tcp") is not None:
+        t = _map(doc, m["tcp"], tpath)
+        _fields(doc, t, tpath, ("maxConnections", "connectTimeout"),
+                {k: f"is {_YET}" for k in ("tcpKeepalive", "maxConnectionDuration", "idleTimeout")})
+    h: Mapping[str, Any] = {}
     hpath = f"{path}.http"
-    h = _map(doc, m["http"], hpath)
-    _fields(doc, h, hpath, ("http2MaxRequests",),
-            {k: f"is {_YET}" for k in ("http1MaxPendingRequests", "maxRequestsPerConnection", "maxRetries",
-                                         "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
-                                         "maxConcurrentStreams")})
-    return _int(doc, h, "http2MaxRequests", hpath, 1, 1 << 30, default=0)
+    if m.get("http") is not None:
+        h = _map(doc, m["http"], hpath)
+        _fields(doc, h, hpath, ("http1MaxPendingRequests", "http2MaxRequests", "maxRequestsPerConnection",
+                                "maxRetries", "idleTimeout", "useClientProtocol"),
+                {"h2UpgradePolicy": f"is {_YET} (the client's protocol is kept upstream)",
+                 "maxConcurrentStreams": f"is {_YET}"})
+        if "useClientProtocol" in h and h["useClientProtocol"] is not True:
+            raise doc.fail(f"{hpath}.useClientProtocol", "only true is supported: nodemesh always "
+                           "keeps the client's protocol upstream")
+
+    def dur(mm: Mapping[str, Any], key: str, p: str) -> float | None:
+        if mm.get(key) is None:
+            return None
+        s = _timeout(doc, {"timeout": mm[key]}, f"{p}.{key}")
+        if not s:
+            raise doc.fail(f"{p}.{key}", "expected a positive duration")
+        return s
+
+    big = 1 << 31
+    return ConnectionPool(
+        _int(doc, t, "maxConnections", tpath, 1, big, default=0),
+        dur(t, "connectTimeout", tpath),
+        _int(doc, h, "http1MaxPendingRequests", hpath, 1, big, default=0),
+        _int(doc, h, "http2MaxRequests", hpath, 1, big, default=0),
+        _int(doc, h, "maxRequestsPerConnection", hpath, 1, big, default=0),
+        _int(doc, h, "maxRetries", hpath, 1, big, default=0),
+        dur(h, "idleTimeout", hpath),
+    )
 
 
 def _outlier(doc: _Doc, v: Any, path: str) -> OutlierDetection:
@@ -595,9 +681,11 @@ def _outlier(doc: _Doc, v: Any, path: str) -> OutlierDetection:
     m = _map(doc, v, path)
     _fields(doc, m, path, ("consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
                            "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
-                           "consecutiveErrors"),
-            {"splitExternalLocalOriginErrors": f"is {_YET}",
-             "consecutiveLocalOriginFailures": f"is {_YET}"})
+                           "consecutiveErrors", "splitExternalLocalOriginErrors",
+                           "consecutiveLocalOriginFailures"))
+    if "splitExternalLocalOriginErrors" in m and not isinstance(m["splitExternalLocalOriginErrors"], bool):
+        raise doc.fail(f"{path}.splitExternalLocalOriginErrors",
+                       f"expected true or false, got {_tname(m['splitExternalLocalOriginErrors'])}")
     if "consecutiveErrors" in m:
         raise doc.fail(f"{path}.consecutiveErrors", "consecutiveErrors is deprecated in Istio",
                        hint="write consecutive5xxErrors")
@@ -618,49 +706,7 @@ def _outlier(doc: _Doc, v: Any, path: str) -> OutlierDetection:
         dur("baseEjectionTime", d.base_ejection_s),
         _int(doc, m, "maxEjectionPercent", path, 0, 100, default=d.max_ejection_percent),
         _int(doc, m, "minHealthPercent", path, 0, 100, default=d.min_health_percent),
+        bool(m.get("splitExternalLocalOriginErrors", False)),
+        _int(doc, m, "consecutiveLocalOriginFailures", path, 0, 1_000_000,
+             default=d.consecutive_local_origin),
     )
-
-
-def _traffic_policy(doc: _Doc, v: Any, path: str, *, outlier_ok: bool = False) -> str:
-    """The simple load balancer of a trafficPolicy ("" when it names none)."""
-    if v is None:
-        return ""
-    m = _map(doc, v, path)
-    if outlier_ok:
-        _fields(doc, m, path, ("loadBalancer", "outlierDetection", "connectionPool"), _POLICY_REFUSED)
-    else:
-        _fields(doc, m, path, ("loadBalancer",), {
-            **_POLICY_REFUSED, "outlierDetection": f"in a subset is {_YET} (set it for the whole rule)",
-            "connectionPool": f"in a subset is {_YET} (set it for the whole rule)"})
-    if m.get("loadBalancer") is None:
-        return ""
-    lpath = f"{path}.loadBalancer"
-    lb = _map(doc, m["loadBalancer"], lpath)
-    if outlier_ok:  # (rule level: destination_rule reads consistentHash and localityLbSetting)
-        _fields(doc, lb, lpath, ("simple", "consistentHash", "localityLbSetting"), _LB_REFUSED)
-        if lb.get("localityLbSetting") is not None:
-            spath = f"{lpath}.localityLbSetting"
-            ls = _map(doc, lb["localityLbSetting"], spath)
-            _fields(doc, ls, spath, ("enabled",), {k: f"is {_YET}" for k in (
-                "distribute", "failover", "failoverPriority")})
-            if "enabled" in ls and not isinstance(ls["enabled"], bool):
-                raise doc.fail(f"{spath}.enabled",
-                               f"expected true or false, got {_tname(ls['enabled'])}")
-            if set(lb) <= {"localityLbSetting"}:
-                return ""
-        if lb.get("consistentHash") is not None:
-            if "simple" in lb:
-                raise doc.fail(lpath, "simple and consistentHash are alternatives")
-            return ""
-    else:
-        _fields(doc, lb, lpath, ("simple",), {**_LB_REFUSED,
-                                              "consistentHash": f"in a subset is {_YET}",
-                                              "localityLbSetting": f"in a subset is {_YET}"})
-    simple = _str(doc, lb, "simple", lpath, required=True)
-    if simple not in DR_LOAD_BALANCERS:
-        why = f"{simple} is {_YET}" if simple == "PASSTHROUGH" else f"unknown load balancer {simple!r}"
-        hint = "one of: " + ", ".join(DR_LOAD_BALANCERS)
-        if simple == "LEAST_CONN":
-            hint += " (LEAST_REQUEST is LEAST_CONN's current name)"
-        raise doc.fail(f"{lpath}.simple", why, hint=hint)
-    return simple

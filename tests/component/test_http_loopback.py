@@ -641,11 +641,12 @@ def test_retries_make_a_flaky_server_reliable_and_faults_are_injected_and_flagge
 
 
 def test_outlier_detection_ejects_an_endpoint_answering_5xx_and_brings_it_back() -> None:
-    from agent.control.istio import DestinationRule, OutlierDetection
+    from agent.control.istio import DestinationRule, OutlierDetection, TrafficPolicy
 
     ws = workloads(2)
     od = OutlierDetection(consecutive_5xx=3, interval_s=1.0, base_ejection_s=1.5, max_ejection_percent=50)
-    dr = DestinationRule("web", "default", "web", outlier=od)  # (no VirtualService: the rule applies alone)
+    # (no VirtualService: the rule applies alone)
+    dr = DestinationRule("web", "default", "web", TrafficPolicy(outlier=od))
 
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
@@ -670,10 +671,10 @@ def test_outlier_detection_ejects_an_endpoint_answering_5xx_and_brings_it_back()
 
 
 def test_connection_pool_overflow_is_503_uo_and_the_slot_is_given_back() -> None:
-    from agent.control.istio import DestinationRule
+    from agent.control.istio import ConnectionPool, DestinationRule, TrafficPolicy
 
     ws = workloads(2)
-    dr = DestinationRule("web", "default", "web", max_requests=1)
+    dr = DestinationRule("web", "default", "web", TrafficPolicy(pool=ConnectionPool(max_requests=1)))
 
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory
@@ -700,15 +701,20 @@ def test_connection_pool_overflow_is_503_uo_and_the_slot_is_given_back() -> None
 
 
 def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> None:
-    from agent.control.istio import ConsistentHash, DestinationRule
+    from agent.control.istio import ConsistentHash, DestinationRule, LoadBalancer, TrafficPolicy
 
     ws = workloads(2)
-    by_header = DestinationRule("web", "default", "web", consistent_hash=ConsistentHash("header", "x-user"))
+    by_header = DestinationRule(
+        "web", "default", "web", TrafficPolicy(
+            LoadBalancer(consistent_hash=ConsistentHash("header", "x-user"))
+        )
+    )
     by_cookie = DestinationRule(
         "web",
         "default",
         "web",
-        consistent_hash=ConsistentHash("cookie", "nm-affinity", "/", 60.0, "maglev", 65537),
+        TrafficPolicy(LoadBalancer(
+            consistent_hash=ConsistentHash("cookie", "nm-affinity", "/", 60.0, "maglev", 65537))),
     )
 
     async def body(mesh: Mesh) -> None:
@@ -736,13 +742,14 @@ def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> 
 
 
 def test_locality_load_balancing_stays_in_zone_and_fails_over_when_the_zone_is_ejected() -> None:
-    from agent.control.istio import DestinationRule, OutlierDetection
+    from agent.control.istio import DestinationRule, OutlierDetection, TrafficPolicy
 
     base = workloads(2)
     loc = {"client": "eu/eu-1a", "web-1": "eu/eu-1a", "web-2": "eu/eu-1b"}
     ws = [dataclasses.replace(w, locality=loc[w.name]) for w in base]
     od = OutlierDetection(consecutive_5xx=2, base_ejection_s=30.0, max_ejection_percent=100)
-    dr = DestinationRule("web", "default", "web", outlier=od)  # locality LB: on (Istio's default)
+    # locality LB: on (Istio's default)
+    dr = DestinationRule("web", "default", "web", TrafficPolicy(outlier=od))
 
     async def body(mesh: Mesh) -> None:
         from agent.dataplane.route import Directory

@@ -16,9 +16,11 @@ from agent.control.istio import (
     HeaderOps,
     HttpMatch,
     HttpRoute,
+    LoadBalancer,
     RouteDestination,
     StringMatch,
     Subset,
+    TrafficPolicy,
     VirtualService,
 )
 from agent.control.model import Kind, Service, ServicePort, Workload, resource_key
@@ -74,7 +76,10 @@ DR = DestinationRule(
     "reviews",
     "default",
     "reviews",
-    subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),), "LEAST_REQUEST")),
+    subsets=(
+        Subset("v1", (("version", "v1"),)),
+        Subset("v2", (("version", "v2"),), TrafficPolicy(LoadBalancer("LEAST_REQUEST"))),
+    ),
 )
 
 

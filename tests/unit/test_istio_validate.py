@@ -246,19 +246,28 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
         "1000 is not a prime"),
     "outlier detection field": (
         RULE.replace("  subsets:\n",
-                     "    outlierDetection: {consecutiveLocalOriginFailures: 2}\n  subsets:\n"),
-        "outlierDetection", "spec.trafficPolicy.outlierDetection.consecutiveLocalOriginFailures",
-        "consecutiveLocalOriginFailures is not supported yet"),
+                     "    outlierDetection: {consecutiveErrors: 2}\n  subsets:\n"),
+        "outlierDetection", "spec.trafficPolicy.outlierDetection.consecutiveErrors",
+        "consecutiveErrors is deprecated in Istio"),
     "outlier detection percent": (
         RULE.replace("  subsets:\n", "    outlierDetection: {maxEjectionPercent: 150}\n  subsets:\n"),
         "outlierDetection", "spec.trafficPolicy.outlierDetection.maxEjectionPercent", "150"),
-    "subset connection pool": (RULE + "    trafficPolicy: {connectionPool: {}}\n", "connectionPool",
-                               "spec.subsets[1].trafficPolicy.connectionPool",
-                               "connectionPool in a subset is not supported yet"),
+    "subset tls mode": (RULE + "    trafficPolicy: {tls: {mode: SIMPLE}}\n", "trafficPolicy: {tls",
+                        "spec.subsets[1].trafficPolicy.tls.mode", "tls mode 'SIMPLE' is not supported yet"),
     "connection pool field": (
-        RULE.replace("  subsets:\n", "    connectionPool: {http: {maxRetries: 3}}\n  subsets:\n"),
-        "connectionPool", "spec.trafficPolicy.connectionPool.http.maxRetries",
-        "maxRetries is not supported yet"),
+        RULE.replace("  subsets:\n",
+                     "    connectionPool: {tcp: {tcpKeepalive: {time: 7200s}}}\n  subsets:\n"),
+        "connectionPool", "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+        "tcpKeepalive is not supported yet"),
+    "port level settings without a port": (
+        RULE.replace("  subsets:\n",
+                     "    portLevelSettings:\n    - loadBalancer: {simple: RANDOM}\n  subsets:\n"),
+        "- loadBalancer: {simple: RANDOM}", "spec.trafficPolicy.portLevelSettings[0].port",
+        "missing required field 'port'"),
+    "use client protocol": (
+        RULE.replace("  subsets:\n", "    connectionPool: {http: {useClientProtocol: false}}\n  subsets:\n"),
+        "connectionPool", "spec.trafficPolicy.connectionPool.http.useClientProtocol",
+        "only true is supported"),
     "workload selector": (RULE + "  workloadSelector: {}\n", "workloadSelector",
                           "spec.workloadSelector", "workloadSelector is not supported yet"),
     "subset twice": (RULE.replace("name: v2", "name: v1"), ("labels: {version: v2}", -1),
@@ -468,6 +477,46 @@ def test_destination_rule_policies_parse_and_round_trip() -> None:
     assert dr.consistent_hash == ConsistentHash("cookie", "user", "/", 60.0, "ring", 2048)
     assert dr.outlier == OutlierDetection(3, 0, 5.0, 10.0, 50, 0)
     assert dr.max_requests == 100 and dr.load_balancer == ""
+    assert destination_rule_from_doc(destination_rule_doc(dr)) == dr
+
+
+def test_subset_and_port_level_policies_merge_as_istio_does() -> None:
+    """Subset and port-level settings replace the inherited loadBalancer, connectionPool or
+    outlierDetection as a whole; precedence: subset's port > subset > rule's port > rule."""
+    from agent.control.istio import ConnectionPool, destination_rule_doc, destination_rule_from_doc
+
+    text = RULE.replace(
+        "  subsets:\n",
+        "    connectionPool:\n"
+        "      tcp: {maxConnections: 10, connectTimeout: 250ms}\n"
+        "      http: {http1MaxPendingRequests: 5, http2MaxRequests: 50, maxRequestsPerConnection: 7,\n"
+        "             maxRetries: 2, idleTimeout: 30s, useClientProtocol: true}\n"
+        "    outlierDetection: {consecutive5xxErrors: 3, splitExternalLocalOriginErrors: true,\n"
+        "                       consecutiveLocalOriginFailures: 2}\n"
+        "    tls: {mode: ISTIO_MUTUAL}\n"
+        "    portLevelSettings:\n"
+        "    - port: {number: 8080}\n"
+        "      loadBalancer: {simple: RANDOM}\n"
+        "  subsets:\n",
+    ) + "    trafficPolicy:\n      connectionPool: {http: {http2MaxRequests: 1}}\n" \
+        "      portLevelSettings:\n      - port: {number: 9090}\n" \
+        "        loadBalancer: {simple: ROUND_ROBIN}\n"
+    dr = parse(text)[0].resource
+    assert isinstance(dr, DestinationRule)
+    pool = ConnectionPool(10, 0.25, 5, 50, 7, 2, 30.0)
+    top = dr.resolve(80, "")
+    assert top.pool == pool and top.load_balancer is not None and top.load_balancer.simple == "LEAST_REQUEST"
+    assert top.outlier is not None and top.outlier.split_local_origin
+    assert top.outlier.consecutive_local_origin == 2
+    port = dr.resolve(8080, "")
+    assert port.load_balancer is not None and port.load_balancer.simple == "RANDOM" and port.pool == pool
+    v1 = dr.resolve(8080, "v1")  # v1 has no policy of its own: the rule's port-level settings
+    assert v1.load_balancer is not None and v1.load_balancer.simple == "RANDOM"
+    v2 = dr.resolve(8080, "v2")  # v2's connectionPool replaces the rule's as a whole
+    assert v2.pool == ConnectionPool(max_requests=1) and v2.load_balancer is not None
+    assert v2.load_balancer.simple == "RANDOM" and v2.outlier == top.outlier
+    v2p = dr.resolve(9090, "v2")  # the subset's own port-level settings win
+    assert v2p.load_balancer is not None and v2p.load_balancer.simple == "ROUND_ROBIN"
     assert destination_rule_from_doc(destination_rule_doc(dr)) == dr
 
 

@@ -4,7 +4,9 @@ ejected from load balancing for a while, as Envoy does. Pure state, clock inject
 How this works: the source proxy reports each finished try to :meth:`Outliers.observe` with
 the endpoint, the response code and flags. A 5xx — or a failure of our own to reach the
 endpoint (``UF``, ``UC``, ``UT``: Envoy counts local-origin failures as 5xx unless told to
-split them) — adds to the endpoint's consecutive count; anything else resets it. At
+split them: with ``splitExternalLocalOriginErrors`` they count apart, against
+``consecutiveLocalOriginFailures``) — adds to the endpoint's consecutive count; anything else
+resets it. At
 ``consecutive5xxErrors`` (or ``consecutiveGatewayErrors`` for 502/503/504) the endpoint is
 ejected for ``baseEjectionTime`` times its ejection count so far (a flapping endpoint stays
 out longer each time), unless that would eject more than ``maxEjectionPercent`` of the
@@ -33,6 +35,7 @@ MAX_TRACKED = 65536
 class _State:
     consecutive_5xx: int = 0
     consecutive_gateway: int = 0
+    consecutive_local: int = 0  # local-origin failures, counted apart (splitExternalLocalOriginErrors)
     ejected_until: float = 0.0
     ejections: int = 0
 
@@ -60,18 +63,33 @@ class Outliers:
     ) -> bool:
         """Count one finished try; True if this ejected the endpoint."""
         st = self._get(cluster, ep)
-        failed = status >= 500 or flags in LOCAL_ORIGIN_FAILURES
-        gateway = status in (502, 503, 504) or flags in LOCAL_ORIGIN_FAILURES
+        local = flags in LOCAL_ORIGIN_FAILURES
+        if od.split_local_origin:
+            # Envoy's split mode: local-origin failures have their own count
+            # (consecutiveLocalOriginFailures); the 5xx counts see only what the endpoint answered
+            if local:
+                st.consecutive_local += 1
+                limit = od.consecutive_local_origin
+                trip = bool(limit) and st.consecutive_local >= limit
+                return self._eject(cluster, st, od, cluster_size) if trip else False
+            st.consecutive_local = 0
+            if not status:
+                return False
+        failed = status >= 500 or local
+        gateway = status in (502, 503, 504) or local
         if not failed:
             st.consecutive_5xx = st.consecutive_gateway = 0
             return False
         st.consecutive_5xx += 1
         st.consecutive_gateway = st.consecutive_gateway + 1 if gateway else 0
-        trip = (od.consecutive_5xx and st.consecutive_5xx >= od.consecutive_5xx) or (
+        trip = bool(od.consecutive_5xx and st.consecutive_5xx >= od.consecutive_5xx) or bool(
             od.consecutive_gateway and st.consecutive_gateway >= od.consecutive_gateway
         )
+        return self._eject(cluster, st, od, cluster_size) if trip else False
+
+    def _eject(self, cluster: str, st: _State, od: OutlierDetection, cluster_size: int) -> bool:
         now = self.clock()
-        if not trip or st.ejected_until > now:
+        if st.ejected_until > now:
             return False
         out_now = sum(1 for (c, _), s in self._state.items() if c == cluster and s.ejected_until > now)
         limit = max(1, cluster_size * od.max_ejection_percent // 100) if od.max_ejection_percent else 0
@@ -79,7 +97,7 @@ class Outliers:
             return False
         st.ejections += 1
         st.ejected_until = now + od.base_ejection_s * st.ejections
-        st.consecutive_5xx = st.consecutive_gateway = 0
+        st.consecutive_5xx = st.consecutive_gateway = st.consecutive_local = 0
         self.ejected_total += 1
         return True
 

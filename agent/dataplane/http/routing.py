@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl
 import re2
 
 from agent.control.istio import (
+    ConnectionPool,
     ConsistentHash,
     DestinationRule,
     HeaderOps,
@@ -37,6 +38,7 @@ from agent.control.istio import (
     OutlierDetection,
     RouteDestination,
     StringMatch,
+    TrafficPolicy,
     VirtualService,
     host_fqdn,
     host_matches,
@@ -94,6 +96,9 @@ class RequestFacts:
     source: Workload
 
 
+NO_POLICY = TrafficPolicy()
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     service: Service  # the destination service
@@ -111,23 +116,30 @@ class Decision:
     response_ops: tuple[HeaderOps, ...] = ()
     timeout_s: float | None = None
     rule: DestinationRule | None = None  # the destination service's DestinationRule
+    traffic: TrafficPolicy = NO_POLICY  # its policy for this port and subset (merged)
 
     @property
     def outlier(self) -> OutlierDetection | None:
-        return self.rule.outlier if self.rule is not None else None
+        return self.traffic.outlier
+
+    @property
+    def pool(self) -> ConnectionPool | None:
+        return self.traffic.pool
 
     @property
     def max_requests(self) -> int:  # connectionPool.http.http2MaxRequests (0: none)
-        return self.rule.max_requests if self.rule is not None else 0
+        pool = self.traffic.pool
+        return pool.max_requests if pool is not None else 0
 
     @property
     def consistent_hash(self) -> ConsistentHash | None:
-        return self.rule.consistent_hash if self.rule is not None else None
+        lb = self.traffic.load_balancer
+        return lb.consistent_hash if lb is not None else None
 
     @property
     def locality_lb(self) -> bool:  # locality-aware: Istio's condition is outlierDetection set
-        r = self.rule
-        return r is not None and r.locality_lb and r.outlier is not None
+        lb = self.traffic.load_balancer
+        return (lb is None or lb.locality) and self.traffic.outlier is not None
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
@@ -157,9 +169,11 @@ class RouteTable:
     dr_of: Mapping[tuple[str, str], DestinationRule]  # service (ns, name) -> its DestinationRule
     service_of: Mapping[str, Service]  # FQDN -> service
     matcher: _Matcher = field(default_factory=_Matcher)
-    # (service namespace, name, port, subset) -> (healthy endpoints of the subset, subset policy);
-    # the snapshot is immutable, so computed once per table (bounded by the routes' subsets)
-    subsets: dict[tuple[str, str, int, str], tuple[tuple[Endpoint, ...], str]] = field(default_factory=dict)
+    # (service namespace, name, port, subset) -> (healthy endpoints of the subset, the rule's
+    # policy for that port and subset); the snapshot is immutable, so computed once per table
+    # (bounded by the routes' subsets)
+    subsets: dict[tuple[str, str, int, str], tuple[tuple[Endpoint, ...], TrafficPolicy]] = field(
+        default_factory=dict)
 
     @classmethod
     def build(cls, snapshot: Snapshot) -> RouteTable:
@@ -268,8 +282,9 @@ def _rewrite(path: str, route: HttpRoute, m: HttpMatch | None) -> str | None:
 
 def subset_endpoints(
     table: RouteTable, svc: Service, port: int, subset: str
-) -> tuple[tuple[Endpoint, ...], str]:
-    """Healthy endpoints of the service port, of ``subset``'s labels; and the subset's policy."""
+) -> tuple[tuple[Endpoint, ...], TrafficPolicy]:
+    """Healthy endpoints of the service port, of ``subset``'s labels; and the DestinationRule's
+    policy for that port and subset (Istio's merge: :meth:`DestinationRule.resolve`)."""
     key = (svc.namespace, svc.name, port, subset)
     hit = table.subsets.get(key)
     if hit is None:
@@ -279,13 +294,13 @@ def subset_endpoints(
 
 def _compute_subset(
     table: RouteTable, svc: Service, port: int, subset: str
-) -> tuple[tuple[Endpoint, ...], str]:
+) -> tuple[tuple[Endpoint, ...], TrafficPolicy]:
     eps = healthy_endpoints(table.snapshot, svc, port)
-    if not subset:
-        return eps, ""
     dr = table.rule(svc)
+    if not subset:
+        return eps, dr.resolve(port, "") if dr is not None else NO_POLICY
     sub = next((s for s in dr.subsets if s.name == subset), None) if dr is not None else None
-    if sub is None:
+    if dr is None or sub is None:
         raise LocalReply(503, f"no subset {subset!r} of {service_fqdn(svc)} is defined", "NR")
     wl = table.snapshot.workloads
     keep = []
@@ -293,16 +308,16 @@ def _compute_subset(
         w = wl.get((e.namespace, e.workload))
         if w is not None and all(w.labels.get(k) == v for k, v in sub.labels):
             keep.append(e)
-    return tuple(keep), sub.load_balancer
+    return tuple(keep), dr.resolve(port, subset)
 
 
 def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Random) -> Decision:
     """Where this request goes. Raises LocalReply for no matching route or a direct response."""
     vs = table.virtual_service(svc)
     if vs is None:
-        eps, _ = subset_endpoints(table, svc, req.port, "")
-        return Decision(svc, req.port, eps, _policy(table, svc, ""), f"{svc.namespace}/{svc.name}/",
-                        rule=table.rule(svc))
+        eps, traffic = subset_endpoints(table, svc, req.port, "")
+        return Decision(svc, req.port, eps, _policy(svc, traffic), f"{svc.namespace}/{svc.name}/",
+                        rule=table.rule(svc), traffic=traffic)
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -328,12 +343,12 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
             port = target.ports[0].port
         else:
             raise LocalReply(503, f"{service_fqdn(target)} has no port {port}", "NR")
-    eps, subset_lb = subset_endpoints(table, target, port, d.destination.subset)
+    eps, traffic = subset_endpoints(table, target, port, d.destination.subset)
     return Decision(
         target,
         port,
         eps,
-        _policy(table, target, subset_lb),
+        _policy(target, traffic),
         f"{target.namespace}/{target.name}/{d.destination.subset}",
         vs,
         i,
@@ -345,6 +360,7 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
         route.timeout_s,
         table.rule(target),
+        traffic,
     )
 
 
@@ -368,12 +384,9 @@ def by_locality(endpoints: tuple[Endpoint, ...], source_locality: str) -> tuple[
     return tuple(e for e, lv in zip(endpoints, levels, strict=True) if lv == best)
 
 
-def _policy(table: RouteTable, svc: Service, subset_lb: str) -> Policy:
-    name = subset_lb
-    if not name:
-        dr = table.rule(svc)
-        name = dr.load_balancer if dr is not None else ""
-    return Policy.parse(name or svc.lb_policy)
+def _policy(svc: Service, traffic: TrafficPolicy) -> Policy:
+    lb = traffic.load_balancer
+    return Policy.parse((lb.simple if lb is not None else "") or svc.lb_policy)
 
 
 _Encoded = tuple[frozenset[bytes], list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]
