@@ -32,10 +32,11 @@ import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.control.istio import ConsistentHash, Destination, host_fqdn
+from agent.control.istio import ConnectionPool, ConsistentHash, Destination, host_fqdn
 from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
@@ -70,6 +71,15 @@ OUTBOUND_PORT = 15001
 
 OriginalDstLookup = Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None]
 NodeAddress = Callable[[str], str | None]
+
+
+@dataclass(slots=True)
+class _Gate:
+    """A cluster's upstream connections in use (``connectionPool.tcp.maxConnections``) and the
+    requests waiting for one (``http1MaxPendingRequests``), first come first served."""
+
+    busy: int = 0
+    waiting: deque[asyncio.Future[None]] = dataclasses.field(default_factory=deque)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +121,7 @@ class Outbound:
         self._table: routing.RouteTable | None = None
         self.outliers = Outliers()  # outlier detection state, per cluster and endpoint
         self.in_flight: dict[str, int] = {}  # requests in flight per cluster (connectionPool)
+        self.gates: dict[str, _Gate] = {}  # connections in use per cluster (connectionPool)
         self.hashers = Hashers()  # consistent-hash rings and Maglev tables per endpoint set
         self._mirrors: set[asyncio.Task[None]] = set()
         self.mirrored = self.mirror_failures = self.mirrors_dropped = 0
@@ -181,6 +192,45 @@ class Outbound:
             if up is not None:
                 self.upstreams.discard(up)
 
+    async def take_connection(self, cluster: str, limit: int, max_pending: int) -> None:
+        """A connection slot of ``cluster`` (at most ``limit`` in use): at once, or after waiting
+        behind at most ``max_pending`` others (0: no bound); over that, 503 ``UO`` as Envoy's
+        pending-request circuit breaker."""
+        g = self.gates.get(cluster)
+        if g is None:
+            g = self.gates[cluster] = _Gate()
+        if g.busy < limit:
+            g.busy += 1
+            return
+        if max_pending and len(g.waiting) >= max_pending:
+            raise LocalReply(503, f"upstream overflow: {g.busy} connections to {cluster} in use "
+                             f"(maxConnections) and {len(g.waiting)} requests waiting "
+                             "(http1MaxPendingRequests)", "UO")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        g.waiting.append(fut)
+        try:
+            await fut  # the slot is handed over by give_connection
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give_connection(cluster)  # handed over just as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    g.waiting.remove(fut)
+            raise
+
+    def give_connection(self, cluster: str) -> None:
+        g = self.gates.get(cluster)
+        if g is None:
+            return
+        while g.waiting:
+            f = g.waiting.popleft()
+            if not f.done():
+                f.set_result(None)  # the slot passes on: busy stays
+                return
+        g.busy -= 1
+        if g.busy <= 0:
+            del self.gates[cluster]
+
     def route_table(self) -> routing.RouteTable:
         """The VirtualService/DestinationRule index of the current snapshot (built once per
         snapshot: a new directory is a new snapshot)."""
@@ -247,8 +297,35 @@ class Outbound:
             return None
         if not route.endpoints:
             return self._fail(app, "UH", f"service {route.service_key} has no healthy endpoint")
+        pool = self._tcp_pool(route)
+        if pool is not None and pool.max_connections:
+            g = self.gates.get(route.service_key)
+            if g is not None and g.busy >= pool.max_connections:
+                return self._fail(app, "UO", f"upstream overflow: {g.busy} connections to "
+                                  f"{route.service_key} open (maxConnections)")
+            self.gates.setdefault(route.service_key, _Gate()).busy += 1
+            try:
+                return await self._tcp(app, src, src_id, route, first, peer, dst_ip, pool)
+            finally:
+                self.give_connection(route.service_key)
+        return await self._tcp(app, src, src_id, route, first, peer, dst_ip, pool)
+
+    def _tcp_pool(self, route: Route) -> ConnectionPool | None:
+        """The connectionPool of the DestinationRule for a TCP connection's service port."""
+        svc = route.service
+        if svc is None:
+            return None
+        rule = self.route_table().rule(svc)
+        return rule.resolve(route.port, "").pool if rule is not None else None
+
+    async def _tcp(
+        self, app: SocketEnd, src: Workload, src_id: SpiffeId, route: Route, first: bytes,
+        peer: tuple[str, int], dst_ip: str, pool: ConnectionPool | None,
+    ) -> None:
+        directory = self.directory()
         tried: set[tuple[str, int]] = set()
         last_error = ""
+        timeout = pool.connect_timeout_s if pool is not None else None
         for _ in range(self.config.max_attempts):
             ep = self.balancer.pick(
                 route.service_key or dst_ip, route.policy, route.endpoints, frozenset(tried)
@@ -265,7 +342,7 @@ class Outbound:
                 mutual_tls=ep.node != self.config.node,
             )
             try:
-                upstream = await self._connect(ep, src_id, dst_id, peer[0], peer[1])
+                upstream = await self._connect(ep, src_id, dst_id, peer[0], peer[1], timeout)
             except (OSError, TunnelError, TimeoutError) as e:
                 last_error = f"{ep.address}:{ep.port}: {e}"
                 log.info("outbound: endpoint %s failed: %s; trying the next", ep.workload, e)
@@ -281,10 +358,14 @@ class Outbound:
         return self._fail(app, "UF", f"no endpoint of {route.service_key or dst_ip} reachable ({last_error})")
 
     async def _connect(
-        self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, src_ip: str, src_port: int = 0
+        self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, src_ip: str, src_port: int = 0,
+        timeout_s: float | None = None,
     ) -> End:
+        """A connection to ``ep``, within ``timeout_s`` (the destination's connectTimeout) or the
+        proxy's connect timeout."""
+        timeout_s = timeout_s or self.config.connect_timeout_s
         if ep.node == self.config.node:
-            async with asyncio.timeout(self.config.connect_timeout_s):
+            async with asyncio.timeout(timeout_s):
                 r, w = await open_pod(ep.address, ep.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT)
             return SocketEnd(r, w)
         node_addr = self.node_address(ep.node)
@@ -292,7 +373,7 @@ class Outbound:
             raise TunnelError(f"node {ep.node!r} of workload {ep.workload} has no known address")
         # (a pooled HTTP upstream stream carries many client connections: no one port)
         headers = hbone.connect_headers(hbone.Target(ep.address, ep.port), src_ip, src_port)
-        async with asyncio.timeout(self.config.connect_timeout_s):
+        async with asyncio.timeout(timeout_s):
             stream = await self.pool.open_stream(src_id, dst_id, node_addr, headers, self.config.hbone_port)
         return TunnelEnd(stream)
 
@@ -465,6 +546,11 @@ class OutboundHttp:
                 )
             out.in_flight[bkey] = n + 1
             ex.holds_slot = True
+        pool = plan.pool if plan is not None else None
+        if pool is not None and pool.max_connections and kind == "h1" and not ex.conn_slot:
+            # (an HTTP/1.1 upstream connection carries one request at a time: a request holds one)
+            await out.take_connection(bkey, pool.max_connections, pool.max_pending)
+            ex.conn_slot = bkey
         if plan is not None and plan.outlier is not None:
             endpoints = out.outliers.available(bkey, endpoints, plan.outlier)
             if plan.locality_lb:
@@ -491,11 +577,15 @@ class OutboundHttp:
             ex.upstream = f"{ep.address}:{ep.port}"
             out.balancer.started(ep)  # LEAST_REQUEST: requests in flight
             key = (self.src_ip, ep.address, ep.port, kind)
-            dial = functools.partial(self._dial, ep)
+            dial = functools.partial(self._dial, ep, pool.connect_timeout_s if pool is not None else None)
             try:
                 if kind == "h2":
                     return await out.h2_upstreams.acquire(key, dial, fresh=fresh)
-                return await out.upstreams.acquire(key, dial, fresh=fresh)
+                up = await out.upstreams.acquire(key, dial, fresh=fresh)
+                if pool is not None:
+                    up.max_requests = pool.max_requests_per_connection
+                    up.idle_timeout_s = pool.idle_timeout_s or 0.0
+                return up
             except (OSError, TunnelError, TimeoutError) as e:
                 out.balancer.finished(ep)
                 ex.state = None
@@ -505,10 +595,10 @@ class OutboundHttp:
         what = bkey
         raise LocalReply(503, f"upstream connect error: no endpoint of {what} reachable ({last_error})", "UF")
 
-    async def _dial(self, ep: Endpoint) -> End:
+    async def _dial(self, ep: Endpoint, timeout_s: float | None = None) -> End:
         out = self.out
         dst_id = out.identity(ep.namespace, ep.service_account)
-        return await out._connect(ep, self.src_id, dst_id, self.src_ip)
+        return await out._connect(ep, self.src_id, dst_id, self.src_ip, timeout_s=timeout_s)
 
     def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
         h = http1.end_to_end(head.headers)
@@ -600,6 +690,9 @@ class OutboundHttp:
             else:
                 out.in_flight.pop(key, None)
             ex.holds_slot = False
+        if ex.conn_slot:
+            out.give_connection(ex.conn_slot)
+            ex.conn_slot = ""
         c = ex.state
         if isinstance(c, _Choice):
             out.balancer.finished(c.endpoint)

@@ -7,6 +7,7 @@ sockets for the malformed-request corpus, whose exact bytes matter."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -698,6 +699,147 @@ def test_connection_pool_overflow_is_503_uo_and_the_slot_is_given_back() -> None
         assert n1.outbound.in_flight == {}
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_max_connections_queues_requests_up_to_max_pending_then_overflows_uo() -> None:
+    """connectionPool.tcp.maxConnections: 1 and http.http1MaxPendingRequests: 1: one request
+    holds the connection, one waits for it (and succeeds), one more overflows at once."""
+    from agent.control.istio import ConnectionPool, DestinationRule, TrafficPolicy
+
+    ws = workloads(1)
+    dr = DestinationRule("web", "default", "web",
+                         TrafficPolicy(pool=ConnectionPool(max_connections=1, max_pending=1)))
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
+        n1 = mesh.nodes["n1"]
+        port = n1.outbound_port
+        loop = asyncio.get_running_loop()
+        slow = asyncio.ensure_future(asyncio.to_thread(keepalive_requests, port, 1, "/slow"))
+        await asyncio.sleep(0.3)
+        t0 = loop.time()
+        waiting = asyncio.ensure_future(asyncio.to_thread(keepalive_requests, port, 1, "/"))
+        await asyncio.sleep(0.2)
+        res = await asyncio.to_thread(keepalive_requests, port, 1, "/")
+        assert res[0][0] == 503 and "http1MaxPendingRequests" in res[0][1]["raw"]
+        assert loop.time() - t0 < 0.6  # the overflow is answered at once, not queued
+        assert (await slow)[0][0] == 200
+        done = await waiting
+        assert done[0][0] == 200 and loop.time() - t0 >= 0.5  # it waited for the slow one
+        assert metric(n1, "istio_requests_total", reporter="source", response_flags="UO") == 1
+        assert n1.outbound.gates == {}  # every slot came back
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+def test_max_requests_per_connection_and_connect_timeout_of_the_destination() -> None:
+    from agent.control.istio import ConnectionPool, DestinationRule, TrafficPolicy
+
+    ws = workloads(1)
+    dr = DestinationRule("web", "default", "web", TrafficPolicy(pool=ConnectionPool(
+        max_requests_per_connection=2, connect_timeout_s=0.2, idle_timeout_s=0.5)))
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
+        n1 = mesh.nodes["n1"]
+        stats = n1.outbound.upstreams.stats
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 6)
+        assert [r[0] for r in res] == [200] * 6
+        assert stats.dials == 3 and stats.reuses == 3  # a new upstream connection every 2 requests
+        # idleTimeout: the destination's, not the pool's default (60 s)
+        res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1)
+        assert n1.outbound.upstreams.idle == 1
+        assert n1.outbound.upstreams.reap() == 0
+        await asyncio.sleep(0.6)
+        assert n1.outbound.upstreams.reap() == 1
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+def test_connect_timeout_of_the_destination_bounds_a_dial_that_hangs() -> None:
+    """An endpoint whose listen queue is full drops SYNs: the dial hangs. The destination's
+    connectTimeout (0.2 s), not the proxy's default (5 s), bounds each try."""
+    from agent.control.istio import ConnectionPool, DestinationRule, TrafficPolicy
+
+    ws = [workload("client", CLIENT, "n1", sa="client"), workload("web-1", "127.0.0.29", "n1", labels=WEB)]
+    dr = DestinationRule("web", "default", "web", TrafficPolicy(pool=ConnectionPool(connect_timeout_s=0.2)))
+    full = socket.socket()
+    full.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    full.bind(("127.0.0.29", 9000))
+    full.listen(0)
+    fillers = []
+    for _ in range(3):  # fill the accept queue (never accepted)
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(("127.0.0.29", 9000))
+        fillers.append(c)
+
+    async def go() -> None:
+        from agent.dataplane.route import Directory
+
+        async with two_node_mesh(ws, [http_service()]) as mesh:
+            mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+            mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
+            n1 = mesh.nodes["n1"]
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1)
+            took = loop.time() - t0
+            assert res[0][0] == 503 and "upstream connect error" in res[0][1]["raw"]
+            assert 0.2 <= took < 2.0, took  # 3 tries of 0.2 s, not 3 x 5 s
+            assert metric(n1, "istio_requests_total", response_code="503", response_flags="UF") == 1
+
+    try:
+        run(go())
+    finally:
+        for c in fillers:
+            c.close()
+        full.close()
+
+
+def test_tcp_max_connections_refuses_the_connection_over_it_uo() -> None:
+    from agent.control.istio import ConnectionPool, DestinationRule, TrafficPolicy
+    from tests.component.harness import web_service
+
+    ws = [workload("client", CLIENT, "n1", sa="client"), workload("web-1", "127.0.0.21", "n2", labels=WEB)]
+    dr = DestinationRule("web", "default", "web", TrafficPolicy(pool=ConnectionPool(max_connections=1)))
+
+    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"hello\n")
+        await w.drain()
+        await r.read()
+        w.close()
+
+    async def go() -> None:
+        from agent.dataplane.route import Directory
+
+        srv = await asyncio.start_server(hold, "127.0.0.21", 9000)
+        try:
+            async with two_node_mesh(ws, [web_service()]) as mesh:
+                mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+                mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [], [dr]))
+                n1 = mesh.nodes["n1"]
+                r1, w1 = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+                assert await asyncio.wait_for(r1.readline(), 5) == b"hello\n"
+                r2, w2 = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+                with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                    await asyncio.wait_for(r2.readexactly(6), 5)
+                assert metric(n1, "nodemesh_outbound_failures_total", response_flags="UO") == 1
+                w2.close()
+                w1.close()
+                await asyncio.sleep(0.3)  # the first connection ends: its slot comes back
+                r3, w3 = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+                assert await asyncio.wait_for(r3.readline(), 5) == b"hello\n"
+                w3.close()
+        finally:
+            srv.close()
+
+    run(go())
 
 
 def test_consistent_hash_keeps_a_key_on_one_endpoint_and_makes_up_a_cookie() -> None:

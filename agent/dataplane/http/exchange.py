@@ -35,6 +35,7 @@ class Exchange:
     tries: int = 0  # retries made so far
     tried: set[tuple[str, int]] | None = None  # endpoints tried (retries go elsewhere)
     holds_slot: bool = False  # counted in its cluster's requests in flight (connectionPool)
+    conn_slot: str = ""  # the cluster whose connection slot it holds (connectionPool.tcp.maxConnections)
     hash_key: str | None = None  # consistent-hash key of the request (None: none)
     set_cookie: str = ""  # a consistent-hash cookie to set on the response
     mirrored: bool = False  # a copy went to the route's mirror

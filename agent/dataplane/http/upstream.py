@@ -38,6 +38,9 @@ class Upstream:
     reused: bool = False
     idle_since: float = 0.0
     requests: int = 0
+    # the destination's connectionPool (0: the pool's limits): maxRequestsPerConnection, idleTimeout
+    max_requests: int = 0
+    idle_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +93,8 @@ class UpstreamPool:
         """The exchange on ``up`` ended; ``reusable``: both sides keep the connection."""
         up.requests += 1
         lim = self.limits
-        if (
-            not reusable
-            or (lim.max_requests_per_connection and up.requests >= lim.max_requests_per_connection)
-            or not up.end.reusable()
-        ):
+        most = up.max_requests or lim.max_requests_per_connection
+        if not reusable or (most and up.requests >= most) or not up.end.reusable():
             up.end.close()
             return
         conns = self._idle.setdefault(up.key, [])
@@ -110,10 +110,12 @@ class UpstreamPool:
 
     def reap(self) -> int:
         """Close connections idle for longer than the idle timeout."""
-        cutoff = self.clock() - self.limits.idle_timeout_s
+        now = self.clock()
+        default = self.limits.idle_timeout_s
         closed = 0
         for key, conns in list(self._idle.items()):
-            keep = [u for u in conns if u.idle_since > cutoff and u.end.reusable()]
+            keep = [u for u in conns
+                    if u.idle_since > now - (u.idle_timeout_s or default) and u.end.reusable()]
             for u in conns:
                 if u not in keep:
                     u.end.close()
