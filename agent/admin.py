@@ -12,10 +12,12 @@ can hand them to its successor (see :mod:`agent.handoff`).
 Routes (JSON unless noted):
 
 - admin, 127.0.0.1:15000: ``/status``, ``/config_dump``, ``/workloads``,
-  ``/certs``, ``/healthz/ready`` (text)
+  ``/certs``, ``/outliers`` (the proxy's outlier detection state per cluster and
+  endpoint), ``/healthz/ready`` (text)
 - metrics, node address:15020: ``/metrics`` (Prometheus text format)
-- health, node address:15021: ``/healthz/ready`` (text), ``/status`` (read-only
-  status, so ``nodemesh status --node HOST`` works from another host)
+- health, node address:15021: ``/healthz/ready`` (text), ``/status`` and
+  ``/outliers`` (read-only, so ``nodemesh status --node HOST`` and ``nodemesh
+  explain --node HOST`` work from another host)
 """
 
 from __future__ import annotations

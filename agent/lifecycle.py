@@ -46,6 +46,7 @@ from agent.admin import HttpEndpoints, Request, Response, listen_tcp
 from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
 from agent.control.screening import report_changes
+from agent.dataplane.http.outlier import outliers_doc
 from agent.dataplane.listener import FdReserve, Listener, stream_handler
 from agent.dataplane.route import Directory
 from agent.dataplane.tcp import SOCKET_READ_LIMIT
@@ -252,6 +253,10 @@ class Lifecycle:
             ]
         )
 
+    async def _outliers(self, _r: Request) -> Response:
+        states = self.agent.outbound.outliers.states()
+        return Response.json(outliers_doc(self.agent.cfg.node, states, time.time()))
+
     async def _certs(self, _r: Request) -> Response:
         return Response.json(self.status()["certificates"])
 
@@ -392,6 +397,7 @@ class Lifecycle:
                 "/config_dump": self._config,
                 "/workloads": self._workloads,
                 "/certs": self._certs,
+                "/outliers": self._outliers,
                 "/healthz/ready": self._ready,
             },
             "admin",
@@ -399,7 +405,9 @@ class Lifecycle:
         )
         metrics = HttpEndpoints({"/metrics": self._metrics}, "metrics", self.accept["metrics"])
         health = HttpEndpoints(
-            {"/healthz/ready": self._ready, "/status": self._status}, "health", self.accept["health"]
+            {"/healthz/ready": self._ready, "/status": self._status, "/outliers": self._outliers},
+            "health",
+            self.accept["health"],
         )
         for ep, name in ((admin, "admin"), (metrics, "metrics"), (health, "health")):
             await ep.start(ls[name])

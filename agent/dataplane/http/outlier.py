@@ -14,6 +14,9 @@ cluster's endpoints (at least one may always be ejected). :meth:`Outliers.availa
 cluster's endpoints for the balancer; if fewer than ``minHealthPercent`` would be left, no
 endpoint is filtered (Istio's default 0 never turns ejection off). Ejection works on top of the registry's
 active health checks: an endpoint they mark critical is not a candidate at all.
+:meth:`Outliers.states` reads the state back (the agent's admin ``/outliers``, which
+``nodemesh explain`` asks), and :func:`keep_available` is the one filter both the proxy and
+explain apply, so explain's pick skips what the proxy skips.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from agent.control.istio import OutlierDetection
 from agent.control.snapshot import Endpoint
@@ -38,6 +43,56 @@ class _State:
     consecutive_local: int = 0  # local-origin failures, counted apart (splitExternalLocalOriginErrors)
     ejected_until: float = 0.0
     ejections: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointOutlierState:
+    """One endpoint's outlier state in one cluster, as read at one moment."""
+
+    cluster: str  # the balancer's key: namespace/service/subset
+    address: str
+    port: int
+    ejected_for_s: float  # how much longer it stays ejected (0.0: it is in)
+    ejections: int  # how often it was ejected so far (the next ejection lasts one more base time)
+    consecutive_5xx: int
+    consecutive_gateway: int
+    consecutive_local: int
+
+    @property
+    def ejected(self) -> bool:
+        return self.ejected_for_s > 0
+
+    def to_doc(self, wall_now_s: float) -> dict[str, Any]:
+        """JSON form; ``wall_now_s`` (time.time()) turns the remaining time into a wall clock."""
+        until = None
+        if self.ejected:
+            until = datetime.fromtimestamp(wall_now_s + self.ejected_for_s, UTC).isoformat(
+                timespec="milliseconds")
+        return {"endpoint": f"{self.address}:{self.port}", "ejected": self.ejected,
+                "ejected_for_s": round(self.ejected_for_s, 3), "ejected_until": until,
+                "ejections": self.ejections, "consecutive_5xx": self.consecutive_5xx,
+                "consecutive_gateway": self.consecutive_gateway,
+                "consecutive_local_origin": self.consecutive_local}
+
+
+def outliers_doc(node: str, states: Sequence[EndpointOutlierState], wall_now_s: float) -> dict[str, Any]:
+    """The admin API's ``/outliers``: this node's proxy's state per cluster and endpoint."""
+    clusters: dict[str, list[dict[str, Any]]] = {}
+    for st in states:
+        clusters.setdefault(st.cluster, []).append(st.to_doc(wall_now_s))
+    return {"node": node, "clusters": clusters}
+
+
+def keep_available(
+    endpoints: Sequence[Endpoint], ejected: Callable[[EndpointKey], bool], od: OutlierDetection
+) -> tuple[Endpoint, ...]:
+    """The endpoints the balancer may pick: those not ejected (all of them below minHealthPercent)."""
+    keep = tuple(e for e in endpoints if not ejected((e.address, e.port)))
+    if len(keep) == len(endpoints):
+        return tuple(endpoints)
+    if len(keep) * 100 < od.min_health_percent * len(endpoints):
+        return tuple(endpoints)  # below minHealthPercent: ejection is off, balance over all
+    return keep  # (with minHealthPercent 0, Istio's default, all may be out: 503 UH)
 
 
 @dataclass(slots=True)
@@ -106,12 +161,18 @@ class Outliers:
     ) -> tuple[Endpoint, ...]:
         """The endpoints not ejected now (all of them below minHealthPercent)."""
         now = self.clock()
-        keep = tuple(
-            e for e in endpoints
-            if (st := self._state.get((cluster, (e.address, e.port)))) is None or st.ejected_until <= now
+
+        def ejected(ep: EndpointKey) -> bool:
+            st = self._state.get((cluster, ep))
+            return st is not None and st.ejected_until > now
+
+        return keep_available(endpoints, ejected, od)
+
+    def states(self) -> tuple[EndpointOutlierState, ...]:
+        """Every tracked endpoint's state now, by cluster and address (read-only)."""
+        now = self.clock()
+        return tuple(
+            EndpointOutlierState(cluster, addr, port, max(0.0, st.ejected_until - now), st.ejections,
+                                 st.consecutive_5xx, st.consecutive_gateway, st.consecutive_local)
+            for (cluster, (addr, port)), st in sorted(self._state.items(), key=lambda kv: kv[0])
         )
-        if len(keep) == len(endpoints):
-            return tuple(endpoints)
-        if len(keep) * 100 < od.min_health_percent * len(endpoints):
-            return tuple(endpoints)  # below minHealthPercent: ejection is off, balance over all
-        return keep  # (with minHealthPercent 0, Istio's default, all may be out: 503 UH)
