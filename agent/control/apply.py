@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from agent.control.backend import Backend
 from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
 from agent.control.istio import (
+    Destination,
     DestinationRule,
     VirtualService,
     destination_rule_doc,
@@ -229,25 +230,34 @@ def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> Non
                        for j, rd in enumerate(route.route)]
             if route.mirror is not None:
                 targets.append((f"spec.http[{i}].mirror", route.mirror))
-            for path, d in targets:
-                fq = host_fqdn(d.host, vs.namespace)
-                if fq not in fqdns:
-                    raise loc.fail(f"{path}.host", f"route to unknown host {d.host!r}: no Service "
-                                   f"{fq} in the registry or in this input",
-                                   hint="apply the Service first or in the same input; a short "
-                                        "host is a service in the VirtualService's namespace")
-                if not d.subset:
-                    continue
-                for_host = [dr for dr in rules.values()
-                            if host_matches(host_fqdn(dr.host, dr.namespace), fq)]
-                if not any(s.name == d.subset for dr in for_host for s in dr.subsets):
-                    known = sorted({s.name for dr in for_host for s in dr.subsets})
-                    raise loc.fail(f"{path}.subset",
-                                   f"unknown subset {d.subset!r} of {fq}: no DestinationRule for "
-                                   "that host defines it",
-                                   hint=(f"subsets defined for it: {', '.join(known)}" if known else
-                                         "define it under spec.subsets of a DestinationRule with "
-                                         f"host: {d.host}"))
+            _check_targets(loc, vs, targets, fqdns, rules)
+        for i, tr in enumerate(vs.tcp):
+            _check_targets(loc, vs, [(f"spec.tcp[{i}].route[{j}].destination", rd.destination)
+                                     for j, rd in enumerate(tr.route)], fqdns, rules)
+
+
+def _check_targets(loc: Located, vs: VirtualService, targets: list[tuple[str, Destination]],
+                   fqdns: set[str], rules: dict[str, DestinationRule]) -> None:
+    """A route's destinations name known services and subsets some DestinationRule defines."""
+    for path, d in targets:
+        fq = host_fqdn(d.host, vs.namespace)
+        if fq not in fqdns:
+            raise loc.fail(f"{path}.host", f"route to unknown host {d.host!r}: no Service "
+                           f"{fq} in the registry or in this input",
+                           hint="apply the Service first or in the same input; a short "
+                                "host is a service in the VirtualService's namespace")
+        if not d.subset:
+            continue
+        for_host = [dr for dr in rules.values()
+                    if host_matches(host_fqdn(dr.host, dr.namespace), fq)]
+        if not any(s.name == d.subset for dr in for_host for s in dr.subsets):
+            known = sorted({s.name for dr in for_host for s in dr.subsets})
+            raise loc.fail(f"{path}.subset",
+                           f"unknown subset {d.subset!r} of {fq}: no DestinationRule for "
+                           "that host defines it",
+                           hint=(f"subsets defined for it: {', '.join(known)}" if known else
+                                 "define it under spec.subsets of a DestinationRule with "
+                                 f"host: {d.host}"))
 
 
 def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) -> Plan:

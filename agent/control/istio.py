@@ -127,6 +127,21 @@ class HttpRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpMatch:
+    port: int = 0  # 0: any
+    source_labels: tuple[tuple[str, str], ...] = ()
+    source_namespace: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRoute:
+    """A VirtualService ``tcp`` route: for connections to a TCP port, per connection."""
+
+    matches: tuple[TcpMatch, ...] = ()  # empty: every connection
+    route: tuple[RouteDestination, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VirtualService:
     name: str
     namespace: str
@@ -134,6 +149,7 @@ class VirtualService:
     http: tuple[HttpRoute, ...] = ()
     gateways: tuple[str, ...] = ()  # empty or ("mesh",): sidecar/mesh traffic
     source: str = ""  # file:line it was applied from (for `describe` and `explain`)
+    tcp: tuple[TcpRoute, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,11 +356,7 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
     if r.route:
         out["route"] = []
         for rd in r.route:
-            d: dict[str, Any] = {"destination": {"host": rd.destination.host}, "weight": rd.weight}
-            if rd.destination.subset:
-                d["destination"]["subset"] = rd.destination.subset
-            if rd.destination.port:
-                d["destination"]["port"] = {"number": rd.destination.port}
+            d = _dest_doc(rd)
             h = {k: _ops_doc(o) for k, o in (("request", rd.request_headers),
                                                ("response", rd.response_headers)) if not o.empty}
             if h:
@@ -397,10 +409,31 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
     return out
 
 
+def _dest_doc(rd: RouteDestination) -> dict[str, Any]:
+    d: dict[str, Any] = {"destination": {"host": rd.destination.host}, "weight": rd.weight}
+    if rd.destination.subset:
+        d["destination"]["subset"] = rd.destination.subset
+    if rd.destination.port:
+        d["destination"]["port"] = {"number": rd.destination.port}
+    return d
+
+
+def _tcp_doc(r: TcpRoute) -> dict[str, Any]:
+    out: dict[str, Any] = {"route": [_dest_doc(rd) for rd in r.route]}
+    if r.matches:
+        out["match"] = [{k: v for k, v in (("port", m.port), ("sourceLabels", dict(m.source_labels)),
+                                           ("sourceNamespace", m.source_namespace)) if v}
+                        for m in r.matches]
+    return out
+
+
 def virtual_service_doc(vs: VirtualService) -> dict[str, Any]:
-    return {"name": vs.name, "namespace": vs.namespace, "hosts": list(vs.hosts),
-            "gateways": list(vs.gateways), "http": [_route_doc(r) for r in vs.http],
-            "source": vs.source}
+    doc = {"name": vs.name, "namespace": vs.namespace, "hosts": list(vs.hosts),
+           "gateways": list(vs.gateways), "http": [_route_doc(r) for r in vs.http],
+           "source": vs.source}
+    if vs.tcp:
+        doc["tcp"] = [_tcp_doc(r) for r in vs.tcp]
+    return doc
 
 
 def _policy_doc(p: TrafficPolicy) -> dict[str, Any]:
@@ -492,16 +525,7 @@ def _route_from(d: Mapping[str, Any]) -> HttpRoute:
     return HttpRoute(
         name=d.get("name", ""),
         matches=tuple(_match_from(m) for m in d.get("match", ())),
-        route=tuple(
-            RouteDestination(
-                Destination(rd["destination"]["host"], rd["destination"].get("subset", ""),
-                            int(rd["destination"].get("port", {}).get("number", 0))),
-                int(rd.get("weight", 100)),
-                _ops(rd.get("headers", {}).get("request")),
-                _ops(rd.get("headers", {}).get("response")),
-            )
-            for rd in d.get("route", ())
-        ),
+        route=tuple(_dest_from(rd) for rd in d.get("route", ())),
         timeout_s=parse_duration(d["timeout"]) if "timeout" in d else None,
         request_headers=_ops(headers.get("request")),
         response_headers=_ops(headers.get("response")),
@@ -576,10 +600,29 @@ def _fault_from(d: Mapping[str, Any]) -> Fault:
     )
 
 
+def _dest_from(rd: Mapping[str, Any]) -> RouteDestination:
+    return RouteDestination(
+        Destination(rd["destination"]["host"], rd["destination"].get("subset", ""),
+                    int(rd["destination"].get("port", {}).get("number", 0))),
+        int(rd.get("weight", 100)),
+        _ops(rd.get("headers", {}).get("request")),
+        _ops(rd.get("headers", {}).get("response")),
+    )
+
+
+def _tcp_from(d: Mapping[str, Any]) -> TcpRoute:
+    return TcpRoute(
+        tuple(TcpMatch(int(m.get("port", 0)), tuple(m.get("sourceLabels", {}).items()),
+                       m.get("sourceNamespace", "")) for m in d.get("match", ())),
+        tuple(_dest_from(rd) for rd in d.get("route", ())),
+    )
+
+
 def virtual_service_from_doc(d: Mapping[str, Any]) -> VirtualService:
     return VirtualService(d["name"], d["namespace"], tuple(d["hosts"]),
                           tuple(_route_from(r) for r in d.get("http", ())),
-                          tuple(d.get("gateways", ())), d.get("source", ""))
+                          tuple(d.get("gateways", ())), d.get("source", ""),
+                          tuple(_tcp_from(r) for r in d.get("tcp", ())))
 
 
 def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:

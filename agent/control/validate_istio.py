@@ -39,6 +39,8 @@ from agent.control.istio import (
     RouteDestination,
     StringMatch,
     Subset,
+    TcpMatch,
+    TcpRoute,
     TrafficPolicy,
     VirtualService,
     retry_policy,
@@ -68,8 +70,7 @@ _RE2_OPTIONS.log_errors = False  # the error comes back to the user as an InputE
 _YET = "not supported yet"
 # Istio fields nodemesh refuses by name, with the reason shown
 _VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
-               "tcp": f"is {_YET} (nodemesh routes HTTP; TCP traffic goes to the service itself)",
-               "tls": f"is {_YET} (nodemesh routes HTTP; TLS traffic goes to the service itself)"}
+               "tls": f"is {_YET} (TLS traffic goes to the service itself)"}
 _ROUTE_REFUSED = {
 
     "mirrors": f"is {_YET} (one mirror per route: use mirror)",
@@ -86,7 +87,7 @@ _POLICY_FIELDS = ("loadBalancer", "outlierDetection", "connectionPool", "tls")
 _LB_REFUSED = {k: f"is {_YET}" for k in (
                                          "warmupDurationSecs", "warmup")}
 
-_VS_FIELDS = ("hosts", "gateways", "http")
+_VS_FIELDS = ("hosts", "gateways", "http", "tcp")
 _ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse",
                  "retries", "fault", "mirror", "mirrorPercentage", "redirect")
 _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
@@ -147,8 +148,32 @@ def virtual_service(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> V
         gateways.append(g)
     routes = tuple(_route(doc, _map(doc, r, f"spec.http[{i}]"), f"spec.http[{i}]")
                    for i, r in enumerate(_list(doc, spec, "http", "spec")))
+    tcp = tuple(_tcp_route(doc, _map(doc, r, f"spec.tcp[{i}]"), f"spec.tcp[{i}]")
+                for i, r in enumerate(_list(doc, spec, "tcp", "spec")))
     return VirtualService(name, ns, hosts, routes, tuple(gateways),
-                          source=f"{doc.file}:{doc.start_line}")
+                          source=f"{doc.file}:{doc.start_line}", tcp=tcp)
+
+
+def _tcp_route(doc: _Doc, m: Mapping[str, Any], path: str) -> TcpRoute:
+    """A TCPRoute: match on port, sourceLabels, sourceNamespace; weighted destinations."""
+    _fields(doc, m, path, ("match", "route"))
+    matches = []
+    for i, x in enumerate(_list(doc, m, "match", path)):
+        mpath = f"{path}.match[{i}]"
+        mm = _map(doc, x, mpath)
+        _fields(doc, mm, mpath, ("port", "sourceLabels", "sourceNamespace"),
+                {"destinationSubnets": f"is {_YET}", "sourceSubnet": "is deprecated in Istio",
+                 "gateways": f"is {_YET} (gateways come with the gateway work)"})
+        port = _int(doc, mm, "port", mpath, 1, 65535, default=0)
+        labels = _labels(doc, mm.get("sourceLabels"), f"{mpath}.sourceLabels")
+        matches.append(TcpMatch(port, tuple(sorted(labels.items())), _str(doc, mm, "sourceNamespace", mpath)))
+    if "route" not in m:
+        raise doc.fail(f"{path}.route", "missing required field 'route'")
+    dests = _destinations(doc, m, path)
+    for i, rd in enumerate(dests):
+        if not (rd.request_headers.empty and rd.response_headers.empty):
+            raise doc.fail(f"{path}.route[{i}].headers", "a tcp route has no headers to change")
+    return TcpRoute(tuple(matches), dests)
 
 
 def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:

@@ -295,9 +295,19 @@ class Outbound:
             finally:
                 self.metrics.active_outbound.dec()
             return None
+        pool: ConnectionPool | None = None
+        if route.service is not None and self.route_table().applies(route.service):
+            try:  # a VirtualService's tcp routes, a DestinationRule's policy
+                plan = routing.decide_tcp(self.route_table(), route.service, route.port, src, self.rng)
+            except LocalReply as e:
+                return self._fail(app, e.flag, str(e))
+            if plan is not None:
+                route = Route(plan.service, plan.port, plan.endpoints, plan.policy, route.protocol)
+                pool = plan.pool
+            else:
+                pool = self._tcp_pool(route)
         if not route.endpoints:
             return self._fail(app, "UH", f"service {route.service_key} has no healthy endpoint")
-        pool = self._tcp_pool(route)
         if pool is not None and pool.max_connections:
             g = self.gates.get(route.service_key)
             if g is not None and g.busy >= pool.max_connections:

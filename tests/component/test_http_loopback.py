@@ -983,3 +983,65 @@ def test_redirect_is_answered_by_the_proxy_with_the_location() -> None:
         assert metric(n1, "istio_requests_total", reporter="source", response_code="308") == 2
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_tcp_routes_split_connections_by_weight_and_match_source_labels() -> None:
+    """A VirtualService's tcp routes on a TCP port: the client (app=client) matches the first
+    route (all to v2); another source falls to the weighted route (50/50 v1/v2, per
+    connection); a source no route matches is refused (NR)."""
+    from agent.control.istio import (
+        Destination,
+        DestinationRule,
+        RouteDestination,
+        Subset,
+        TcpMatch,
+        TcpRoute,
+        VirtualService,
+    )
+    from tests.component.harness import client_exchange, echo_server, web_service
+
+    other = "127.0.0.6"
+    ws = [workload("client", CLIENT, "n1", sa="client", labels={"app": "client"}),
+          workload("batch", other, "n1", sa="batch", labels={"app": "batch"}),
+          workload("web-1", "127.0.0.21", "n2", labels={"app": "web", "version": "v1"}),
+          workload("web-2", "127.0.0.22", "n2", labels={"app": "web", "version": "v2"})]
+    dr = DestinationRule("web", "default", "web",
+                         subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),))))
+    vs = VirtualService("web", "default", ("web",), tcp=(
+        TcpRoute((TcpMatch(80, (("app", "client"),)),), (RouteDestination(Destination("web", "v2")),)),
+        TcpRoute((TcpMatch(source_labels=(("app", "batch"),)),),
+                 (RouteDestination(Destination("web", "v1"), 50),
+                  RouteDestination(Destination("web", "v2"), 50))),
+    ))
+
+    async def go() -> None:
+        from agent.dataplane.route import Directory
+
+        servers = [await echo_server(f"127.0.0.2{i}", 9000, f"web-{i}") for i in (1, 2)]
+        try:
+            async with two_node_mesh(ws, [web_service()]) as mesh:
+                mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+                mesh.original_dst[(other, 0)] = (VIP, 80)
+                mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], [dr]))
+                n1 = mesh.nodes["n1"]
+                seen = Counter()
+                for _ in range(10):
+                    out = await client_exchange(CLIENT, n1.outbound_port, b"x")
+                    seen[out.split(b":")[0].decode()] += 1
+                assert seen == {"web-2": 10}
+                seen.clear()
+                for _ in range(40):
+                    out = await client_exchange(other, n1.outbound_port, b"x")
+                    seen[out.split(b":")[0].decode()] += 1
+                assert seen["web-1"] + seen["web-2"] == 40 and seen["web-1"] >= 8 and seen["web-2"] >= 8
+                # a source no tcp route matches: refused, flagged NR
+                vs_only_client = dataclasses.replace(vs, tcp=vs.tcp[:1])
+                mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs_only_client], [dr]))
+                with pytest.raises(ConnectionResetError):
+                    await client_exchange(other, n1.outbound_port, b"x")
+                assert metric(n1, "nodemesh_outbound_failures_total", response_flags="NR") == 1
+        finally:
+            for srv in servers:
+                srv.close()
+
+    run(go())

@@ -199,8 +199,15 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
         VS.replace("    timeout: 1.5s\n",
                    "    timeout: 1.5s\n    fault: {abort: {httpStatus: 500, percentage: {value: 120}}}\n"),
         "fault:", "spec.http[0].fault.abort.percentage.value", "expected a percentage 0-100"),
-    "tcp": (VS + "  tcp:\n  - route: [{destination: {host: db}}]\n", ("tcp:", 1), "spec.tcp",
-            "tcp is not supported yet"),
+    "tcp destination subnets": (
+        VS + "  tcp:\n  - match: [{destinationSubnets: [10.0.0.0/8]}]\n"
+             "    route: [{destination: {host: db}}]\n",
+        "match: [{destinationSubnets", "spec.tcp[0].match[0].destinationSubnets",
+        "destinationSubnets is not supported yet"),
+    "tcp route headers": (
+        VS + "  tcp:\n  - route:\n    - destination: {host: reviews}\n"
+             "      headers: {request: {set: {a: b}}}\n",
+        "headers: {request", "spec.tcp[0].route[0].headers", "a tcp route has no headers to change"),
     "tls": (VS + "  tls: []\n", "tls:", "spec.tls", "tls is not supported yet"),
     "exportTo": (VS + "  exportTo: ['.']\n", "exportTo", "spec.exportTo",
                  "exportTo is not supported"),
@@ -478,6 +485,25 @@ def test_destination_rule_policies_parse_and_round_trip() -> None:
     assert dr.outlier == OutlierDetection(3, 0, 5.0, 10.0, 50, 0)
     assert dr.max_requests == 100 and dr.load_balancer == ""
     assert destination_rule_from_doc(destination_rule_doc(dr)) == dr
+
+
+def test_tcp_routes_parse_and_round_trip() -> None:
+    from agent.control.istio import TcpMatch
+
+    text = VS + ("  tcp:\n  - match: [{port: 3306, sourceLabels: {app: web}, sourceNamespace: shop}]\n"
+                 "    route:\n    - {destination: {host: reviews, subset: v1}, weight: 70}\n"
+                 "    - {destination: {host: reviews, subset: v2, port: {number: 3307}}, weight: 30}\n"
+                 "  - route: [{destination: {host: reviews}}]\n")
+    vs = parse(SERVICE + "---\n" + RULE + "---\n" + text)[2].resource
+    assert isinstance(vs, VirtualService)
+    assert vs.tcp[0].matches == (TcpMatch(3306, (("app", "web"),), "shop"),)
+    assert [(d.destination.subset, d.destination.port, d.weight) for d in vs.tcp[0].route] == [
+        ("v1", 0, 70), ("v2", 3307, 30)]
+    assert vs.tcp[1].matches == () and vs.tcp[1].route[0].weight == 100
+    assert virtual_service_from_doc(virtual_service_doc(vs)) == vs
+    bad = text.replace("weight: 30", "weight: 20")
+    e = _err(SERVICE + "---\n" + RULE + "---\n" + bad)
+    assert e.path == "spec.tcp[0].route" and "sum to 90" in e.reason
 
 
 def test_subset_and_port_level_policies_merge_as_istio_does() -> None:

@@ -254,8 +254,7 @@ class RouteTable:
         return None
 
 
-def _weighted(route: HttpRoute, rng: random.Random) -> RouteDestination:
-    dests = route.route
+def _weighted(dests: tuple[RouteDestination, ...], rng: random.Random) -> RouteDestination:
     if len(dests) == 1:
         return dests[0]
     total = sum(d.weight for d in dests)
@@ -333,16 +332,8 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         location = f"{rd.scheme or req.scheme}://{rd.authority or req.authority}{path}"
         raise LocalReply(rd.code, f"redirected to {location}", "-",
                          headers=((b"location", location.encode("latin-1")),))
-    d = _weighted(route, rng)
-    target = table.service_of.get(host_fqdn(d.destination.host, vs.namespace))
-    if target is None:
-        raise LocalReply(503, f"route to unknown host {d.destination.host!r}", "NR")
-    port = d.destination.port or req.port
-    if not any(p.port == port for p in target.ports):
-        if len(target.ports) == 1 and not d.destination.port:
-            port = target.ports[0].port
-        else:
-            raise LocalReply(503, f"{service_fqdn(target)} has no port {port}", "NR")
+    d = _weighted(route.route, rng)
+    target, port = _target(table, vs, d, req.port)
     eps, traffic = subset_endpoints(table, target, port, d.destination.subset)
     return Decision(
         target,
@@ -362,6 +353,48 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         table.rule(target),
         traffic,
     )
+
+
+def decide_tcp(
+    table: RouteTable, svc: Service, port: int, source: Workload, rng: random.Random
+) -> Decision | None:
+    """Where a TCP connection goes when a VirtualService with ``tcp`` routes applies to the
+    service (None: none does; the connection goes to the service itself). The first route
+    whose matches (port, source labels, source namespace; none = all) take the connection
+    wins; its destinations are weighted per connection. No route: LocalReply ``NR``."""
+    vs = table.virtual_service(svc)
+    if vs is None or not vs.tcp:
+        return None
+    for i, route in enumerate(vs.tcp):
+        if route.matches and not any(
+            (not m.port or m.port == port)
+            and (not m.source_namespace or m.source_namespace == source.namespace)
+            and all(source.labels.get(k) == v for k, v in m.source_labels)
+            for m in route.matches
+        ):
+            continue
+        d = _weighted(route.route, rng)
+        target, tport = _target(table, vs, d, port)
+        eps, traffic = subset_endpoints(table, target, tport, d.destination.subset)
+        return Decision(target, tport, eps, _policy(target, traffic),
+                        f"{target.namespace}/{target.name}/{d.destination.subset}", vs, i,
+                        destination=d, rule=table.rule(target), traffic=traffic)
+    raise LocalReply(503, f"no tcp route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
+
+
+def _target(table: RouteTable, vs: VirtualService, d: RouteDestination, port: int) -> tuple[Service, int]:
+    """A route destination's service and port (the port dialled unless the destination names
+    one; a service with a single port takes it)."""
+    target = table.service_of.get(host_fqdn(d.destination.host, vs.namespace))
+    if target is None:
+        raise LocalReply(503, f"route to unknown host {d.destination.host!r}", "NR")
+    tport = d.destination.port or port
+    if not any(p.port == tport for p in target.ports):
+        if len(target.ports) == 1 and not d.destination.port:
+            tport = target.ports[0].port
+        else:
+            raise LocalReply(503, f"{service_fqdn(target)} has no port {tport}", "NR")
+    return target, tport
 
 
 def by_locality(endpoints: tuple[Endpoint, ...], source_locality: str) -> tuple[Endpoint, ...]:
