@@ -79,8 +79,8 @@ def _print_datapath(doc: dict[str, Any]) -> None:
     click.echo(table(["COUNTER", "VALUE"], sorted(doc["counters"].items())))
 
 
-def fetch_status(host: str, port: int, netns: str | None, timeout_s: float = 5.0) -> dict[str, Any]:
-    """GET /status from an agent (inside ``netns`` if given, e.g. a testbed node)."""
+def fetch_json(host: str, port: int, netns: str | None, path: str, timeout_s: float = 5.0) -> Any:
+    """GET ``path`` (JSON) from an agent (inside ``netns`` if given, e.g. a testbed node)."""
     import json
     import socket
 
@@ -94,16 +94,42 @@ def fetch_status(host: str, port: int, netns: str | None, timeout_s: float = 5.0
     else:
         sock = connect()
     with sock:
-        sock.sendall(f"GET /status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 200"):
         first = head.split(b"\r\n")[0]
-        raise click.ClickException(f"agent at {host}:{port} answered {first!r}")
-    doc: dict[str, Any] = json.loads(body)
+        raise click.ClickException(f"agent at {host}:{port} answered {first!r} to {path}")
+    return json.loads(body)
+
+
+def fetch_status(host: str, port: int, netns: str | None, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GET /status from an agent (inside ``netns`` if given, e.g. a testbed node)."""
+    doc: dict[str, Any] = fetch_json(host, port, netns, "/status", timeout_s)
     return doc
+
+
+def agent_address(admin: str, node: str | None) -> tuple[str, int]:
+    """Where to ask an agent: ``--node HOST[:PORT]`` (its health port, 15021 by default), else the
+    local admin API ``--admin HOST:PORT``."""
+    if node:
+        host, _, port_s = node.rpartition(":") if node.count(":") == 1 else (node, "", "")
+        return (host, int(port_s)) if port_s else (node, 15021)
+    host, _, port_s = admin.rpartition(":")
+    return host, int(port_s)
+
+
+ADMIN_OPTION = click.option(
+    "--admin", "admin", default="127.0.0.1:15000", show_default=True, help="the local agent's admin API"
+)
+NODE_OPTION = click.option(
+    "--node", default=None, help="a remote node's address: asks its health port (15021) instead"
+)
+NETNS_OPTION = click.option(
+    "--netns", default=None, help="ask from inside this network namespace (e.g. a testbed node)"
+)
 
 
 def _print_agent(doc: dict[str, Any]) -> None:
@@ -146,11 +172,9 @@ def _print_agent(doc: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.option(
-    "--admin", "admin", default="127.0.0.1:15000", show_default=True, help="the local agent's admin API"
-)
-@click.option("--node", default=None, help="a remote node's address: asks its health port (15021) instead")
-@click.option("--netns", default=None, help="ask from inside this network namespace (e.g. a testbed node)")
+@ADMIN_OPTION
+@NODE_OPTION
+@NETNS_OPTION
 @click.option("--bpffs-root", default=None, help="show only the eBPF data path pinned here (no agent needed)")
 @OUTPUT_OPTION
 @handled
@@ -163,12 +187,7 @@ def status(admin: str, node: str | None, netns: str | None, bpffs_root: str | No
     if bpffs_root is not None:
         _datapath_status(bpffs_root, output)
         return
-    if node:
-        host, _, port_s = node.rpartition(":") if node.count(":") == 1 else (node, "", "")
-        host, port = (host, int(port_s)) if port_s else (node, 15021)
-    else:
-        host, _, port_s = admin.rpartition(":")
-        port = int(port_s)
+    host, port = agent_address(admin, node)
     try:
         doc = fetch_status(host, port, netns)
     except (OSError, ValueError) as e:

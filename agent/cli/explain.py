@@ -9,17 +9,29 @@ destination and subset, the policy, what is in force), and the balancer's
 choice from a fresh balancer (the first pick of a new proxy; a running proxy's
 round-robin position is its own). So what this prints is what the proxy does,
 by construction, not a second model of it.
+
+Outlier detection is the one piece of live state: when a DestinationRule's
+``outlierDetection`` is in force, the source node's agent is asked for its
+ejection state (``/outliers`` on its admin port, or with ``--node`` its health
+port), each candidate endpoint is shown ejected or ok, and the pick skips the
+ejected ones and applies locality load balancing exactly as the proxy does
+(:func:`agent.dataplane.http.outlier.keep_available`, then
+:func:`agent.dataplane.http.routing.by_locality`). An agent that cannot be
+asked, or that is another node's, is said so: the state is then unknown, never "ok".
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import click
 
+from agent.cli.dataplane import ADMIN_OPTION, NETNS_OPTION, NODE_OPTION, agent_address, fetch_json
 from agent.cli.errors import UserError, handled
 from agent.cli.output import OUTPUT_OPTION, emit_json
 from agent.cli.registry import _read, registry_options
@@ -29,8 +41,64 @@ from agent.control.snapshot import Snapshot
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.http.hashing import Hashers
+from agent.dataplane.http.outlier import EndpointKey, keep_available
 from agent.dataplane.lb import Balancer
 from agent.dataplane.route import Directory, RouteError, decide
+from netns.errors import NetnsError
+
+
+@dataclass(frozen=True, slots=True)
+class AgentAnswer:
+    """What the source node's agent said at ``/outliers``, or why it could not be asked."""
+
+    where: str  # host:port, and the netns it was asked from
+    doc: dict[str, Any] | None = None
+    error: str = ""
+
+
+AskAgent = Callable[[], AgentAnswer]
+LiveState = dict[EndpointKey, dict[str, Any]]  # an agent's /outliers entries of one cluster
+
+
+def ask_agent(admin: str, node: str | None, netns: str | None, timeout_s: float = 2.0) -> AgentAnswer:
+    """GET /outliers from an agent, as ``nodemesh status`` reaches it."""
+    host, port = agent_address(admin, node)
+    where = f"{host}:{port}" + (f" in netns {netns}" if netns else "")
+    try:
+        doc = fetch_json(host, port, netns, "/outliers", timeout_s)
+    except (OSError, ValueError, NetnsError, click.ClickException) as e:
+        return AgentAnswer(where, error=f"no answer from an agent at {where}: {e}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("clusters"), dict):
+        return AgentAnswer(where, error=f"the agent at {where} answered /outliers without clusters")
+    return AgentAnswer(where, doc)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _live_state(answer: AgentAnswer, node: str, cluster: str) -> tuple[LiveState | None, str]:
+    """The agent's state of ``cluster`` by endpoint (None: unknown) and where it came from."""
+    if answer.doc is None:
+        return None, answer.error
+    if answer.doc.get("node") != node:
+        return None, (f"the agent at {answer.where} is node {answer.doc.get('node')!r}'s, "
+                      f"not the source's node {node!r}")
+    state: LiveState = {}
+    for d in answer.doc["clusters"].get(cluster, ()):
+        addr, _, port = str(d.get("endpoint", "")).rpartition(":")
+        if port.isdigit():
+            state[(addr, int(port))] = d
+    return state, f"the agent of node {node} at {answer.where}"
+
+
+def _ejection_doc(st: dict[str, Any] | None) -> dict[str, Any]:
+    if st is not None and st.get("ejected"):
+        return {"state": "ejected", "until": st.get("ejected_until"), "for_s": st.get("ejected_for_s"),
+                "ejections": st.get("ejections", 0)}
+    return {"state": "ok", "ejections": st.get("ejections", 0) if st else 0,
+            "consecutive_5xx": st.get("consecutive_5xx", 0) if st else 0}
 
 
 def _source(snap: Snapshot, name: str) -> Workload:
@@ -67,7 +135,10 @@ def _service_of_host(snap: Snapshot, host: str, src: Workload) -> Service:
     return svc
 
 
-def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[str, str]) -> dict[str, Any]:
+def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[str, str],
+            ask: AskAgent | None = None) -> dict[str, Any]:
+    """The walk as a JSON document; ``ask`` reads the source node's agent's outlier state (asked
+    only when outlierDetection is in force; None: not asked, the state is unknown)."""
     src = _source(snap, source)
     u = urlsplit(url if "://" in url else f"http://{url}")
     if not u.hostname:
@@ -134,23 +205,53 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
         in_force["rewrite_authority"] = plan.authority
     walk["in_force"] = in_force
     eps = plan.endpoints
-    walk["endpoints"] = [{"workload": e.workload, "address": f"{e.address}:{e.port}", "node": e.node,
-                          "health": e.health.value, "weight": e.weight} for e in eps]
+    od = plan.outlier
+    state: LiveState | None = {}
+    candidates = eps
+    if od is not None:
+        answer = ask() if ask is not None else AgentAnswer("", error="the agent was not asked")
+        state, state_from = _live_state(answer, src.node, plan.balancer_key)
+        walk["outlier_detection"] = {
+            "consecutive_5xx": od.consecutive_5xx, "consecutive_gateway": od.consecutive_gateway,
+            "base_ejection_s": od.base_ejection_s, "max_ejection_percent": od.max_ejection_percent,
+            "state_known": state is not None,
+            "state_from": state_from if state is not None else None,
+            "error": state_from if state is None else None,
+        }
+        live = state or {}
+        candidates = keep_available(eps, lambda k: bool(live.get(k, {}).get("ejected")), od)
+        if plan.locality_lb:
+            candidates = routing.by_locality(candidates, src.locality)
+            walk["locality"] = {"source": src.locality or None,
+                                "candidates": sorted({e.locality for e in candidates})}
+    walk["endpoints"] = [
+        {"workload": e.workload, "address": f"{e.address}:{e.port}", "node": e.node,
+         "health": e.health.value, "weight": e.weight, "locality": e.locality or None,
+         "ejection": (None if od is None else {"state": "unknown"} if state is None
+                      else _ejection_doc(state.get((e.address, e.port)))),
+         "candidate": e in candidates}
+        for e in eps]
     if not eps:
         walk["outcome"] = {"answer": 503, "response_flags": "UH", "why": "no healthy endpoint"}
+        return walk
+    if not candidates:
+        walk["outcome"] = {"answer": 503, "response_flags": "UH",
+                           "why": "every endpoint is ejected by outlier detection"}
         return walk
     ch = plan.consistent_hash
     key = routing.hash_key(ch, facts, src.address) if ch is not None else None
     if ch is not None and key is not None:
-        pick = Hashers().pick(plan.balancer_key, eps, ch.algorithm, ch.size, key)
+        pick = Hashers().pick(plan.balancer_key, candidates, ch.algorithm, ch.size, key)
         policy, note = f"consistentHash ({ch.algorithm}, {ch.key} {ch.name})".replace(" )", ")"), \
             "the same key always goes here while the endpoints stay the same"
     else:
-        pick = Balancer(random.Random(0)).pick(plan.balancer_key, plan.policy, eps)
+        pick = Balancer(random.Random(0)).pick(plan.balancer_key, plan.policy, candidates)
         policy = plan.policy.value
         note = "a new proxy's first pick; a running proxy continues its own sequence"
         if ch is not None:
             note = "no hash key in the request: " + note
+    if state is None:
+        note += "; the ejection state is unknown: this pick assumes no endpoint is ejected"
     assert pick is not None
     walk["balancer"] = {"policy": policy, "pick": f"{pick.workload} ({pick.address}:{pick.port})",
                         "note": note}
@@ -199,9 +300,21 @@ def _text(walk: dict[str, Any]) -> str:
         lines.append(f"destination: {d['service']} port {d['port']}{subset} ({d['picked']})")
     if walk.get("in_force"):
         lines.append("in force:   " + "; ".join(f"{k} {v}" for k, v in walk["in_force"].items()))
+    if "outlier_detection" in walk:
+        od = walk["outlier_detection"]
+        rule = (f"consecutive5xxErrors {od['consecutive_5xx']}, baseEjectionTime {od['base_ejection_s']}s, "
+                f"maxEjectionPercent {od['max_ejection_percent']}")
+        lines.append(f"outliers:   {rule}; "
+                     + (f"state from {od['state_from']}" if od["state_known"]
+                        else f"state UNKNOWN: {od['error']}"))
+    if "locality" in walk:
+        loc = walk["locality"]
+        lines.append(f"locality:   from {loc['source'] or '(none)'}: candidates in "
+                     f"{', '.join(x or '(none)' for x in loc['candidates']) or '(none)'}")
     for e in walk.get("endpoints", ()):
+        loc = f" locality {e['locality']}" if e["locality"] else ""
         lines.append(f"  endpoint: {e['workload']} {e['address']} node {e['node']} {e['health']} "
-                     f"weight {e['weight']}")
+                     f"weight {e['weight']}{loc}{_ejection_text(e['ejection'])}{_not_candidate(e)}")
     if "balancer" in walk:
         b = walk["balancer"]
         lines.append(f"balancer:   {b['policy']} -> {b['pick']} ({b['note']})")
@@ -210,17 +323,42 @@ def _text(walk: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ejection_text(ej: dict[str, Any] | None) -> str:
+    if ej is None:
+        return ""
+    if ej["state"] == "unknown":
+        return " ejection state unknown"
+    if ej["state"] == "ejected":
+        until = str(ej["until"]).replace("T", " ")
+        return f" ejected (until {until}, {_ordinal(ej['ejections'])} ejection)"
+    n = ej["consecutive_5xx"]
+    return " ok" + (f" ({n} consecutive 5xx)" if n else "")
+
+
+def _not_candidate(e: dict[str, Any]) -> str:
+    if e["candidate"]:
+        return ""
+    ejected = e["ejection"] is not None and e["ejection"]["state"] == "ejected"
+    return " (not a candidate)" if ejected else " (not a candidate: a nearer locality has endpoints)"
+
+
 @click.command("explain")
 @click.option("--from", "source", required=True, help="source workload: NAME or NAMESPACE/NAME")
 @click.argument("method")
 @click.argument("url")
 @click.option("-H", "--header", "headers", multiple=True, help="'Name: value' (repeatable)")
 @registry_options
+@ADMIN_OPTION
+@NODE_OPTION
+@NETNS_OPTION
 @OUTPUT_OPTION
 @handled
 def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], registry_dir: str,
-                etcd_url: str | None, output: str) -> None:
-    """Print the walk of one request (capture, route, destination, endpoints, pick), sending nothing."""
+                etcd_url: str | None, admin: str, node: str | None, netns: str | None, output: str) -> None:
+    """Print the walk of one request (capture, route, destination, endpoints, pick), sending nothing.
+
+    With outlierDetection in force, the source workload's node agent is asked for its ejection
+    state (--admin, or --node for a remote node's health port; --netns to ask from a namespace)."""
     hs: dict[str, str] = {}
     for h in headers:
         name, sep, value = h.partition(":")
@@ -228,7 +366,7 @@ def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], re
             raise UserError(f"header {h!r} is not 'Name: value'")
         hs[name.strip().lower()] = value.strip()
     snap, _ = _read(registry_dir, etcd_url)
-    walk = explain(snap, source, method.upper(), url, hs)
+    walk = explain(snap, source, method.upper(), url, hs, lambda: ask_agent(admin, node, netns))
     if output == "json":
         emit_json(walk)
     else:
