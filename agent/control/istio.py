@@ -105,6 +105,22 @@ class Redirect:
     authority: str = ""
     scheme: str = ""
     code: int = 301
+    port: int = 0  # replaces the port in the Location (0: as derive_port says, else as received)
+    derive_port: str = ""  # FROM_PROTOCOL_DEFAULT (no port: 80/443) | FROM_REQUEST_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class Cors:
+    """corsPolicy, as Envoy's CORS filter applies it: a preflight from an allowed origin is
+    answered by the proxy; an allowed origin's requests get the allow/expose headers."""
+
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age_s: int | None = None
+    allow_credentials: bool = False
+    unmatched_preflights: str = "FORWARD"  # FORWARD | IGNORE (answered 200 without CORS headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +140,8 @@ class HttpRoute:
     mirror: Destination | None = None  # a copy of each request goes here (response dropped)
     redirect: Redirect | None = None  # answered by the proxy with a redirect
     mirror_percent: float = 100.0  # mirrorPercentage (Istio: 100 when not given)
+    rewrite_regex: tuple[str, str] | None = None  # uriRegexRewrite (RE2 match, rewrite with \1)
+    cors: Cors | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +386,18 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
                                        ("response", r.response_headers)) if not o.empty}
     if h:
         out["headers"] = h
-    rw = {k: v for k, v in (("uri", r.rewrite_uri), ("authority", r.rewrite_authority)) if v is not None}
+    rw: dict[str, Any] = {k: v for k, v in (("uri", r.rewrite_uri), ("authority", r.rewrite_authority))
+                          if v is not None}
+    if r.rewrite_regex is not None:
+        rw["uriRegexRewrite"] = {"match": r.rewrite_regex[0], "rewrite": r.rewrite_regex[1]}
+    if r.cors is not None:
+        c = r.cors
+        out["corsPolicy"] = {
+            "allowOrigins": [m.to_doc() for m in c.allow_origins], "allowMethods": list(c.allow_methods),
+            "allowHeaders": list(c.allow_headers), "exposeHeaders": list(c.expose_headers),
+            "maxAge": c.max_age_s, "allowCredentials": c.allow_credentials,
+            "unmatchedPreflights": c.unmatched_preflights,
+        }
     if rw:
         out["rewrite"] = rw
     if r.direct_status:
@@ -384,7 +413,8 @@ def _route_doc(r: HttpRoute) -> dict[str, Any]:
     if r.redirect is not None:
         redir = r.redirect
         out["redirect"] = {k: v for k, v in (("uri", redir.uri), ("authority", redir.authority),
-                                            ("scheme", redir.scheme), ("redirectCode", redir.code)) if v}
+                                            ("scheme", redir.scheme), ("redirectCode", redir.code),
+                                            ("port", redir.port), ("derivePort", redir.derive_port)) if v}
     if r.mirror is not None:
         m: dict[str, Any] = {"host": r.mirror.host}
         if r.mirror.subset:
@@ -539,8 +569,16 @@ def _route_from(d: Mapping[str, Any]) -> HttpRoute:
                            int(d["mirror"].get("port", {}).get("number", 0))) if "mirror" in d else None,
         mirror_percent=float(d.get("mirrorPercentage", {}).get("value", 100.0)),
         redirect=Redirect(d["redirect"].get("uri", ""), d["redirect"].get("authority", ""),
-                          d["redirect"].get("scheme", ""), int(d["redirect"].get("redirectCode", 301)))
+                          d["redirect"].get("scheme", ""), int(d["redirect"].get("redirectCode", 301)),
+                          int(d["redirect"].get("port", 0)), d["redirect"].get("derivePort", ""))
         if "redirect" in d else None,
+        rewrite_regex=(rw["uriRegexRewrite"]["match"], rw["uriRegexRewrite"]["rewrite"])
+        if "uriRegexRewrite" in rw else None,
+        cors=Cors(
+            tuple(s for s in (_sm(o) for o in c["allowOrigins"]) if s is not None),
+            tuple(c["allowMethods"]), tuple(c["allowHeaders"]), tuple(c["exposeHeaders"]),
+            c["maxAge"], bool(c["allowCredentials"]), c["unmatchedPreflights"],
+        ) if (c := d.get("corsPolicy")) else None,
     )
 
 

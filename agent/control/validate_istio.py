@@ -25,6 +25,7 @@ from agent.control.istio import (
     RETRY_ON,
     ConnectionPool,
     ConsistentHash,
+    Cors,
     Destination,
     DestinationRule,
     Fault,
@@ -75,7 +76,7 @@ _ROUTE_REFUSED = {
 
     "mirrors": f"is {_YET} (one mirror per route: use mirror)",
     "mirror_percent": "is deprecated in Istio (use mirrorPercentage)",
-    "mirrorPercent": "is deprecated in Istio (use mirrorPercentage)", "corsPolicy": f"is {_YET}",
+    "mirrorPercent": "is deprecated in Istio (use mirrorPercentage)",
     "delegate": "is not supported (a VirtualService holds all its routes)",
 }
 _MATCH_REFUSED = {"statPrefix": f"is {_YET}",
@@ -89,7 +90,7 @@ _LB_REFUSED = {k: f"is {_YET}" for k in (
 
 _VS_FIELDS = ("hosts", "gateways", "http", "tcp")
 _ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse",
-                 "retries", "fault", "mirror", "mirrorPercentage", "redirect")
+                 "retries", "fault", "mirror", "mirrorPercentage", "redirect", "corsPolicy")
 _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
                  "queryParams", "ignoreUriCase", "port", "sourceLabels", "sourceNamespace")
 
@@ -204,12 +205,22 @@ def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
         if "rewrite" in m:
             raise doc.fail(f"{path}.rewrite", "rewrite cannot be used with directResponse")
     rewrite_uri = rewrite_authority = None
+    rewrite_regex: tuple[str, str] | None = None
     if "rewrite" in m:
         rpath = f"{path}.rewrite"
         rw = _map(doc, m["rewrite"], rpath)
-        _fields(doc, rw, rpath, ("uri", "authority"), {"uriRegexRewrite": f"is {_YET}"})
+        _fields(doc, rw, rpath, ("uri", "authority", "uriRegexRewrite"))
         if not rw:
-            raise doc.fail(rpath, "rewrite needs 'uri' or 'authority'")
+            raise doc.fail(rpath, "rewrite needs 'uri', 'uriRegexRewrite' or 'authority'")
+        if "uri" in rw and "uriRegexRewrite" in rw:
+            raise doc.fail(f"{rpath}.uriRegexRewrite", "uri and uriRegexRewrite are alternatives")
+        if "uriRegexRewrite" in rw:
+            xpath = f"{rpath}.uriRegexRewrite"
+            x = _map(doc, rw["uriRegexRewrite"], xpath)
+            _fields(doc, x, xpath, ("match", "rewrite"))
+            pattern = _string_match(doc, {"regex": _str(doc, x, "match", xpath, required=True)},
+                                    f"{xpath}.match").value
+            rewrite_regex = (pattern, _str(doc, x, "rewrite", xpath, required=True))
         if "uri" in rw:
             rewrite_uri = _str(doc, rw, "uri", rpath, required=True)
         if "authority" in rw:
@@ -227,17 +238,61 @@ def _route(doc: _Doc, m: Mapping[str, Any], path: str) -> HttpRoute:
         mirror=_mirror(doc, m.get("mirror"), f"{path}.mirror"),
         mirror_percent=_mirror_percent(doc, m, path),
         redirect=redirect,
+        rewrite_regex=rewrite_regex,
+        cors=_cors(doc, m.get("corsPolicy"), f"{path}.corsPolicy"),
     )
+
+
+def _cors(doc: _Doc, v: Any, path: str) -> Cors | None:
+    """Istio's CorsPolicy; the deprecated allowOrigin is refused (write allowOrigins)."""
+    if v is None:
+        return None
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("allowOrigins", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge",
+                           "allowCredentials", "unmatchedPreflights"),
+            {"allowOrigin": "is deprecated in Istio (write allowOrigins)"})
+    origins = tuple(_string_match(doc, o, f"{path}.allowOrigins[{i}]")
+                    for i, o in enumerate(_list(doc, m, "allowOrigins", path)))
+    if not origins:
+        raise doc.fail(f"{path}.allowOrigins", "expected a non-empty list of origin matches",
+                       hint="e.g. [{exact: https://example.com}] or [{prefix: https://}]")
+
+    def names(key: str) -> tuple[str, ...]:
+        out = []
+        for i, x in enumerate(_list(doc, m, key, path)):
+            if not isinstance(x, str) or not x or (x != "*" and not _HEADER_NAME_RE.match(x)):
+                raise doc.fail(f"{path}.{key}[{i}]", f"expected a method or header name, got {x!r}")
+            out.append(x)
+        return tuple(out)
+
+    max_age = None
+    if m.get("maxAge") is not None:
+        age = _timeout(doc, {"timeout": m["maxAge"]}, f"{path}.maxAge")
+        max_age = int(age or 0)
+    cred = m.get("allowCredentials", False)
+    if not isinstance(cred, bool):
+        raise doc.fail(f"{path}.allowCredentials", f"expected true or false, got {_tname(cred)}")
+    unmatched = _str(doc, m, "unmatchedPreflights", path, default="FORWARD") or "FORWARD"
+    if unmatched not in ("FORWARD", "IGNORE"):
+        raise doc.fail(f"{path}.unmatchedPreflights", f"expected FORWARD or IGNORE, got {unmatched!r}")
+    return Cors(origins, names("allowMethods"), names("allowHeaders"), names("exposeHeaders"), max_age,
+                cred, unmatched)
 
 
 def _redirect(doc: _Doc, v: Any, path: str) -> Redirect:
     """HTTPRedirect: uri, authority, scheme, redirectCode (301 by default); port and derivePort
     are refused by name."""
     m = _map(doc, v, path)
-    _fields(doc, m, path, ("uri", "authority", "scheme", "redirectCode"),
-            {"port": f"is {_YET}", "derivePort": f"is {_YET}"})
+    _fields(doc, m, path, ("uri", "authority", "scheme", "redirectCode", "port", "derivePort"))
     if not m:
-        raise doc.fail(path, "a redirect needs at least one of uri, authority, scheme")
+        raise doc.fail(path, "a redirect needs at least one of uri, authority, scheme, port")
+    port = _int(doc, m, "port", path, 1, 65535, default=0)
+    derive = _str(doc, m, "derivePort", path)
+    if derive and derive not in ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"):
+        raise doc.fail(f"{path}.derivePort",
+                       f"expected FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT, got {derive!r}")
+    if port and derive:
+        raise doc.fail(f"{path}.derivePort", "port and derivePort are alternatives")
     code = _int(doc, m, "redirectCode", path, 300, 399, default=301)
     scheme = _str(doc, m, "scheme", path)
     if scheme and scheme not in ("http", "https"):
@@ -245,7 +300,7 @@ def _redirect(doc: _Doc, v: Any, path: str) -> Redirect:
     uri = _str(doc, m, "uri", path)
     if uri and not uri.startswith("/"):
         raise doc.fail(f"{path}.uri", f"expected a path starting with /, got {uri!r}")
-    return Redirect(uri, _str(doc, m, "authority", path), scheme, code)
+    return Redirect(uri, _str(doc, m, "authority", path), scheme, code, port, derive)
 
 
 def _mirror_percent(doc: _Doc, m: Mapping[str, Any], path: str) -> float:

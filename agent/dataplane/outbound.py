@@ -495,6 +495,11 @@ class OutboundHttp:
         )
         plan = routing.decide(table, svc, facts, self.out.rng)
         ex.plan = plan
+        if plan.route is not None and plan.route.cors is not None:
+            answer, extra = routing.cors(plan.route.cors, facts, table.matcher)
+            if answer:  # a preflight: the proxy answers it
+                raise LocalReply(200, "", "-", headers=tuple(extra))
+            ex.response_extra = extra or None
         if plan.consistent_hash is not None:
             ex.hash_key = self._hash_key(plan.consistent_hash, facts, ex)
         ex.timeout_s = plan.timeout_s
@@ -666,6 +671,9 @@ class OutboundHttp:
             headers = routing.apply_ops(headers, plan.response_ops)
         if ex.set_cookie:
             headers = [*headers, (b"set-cookie", ex.set_cookie.encode("latin-1"))]
+        if ex.response_extra:
+            drop = {k for k, _ in ex.response_extra}
+            headers = [(k, v) for k, v in headers if k not in drop] + ex.response_extra
         return headers
 
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:

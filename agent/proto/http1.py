@@ -431,7 +431,7 @@ REASONS = {
 
 def local_reply(status: int, message: str, *, close: bool, extra: Iterable[Header] = ()) -> bytes:
     """A response the proxy itself generates: says so (``server: nodemesh``) and why."""
-    body = message.encode("utf-8", "replace") + b"\n"
+    body = message.encode("utf-8", "replace") + b"\n" if message else b""
     headers: list[Header] = [
         (b"server", b"nodemesh"),
         (b"content-type", b"text/plain; charset=utf-8"),

@@ -1045,3 +1045,47 @@ def test_tcp_routes_split_connections_by_weight_and_match_source_labels() -> Non
                 srv.close()
 
     run(go())
+
+
+def test_cors_preflight_answered_by_the_proxy_and_uri_regex_rewrite() -> None:
+    from agent.control.istio import (
+        Cors,
+        Destination,
+        HttpRoute,
+        RouteDestination,
+        StringMatch,
+        VirtualService,
+    )
+
+    ws = workloads(1)
+    vs = VirtualService("web", "default", ("web",), (HttpRoute(
+        "api", (), (RouteDestination(Destination("web")),),
+        rewrite_regex=(r"^/service/([^/]+)(/.*)$", r"\2/instance/\1"),
+        cors=Cors((StringMatch("prefix", "https://app."),), ("GET", "PUT"), ("x-token",), ("x-served-by",),
+                  600, True)),))
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], []))
+        n1 = mesh.nodes["n1"]
+        port = n1.outbound_port
+        pre = {"origin": "https://app.example", "access-control-request-method": "PUT"}
+        res = await asyncio.to_thread(keepalive_requests, port, 1, "/service/a/b", "OPTIONS", pre)
+        status, doc, headers = res[0]
+        assert status == 200 and headers["server"] == "nodemesh" and doc == {"raw": ""}  # not the pod's
+        assert headers["access-control-allow-origin"] == "https://app.example"
+        assert headers["access-control-allow-methods"] == "GET,PUT"
+        assert headers["access-control-max-age"] == "600"
+        res = await asyncio.to_thread(keepalive_requests, port, 1, "/service/a/v1/x?q=1", "GET",
+                                      {"origin": "https://app.example"})
+        status, doc, headers = res[0]
+        assert status == 200 and doc["path"] == "/v1/x/instance/a?q=1"  # what the pod saw
+        assert headers["access-control-allow-origin"] == "https://app.example"
+        assert headers["access-control-expose-headers"] == "x-served-by"
+        assert headers["access-control-allow-credentials"] == "true"
+        res = await asyncio.to_thread(keepalive_requests, port, 1, "/service/a/b", "GET",
+                                      {"origin": "https://evil.example"})
+        assert res[0][0] == 200 and "access-control-allow-origin" not in res[0][2]
+
+    run(with_mesh(ws, [http_service()], body))

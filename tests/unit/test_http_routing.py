@@ -235,3 +235,55 @@ def test_unknown_subset_at_request_time_is_503_and_other_gateways_do_not_apply()
         "reviews", "default", ("reviews",), (HttpRoute("r", (), (to("ratings"),)),), gateways=("my-gateway",)
     )
     assert routing.decide(table([gw_only]), REVIEWS, req(), random.Random(1)).route is None
+
+
+def test_uri_regex_rewrite_replaces_every_match_in_the_path_and_keeps_the_query() -> None:
+    route = HttpRoute("svc", (), (to("reviews"),),
+                      rewrite_regex=(r"^/service/([^/]+)(/.*)$", r"\2/instance/\1"))
+    vs = VirtualService("reviews", "default", ("reviews",), (route,))
+    d = routing.decide(table([vs]), REVIEWS, req("/service/foo/v1/api?x=1"), random.Random(1))
+    assert d.path == "/v1/api/instance/foo?x=1"
+    slashes = HttpRoute("s", (), (to("reviews"),), rewrite_regex=("/+", "/"))
+    vs = VirtualService("reviews", "default", ("reviews",), (slashes,))
+    assert routing.decide(table([vs]), REVIEWS, req("//a///b"), random.Random(1)).path == "/a/b"
+
+
+def test_redirect_port_and_derive_port() -> None:
+    from agent.control.istio import Redirect
+
+    def location(rd: Redirect, authority: str = "reviews:8080", port: int = 8080) -> str:
+        vs = VirtualService("reviews", "default", ("reviews",), (HttpRoute("r", (), redirect=rd),))
+        facts = routing.RequestFacts("GET", "/a", authority, "http", {}, port, CLIENT)
+        with pytest.raises(LocalReply) as ei:
+            routing.decide(table([vs]), REVIEWS, facts, random.Random(1))
+        return dict(ei.value.headers)[b"location"].decode()
+
+    assert location(Redirect(port=9090)) == "http://reviews:9090/a"
+    assert location(Redirect(scheme="https", derive_port="FROM_PROTOCOL_DEFAULT")) == "https://reviews/a"
+    assert location(Redirect(authority="new", derive_port="FROM_REQUEST_PORT")) == "http://new:8080/a"
+    assert location(Redirect(port=80), authority="reviews") == "http://reviews/a"  # the default: no port
+    assert location(Redirect(uri="/b")) == "http://reviews:8080/b"  # no port field: as received
+
+
+def test_cors_preflight_is_answered_and_allowed_origins_get_headers() -> None:
+    from agent.control.istio import Cors
+
+    policy = Cors((StringMatch("exact", "https://a.example"), StringMatch("regex", r"https://.*\.b\.example")),
+                  ("GET", "POST"), ("x-token",), ("x-trace",), 3600, True)
+    m = routing.RouteTable.build(table([]).snapshot).matcher
+    pre = {"origin": "https://x.b.example", "access-control-request-method": "POST"}
+    answer, headers = routing.cors(policy, req(method="OPTIONS", headers=pre), m)
+    assert answer and dict(headers) == {
+        b"access-control-allow-origin": b"https://x.b.example", b"access-control-allow-credentials": b"true",
+        b"access-control-allow-methods": b"GET,POST", b"access-control-allow-headers": b"x-token",
+        b"access-control-max-age": b"3600"}
+    answer, headers = routing.cors(policy, req(headers={"origin": "https://a.example"}), m)
+    assert not answer and dict(headers) == {
+        b"access-control-allow-origin": b"https://a.example", b"access-control-allow-credentials": b"true",
+        b"access-control-expose-headers": b"x-trace"}
+    # an origin not allowed: nothing added; its preflight forwarded (FORWARD) or answered bare (IGNORE)
+    evil = {"origin": "https://evil.example", "access-control-request-method": "POST"}
+    assert routing.cors(policy, req(method="OPTIONS", headers=evil), m) == (False, [])
+    ignore = dataclasses.replace(policy, unmatched_preflights="IGNORE")
+    assert routing.cors(ignore, req(method="OPTIONS", headers=evil), m) == (True, [])
+    assert routing.cors(policy, req(), m) == (False, [])  # no Origin: not a CORS request

@@ -187,7 +187,12 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
                        "sum to 80, not 100"),
     "corsPolicy": (VS.replace("    timeout: 1.5s\n",
                               "    timeout: 1.5s\n    corsPolicy: {allowOrigins: []}\n"),
-                   "corsPolicy:", "spec.http[0].corsPolicy", "corsPolicy is not supported yet"),
+                   "corsPolicy:", "spec.http[0].corsPolicy.allowOrigins",
+                   "expected a non-empty list of origin matches"),
+    "cors allowOrigin": (VS.replace("    timeout: 1.5s\n",
+                                    "    timeout: 1.5s\n    corsPolicy: {allowOrigin: ['*']}\n"),
+                         "corsPolicy:", "spec.http[0].corsPolicy.allowOrigin",
+                         "allowOrigin is deprecated in Istio"),
     "retry condition": (VS.replace("    timeout: 1.5s\n",
                                    "    timeout: 1.5s\n    retries: {attempts: 3, retryOn: '5xx,oops'}\n"),
                         "retries:", "spec.http[0].retries.retryOn", "unknown retry condition 'oops'"),
@@ -224,8 +229,11 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
                         "prefix: /api/", "spec.http[0].match[0].uri",
                         "expected exactly one of exact, prefix, regex, got 2"),
     "uri regex rewrite": (VS.replace("rewrite: {uri: /v2/}", "rewrite: {uriRegexRewrite: {}}"),
-                          "rewrite:", "spec.http[0].rewrite.uriRegexRewrite",
-                          "uriRegexRewrite is not supported yet"),
+                          "rewrite:", "spec.http[0].rewrite.uriRegexRewrite.match",
+                          "missing required field 'match'"),
+    "uri regex rewrite regex": (
+        VS.replace("rewrite: {uri: /v2/}", "rewrite: {uriRegexRewrite: {match: '(', rewrite: x}}"),
+        "rewrite:", "spec.http[0].rewrite.uriRegexRewrite.match.regex", "invalid regex '('"),
     "route and direct": (VS.replace("    timeout: 1.5s\n",
                                     "    timeout: 1.5s\n    directResponse: {status: 200}\n"),
                          "- name: canary", "spec.http[0]",
@@ -556,6 +564,19 @@ def test_redirect_parses_and_its_unsupported_parts_are_refused() -> None:
     assert r is not None and (r.uri, r.authority, r.code) == ("/new", "new.example", 308)
     assert virtual_service_from_doc(virtual_service_doc(vs)) == vs
     bad = VS.replace("  http:\n",
-                     "  http:\n  - redirect: {uri: /new, derivePort: FROM_PROTOCOL_DEFAULT}\n", 1)
+                     "  http:\n  - redirect: {uri: /new, port: 8443, derivePort: FROM_PROTOCOL_DEFAULT}\n", 1)
     e = _err(SERVICE + "---\n" + bad)
-    assert e.path == "spec.http[0].redirect.derivePort" and "not supported yet" in e.reason
+    assert e.path == "spec.http[0].redirect.derivePort" and "alternatives" in e.reason
+    good = VS.replace("  http:\n",
+                      "  http:\n  - redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}\n"
+                      "  - name: cors\n    route: [{destination: {host: reviews}}]\n"
+                      "    rewrite: {uriRegexRewrite: {match: '^/a/(.*)', rewrite: '/b/\\1'}}\n"
+                      "    corsPolicy: {allowOrigins: [{exact: 'https://x'}], allowMethods: [GET],\n"
+                      "                 maxAge: 1h, allowCredentials: true}\n", 1)
+    vs = parse(SERVICE + "---\n" + good)[1].resource
+    assert isinstance(vs, VirtualService)
+    assert vs.http[0].redirect is not None and vs.http[0].redirect.derive_port == "FROM_PROTOCOL_DEFAULT"
+    cors = vs.http[1].cors
+    assert cors is not None and cors.max_age_s == 3600 and cors.allow_credentials
+    assert vs.http[1].rewrite_regex == ("^/a/(.*)", "/b/\\1")
+    assert virtual_service_from_doc(virtual_service_doc(vs)) == vs

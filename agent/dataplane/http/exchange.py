@@ -38,6 +38,7 @@ class Exchange:
     conn_slot: str = ""  # the cluster whose connection slot it holds (connectionPool.tcp.maxConnections)
     hash_key: str | None = None  # consistent-hash key of the request (None: none)
     set_cookie: str = ""  # a consistent-hash cookie to set on the response
+    response_extra: list[tuple[bytes, bytes]] | None = None  # added to the response (CORS)
     mirrored: bool = False  # a copy went to the route's mirror
 
 

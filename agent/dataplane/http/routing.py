@@ -31,6 +31,7 @@ import re2
 from agent.control.istio import (
     ConnectionPool,
     ConsistentHash,
+    Cors,
     DestinationRule,
     HeaderOps,
     HttpMatch,
@@ -156,10 +157,13 @@ class _Matcher:
             return value.lower() == m.value.lower() if ignore_case else value == m.value
         if m.kind == "prefix":
             return value.lower().startswith(m.value.lower()) if ignore_case else value.startswith(m.value)
-        rx = self._re.get(m.value)
+        return self.regex(m.value).fullmatch(value) is not None
+
+    def regex(self, pattern: str) -> Any:
+        rx = self._re.get(pattern)
         if rx is None:
-            rx = self._re[m.value] = re2.compile(m.value)
-        return rx.fullmatch(value) is not None
+            rx = self._re[pattern] = re2.compile(pattern)
+        return rx
 
 
 @dataclass(slots=True)
@@ -266,8 +270,13 @@ def _weighted(dests: tuple[RouteDestination, ...], rng: random.Random) -> RouteD
     return dests[-1]
 
 
-def _rewrite(path: str, route: HttpRoute, m: HttpMatch | None) -> str | None:
+def _rewrite(path: str, route: HttpRoute, m: HttpMatch | None, matcher: _Matcher) -> str | None:
     new = route.rewrite_uri
+    if route.rewrite_regex is not None:  # Envoy's regex_rewrite: every match in the path, not the query
+        pattern, sub = route.rewrite_regex
+        p, sep, query = path.partition("?")
+        new_path: str = matcher.regex(pattern).sub(sub, p)
+        return new_path + sep + query
     if new is None:
         return None
     p, sep, query = path.partition("?")
@@ -329,7 +338,16 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         if rd.uri:  # the path is replaced; the request's query is kept unless the uri has one
             query = req.path.partition("?")[2]
             path = rd.uri if "?" in rd.uri or not query else f"{rd.uri}?{query}"
-        location = f"{rd.scheme or req.scheme}://{rd.authority or req.authority}{path}"
+        scheme = rd.scheme or req.scheme
+        authority = rd.authority or req.authority
+        port = rd.port
+        if rd.derive_port == "FROM_REQUEST_PORT":
+            port = req.port
+        if port or rd.derive_port == "FROM_PROTOCOL_DEFAULT":
+            host = authority.rsplit(":", 1)[0] if not authority.endswith("]") else authority
+            default = 443 if scheme == "https" else 80
+            authority = host if not port or port == default else f"{host}:{port}"
+        location = f"{scheme}://{authority}{path}"
         raise LocalReply(rd.code, f"redirected to {location}", "-",
                          headers=((b"location", location.encode("latin-1")),))
     d = _weighted(route.route, rng)
@@ -345,7 +363,7 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         i,
         route,
         d,
-        _rewrite(req.path, route, m),
+        _rewrite(req.path, route, m, table.matcher),
         route.rewrite_authority,
         tuple(o for o in (route.request_headers, d.request_headers) if not o.empty) or _NO_OPS,
         tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
@@ -395,6 +413,35 @@ def _target(table: RouteTable, vs: VirtualService, d: RouteDestination, port: in
         else:
             raise LocalReply(503, f"{service_fqdn(target)} has no port {tport}", "NR")
     return target, tport
+
+
+def cors(policy: Cors, req: RequestFacts, matcher: _Matcher) -> tuple[bool, list[tuple[bytes, bytes]]]:
+    """Envoy's CORS filter for a route's corsPolicy: (answer now, headers). A preflight
+    (OPTIONS with Origin and Access-Control-Request-Method) from an allowed origin is answered
+    by the proxy with the allow headers; from another origin it is forwarded (or, with
+    unmatchedPreflights IGNORE, answered without CORS headers). Any other request from an
+    allowed origin gets the allow-origin/credentials/expose headers on its response."""
+    origin = req.headers.get("origin")
+    if origin is None:
+        return False, []
+    allowed = any(matcher.test(m, origin) for m in policy.allow_origins)
+    preflight = req.method == "OPTIONS" and req.headers.get("access-control-request-method") is not None
+    if not allowed:
+        return preflight and policy.unmatched_preflights == "IGNORE", []
+    out = [(b"access-control-allow-origin", origin.encode("latin-1"))]
+    if policy.allow_credentials:
+        out.append((b"access-control-allow-credentials", b"true"))
+    if preflight:
+        if policy.allow_methods:
+            out.append((b"access-control-allow-methods", ",".join(policy.allow_methods).encode("latin-1")))
+        if policy.allow_headers:
+            out.append((b"access-control-allow-headers", ",".join(policy.allow_headers).encode("latin-1")))
+        if policy.max_age_s is not None:
+            out.append((b"access-control-max-age", b"%d" % policy.max_age_s))
+        return True, out
+    if policy.expose_headers:
+        out.append((b"access-control-expose-headers", ",".join(policy.expose_headers).encode("latin-1")))
+    return False, out
 
 
 def by_locality(endpoints: tuple[Endpoint, ...], source_locality: str) -> tuple[Endpoint, ...]:
