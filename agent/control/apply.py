@@ -30,6 +30,7 @@ from agent.control.istio import (
     host_fqdn,
     host_matches,
     virtual_service_doc,
+    virtual_service_from_doc,
 )
 from agent.control.model import (
     PREFIX,
@@ -168,6 +169,7 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
             _claim_address(addr_owner, key, r, loc)
         final.append((key, r))
     _check_routes(items, resources)
+    _check_one_per_host(items, resources)
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
@@ -196,6 +198,52 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
         (created if before is None else configured).append(_label(r))
         puts[key] = value
     return Plan(puts, tuple(created), tuple(configured), tuple(unchanged))
+
+
+def _check_one_per_host(items: Mapping[str, str], resources: Sequence[Located]) -> None:
+    """At most one VirtualService (for mesh traffic) and one DestinationRule per host: Istio
+    leaves unspecified which of two applies, so nodemesh refuses the second instead of
+    picking one silently."""
+    stored: dict[str, VirtualService | DestinationRule] = {}
+    for key, value in items.items():
+        parts = split_key(key)
+        if parts is None or parts[0] not in ("virtualservice", "destinationrule"):
+            continue
+        try:
+            doc = json.loads(value)
+            stored[key] = (virtual_service_from_doc(doc) if parts[0] == "virtualservice"
+                           else destination_rule_from_doc(doc))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+    incoming = [(loc, r) for loc in resources
+                if isinstance(r := loc.resource, VirtualService | DestinationRule)]
+    for _, r in incoming:
+        stored.pop(_key(r), None)  # (the input replaces the stored resource of the same name)
+    owner: dict[tuple[str, str], VirtualService | DestinationRule] = {}  # (kind, host FQDN) -> resource
+    for key in sorted(stored):
+        for kh in _route_hosts(stored[key]):
+            owner.setdefault(kh, stored[key])
+    for loc, r in incoming:  # in input order: the second of two for a host is the one refused
+        hosts = r.hosts if isinstance(r, VirtualService) else (r.host,)
+        for i, (h, fq) in enumerate(zip(hosts, _route_hosts(r), strict=False)):
+            o = owner.setdefault(fq, r)
+            if o is not r and _key(o) != _key(r):
+                kind = "VirtualService" if isinstance(r, VirtualService) else "DestinationRule"
+                path = f"spec.hosts[{i}]" if isinstance(r, VirtualService) else "spec.host"
+                raise loc.fail(path, f"host {h!r} already has a {kind}: {o.namespace}/{o.name}"
+                               + (f" ({o.source})" if o.source else ""),
+                               hint=f"Istio does not define which of two applies: put the rules in "
+                                    f"one {kind}, or delete the other first")
+
+
+def _route_hosts(r: VirtualService | DestinationRule) -> list[tuple[str, str]]:
+    """(kind, host FQDN) of each host a resource is for (a VirtualService bound only to
+    gateways has none here)."""
+    if isinstance(r, VirtualService):
+        if r.gateways and "mesh" not in r.gateways:
+            return []
+        return [("vs", host_fqdn(h, r.namespace)) for h in r.hosts]
+    return [("dr", host_fqdn(r.host, r.namespace))]
 
 
 def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> None:

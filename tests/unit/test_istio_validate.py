@@ -350,6 +350,24 @@ def test_apply_time_checks_see_the_registry_and_the_input() -> None:
     assert ei.value.hint is not None and "host: reviews" in ei.value.hint
 
 
+def test_a_second_virtual_service_or_rule_for_a_host_is_refused() -> None:
+    svc, dr, vs = parse(ALL)
+    stored = plan({}, [svc, dr, vs], NET).puts
+    assert plan(stored, [vs], NET).unchanged  # the same one again: fine
+    other = ALL.split("---\n")[2].replace("{name: reviews, namespace: shop}",
+                                         "{name: other, namespace: shop}")
+    text = other.replace("hosts: [reviews]", "hosts: [ratings, reviews.shop.svc.cluster.local]")
+    with pytest.raises(InputError) as ei:
+        plan(stored, parse(text), NET)
+    e = ei.value
+    assert e.path == "spec.hosts[1]" and "already has a VirtualService: shop/reviews" in e.reason
+    # a second DestinationRule for the host, in the same input as the first
+    second = RULE.replace("{name: reviews, namespace: shop}", "{name: reviews2, namespace: shop}")
+    with pytest.raises(InputError) as ei:
+        plan({}, parse(RULE + "---\n" + second), NET)
+    assert ei.value.path == "spec.host" and "already has a DestinationRule: shop/reviews" in ei.value.reason
+
+
 def test_snapshots_hold_virtual_services_and_destination_rules() -> None:
     puts = plan({}, parse(ALL), NET).puts
     b = SnapshotBuilder()
