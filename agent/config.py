@@ -55,6 +55,8 @@ Example (every key but ``node`` has a default)::
       idle_timeout_s: 3600            # a keep-alive client connection silent this long: closed
       upstream_idle_timeout_s: 60     # a pooled upstream connection unused this long: closed
       upstream_max_idle_per_endpoint: 64
+      retry_buffer_bytes: 1048576     # a request body is copied for a route's retries up to this
+                                      # per client connection (over it: forwarded, not retried)
       access_log:               # one JSON line per request and per TCP connection; off by default
         path: ""                # a file, or "-" for stdout; "" = off
         sampling: 1.0           # fraction of lines kept (errors are always kept)
@@ -163,6 +165,7 @@ class HttpConfig:
     idle_timeout_s: float = 3600.0
     upstream_idle_timeout_s: float = 60.0
     upstream_max_idle_per_endpoint: int = 64
+    retry_buffer_bytes: int = 1 << 20  # Envoy's per_connection_buffer_limit_bytes (0: bodies never retried)
     access_log_path: str = ""
     access_log_sampling: float = 1.0
 
@@ -442,6 +445,7 @@ def _http(r: _Reader, doc: Any) -> HttpConfig:
         idle_timeout_s=number("idle_timeout_s", 1, 86400),
         upstream_idle_timeout_s=number("upstream_idle_timeout_s", 1, 86400),
         upstream_max_idle_per_endpoint=number("upstream_max_idle_per_endpoint", 0, 100_000, whole=True),
+        retry_buffer_bytes=number("retry_buffer_bytes", 0, 1 << 26, whole=True),
         access_log_path=path,
         access_log_sampling=float(sampling),
     )

@@ -248,6 +248,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     loop_config = LoopConfig(
         H1Limits(hc.max_request_line_bytes, hc.max_header_bytes, hc.max_headers),
         idle_timeout_s=hc.idle_timeout_s,
+        retry_buffer_bytes=hc.retry_buffer_bytes,
     )
     access_log = AccessLog(
         AccessLogConfig(bool(hc.access_log_path), hc.access_log_path or "-", hc.access_log_sampling)

@@ -12,6 +12,11 @@ interim ``1xx`` included. The upstream connection goes back to its pool when
 both sides keep it; a reused connection the server had closed is retried once
 on a fresh one, if the request had no body.
 
+The route's retries (:mod:`agent.dataplane.http.retry`): a try whose outcome the policy takes
+is abandoned before any byte of its response reaches the client and the request goes again,
+to another endpoint if there is one; its body, as far as the client sent it, from the copy
+kept while it fits the connection's budget (the rest streams on as it arrives).
+
 ``Upgrade`` (WebSocket) and ``CONNECT``: once the upstream answers 101 (or 2xx
 to CONNECT) the connection becomes a byte relay (:func:`agent.dataplane.tcp.relay`).
 
@@ -34,7 +39,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.control.istio import Retry
+from agent.dataplane.http import retry
 from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
+from agent.dataplane.http.retry import BodyBudget, BodyCopy
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.tcp import End, relay
 from agent.dataplane.tunnel import TunnelError
@@ -89,6 +96,9 @@ class LoopConfig:
     limits: H1Limits = field(default_factory=H1Limits)
     idle_timeout_s: float = 3600.0  # a keep-alive client connection silent this long is closed
     relay_idle_timeout_s: float = 3600.0  # after an upgrade
+    # a request body is copied for a retry up to this (per client connection; over it the
+    # request is forwarded, not retried): Envoy's per_connection_buffer_limit_bytes
+    retry_buffer_bytes: int = retry.RETRY_BUFFER_BYTES
 
 
 class H1Loop:
@@ -106,6 +116,9 @@ class H1Loop:
         self._active = 0.0  # when the client last sent bytes (clock)
         self.idled_out = False
         self._timer: asyncio.TimerHandle | None = None
+        self._budget = BodyBudget(config.retry_buffer_bytes)
+        self._copy: BodyCopy | None = None  # the request body sent so far (the route retries)
+        self._trailers: list[Header] = []  # the request's chunked trailers, once read
 
     async def run(self, first: bytes = b"") -> None:
         """Serve requests until the client closes, an error closes, or the idle timeout."""
@@ -179,6 +192,8 @@ class H1Loop:
         up: Upstream | None = None
         keep = False
         reusable = False
+        self._copy = None
+        self._trailers = []
         try:
             while True:  # one pass per try (the route's retries)
                 try:
@@ -215,35 +230,22 @@ class H1Loop:
             raise
         finally:
             ex.duration_ms = (self.clock() - ex.start) * 1000.0
+            if self._copy is not None:
+                self._copy.release()
+                self._copy = None
             self.side.finished(ex, up, reusable and keep)
 
-    def _retry_ok(self, ex: Exchange, head: RequestHead, reason: str | int) -> bool:
-        """Will this outcome be retried (Envoy's retry conditions, as Istio's retryOn names
-        them)? Only requests without a body are retried (nodemesh does not buffer bodies)."""
-        r = ex.retry
-        if not isinstance(r, Retry) or not r.attempts or head.has_body or head.upgrade:
+    def _retry_ok(self, ex: Exchange, head: RequestHead, outcome: retry.Outcome) -> bool:
+        """Will this outcome be retried (:func:`retry.decide`)? A request with a body only while
+        the copy of its body is whole; never a protocol switch."""
+        if head.upgrade or head.method == "CONNECT":
             return False
-        if head.method == "CONNECT":
+        if head.has_body and (self._copy is None or not self._copy.intact):
             return False
-        on = r.retry_on
-        if isinstance(reason, int):
-            s = reason
-            wanted = (
-                ("5xx" in on and s >= 500)
-                or ("gateway-error" in on and s in (502, 503, 504))
-                or ("retriable-4xx" in on and s == 409)
-                or ("retriable-status-codes" in on and s in r.status_codes)
-            )
-        elif reason == "connect-failure":
-            wanted = any(c in on for c in ("connect-failure", "5xx", "gateway-error"))
-        else:  # reset, per-try timeout
-            wanted = any(c in on for c in ("reset", "5xx", "gateway-error"))
-        if not wanted:
-            return False
-        if ex.tries >= r.attempts:
+        verdict = retry.decide(ex.retry, ex.tries, outcome)
+        if verdict == "URX":
             ex.flags = "URX"  # retriable, but the retries are spent
-            return False
-        return True
+        return verdict == "retry"
 
     async def _attempt(
         self, head: RequestHead, ex: Exchange, up: Upstream
@@ -316,6 +318,9 @@ class H1Loop:
             return await self._local(head, ex, 503, "upstream connection failed", "UC"), False
         body: asyncio.Future[None] | None = None
         if head.has_body:
+            r = ex.retry
+            if self._copy is None and isinstance(r, Retry) and r.attempts and not head.upgrade:
+                self._copy = BodyCopy.start(self._budget, head.content_length)
             body = asyncio.ensure_future(self._send_body(head, ex, up))
         elif not self._request_read:  # (a retry: the first try took it)
             ev = await self._next()  # the request's END (it came with the head)
@@ -345,19 +350,26 @@ class H1Loop:
 
     async def _body(self, head: RequestHead, ex: Exchange, up: Upstream) -> None:
         chunked = head.chunked
-        while True:
+        copy = self._copy
+        if ex.tries and copy is not None:  # a retry: first what the client sent so far
+            for piece in copy.chunks:
+                await up.end.write(http1.chunk(piece) if chunked else piece)
+        while not self._request_read:
             ev = await self._next()
             assert ev is not None
             kind, val = ev
             if kind == END:
+                assert isinstance(val, list)
                 self._request_read = True
-                if chunked:
-                    assert isinstance(val, list)
-                    await up.end.write(http1.last_chunk(val))
-                return
+                self._trailers = val
+                break
             assert isinstance(val, bytes)
             ex.request_bytes += len(val)
+            if copy is not None:
+                copy.add(val)  # (before the write: a cancelled write is still in the copy)
             await up.end.write(http1.chunk(val) if chunked else val)
+        if chunked:
+            await up.end.write(http1.last_chunk(self._trailers))
 
     async def _response(
         self, head: RequestHead, ex: Exchange, up: Upstream, body: asyncio.Future[None] | None
