@@ -242,7 +242,8 @@ class Inbound:
                     else:
                         side.pod = None  # (HTTP/2 to the pod: its own session, on the first request)
                         pod.close()
-                        await H2Loop(down, side, name=f"stream {stream.stream_id}").run(first)
+                        h2 = H2Loop(down, side, name=f"stream {stream.stream_id}", refuse_through=True)
+                        await h2.run(first)
                 finally:
                     self.metrics.active_inbound.dec()
                     pod = side.pod
@@ -386,6 +387,9 @@ class InboundHttp:
         if self.pod is not None and up.end is self.pod:
             self.pod.abort()
             self.pod = None
+
+    def abandon_h2(self, ex: Exchange, session: H2Session) -> None:  # (no retries on this side)
+        pass
 
     async def open_h2(self, ex: Exchange, headers: H2Headers, *, fresh: bool) -> H2Session:
         ex.upstream = self.target.authority

@@ -291,7 +291,8 @@ class Outbound:
                 if wire is protocol.Wire.HTTP1:
                     await H1Loop(app, side, self.config.http).run(first)
                 else:
-                    await H2Loop(app, side, name=f"from {peer[0]}:{peer[1]}").run(first)
+                    await H2Loop(app, side, name=f"from {peer[0]}:{peer[1]}",
+                                 retry_buffer_bytes=self.config.http.retry_buffer_bytes).run(first)
             finally:
                 self.metrics.active_outbound.dec()
             return None
@@ -656,6 +657,10 @@ class OutboundHttp:
         """A try to be retried: its connection is dropped, its endpoint not tried again while
         another is left (Istio's retries go to another host)."""
         self.out.upstreams.discard(up)
+        self.abandon_h2(ex, None)
+
+    def abandon_h2(self, ex: Exchange, session: H2Session | None) -> None:
+        """As :meth:`abandon` for an HTTP/2 try (its stream was reset; the shared session stays)."""
         c = ex.state
         if isinstance(c, _Choice):
             self._observe(ex, c, ex.status or 503, "UC" if not ex.status else "-")

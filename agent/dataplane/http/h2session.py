@@ -300,6 +300,12 @@ class H2Session:
             st = self._streams.pop(ev.stream_id, None)
             if st is not None:
                 st._on_reset(ev.error_code)
+        elif isinstance(ev, h2c.ConnectionTerminated) and self.client:
+            # GOAWAY: streams above its last id were not processed and never will be, so they
+            # end as refused (safe to retry elsewhere, as nghttp2 reports them to Envoy)
+            for sid in [sid for sid in self._streams if sid > ev.last_stream_id]:
+                self.h2.reset_stream(sid, ErrorCode.CANCEL)
+                self._streams.pop(sid)._on_reset(ErrorCode.REFUSED_STREAM)
         elif isinstance(ev, h2c.WindowUpdated):
             targets = list(self._streams.values()) if ev.stream_id == 0 else [self._streams.get(ev.stream_id)]
             for s in targets:
