@@ -605,6 +605,8 @@ class OutboundHttp:
             except (OSError, TunnelError, TimeoutError) as e:
                 out.balancer.finished(ep)
                 ex.state = None
+                if plan is not None and plan.outlier is not None:  # a connect failure: local origin
+                    out.outliers.observe(bkey, endpoint_key(ep), 0, "UF", plan.outlier, len(plan.endpoints))
                 last_error = f"{ep.address}:{ep.port}: {e}"
                 log.info("outbound: endpoint %s failed: %s; trying the next", ep.workload, e)
         ex.upstream = ""

@@ -114,6 +114,7 @@ class Mesh(Bed):
     def __init__(self, bed: meshbed.MeshBed, work: str) -> None:
         super().__init__(bed)
         self.work = work
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}  # by pod: the servers started
 
     def flag(self, pod: str) -> str:
         return os.path.join(self.work, f"fail-{pod}")
@@ -163,6 +164,7 @@ def mesh() -> Iterator[Mesh]:
                         stdout=subprocess.PIPE,
                     )
                     procs.append(p)
+                    m.servers[name] = p
                     assert p.stdout is not None and p.stdout.readline() == b"ready\n"
                 yield m
             finally:
@@ -229,7 +231,7 @@ def test_an_endpoint_answering_500_is_ejected_after_3_and_returns_after_base_eje
     os.unlink(mesh.flag("n2-p3"))
 
 
-def test_locality_stays_in_zone_and_fails_over_when_its_endpoint_is_ejected(mesh: Mesh) -> None:
+def test_locality_stays_in_zone_and_fails_over_when_its_endpoint_fails_or_stops(mesh: Mesh) -> None:
     url = f"http://{ZONAL_VIP}/"
     served = {p: mesh.served(p) for p in ("n1-p2", "n2-p4")}
 
@@ -266,3 +268,17 @@ def test_locality_stays_in_zone_and_fails_over_when_its_endpoint_is_ejected(mesh
     rows = mesh.curl(*[url] * 10)
     assert rows == [("200", "n1-p2")] * 10
     assert delta() == {"n1-p2": 33, "n2-p4": 17}
+
+    # zone A's server stops: connection refused is a local-origin failure (a 5xx to outlier
+    # detection, as Envoy counts it): three 503 UF, then zone B again, for twice as long
+    server = mesh.servers["n1-p2"]
+    server.kill()  # (by PID: the fixture started it)
+    server.wait()
+    rows = mesh.curl(*[url] * 10)
+    assert [c for c, _ in rows] == ["503"] * 3 + ["200"] * 7 and {b for _, b in rows[3:]} == {"n2-p4"}, rows
+    assert "upstream connect error" in rows[0][1]
+    assert delta() == {"n1-p2": 33, "n2-p4": 24}
+    walk = mesh.explain(url)
+    ej = endpoints(walk)["n1-p2"]["ejection"]
+    assert ej["state"] == "ejected" and ej["ejections"] == 2, ej
+    assert walk["outcome"]["to"] == "n2-p4"
