@@ -122,6 +122,7 @@ class Outbound:
         self.outliers = Outliers()  # outlier detection state, per cluster and endpoint
         self.in_flight: dict[str, int] = {}  # requests in flight per cluster (connectionPool)
         self.gates: dict[str, _Gate] = {}  # connections in use per cluster (connectionPool)
+        self.retries: dict[str, int] = {}  # requests retrying per cluster (connectionPool.http.maxRetries)
         self.hashers = Hashers()  # consistent-hash rings and Maglev tables per endpoint set
         self._mirrors: set[asyncio.Task[None]] = set()
         self.mirrored = self.mirror_failures = self.mirrors_dropped = 0
@@ -563,6 +564,8 @@ class OutboundHttp:
             out.in_flight[bkey] = n + 1
             ex.holds_slot = True
         pool = plan.pool if plan is not None else None
+        if pool is not None and pool.max_retries and ex.retry is not None and ex.retry_gate is None:
+            ex.retry_gate = functools.partial(self._may_retry, ex, bkey, pool.max_retries)
         if pool is not None and pool.max_connections and kind == "h1" and not ex.conn_slot:
             # (an HTTP/1.1 upstream connection carries one request at a time: a request holds one)
             await out.take_connection(bkey, pool.max_connections, pool.max_pending)
@@ -612,6 +615,18 @@ class OutboundHttp:
         ex.upstream = ""
         what = bkey
         raise LocalReply(503, f"upstream connect error: no endpoint of {what} reachable ({last_error})", "UF")
+
+    def _may_retry(self, ex: Exchange, cluster: str, limit: int) -> bool:
+        """connectionPool.http.maxRetries: at most ``limit`` requests of the cluster retrying at
+        once (a request counts from its first retry until it ends)."""
+        if ex.retrying:
+            return True
+        n = self.out.retries.get(cluster, 0)
+        if n >= limit:
+            return False
+        self.out.retries[cluster] = n + 1
+        ex.retrying = cluster
+        return True
 
     async def _dial(self, ep: Endpoint, timeout_s: float | None = None) -> End:
         out = self.out
@@ -718,6 +733,13 @@ class OutboundHttp:
         if ex.conn_slot:
             out.give_connection(ex.conn_slot)
             ex.conn_slot = ""
+        if ex.retrying:
+            n = out.retries.get(ex.retrying, 0) - 1
+            if n > 0:
+                out.retries[ex.retrying] = n
+            else:
+                out.retries.pop(ex.retrying, None)
+            ex.retrying = ""
         c = ex.state
         if isinstance(c, _Choice):
             out.balancer.finished(c.endpoint)

@@ -268,7 +268,7 @@ class _PodHandler(BaseHTTPRequestHandler):
         body = self._body()
         if self.path.startswith("/status/"):
             status = int(self.path.split("/")[2])
-        if self.path.startswith("/slow"):
+        if self.path.startswith("/slow") or self.path.endswith("/slow"):
             time.sleep(1.0)
         if self.path.startswith("/fail-if/") and self.path.split("/")[2] == self.pod_name:
             status = 500  # this pod is broken (for this path)

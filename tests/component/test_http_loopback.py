@@ -1089,3 +1089,45 @@ def test_cors_preflight_answered_by_the_proxy_and_uri_regex_rewrite() -> None:
         assert res[0][0] == 200 and "access-control-allow-origin" not in res[0][2]
 
     run(with_mesh(ws, [http_service()], body))
+
+
+def test_max_retries_caps_the_retries_in_flight_overflow_is_passed_on_flagged_uo() -> None:
+    """connectionPool.http.maxRetries: 1. Six concurrent requests; those whose first try lands
+    on web-1 (500) want a retry on web-2 (slow: 1 s). Only one may retry at a time: the others
+    get web-1's 500 passed on, flagged UO (Envoy's retry overflow). Without the limit all
+    succeed."""
+    from agent.control.istio import (
+        ConnectionPool,
+        Destination,
+        DestinationRule,
+        HttpRoute,
+        Retry,
+        RouteDestination,
+        TrafficPolicy,
+        VirtualService,
+    )
+
+    ws = workloads(2)
+    vs = VirtualService("web", "default", ("web",), (HttpRoute(
+        "r", (), (RouteDestination(Destination("web")),), retries=Retry(1, None, ("5xx",), ())),))
+    limited = DestinationRule("web", "default", "web", TrafficPolicy(pool=ConnectionPool(max_retries=1)))
+
+    async def burst(port: int) -> list[int]:
+        calls = [asyncio.to_thread(keepalive_requests, port, 1, "/fail-if/web-1/slow") for _ in range(6)]
+        return [r[0][0] for r in await asyncio.gather(*calls)]
+
+    async def body(mesh: Mesh) -> None:
+        from agent.dataplane.route import Directory
+
+        n1 = mesh.nodes["n1"]
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], [limited]))
+        codes = await burst(n1.outbound_port)
+        failed = codes.count(500)
+        assert failed >= 1 and codes.count(200) + failed == 6, codes
+        assert metric(n1, "istio_requests_total", reporter="source", response_code="500",
+                      response_flags="UO") == failed
+        assert n1.outbound.retries == {}  # every retry slot came back
+        mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], []))
+        assert await burst(n1.outbound_port) == [200] * 6
+
+    run(with_mesh(ws, [http_service()], body))

@@ -5,6 +5,7 @@ Shared by the HTTP/1.1 and HTTP/2 request loops, read by metrics and the access 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -35,6 +36,9 @@ class Exchange:
     tries: int = 0  # retries made so far
     tried: set[tuple[str, int]] | None = None  # endpoints tried (retries go elsewhere)
     holds_slot: bool = False  # counted in its cluster's requests in flight (connectionPool)
+    # may this request retry now? (connectionPool.http.maxRetries; None: no limit)
+    retry_gate: Callable[[], bool] | None = None
+    retrying: str = ""  # the cluster whose retries in flight count this request
     conn_slot: str = ""  # the cluster whose connection slot it holds (connectionPool.tcp.maxConnections)
     hash_key: str | None = None  # consistent-hash key of the request (None: none)
     set_cookie: str = ""  # a consistent-hash cookie to set on the response

@@ -245,6 +245,9 @@ class H1Loop:
         verdict = retry.decide(ex.retry, ex.tries, outcome)
         if verdict == "URX":
             ex.flags = "URX"  # retriable, but the retries are spent
+        elif verdict == "retry" and ex.retry_gate is not None and not ex.retry_gate():
+            ex.flags = "UO"  # connectionPool.http.maxRetries: Envoy's retry overflow, answer passed on
+            return False
         return verdict == "retry"
 
     async def _attempt(

@@ -19,6 +19,7 @@ they must match the whole string, as Envoy's ``safe_regex`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class Decision:
 
 
 _NO_OPS: tuple[HeaderOps, ...] = ()
+MAX_PLANS = 65536  # cached decisions per table (routes x destinations x ports dialled)
 
 
 class _Matcher:
@@ -173,6 +175,9 @@ class RouteTable:
     dr_of: Mapping[tuple[str, str], DestinationRule]  # service (ns, name) -> its DestinationRule
     service_of: Mapping[str, Service]  # FQDN -> service
     matcher: _Matcher = field(default_factory=_Matcher)
+    # (VirtualService, route index, destination, port) -> the decision without the per-request
+    # path rewrite (the table's snapshot keeps those objects, so their ids stay theirs)
+    plans: dict[tuple[int, int, int, int], Decision] = field(default_factory=dict)
     # (service namespace, name, port, subset) -> (healthy endpoints of the subset, the rule's
     # policy for that port and subset); the snapshot is immutable, so computed once per table
     # (bounded by the routes' subsets)
@@ -237,6 +242,8 @@ class RouteTable:
             if v is not None and t(sm, v):
                 return False
         if m.query_params:
+            if not query:
+                return False  # (every parameter asked for is missing)
             params = dict(parse_qsl(query, keep_blank_values=True))
             for name, sm in m.query_params:
                 v = params.get(name)
@@ -351,26 +358,34 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         raise LocalReply(rd.code, f"redirected to {location}", "-",
                          headers=((b"location", location.encode("latin-1")),))
     d = _weighted(route.route, rng)
-    target, port = _target(table, vs, d, req.port)
-    eps, traffic = subset_endpoints(table, target, port, d.destination.subset)
-    return Decision(
-        target,
-        port,
-        eps,
-        _policy(target, traffic),
-        f"{target.namespace}/{target.name}/{d.destination.subset}",
-        vs,
-        i,
-        route,
-        d,
-        _rewrite(req.path, route, m, table.matcher),
-        route.rewrite_authority,
-        tuple(o for o in (route.request_headers, d.request_headers) if not o.empty) or _NO_OPS,
-        tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
-        route.timeout_s,
-        table.rule(target),
-        traffic,
-    )
+    key = (id(vs), i, id(d), req.port)
+    plan = table.plans.get(key)
+    if plan is None:  # what depends only on the route, the destination and the port: once per table
+        target, port = _target(table, vs, d, req.port)
+        eps, traffic = subset_endpoints(table, target, port, d.destination.subset)
+        plan = Decision(
+            target,
+            port,
+            eps,
+            _policy(target, traffic),
+            f"{target.namespace}/{target.name}/{d.destination.subset}",
+            vs,
+            i,
+            route,
+            d,
+            None,
+            route.rewrite_authority,
+            tuple(o for o in (route.request_headers, d.request_headers) if not o.empty) or _NO_OPS,
+            tuple(o for o in (route.response_headers, d.response_headers) if not o.empty) or _NO_OPS,
+            route.timeout_s,
+            table.rule(target),
+            traffic,
+        )
+        if len(table.plans) < MAX_PLANS:
+            table.plans[key] = plan
+    if route.rewrite_uri is not None or route.rewrite_regex is not None:
+        return dataclasses.replace(plan, path=_rewrite(req.path, route, m, table.matcher))
+    return plan
 
 
 def decide_tcp(
