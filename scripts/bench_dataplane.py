@@ -44,6 +44,12 @@ Paths, all from node 1 to the server pod on node 2:
 * ``haproxy-h2``: same hops in mode http, the hop is HTTP/2 over the same
   mTLS with ``http-reuse always`` — HAProxy's way to pool the hop, like
   HBONE — and HTTP/1.1 to pod :8080. The reference of ``nodemesh-http``.
+* ``nodemesh-vs``: as ``nodemesh-http``, to the service ``webvs`` (VIP
+  10.96.0.11, the same server) that has a 5-route VirtualService and a
+  DestinationRule (issue 12's "with routing in force"): every request is
+  matched against four routes that do not take it (a header, a uri regex, a
+  method with a prefix, a query parameter) before the catch-all to a subset,
+  which sets a header. Its reference is ``nodemesh-http`` in the same round.
 
 HTTP/2 from the client (metric ``h2``): h2load with h2c prior knowledge,
 ``-c 16 -m 10 -t 1`` for ``--h2-seconds``; ``direct`` (h2c to nginx's 8082)
@@ -164,12 +170,13 @@ BODY_BYTES = 1024
 WRK_CONNS = 16
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CHECK_REQUESTS = 20
-PATHS = ("direct", "nodemesh", "nodemesh-http", "haproxy", "haproxy-h2")
+PATHS = ("direct", "nodemesh", "nodemesh-http", "haproxy", "haproxy-h2", "nodemesh-vs")
+VS_VIP = "10.96.0.11"  # service webvs: the same server, with a 5-route VirtualService and a rule
 METRICS = ("bulk", "rps", "cps", "latency", "h2")
 METRIC_PATHS = {
     "bulk": ("direct", "nodemesh", "haproxy"),
     "rps": PATHS,
-    "cps": PATHS,
+    "cps": PATHS[:-1],
     "latency": PATHS,
     "h2": ("direct", "nodemesh-http", "haproxy-h2"),
 }
@@ -218,6 +225,10 @@ TARGETS = (
         0.6,
         "HTTP/2 h2load: nodemesh-http >= 0.6x haproxy (h2 frontend)",
     ),
+    Target("vs_rps", "rps", "nodemesh-vs", "nodemesh-http", 0.9,
+           "HTTP/1.1 keep-alive with a 5-route VirtualService and a DestinationRule >= 0.9x without"),
+    Target("vs_latency", "latency", "nodemesh-vs", "nodemesh-http", 1.1,
+           "HTTP/1.1 added p50 with them <= 1.1x without"),
 )
 RSS_TARGET = "agent RSS <= 80 MB (2 nodes x 20 pods)"
 RSS_LIMIT_BYTES = 80 * MB
@@ -243,37 +254,37 @@ class BenchBed(meshbed.MeshBed):
         return cfg
 
 
-# --virtual-service: what a user's canary setup looks like; the benchmark's requests take the last
-# route, so each is matched against the four before it
+# path nodemesh-vs (service webvs): what a user's canary setup looks like; the benchmark's requests
+# take the last route, so each is matched against the four before it
 VIRTUAL_SERVICE = """apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: web, namespace: default}
+metadata: {name: webvs, namespace: default}
 spec:
-  host: web
+  host: webvs
   trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
   subsets:
   - {name: v1, labels: {app: web}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {name: web, namespace: default}
+metadata: {name: webvs, namespace: default}
 spec:
-  hosts: [web]
+  hosts: [webvs]
   http:
   - name: canary-header
     match: [{headers: {x-canary: {exact: "true"}}}]
-    route: [{destination: {host: web, subset: v1}}]
+    route: [{destination: {host: webvs, subset: v1}}]
   - name: admin
     match: [{uri: {regex: "/admin/[a-z0-9]+"}}]
-    route: [{destination: {host: web, subset: v1}}]
+    route: [{destination: {host: webvs, subset: v1}}]
   - name: writes
     match: [{method: {exact: POST}, uri: {prefix: /api/}}]
-    route: [{destination: {host: web, subset: v1}}]
+    route: [{destination: {host: webvs, subset: v1}}]
   - name: debug
     match: [{queryParams: {debug: {exact: "1"}}}]
-    route: [{destination: {host: web, subset: v1}}]
+    route: [{destination: {host: webvs, subset: v1}}]
   - name: default
-    route: [{destination: {host: web, subset: v1}}]
+    route: [{destination: {host: webvs, subset: v1}}]
     headers: {request: {set: {x-route: default}}}
 """
 
@@ -302,7 +313,19 @@ def manifest(topo: Topology, server: Pod, bypass: frozenset[str]) -> str:
         "slow": SLOW_PORT,
         "iperf": IPERF_PORT,
     }
-    docs: list[dict[str, Any]] = [svc]
+    vs_svc = {
+        "apiVersion": "nodemesh.io/v1",
+        "kind": "Service",
+        "metadata": {"name": "webvs", "namespace": "default"},
+        "spec": {
+            "vip": VS_VIP,
+            "selector": {"app": "web"},
+            "ports": [
+                {"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"}
+            ],
+        },
+    }
+    docs: list[dict[str, Any]] = [svc, vs_svc]
     for pod in topo.pods():
         if pod.name in bypass:
             continue
@@ -735,9 +758,7 @@ class Bench:
         bed.bypass = bypass
         self.bed = bed
         bed.cli("ca", "init", "--dir", bed.ca_dir, "--trust-domain", "cluster.local")
-        bed.apply(manifest(topo, self.server, bypass))
-        if self.args.virtual_service:
-            bed.apply(VIRTUAL_SERVICE)
+        bed.apply(manifest(topo, self.server, bypass) + "---\n" + VIRTUAL_SERVICE)
         for node in topo.nodes:
             bed.start_agent(node)
         # HAProxy: certs from the same CA, one process per node netns
@@ -806,6 +827,7 @@ class Bench:
             ("nodemesh", "iperf"): (mesh, VIP, IPERF_PORT),
             ("nodemesh-http", "http"): (mesh, VIP, HTTP_SVC_PORT),
             ("nodemesh-http", "h2"): (mesh, VIP, H2_SVC_PORT),
+            ("nodemesh-vs", "http"): (mesh, VS_VIP, HTTP_SVC_PORT),
             ("haproxy", "http"): (bypass, gw, HA_TCP_HTTP),
             ("haproxy", "iperf"): (bypass, gw, HA_TCP_IPERF),
             ("haproxy-h2", "http"): (bypass, gw, HA_H2_HTTP),
@@ -869,7 +891,7 @@ class Bench:
                     and a2["requests_source"] == a2["requests_destination"] == 0
                 )
                 return [] if ok else [f"{path} (declared tcp: relayed, not parsed): {moved}"]
-            if path == "nodemesh-http":  # parsed on both nodes
+            if path in ("nodemesh-http", "nodemesh-vs"):  # parsed on both nodes
                 ok = a1["requests_source"] >= requests and a2["requests_destination"] >= requests
                 return [] if ok else [f"{path} (declared http: parsed on both nodes): {moved}"]
             if any(a1.values()) or any(a2.values()):
@@ -1235,6 +1257,7 @@ COLUMNS = (
     ("nodemesh-http", "nodemesh-http"),
     ("haproxy", "haproxy (tcp)"),
     ("haproxy-h2", "haproxy (http)"),
+    ("nodemesh-vs", "nodemesh-http + VirtualService"),
 )
 METRIC_NAMES = {
     "bulk": "bulk 1-stream (Gbit/s)",
@@ -1445,7 +1468,7 @@ def plot(summary: dict[str, Any], plan: dict[str, tuple[str, ...]], png: str) ->
     panels = [m for m in ("bulk", "rps", "cps", "h2") if m in plan]
     if not panels:
         return None
-    colors = dict(zip(PATHS, ("#999", "#2a7", "#7c5", "#37c", "#8ad"), strict=True))
+    colors = dict(zip(PATHS, ("#999", "#2a7", "#7c5", "#37c", "#8ad", "#ac4"), strict=True))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
         paths = [p for p in plan[metric] if med[metric][p] is not None]
@@ -1573,7 +1596,6 @@ def run(args: argparse.Namespace) -> int:
     doc = {
         "benchmark": "dataplane",
         "when": stamp,
-        "virtual_service": bool(getattr(bench.args, "virtual_service", False)),
         "host": {
             "cpus": os.cpu_count(),
             "kernel": os.uname().release,
@@ -1599,6 +1621,8 @@ def run(args: argparse.Namespace) -> int:
             "agent n1 :15001 parses HTTP, balances per request, pooled upstreams over HBONE mTLS -> "
             f"agent n2 :15008 parses again -> pod :{HTTP_L7_PORT} (HTTP/1.1); h2 clients: VIP:{H2_SVC_PORT} "
             f"(declared http), h2 on every hop, pod :{H2C_PORT} (h2c)",
+            "nodemesh-vs": f"as nodemesh-http, to VIP {VS_VIP}:{HTTP_SVC_PORT} (service webvs): a 5-route "
+            "VirtualService (the request takes the last) and a DestinationRule with a subset",
             "haproxy": "n1-p21 -> HAProxy n1 (mode tcp) -> TLS1.3 mTLS (mesh CA, verify required both ways) "
             "-> HAProxy n2 (mode tcp) -> pod; one hop TLS connection per client connection",
             "haproxy-h2": "as haproxy, mode http, hop is HTTP/2 over the same mTLS "
@@ -1741,13 +1765,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=1,
         help="nbthread of each HAProxy (default 1: one core per node proxy, like the agent's one loop)",
-    )
-    ap.add_argument(
-        "--virtual-service",
-        action="store_true",
-        help="apply a 5-route VirtualService and a DestinationRule for the service (issue 12's "
-        "'with routing in force' run): every request of nodemesh-http is matched against 4 routes "
-        "that do not take it (uri regex, header, method, query) before the catch-all to a subset",
     )
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench-results"), help="where the JSON goes")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="stop starting rounds after this")

@@ -546,7 +546,8 @@ class OutboundHttp:
         out = self.out
         route = self._decide()
         plan = ex.plan if isinstance(ex.plan, routing.Decision) else self._plan(route, ex, headers, scheme)
-        if plan is not None and ex.tries == 0 and not fresh:
+        if plan is not None and plan.route is not None and plan.route.fault is not None and ex.tries == 0 \
+                and not fresh:
             await self._inject(ex, plan, any(k == b"content-type" and v.startswith(b"application/grpc")
                                              for k, v in headers))
         service: Service | None

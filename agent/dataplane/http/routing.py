@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -175,6 +175,7 @@ class RouteTable:
     dr_of: Mapping[tuple[str, str], DestinationRule]  # service (ns, name) -> its DestinationRule
     service_of: Mapping[str, Service]  # FQDN -> service
     matcher: _Matcher = field(default_factory=_Matcher)
+    compiled: dict[int, tuple[_Check, ...]] = field(default_factory=dict)  # id(HttpMatch) -> checks
     # (VirtualService, route index, destination, port) -> the decision without the per-request
     # path rewrite (the table's snapshot keeps those objects, so their ids stay theirs)
     plans: dict[tuple[int, int, int, int], Decision] = field(default_factory=dict)
@@ -221,48 +222,96 @@ class RouteTable:
     # -- matching ----------------------------------------------------------------------------
 
     def _match(self, m: HttpMatch, req: RequestFacts) -> bool:
-        t = self.matcher.test
         path, _, query = req.path.partition("?")
-        if m.uri is not None and not t(m.uri, path, ignore_case=m.ignore_uri_case):
-            return False
-        if m.method is not None and not t(m.method, req.method):
-            return False
-        if m.authority is not None and not t(m.authority, req.authority):
-            return False
-        if m.scheme is not None and not t(m.scheme, req.scheme):
-            return False
-        if m.port and m.port != req.port:
-            return False
-        for name, sm in m.headers:
-            v = req.headers.get(name)
-            if v is None or not t(sm, v):
-                return False
-        for name, sm in m.without_headers:
-            v = req.headers.get(name)
-            if v is not None and t(sm, v):
-                return False
-        if m.query_params:
-            if not query:
-                return False  # (every parameter asked for is missing)
-            params = dict(parse_qsl(query, keep_blank_values=True))
-            for name, sm in m.query_params:
-                v = params.get(name)
-                if v is None or not t(sm, v):
-                    return False
-        src = req.source
-        if m.source_namespace and m.source_namespace != src.namespace:
-            return False
-        return all(src.labels.get(k) == v for k, v in m.source_labels)
+        return all(check(req, path, query) for check in self._checks(m))
+
+    def _checks(self, m: HttpMatch) -> tuple[_Check, ...]:
+        checks = self.compiled.get(id(m))
+        if checks is None:
+            checks = self.compiled[id(m)] = _compile(m, self.matcher)
+        return checks
 
     def match(self, vs: VirtualService, req: RequestFacts) -> tuple[int, HttpRoute, HttpMatch | None] | None:
         """The first route whose matches (any of them; none = all requests) take the request."""
+        path, _, query = req.path.partition("?")
         for i, route in enumerate(vs.http):
             if not route.matches:
                 return i, route, None
             for m in route.matches:
-                if self._match(m, req):
+                for check in self._checks(m):
+                    if not check(req, path, query):
+                        break
+                else:
                     return i, route, m
         return None
+
+
+_Check = Callable[[RequestFacts, str, str], bool]  # (request, path, query) -> does it hold
+
+
+def _test(matcher: _Matcher, sm: StringMatch, ignore_case: bool = False) -> Callable[[str], bool]:
+    """A StringMatch as one function of the value (exact, prefix, or RE2 over the whole value)."""
+    value = sm.value
+    if sm.kind == "exact":
+        if ignore_case:
+            low = value.lower()
+            return lambda v: v.lower() == low
+        return lambda v: v == value
+    if sm.kind == "prefix":
+        if ignore_case:
+            low = value.lower()
+            return lambda v: v.lower().startswith(low)
+        return lambda v: v.startswith(value)
+    rx = matcher.regex(value)
+    return lambda v: rx.fullmatch(v) is not None
+
+
+def _compile(m: HttpMatch, matcher: _Matcher) -> tuple[_Check, ...]:
+    """One check per condition the match sets, cheapest first (a request fails at its first
+    failing check): what :meth:`RouteTable.match` runs per request, built once per table."""
+    checks: list[_Check] = []
+    if m.port:
+        port = m.port
+        checks.append(lambda r, p, q: r.port == port)
+    if m.method is not None:
+        f_method = _test(matcher, m.method)
+        checks.append(lambda r, p, q: f_method(r.method))
+    if m.uri is not None:
+        f_uri = _test(matcher, m.uri, m.ignore_uri_case)
+        checks.append(lambda r, p, q: f_uri(p))
+    if m.authority is not None:
+        f_auth = _test(matcher, m.authority)
+        checks.append(lambda r, p, q: f_auth(r.authority))
+    if m.scheme is not None:
+        f_scheme = _test(matcher, m.scheme)
+        checks.append(lambda r, p, q: f_scheme(r.scheme))
+    for name, sm in m.headers:
+        checks.append(_header_check(name, _test(matcher, sm), present=True))
+    for name, sm in m.without_headers:
+        checks.append(_header_check(name, _test(matcher, sm), present=False))
+    if m.query_params:
+        params = tuple((name, _test(matcher, sm)) for name, sm in m.query_params)
+
+        def query(r: RequestFacts, p: str, q: str) -> bool:
+            if not q:
+                return False  # (every parameter asked for is missing)
+            got = dict(parse_qsl(q, keep_blank_values=True))
+            return all((v := got.get(n)) is not None and f(v) for n, f in params)
+
+        checks.append(query)
+    if m.source_namespace:
+        ns = m.source_namespace
+        checks.append(lambda r, p, q: r.source.namespace == ns)
+    if m.source_labels:
+        labels = m.source_labels
+        checks.append(lambda r, p, q: all(r.source.labels.get(k) == v for k, v in labels))
+    return tuple(checks)
+
+
+def _header_check(name: str, f: Callable[[str], bool], *, present: bool) -> _Check:
+    if present:
+        return lambda r, p, q: (v := r.headers.get(name)) is not None and f(v)
+    return lambda r, p, q: (v := r.headers.get(name)) is None or not f(v)
 
 
 def _weighted(dests: tuple[RouteDestination, ...], rng: random.Random) -> RouteDestination:
