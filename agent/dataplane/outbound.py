@@ -65,6 +65,7 @@ from agent.proto.http1 import Header, RequestHead
 log = logging.getLogger(__name__)
 
 MAX_MIRRORS = 256  # mirror copies in flight at once; more are dropped (and counted)
+MIRROR_BODY_BYTES = 64 * 1024  # a request body up to this is mirrored (with the copies in flight: 16 MiB)
 MIRROR_TIMEOUT_S = 10.0
 
 OUTBOUND_PORT = 15001
@@ -136,7 +137,7 @@ class Outbound:
 
     def mirror(
         self, side: OutboundHttp, dest: Destination, namespace: str, port: int, method: str, target: str,
-        headers: list[Header],
+        headers: list[Header], body: bytes | None = None,
     ) -> None:
         """Send a copy of a request to ``dest`` (a route's ``mirror``): fire and forget, its
         response read and dropped, never waited for (Envoy's request mirroring; the copy's
@@ -144,15 +145,18 @@ class Outbound:
         if len(self._mirrors) >= MAX_MIRRORS:
             self.mirrors_dropped += 1
             return
+        if body is not None and len(body) > MIRROR_BODY_BYTES:
+            self.mirrors_dropped += 1
+            return
         task = asyncio.get_running_loop().create_task(
-            self._mirror(side, dest, namespace, port, method, target, headers)
+            self._mirror(side, dest, namespace, port, method, target, headers, body)
         )
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
 
     async def _mirror(
         self, side: OutboundHttp, dest: Destination, namespace: str, port: int, method: str, target: str,
-        headers: list[Header],
+        headers: list[Header], body: bytes | None,
     ) -> None:
         up: Upstream | None = None
         try:
@@ -174,7 +178,8 @@ class Outbound:
                 up = await self.upstreams.acquire(
                     (side.src_ip, ep.address, ep.port, "h1"), functools.partial(side._dial, ep)
                 )
-                await up.end.write(http1.request_head(method, target, shadow, ()))
+                framing = [(b"content-length", b"%d" % len(body))] if body is not None else []
+                await up.end.write(http1.request_head(method, target, shadow, framing) + (body or b""))
                 rr = http1.ResponseReader(head_only=method == "HEAD")
                 while not rr.done:
                     data, credit = await up.end.read()
@@ -643,12 +648,18 @@ class OutboundHttp:
             h = routing.apply_ops(h, plan.request_ops)
         out = self._rewrite(h, ex)
         route = plan.route if isinstance(plan, routing.Decision) else None
-        if route is not None and route.mirror is not None and not ex.mirrored and not head.has_body:
+        if route is not None and route.mirror is not None and not ex.mirrored:
             ex.mirrored = True  # (once per request, whatever the tries)
             assert isinstance(plan, routing.Decision) and plan.vs is not None
             if route.mirror_percent >= 100 or self.out.rng.uniform(0, 100) < route.mirror_percent:
-                self.out.mirror(self, route.mirror, plan.vs.namespace, plan.port, head.method,
-                                ex.target or head.target, out)
+                mirror = functools.partial(self.out.mirror, self, route.mirror, plan.vs.namespace, plan.port,
+                                           head.method, ex.target or head.target, out)
+                if not head.has_body:
+                    mirror()
+                elif head.content_length is not None and head.content_length > MIRROR_BODY_BYTES:
+                    self.out.mirrors_dropped += 1
+                else:  # sent once the whole body has passed (the request loop keeps a copy)
+                    ex.on_body = lambda body: mirror(body=body)
         return out
 
     def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:

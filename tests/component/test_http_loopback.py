@@ -951,6 +951,30 @@ def test_mirror_sends_copies_and_drops_their_answers() -> None:
             await asyncio.sleep(0.05)
         assert n1.outbound.mirrored == 10 and n1.outbound.mirror_failures == 0
 
+        def post(payload: bytes) -> tuple[int, Any]:
+            conn = http.client.HTTPConnection("127.0.0.1", n1.outbound_port, source_address=(CLIENT, 0),
+                                              timeout=10)
+            try:
+                conn.request("POST", "/up", body=payload, headers={"host": "web.default"})
+                r = conn.getresponse()
+                return r.status, json.loads(r.read())
+            finally:
+                conn.close()
+
+        # requests with a body: the copy carries the body (up to 64 KiB), once it has all passed
+        before = metric(n2, "istio_request_bytes_sum", reporter="destination", destination_workload="web-2")
+        for _ in range(3):
+            status, doc = await asyncio.to_thread(post, b"m" * 5000)
+            assert status == 200 and doc["pod"] == "web-1" and doc["body"] == "m" * 5000
+        while metric(n2, "istio_requests_total", reporter="destination", destination_workload="web-2") < 13:
+            assert asyncio.get_running_loop().time() < deadline + 5, "the copies with a body did not arrive"
+            await asyncio.sleep(0.05)
+        got = metric(n2, "istio_request_bytes_sum", reporter="destination", destination_workload="web-2")
+        assert got - before >= 3 * 5000
+        status, doc = await asyncio.to_thread(post, b"b" * 100_000)  # over 64 KiB: not mirrored
+        assert status == 200 and len(doc["body"]) == 100_000
+        assert n1.outbound.mirrors_dropped == 1 and n1.outbound.mirrored == 13
+
     run(with_mesh(ws, [http_service()], body))
 
 
@@ -1129,5 +1153,66 @@ def test_max_retries_caps_the_retries_in_flight_overflow_is_passed_on_flagged_uo
         assert n1.outbound.retries == {}  # every retry slot came back
         mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], []))
         assert await burst(n1.outbound_port) == [200] * 6
+
+    run(with_mesh(ws, [http_service()], body))
+
+
+def test_a_new_snapshot_reroutes_new_requests_at_once_and_in_flight_ones_finish_unharmed() -> None:
+    """Issue 12's live changes: slow requests in flight on v1 when the VirtualService flips to
+    v2 finish on v1 with 200; the next request goes to v2; requests on keep-alive connections
+    while the route flips back and forth are all answered (none dropped)."""
+    from agent.control.istio import (
+        Destination,
+        DestinationRule,
+        HttpRoute,
+        RouteDestination,
+        Subset,
+        VirtualService,
+    )
+    from agent.dataplane.route import Directory
+
+    ws = [workload("client", CLIENT, "n1", sa="client")]
+    ws += [workload(f"web-{v}", f"127.0.0.1{v}", "n2", sa="web", labels={"app": "web", "version": f"v{v}"})
+           for v in (1, 2)]
+    dr = DestinationRule("web", "default", "web",
+                         subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),))))
+
+    def to(subset: str) -> VirtualService:
+        return VirtualService("web", "default", ("web",),
+                              (HttpRoute("all", (), (RouteDestination(Destination("web", subset)),)),))
+
+    async def body(mesh: Mesh) -> None:
+        base = mesh.directory.snapshot
+        dirs = {s: Directory.build(dataclasses.replace(_with_istio(base, [to(s)], [dr]), revision=r))
+                for r, s in ((2, "v1"), (3, "v2"))}
+        mesh.directory = dirs["v1"]
+        port = mesh.nodes["n1"].outbound_port
+        slow = [asyncio.ensure_future(asyncio.to_thread(keepalive_requests, port, 1, "/slow"))
+                for _ in range(3)]
+        await asyncio.sleep(0.3)  # in flight on v1
+        mesh.directory = dirs["v2"]
+        now = await asyncio.to_thread(keepalive_requests, port, 1, "/")
+        assert now[0][0] == 200 and now[0][1]["pod"] == "web-2"  # the next request: the new route
+        for s in slow:
+            (status, doc, _), = await s
+            assert status == 200 and doc["pod"] == "web-1"  # finished on the decision it had
+
+        stop = asyncio.Event()
+
+        async def flip() -> None:
+            while not stop.is_set():
+                for d in (dirs["v1"], dirs["v2"]):
+                    mesh.directory = d
+                    await asyncio.sleep(0.01)
+
+        flipper = asyncio.ensure_future(flip())
+        try:
+            runs = await asyncio.gather(*(asyncio.to_thread(keepalive_requests, port, 50) for _ in range(4)))
+        finally:
+            stop.set()
+            await flipper
+        codes = Counter(status for res in runs for status, _, _ in res)
+        pods = Counter(doc["pod"] for res in runs for _, doc, _ in res)
+        assert codes == {200: 200} and pods["web-1"] > 0 and pods["web-2"] > 0
 
     run(with_mesh(ws, [http_service()], body))

@@ -322,7 +322,8 @@ class H1Loop:
         body: asyncio.Future[None] | None = None
         if head.has_body:
             r = ex.retry
-            if self._copy is None and isinstance(r, Retry) and r.attempts and not head.upgrade:
+            wanted = (isinstance(r, Retry) and r.attempts) or ex.on_body is not None
+            if self._copy is None and wanted and not head.upgrade:
                 self._copy = BodyCopy.start(self._budget, head.content_length)
             body = asyncio.ensure_future(self._send_body(head, ex, up))
         elif not self._request_read:  # (a retry: the first try took it)
@@ -365,6 +366,9 @@ class H1Loop:
                 assert isinstance(val, list)
                 self._request_read = True
                 self._trailers = val
+                if ex.on_body is not None and copy is not None and copy.intact:
+                    ex.on_body(b"".join(copy.chunks))  # (the route's mirror)
+                ex.on_body = None
                 break
             assert isinstance(val, bytes)
             ex.request_bytes += len(val)
