@@ -408,7 +408,7 @@ class InboundHttp:
             s.start()
             return s
 
-    def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:
+    def headers_h2(self, headers: H2Headers, ex: Exchange, *, ended: bool = False) -> H2Headers:
         pseudo, regular = hdrs.split_h2(headers)
         return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
 

@@ -154,23 +154,72 @@ class Outbound:
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
 
+    def mirror_h2(
+        self, side: OutboundHttp, dest: Destination, namespace: str, port: int, headers: H2Headers,
+        body: bytes | None = None,
+    ) -> None:
+        """As :meth:`mirror`, for an HTTP/2 request (gRPC included): the copy goes as HTTP/2."""
+        if len(self._mirrors) >= MAX_MIRRORS or (body is not None and len(body) > MIRROR_BODY_BYTES):
+            self.mirrors_dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._mirror_h2(side, dest, namespace, port, headers, body)
+        )
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    def _mirror_endpoint(self, dest: Destination, namespace: str, port: int) -> Endpoint | None:
+        table = self.route_table()
+        svc = table.service_of.get(host_fqdn(dest.host, namespace))
+        if svc is None:
+            return None
+        if dest.port:
+            port = dest.port
+        elif not any(p.port == port for p in svc.ports) and len(svc.ports) == 1:
+            port = svc.ports[0].port
+        eps, _ = routing.subset_endpoints(table, svc, port, dest.subset)
+        return self.balancer.pick(f"{svc.namespace}/{svc.name}/{dest.subset}/mirror", Policy.ROUND_ROBIN, eps)
+
+    async def _mirror_h2(
+        self, side: OutboundHttp, dest: Destination, namespace: str, port: int, headers: H2Headers,
+        body: bytes | None,
+    ) -> None:
+        session: H2Session | None = None
+        st = None
+        try:
+            ep = self._mirror_endpoint(dest, namespace, port)
+            if ep is None:
+                return
+            shadow = [(k, v + "-shadow" if k == ":authority" else v) for k, v in headers]
+            async with asyncio.timeout(MIRROR_TIMEOUT_S):
+                session = await self.h2_upstreams.acquire(
+                    (side.src_ip, ep.address, ep.port, "h2"), functools.partial(side._dial, ep)
+                )
+                st = session.request(shadow, end=not body)
+                if body:
+                    await st.write(body)
+                    st.end()
+                await st.headers
+                while True:  # the answer, read and dropped
+                    data, credit = await st.read()
+                    st.ack(credit)
+                    if not data and not credit:
+                        break
+            self.mirrored += 1
+        except Exception as e:  # a mirror never affects anything: count, log at debug
+            self.mirror_failures += 1
+            log.debug("outbound: mirror to %s failed: %s", dest.host, e)
+        finally:
+            if session is not None and st is not None:
+                session.forget(st)
+
     async def _mirror(
         self, side: OutboundHttp, dest: Destination, namespace: str, port: int, method: str, target: str,
         headers: list[Header], body: bytes | None,
     ) -> None:
         up: Upstream | None = None
         try:
-            table = self.route_table()
-            svc = table.service_of.get(host_fqdn(dest.host, namespace))
-            if svc is None:
-                return
-            if dest.port:
-                port = dest.port
-            elif not any(p.port == port for p in svc.ports) and len(svc.ports) == 1:
-                port = svc.ports[0].port
-            eps, _ = routing.subset_endpoints(table, svc, port, dest.subset)
-            key = f"{svc.namespace}/{svc.name}/{dest.subset}/mirror"
-            ep = self.balancer.pick(key, Policy.ROUND_ROBIN, eps)
+            ep = self._mirror_endpoint(dest, namespace, port)
             if ep is None:
                 return
             shadow = [(k, v + b"-shadow" if k == b"host" else v) for k, v in headers]
@@ -662,7 +711,9 @@ class OutboundHttp:
                     ex.on_body = lambda body: mirror(body=body)
         return out
 
-    def headers_h2(self, headers: H2Headers, ex: Exchange) -> H2Headers:
+    def headers_h2(self, headers: H2Headers, ex: Exchange, *, ended: bool = False) -> H2Headers:
+        """The request headers to send upstream; ``ended``: the request has no body to follow
+        (then a mirror copy goes at once, else once its body has passed)."""
         pseudo, regular = hdrs.split_h2(headers)
         plan = ex.plan
         if isinstance(plan, routing.Decision):
@@ -671,7 +722,19 @@ class OutboundHttp:
             if plan.authority is not None:
                 pseudo = [(k, plan.authority if k == ":authority" else v) for k, v in pseudo]
             regular = routing.apply_ops(regular, plan.request_ops)
-        return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
+        out = hdrs.join_h2(pseudo, self._rewrite(regular, ex))
+        route = plan.route if isinstance(plan, routing.Decision) else None
+        if route is not None and route.mirror is not None and not ex.mirrored:
+            ex.mirrored = True
+            assert isinstance(plan, routing.Decision) and plan.vs is not None
+            if route.mirror_percent >= 100 or self.out.rng.uniform(0, 100) < route.mirror_percent:
+                mirror = functools.partial(self.out.mirror_h2, self, route.mirror, plan.vs.namespace,
+                                           plan.port, out)
+                if ended:
+                    mirror()
+                else:  # sent once the whole body has passed (the request loop keeps a copy)
+                    ex.on_body = lambda body: mirror(body=body)
+        return out
 
     def _observe(self, ex: Exchange, c: _Choice, status: int, flags: str) -> None:
         plan = ex.plan

@@ -123,3 +123,73 @@ def test_declared_protocol_names() -> None:
     assert l7_protocol(ServicePort("web", 80, 9000, app_protocol="kubernetes.io/h2c")) is Protocol.HTTP2
     assert l7_protocol(ServicePort("web", 80, 9000, app_protocol="http")) is Protocol.HTTP
     assert l7_protocol(ServicePort("http-web", 80, 9000, Protocol.TCP)) is Protocol.TCP  # declared wins
+
+
+def test_grpc_calls_are_mirrored_with_their_messages_and_the_answers_dropped() -> None:
+    """A route's mirror for gRPC: each call (its request message included) is copied to v2 over
+    HTTP/2; the client gets v1's answers only; the mirror's answers are read and dropped."""
+    import dataclasses
+
+    from agent.control.istio import (
+        Destination,
+        DestinationRule,
+        HttpRoute,
+        RouteDestination,
+        Subset,
+        VirtualService,
+    )
+    from agent.dataplane.route import Directory
+
+    ws = [workload("client", CLIENT, "n1", sa="client")]
+    ws += [workload(f"web-{i}", f"127.0.0.{10 + i}", "n2", sa="web",
+                    labels={"app": "web", "version": f"v{i}"}) for i in (1, 2)]
+    svc = Service("web", "default", VIP, (ServicePort("grpc-echo", 80, 9000),), {"app": "web"})
+    dr = DestinationRule("web", "default", "web",
+                         subsets=(Subset("v1", (("version", "v1"),)), Subset("v2", (("version", "v2"),))))
+    vs = VirtualService("web", "default", ("web",), (
+        HttpRoute("main", (), (RouteDestination(Destination("web", "v1")),),
+                  mirror=Destination("web", "v2")),))
+    seen: Counter[bytes] = Counter()
+
+    def echo(name: str) -> Any:
+        def say(request: bytes, context: grpc.ServicerContext) -> bytes:
+            if name == "web-2":
+                seen[request] += 1
+            return f"{name}:{request.decode()}".encode()
+
+        handler = grpc.method_handlers_generic_handler(
+            "echo.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)})
+        srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        srv.add_generic_rpc_handlers((handler,))
+        srv.add_insecure_port(f"127.0.0.{10 + int(name[-1])}:9000")
+        srv.start()
+        return srv
+
+    pods = [echo("web-1"), echo("web-2")]
+
+    def say_all(port: int) -> list[str]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            say = ch.unary_unary("/echo.Echo/Say")
+            return [say(b"m%d" % i, timeout=10).decode() for i in range(10)]
+
+    async def body() -> None:
+        async with two_node_mesh(ws, [svc]) as mesh:
+            mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+            snap = mesh.directory.snapshot
+            mesh.directory = Directory.build(dataclasses.replace(
+                snap, virtual_services={("default", "web"): vs}, destination_rules={("default", "web"): dr}))
+            n1 = mesh.nodes["n1"]
+            answers = await asyncio.to_thread(say_all, n1.outbound_port)
+            assert answers == [f"web-1:m{i}" for i in range(10)]  # the client sees the main route only
+            deadline = asyncio.get_running_loop().time() + 5
+            while sum(seen.values()) < 10:
+                assert asyncio.get_running_loop().time() < deadline, f"copies seen: {seen}"
+                await asyncio.sleep(0.05)
+            assert seen == {b"m%d" % i: 1 for i in range(10)}  # each message, once
+            assert n1.outbound.mirrored == 10 and n1.outbound.mirror_failures == 0
+
+    try:
+        run(body())
+    finally:
+        for p in pods:
+            p.stop(None)

@@ -64,7 +64,7 @@ class H2Side(Protocol):
         """The response headers to pass on (header operations of the route)."""
         ...
 
-    def headers_h2(self, headers: Headers, ex: Exchange) -> Headers:
+    def headers_h2(self, headers: Headers, ex: Exchange, *, ended: bool = False) -> Headers:
         """The request headers to send upstream (tracing, forwarding)."""
         ...
 
@@ -159,7 +159,7 @@ class H2Loop:
                     return
                 session, up, sent_end = opened
                 r = ex.retry
-                if copy is None and isinstance(r, Retry) and r.attempts:
+                if copy is None and ((isinstance(r, Retry) and r.attempts) or ex.on_body is not None):
                     copy = BodyCopy.start(self.budget, _content_length(headers))
                 try:
                     await self._attempt(st, up, ex, grpc, copy, not sent_end)
@@ -194,7 +194,7 @@ class H2Loop:
                 self._reply(st, ex, r.status, str(r), r.flag, grpc, r.headers)
                 return None
             try:
-                return session, session.request(self.side.headers_h2(headers, ex), end=end), end
+                return session, session.request(self.side.headers_h2(headers, ex, ended=end), end=end), end
             except StreamError:
                 if attempt:
                     self._reply(st, ex, 503, "upstream connection closed", "UC", grpc)
@@ -322,6 +322,9 @@ class H2Loop:
                     up.reset()  # the client gave up: so does the upstream request
                     raise _ClientGone from None
                 if not data and not credit:
+                    if ex.on_body is not None and copy is not None and copy.intact:
+                        ex.on_body(b"".join(copy.chunks))  # (the route's mirror)
+                    ex.on_body = None
                     break
                 ex.request_bytes += len(data)
                 if copy is not None:
