@@ -656,7 +656,10 @@ def _load_balancer(doc: _Doc, v: Any, path: str) -> LoadBalancer:
     if "simple" in lb:
         simple = _str(doc, lb, "simple", path, required=True)
         if simple not in DR_LOAD_BALANCERS:
-            why = f"{simple} is {_YET}" if simple == "PASSTHROUGH" else f"unknown load balancer {simple!r}"
+            why = ("PASSTHROUGH is not supported: behind a service VIP there is no original destination "
+                   "to pass the request through to (nodemesh has no kube-proxy; a pod dialled by its "
+                   "address is reached as it is)") if simple == "PASSTHROUGH" \
+                else f"unknown load balancer {simple!r}"
             hint = "one of: " + ", ".join(DR_LOAD_BALANCERS)
             if simple == "LEAST_CONN":
                 hint += " (LEAST_REQUEST is LEAST_CONN's current name)"
