@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from agent.control.authz import AuthorizationPolicy, policy_doc
 from agent.control.backend import Backend
 from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
 from agent.control.istio import (
@@ -69,6 +70,8 @@ def _dump(r: Resource) -> str:
         return _ENCODE(virtual_service_doc(r))
     if isinstance(r, DestinationRule):
         return _ENCODE(destination_rule_doc(r))
+    if isinstance(r, AuthorizationPolicy):
+        return _ENCODE(policy_doc(r))
     return _ENCODE(r.to_doc())
 
 
@@ -77,6 +80,8 @@ def _kind(r: Resource) -> Kind:
         return Kind.SERVICE
     if isinstance(r, Workload):
         return Kind.WORKLOAD
+    if isinstance(r, AuthorizationPolicy):
+        return Kind.AUTHORIZATION_POLICY
     return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
 
 

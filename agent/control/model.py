@@ -67,6 +67,7 @@ class Kind(enum.StrEnum):
     WORKLOAD = "Workload"
     VIRTUAL_SERVICE = "VirtualService"  # Istio's (values in agent.control.istio)
     DESTINATION_RULE = "DestinationRule"
+    AUTHORIZATION_POLICY = "AuthorizationPolicy"  # Istio's (values in agent.control.authz)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +260,7 @@ GUARD_KEY = f"{PREFIX}meta/guard"
 
 
 # the first segment of every key resource_key/health_key make: 'service', 'workload',
-# 'virtualservice', 'destinationrule', 'health'
+# 'virtualservice', 'destinationrule', 'authorizationpolicy', 'health'
 KEY_KINDS = frozenset([*(k.value.lower() for k in Kind), "health"])
 
 

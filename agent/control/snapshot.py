@@ -7,9 +7,10 @@ state into a :class:`Snapshot` tagged with the backend revision. Membership
 (which workloads a service selects) is kept through a label index and
 recomputed only for the services a change touches; readers never scan.
 
-Istio's VirtualServices and DestinationRules are kept as decoded, by (namespace,
-name), in their own tables; which service each one applies to is the data
-path's business (:mod:`agent.dataplane.http.routing`).
+Istio's VirtualServices, DestinationRules and AuthorizationPolicies are kept
+as decoded, by (namespace, name), in their own tables; which service or
+workload each one applies to is the data path's business
+(:mod:`agent.dataplane.http.routing`, :func:`agent.control.authz.applicable`).
 
 The data path only ever reads a ``Snapshot``: :func:`healthy_endpoints` is the
 pure function the proxy uses to get the endpoints of ``VIP:port`` that may take
@@ -18,6 +19,7 @@ traffic (passing or warning; critical ones leave load balancing).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from agent.control.authz import ACTIONS, AuthorizationPolicy, policy_from_doc
 from agent.control.istio import (
     DestinationRule,
     VirtualService,
@@ -46,7 +49,8 @@ from agent.control.model import (
 log = logging.getLogger(__name__)
 
 NsName = tuple[str, str]  # (namespace, name)
-_Decoded = Service | Workload | HealthStatus | VirtualService | DestinationRule  # one stored value
+# one stored value
+_Decoded = Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -78,6 +82,8 @@ class Snapshot:
     virtual_services: Mapping[NsName, VirtualService] = field(
         default_factory=lambda: MappingProxyType({}))
     destination_rules: Mapping[NsName, DestinationRule] = field(
+        default_factory=lambda: MappingProxyType({}))
+    authorization_policies: Mapping[NsName, AuthorizationPolicy] = field(
         default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
@@ -154,6 +160,7 @@ class SnapshotBuilder:
         self._health: dict[NsName, HealthStatus] = {}
         self._virtual_services: dict[NsName, VirtualService] = {}
         self._destination_rules: dict[NsName, DestinationRule] = {}
+        self._authorization_policies: dict[NsName, AuthorizationPolicy] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -200,6 +207,9 @@ class SnapshotBuilder:
         elif isinstance(obj, DestinationRule):
             self._destination_rules[key] = obj
             self._changed.add("destination_rules")
+        elif isinstance(obj, AuthorizationPolicy):
+            self._authorization_policies[key] = obj
+            self._changed.add("authorization_policies")
         elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
@@ -236,6 +246,9 @@ class SnapshotBuilder:
         elif kind == "destinationrule":
             if self._destination_rules.pop(key, None) is not None:
                 self._changed.add("destination_rules")
+        elif kind == "authorizationpolicy":
+            if self._authorization_policies.pop(key, None) is not None:
+                self._changed.add("authorization_policies")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -322,6 +335,7 @@ class SnapshotBuilder:
             by_vip=self._view("by_vip", by_vip),
             virtual_services=self._view("virtual_services", self._virtual_services),
             destination_rules=self._view("destination_rules", self._destination_rules),
+            authorization_policies=self._view("authorization_policies", self._authorization_policies),
         )
         self._changed.clear()
         return snap
@@ -352,4 +366,22 @@ def _decode(kind: str, value: str) -> _Decoded:
         return virtual_service_from_doc(doc)
     if kind == "destinationrule":
         return destination_rule_from_doc(doc)
+    if kind == "authorizationpolicy":
+        return _checked_policy(policy_from_doc(doc))
     return health_from_doc(doc)
+
+
+def _checked_policy(p: AuthorizationPolicy) -> AuthorizationPolicy:
+    """A stored policy the evaluation can run: a known action, CIDRs that parse (evaluating a
+    block that does not would raise on the data path). ValueError otherwise: the value is
+    skipped as any undecodable one."""
+    if p.action not in ACTIONS:
+        raise ValueError(f"unknown action {p.action!r}")
+    for r in p.rules:
+        blocks = [b for s in r.sources or () for b in (*s.ip_blocks, *s.not_ip_blocks,
+                                                       *s.remote_ip_blocks, *s.not_remote_ip_blocks)]
+        blocks += [v for c in r.when if c.key in ("source.ip", "remote.ip", "destination.ip")
+                   for v in (*c.values, *c.not_values)]
+        for b in blocks:
+            ipaddress.ip_network(b, strict=False)
+    return p

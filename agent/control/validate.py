@@ -6,9 +6,10 @@ path (``spec.ports[0].port``) to line, and validates it strictly: unknown
 fields, wrong types, out-of-range values and bad addresses are rejected with an
 :class:`InputError` naming the file, the line, the field path and the reason.
 There is no I/O here: callers pass the text and the file name. Istio's
-VirtualService and DestinationRule (``networking.istio.io/...``) share the
-document and metadata checks here; their specs are read in
-:mod:`agent.control.validate_istio`.
+VirtualService and DestinationRule (``networking.istio.io/...``) and
+AuthorizationPolicy (``security.istio.io/...``) share the document and
+metadata checks here; their specs are read in
+:mod:`agent.control.validate_istio` and :mod:`agent.control.validate_authz`.
 
 A Service without ``spec.vip`` comes out with ``vip=""``; :mod:`agent.control.apply`
 allocates one from the configured range.
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from agent.control.authz import SECURITY_VERSIONS, AuthorizationPolicy
 from agent.control.errors import InputError
 from agent.control.istio import ISTIO_NETWORKING_VERSIONS, DestinationRule, VirtualService
 from agent.control.model import (
@@ -49,7 +51,8 @@ API_VERSION = "nodemesh.io/v1"
 _HEALTH = {h.value: h for h in Health}
 KINDS = ("Service", "Workload")
 ISTIO_KINDS = ("VirtualService", "DestinationRule")  # under ISTIO_NETWORKING_VERSIONS
-Resource = Service | Workload | VirtualService | DestinationRule
+SECURITY_KINDS = ("AuthorizationPolicy",)  # under SECURITY_VERSIONS
+Resource = Service | Workload | VirtualService | DestinationRule | AuthorizationPolicy
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -394,18 +397,21 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
     _only(doc, m, "", ("apiVersion", "kind", "metadata", "spec"))
     api = _str(doc, m, "apiVersion", "", required=True)
     if api == API_VERSION:
-        kinds = KINDS
+        kinds: tuple[str, ...] = KINDS
     elif api in ISTIO_NETWORKING_VERSIONS:
         kinds = ISTIO_KINDS
+    elif api in SECURITY_VERSIONS:
+        kinds = SECURITY_KINDS
     else:
         raise doc.fail("apiVersion", f"unsupported apiVersion {api!r}", hint=_api_hint(m.get("kind")))
     kind = _str(doc, m, "kind", "", required=True)
     if kind not in kinds:
-        if kind in KINDS or kind in ISTIO_KINDS:
+        if kind in KINDS or kind in ISTIO_KINDS or kind in SECURITY_KINDS:
             raise doc.fail("kind", f"kind {kind} does not exist in {api}", hint=_api_hint(kind))
         raise doc.fail("kind", f"unknown kind {kind!r}",
                        hint=f"known kinds: {', '.join(KINDS)} ({API_VERSION}); "
-                            f"{', '.join(ISTIO_KINDS)} ({ISTIO_NETWORKING_VERSIONS[0]})")
+                            f"{', '.join(ISTIO_KINDS)} ({ISTIO_NETWORKING_VERSIONS[0]}); "
+                            f"{', '.join(SECURITY_KINDS)} ({SECURITY_VERSIONS[0]})")
     meta = _map(doc, m.get("metadata") or {}, "metadata")
     _only(doc, meta, "metadata", ("name", "namespace", "labels", "annotations"))
     name = _name(doc, _str(doc, meta, "name", "metadata", required=True), "metadata.name")
@@ -419,6 +425,10 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
         return _service(doc, spec, name, ns, vip_range)
     if kind == "Workload":
         return _workload(doc, spec, name, ns, labels)
+    if kind == "AuthorizationPolicy":
+        from agent.control import validate_authz  # it builds on the helpers above
+
+        return validate_authz.authorization_policy(doc, spec, name, ns)
     from agent.control import validate_istio  # it builds on the helpers above
 
     if kind == "VirtualService":
@@ -430,10 +440,14 @@ def _api_hint(kind: Any) -> str:
     if kind in ISTIO_KINDS:
         return (f"use apiVersion: {ISTIO_NETWORKING_VERSIONS[0]} "
                 f"({', '.join(v.rsplit('/', 1)[1] for v in ISTIO_NETWORKING_VERSIONS[1:])} are read too)")
+    if kind in SECURITY_KINDS:
+        return (f"use apiVersion: {SECURITY_VERSIONS[0]} "
+                f"({', '.join(v.rsplit('/', 1)[1] for v in SECURITY_VERSIONS[1:])} is read too)")
     if kind in KINDS:
         return f"use apiVersion: {API_VERSION}"
     return (f"use apiVersion: {API_VERSION} for {', '.join(KINDS)}, "
-            f"{ISTIO_NETWORKING_VERSIONS[0]} for {', '.join(ISTIO_KINDS)}")
+            f"{ISTIO_NETWORKING_VERSIONS[0]} for {', '.join(ISTIO_KINDS)}, "
+            f"{SECURITY_VERSIONS[0]} for {', '.join(SECURITY_KINDS)}")
 
 
 def _service(doc: _Doc, spec: dict[str, Any], name: str, ns: str, vip_range: IpNetwork,
