@@ -57,6 +57,9 @@ Example (every key but ``node`` has a default)::
       upstream_max_idle_per_endpoint: 64
       retry_buffer_bytes: 1048576     # a request body is copied for a route's retries up to this
                                       # per client connection (over it: forwarded, not retried)
+      path_normalization: BASE        # Istio's meshConfig.pathNormalization: NONE, BASE,
+                                      # MERGE_SLASHES, DECODE_AND_MERGE_SLASHES (what authorization
+                                      # matches and what is forwarded; agent/dataplane/http/normalize.py)
       access_log:               # one JSON line per request and per TCP connection; off by default
         path: ""                # a file, or "-" for stdout; "" = off
         sampling: 1.0           # fraction of lines kept (errors are always kept)
@@ -71,6 +74,7 @@ from typing import Any
 
 import yaml
 
+from agent.dataplane.http.normalize import PathNormalization
 from agent.dataplane.listener import ListenerLimits
 
 
@@ -166,6 +170,7 @@ class HttpConfig:
     upstream_idle_timeout_s: float = 60.0
     upstream_max_idle_per_endpoint: int = 64
     retry_buffer_bytes: int = 1 << 20  # Envoy's per_connection_buffer_limit_bytes (0: bodies never retried)
+    path_normalization: PathNormalization = PathNormalization.BASE
     access_log_path: str = ""
     access_log_sampling: float = 1.0
 
@@ -437,6 +442,10 @@ def _http(r: _Reader, doc: Any) -> HttpConfig:
     sampling = al.get("sampling", 1.0)
     if isinstance(sampling, bool) or not isinstance(sampling, int | float) or not 0 < sampling <= 1:
         raise r.fail("http.access_log.sampling", f"expected a fraction in (0, 1], got {sampling!r}")
+    norm = top.get("path_normalization", d.path_normalization.value)
+    names = [m.value for m in PathNormalization]
+    if norm not in names:
+        raise r.fail("http.path_normalization", f"expected one of {', '.join(names)}, got {norm!r}")
     return HttpConfig(
         sniff_timeout_s=number("sniff_timeout_s", 0.001, 10),
         max_request_line_bytes=number("max_request_line_bytes", 256, 1 << 20, whole=True),
@@ -448,6 +457,7 @@ def _http(r: _Reader, doc: Any) -> HttpConfig:
         retry_buffer_bytes=number("retry_buffer_bytes", 0, 1 << 26, whole=True),
         access_log_path=path,
         access_log_sampling=float(sampling),
+        path_normalization=PathNormalization(norm),
     )
 
 
