@@ -20,6 +20,7 @@ from agent.cli.errors import (
 from agent.cli.etcd_options import etcd_tls_options, open_registry
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 from agent.control import apply as apply_mod
+from agent.control.authz import AuthorizationPolicy, l7_only_fields, policy_doc
 from agent.control.backends import read_snapshot
 from agent.control.consul import parse_consul
 from agent.control.errors import (
@@ -105,8 +106,8 @@ def _report(plan: apply_mod.Plan, output: str) -> None:
 @handled
 def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str,
               output: str) -> None:
-    """Create or update Services, Workloads, VirtualServices and DestinationRules from YAML
-    (all or nothing)."""
+    """Create or update Services, Workloads, VirtualServices, DestinationRules and
+    AuthorizationPolicies from YAML (all or nothing)."""
     net = parse_vip_range(vip_range)
     resources: list[Located] = []
     for f in _files(path):
@@ -148,6 +149,7 @@ _KIND_NAMES = {
     Kind.WORKLOAD: ("workload", "workloads", "wl"),
     Kind.VIRTUAL_SERVICE: ("virtualservice", "virtualservices", "vs"),
     Kind.DESTINATION_RULE: ("destinationrule", "destinationrules", "dr"),
+    Kind.AUTHORIZATION_POLICY: ("authorizationpolicy", "authorizationpolicies", "ap"),
 }
 _KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
 KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
@@ -160,7 +162,8 @@ def _kind(s: str) -> Kind:
 def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
     return {Kind.SERVICE: snap.services, Kind.WORKLOAD: snap.workloads,
             Kind.VIRTUAL_SERVICE: snap.virtual_services,
-            Kind.DESTINATION_RULE: snap.destination_rules}[k]
+            Kind.DESTINATION_RULE: snap.destination_rules,
+            Kind.AUTHORIZATION_POLICY: snap.authorization_policies}[k]
 
 
 def _doc(obj: Any) -> dict[str, Any]:
@@ -168,6 +171,8 @@ def _doc(obj: Any) -> dict[str, Any]:
         return virtual_service_doc(obj)
     if isinstance(obj, DestinationRule):
         return destination_rule_doc(obj)
+    if isinstance(obj, AuthorizationPolicy):
+        return policy_doc(obj)
     doc: dict[str, Any] = obj.to_doc()
     return doc
 
@@ -181,6 +186,12 @@ def _destinations(vs: VirtualService) -> str:
             d = rd.destination
             seen[d.host + (f"/{d.subset}" if d.subset else "")] = None
     return ",".join(seen) or "-"
+
+
+def l4_warnings(p: AuthorizationPolicy) -> list[str]:
+    """One line per field of ``p`` a TCP port cannot judge (ztunnel's L4 rule)."""
+    return [f"WARNING: {f} cannot be judged on TCP ports: an ALLOW rule with them never matches "
+            "there; a DENY rule denies on its other fields" for f in l7_only_fields(p)]
 
 
 def _ports(s: Any) -> str:
@@ -197,7 +208,8 @@ def _ports(s: Any) -> str:
 @handled
 def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
         etcd_url: str | None, output: str) -> None:
-    """List services, workloads, virtualservices (vs) or destinationrules (dr)."""
+    """List services, workloads, virtualservices (vs), destinationrules (dr) or
+    authorizationpolicies (ap)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     picked = [v for (ns, n), v in sorted(_table_of(snap, k).items())
@@ -216,6 +228,12 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
             [d.namespace, d.name, d.host, d.load_balancer or "-",
              ",".join(s.name for s in d.subsets) or "-", d.source or "-"]
             for d in picked]))
+    elif k == Kind.AUTHORIZATION_POLICY:
+        click.echo(table(["NAMESPACE", "NAME", "ACTION", "SELECTOR", "RULES", "SOURCE"], [
+            [p.namespace, p.name, p.action,
+             "-" if p.selector is None else ",".join(f"{a}={b}" for a, b in p.selector) or "{}",
+             len(p.rules), p.source or "-"]
+            for p in picked]))
     elif k == Kind.SERVICE:
         rows = []
         for s in picked:
@@ -240,16 +258,19 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
 @handled
 def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
              output: str) -> None:
-    """Show one service (with its endpoints), workload (with its checks), virtualservice or
-    destinationrule (with the file:line it was applied from)."""
+    """Show one service (with its endpoints), workload (with its checks), virtualservice,
+    destinationrule or authorizationpolicy (with the file:line it was applied from; a policy
+    with a WARNING per field that TCP ports cannot judge)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     obj: Any = _table_of(snap, k).get((namespace, name))
     if obj is None:
         raise NotFound(f"{k.value} {namespace}/{name} not found in {location}",
-                       hint=f"list them with: nodemesh get {k.value.lower()}s -A")
+                       hint=f"list them with: nodemesh get {_KIND_NAMES[k][1]} -A")
     doc = _doc(obj)
-    # a VirtualService or DestinationRule is its stored document (with its source) alone
+    # a VirtualService, DestinationRule or AuthorizationPolicy is its stored document (with its
+    # source) alone; a policy's L4 warnings are added
+    warnings = l4_warnings(obj) if k == Kind.AUTHORIZATION_POLICY else []
     if k == Kind.SERVICE:
         doc["endpoints"] = {str(p.port): [
             {"workload": e.workload, "address": f"{e.address}:{e.port}", "health": e.health.value,
@@ -262,11 +283,13 @@ def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: 
             doc["observed"] = h.to_doc()
     doc["revision"] = snap.revision
     if output == "json":
-        emit_json(doc)
+        emit_json({**doc, "warnings": warnings} if warnings else doc)
         return
     import yaml
 
     click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
+    for w in warnings:
+        click.echo(w)
 
 
 @click.command("delete")
@@ -277,7 +300,7 @@ def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: 
 @handled
 def delete(kind: str, name: str, namespace: str, registry_dir: str,
            etcd_url: str | None) -> None:
-    """Delete one service, workload, virtualservice or destinationrule."""
+    """Delete one service, workload, virtualservice, destinationrule or authorizationpolicy."""
     k = _kind(kind)
     backend = open_registry(registry_dir, etcd_url)
     try:
