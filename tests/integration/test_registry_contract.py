@@ -233,6 +233,54 @@ def test_istio_kinds_apply_snapshot_and_delete(make_backend: type) -> None:
     assert reg.snapshot.service("shop", "web") is not None
 
 
+AUTHZ = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: istio-system}
+spec: {}
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]
+    to: [{operation: {ports: ["80"], paths: [/api/*]}}]
+"""
+
+
+def test_authorization_policies_apply_snapshot_and_delete(make_backend: type) -> None:
+    b = make_backend()
+    reg = Registry(make_backend())
+    text = DOCS + "---\n" + AUTHZ
+    p = apply_mod.apply(b, parse_yaml(text, "authz.yaml", NET), NET)
+    assert p.created == ("Service shop/web", "Workload shop/web-1",
+                         "AuthorizationPolicy istio-system/deny-all", "AuthorizationPolicy shop/web")
+    deadline = time.monotonic() + 5
+    while len(reg.snapshot.authorization_policies) < 2 and time.monotonic() < deadline:
+        reg.step(0.3)
+    web = reg.snapshot.authorization_policies[("shop", "web")]
+    assert web.selector == (("app", "web"),) and web.rules[0].operations is not None
+    assert web.rules[0].operations[0].ports == (80,) and \
+        web.source == f"authz.yaml:{text.splitlines().index('apiVersion: security.istio.io/v1beta1') + 1}"
+    assert reg.snapshot.authorization_policies[("istio-system", "deny-all")].rules == ()
+    # unchanged on re-apply; a bad policy next to a good change writes nothing
+    assert not apply_mod.apply(b, parse_yaml(text, "authz.yaml", NET), NET).puts
+    rev = b.read().revision
+    bad = AUTHZ.replace("principals: [cluster.local/ns/shop/sa/frontend]", "ipBlocks: [10.0.0.0/40]")
+    with pytest.raises(InputError, match="not an IP address or CIDR block"):
+        apply_mod.apply(b, parse_yaml(DOCS.replace("8080", "8081") + "---\n" + bad, "i.yaml", NET), NET)
+    assert b.read().revision == rev
+    apply_mod.delete(b, Kind.AUTHORIZATION_POLICY, "shop", "web")
+    with pytest.raises(NotFound):
+        apply_mod.delete(b, Kind.AUTHORIZATION_POLICY, "shop", "web")
+    deadline = time.monotonic() + 5
+    while len(reg.snapshot.authorization_policies) != 1 and time.monotonic() < deadline:
+        reg.step(0.3)
+    assert list(reg.snapshot.authorization_policies) == [("istio-system", "deny-all")]
+
+
 # -- backend-specific ---------------------------------------------------------------
 
 
