@@ -41,6 +41,7 @@ from agent.control.dns import MeshDns
 from agent.control.etcd import EtcdTls
 from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
+from agent.dataplane.authorize import Authorizer
 from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
 from agent.dataplane.http.h1 import LoopConfig
 from agent.dataplane.http.upstream import PoolLimits, UpstreamPool
@@ -254,6 +255,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         AccessLogConfig(bool(hc.access_log_path), hc.access_log_path or "-", hc.access_log_sampling)
     )
     reporter = Reporter(metrics, access_log)
+    authorizer = Authorizer(directory, metrics)  # one for both: same-node and remote callers
     outbound = Outbound(
         OutboundConfig(
             node=cfg.node,
@@ -273,6 +275,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             PoolLimits(hc.upstream_max_idle_per_endpoint, hc.upstream_idle_timeout_s)
         ),
         reporter=reporter,
+        authorizer=authorizer,
     )
     own = {cfg.addresses.proxy, cfg.addresses.hbone, cfg.addresses.metrics}
     inbound = Inbound(
@@ -283,6 +286,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             proxy_mark=cfg.peer_authentication.proxy_mark,
             sniff_timeout_s=hc.sniff_timeout_s,
             http=loop_config,
+            path_normalization=hc.path_normalization,
         ),
         contexts=server_contexts,
         directory=directory,
@@ -290,6 +294,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         node_address=lambda n: cfg.addresses.hbone if n == cfg.node else cfg.peers.get(n),
         budget=budget,
         reporter=reporter,
+        authorizer=authorizer,
     )
     upstream = None
     if cfg.dns_upstream:

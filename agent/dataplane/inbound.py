@@ -17,20 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from agent.control.model import Workload
+from agent.control import authz
+from agent.control.model import Protocol, Workload
 from agent.control.screening import address_key, address_problem
 from agent.dataplane import protocol
+from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, principal_of
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
+from agent.dataplane.http.normalize import (
+    NormalizationError,
+    PathNormalization,
+    check_method,
+    join_headers,
+    normalize_path,
+)
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
@@ -70,6 +80,9 @@ class InboundConfig:
     proxy_mark: int = 0
     sniff_timeout_s: float = protocol.DEFAULT_SNIFF_TIMEOUT_S
     http: LoopConfig = field(default_factory=LoopConfig)
+    # Istio's meshConfig.pathNormalization: what requests' paths become here, matched by the
+    # authorization policies and forwarded to the pod
+    path_normalization: PathNormalization = PathNormalization.BASE
 
 
 class Inbound:
@@ -85,9 +98,11 @@ class Inbound:
         tunnel_limits: TunnelLimits | None = None,
         budget: BufferBudget | None = None,
         reporter: Reporter | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.config = config
         self.reporter = reporter or Reporter(metrics)
+        self.authorizer = authorizer or Authorizer(directory, metrics)
         self.contexts = contexts
         self.directory = directory
         self.metrics = metrics
@@ -109,7 +124,11 @@ class Inbound:
         itself (not on a stream that is already reading), so a refused client is counted
         and logged with its reason.
         """
-        await (listener or Listener("hbone", metrics=self.metrics)).serve(sock, self._accepted)
+        watch = asyncio.create_task(self.authorizer.watch(), name="authz watch")
+        try:
+            await (listener or Listener("hbone", metrics=self.metrics)).serve(sock, self._accepted)
+        finally:
+            watch.cancel()
 
     async def _accepted(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         task = asyncio.current_task()
@@ -219,7 +238,20 @@ class Inbound:
             None,
             mutual_tls=True,
         )
+        # L4 facts: only what this node verified (the tunnel's identity; the source address the
+        # registry ties to it, else the address the tunnel came from)
+        facts = authz.Facts(
+            principal=principal_of(client.uri), namespace=client.namespace,
+            source_ip=src_w.address if src_w is not None else peer[0],
+            destination_ip=req.target.address, destination_port=req.target.port,
+        )
+        declared = directory.pod_port_protocol(w, req.target.port)
+        if declared is Protocol.TCP:  # judged before the pod is dialled
+            v = self.authorizer.check(w, facts)
+            if v is not None and not v.allowed:
+                return await self._refuse(stream, "authz_denied", 403, f"{DENIED_BODY} ({v.why})")
         pod: SocketEnd | None = None
+        token = 0
         try:
             try:
                 pod = await self._dial(req.target)
@@ -229,11 +261,10 @@ class Inbound:
                 )
             await stream.respond(200)  # TunnelError if the peer reset the stream meanwhile
             down = TunnelEnd(stream)
-            declared = directory.pod_port_protocol(w, req.target.port)
             wire, first = await protocol.resolve(declared, down, self.config.sniff_timeout_s)
             if wire is not protocol.Wire.TCP:
                 side = InboundHttp(
-                    self, flow, pod, req.target, src_w.address if src_w is not None else None
+                    self, flow, pod, req.target, src_w.address if src_w is not None else None, w, facts
                 )
                 self.metrics.active_inbound.inc()
                 try:
@@ -250,6 +281,13 @@ class Inbound:
                     if side.session is not None:
                         await side.session.close()
                 return None
+            if declared is not Protocol.TCP:  # sniffed as TCP: judged now
+                v = self.authorizer.check(w, facts)
+                if v is not None and not v.allowed:
+                    self.metrics.tunnel_rejections.labels("authz_denied").inc()
+                    down.abort()
+                    return None
+            token = self.authorizer.opened(w, facts, down.abort)  # a policy change may close it
             labels = flow.conn_labels()
             start = time.monotonic()
             self.metrics.opened(labels)
@@ -268,6 +306,8 @@ class Inbound:
                 req.target.authority,
             )
         finally:
+            if token:
+                self.authorizer.closed(token)
             if pod is not None:
                 if stream.was_reset:
                     pod.abort()  # the client's end was abnormal: so is the pod's
@@ -368,8 +408,12 @@ class InboundHttp:
         pod: SocketEnd,
         target: hbone.Target,
         client_address: str | None,
+        workload: Workload | None = None,
+        facts: authz.Facts | None = None,
     ) -> None:
         self.inbound = inbound
+        self.workload = workload  # the destination (authorization)
+        self.facts = facts or authz.Facts()  # the connection's verified L4 facts
         self.flow = flow
         self.labels: RequestLabels = flow.request_labels()
         self.pod: SocketEnd | None = pod
@@ -391,7 +435,34 @@ class InboundHttp:
     def abandon_h2(self, ex: Exchange, session: H2Session) -> None:  # (no retries on this side)
         pass
 
+    def _authorize(self, ex: Exchange, headers: list[tuple[str, str]]) -> None:
+        """Once per request: the method checked and the path normalised as Istio does (400 if
+        refused; the normalised path is what is matched and forwarded), then the request against
+        the destination's policies (403 ``RBAC``)."""
+        if ex.authorized:
+            return
+        ex.authorized = True
+        try:
+            check_method(ex.method)
+            target = normalize_path(ex.path, self.inbound.config.path_normalization,
+                                    allow_asterisk=ex.method == "OPTIONS")
+        except NormalizationError as e:
+            raise LocalReply(400, e.reason, "-") from None
+        if target != ex.path:
+            ex.target = target
+        w = self.workload
+        if w is None or not self.inbound.authorizer.policies(w):
+            return
+        facts = dataclasses.replace(
+            self.facts, http=True, method=ex.method, path=target.partition("?")[0], host=ex.authority,
+            headers=join_headers(h for h in headers if not h[0].startswith(":")),
+        )
+        verdict = self.inbound.authorizer.check(w, facts)
+        if verdict is not None and not verdict.allowed:
+            raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
+
     async def open_h2(self, ex: Exchange, headers: H2Headers, *, fresh: bool) -> H2Session:
+        self._authorize(ex, headers)
         ex.upstream = self.target.authority
         async with self._dialing:  # concurrent requests share one new session
             s = self.session
@@ -410,6 +481,8 @@ class InboundHttp:
 
     def headers_h2(self, headers: H2Headers, ex: Exchange, *, ended: bool = False) -> H2Headers:
         pseudo, regular = hdrs.split_h2(headers)
+        if ex.target:  # the normalised path
+            pseudo = [(k, ex.target if k == ":path" else v) for k, v in pseudo]
         return hdrs.join_h2(pseudo, self._rewrite(regular, ex))
 
     def finished_h2(self, ex: Exchange, session: H2Session | None, grpc: bool) -> None:
@@ -419,6 +492,7 @@ class InboundHttp:
         """The stream's pod connection. One the pod closed ends the stream unanswered
         (:class:`UpstreamGone`): the source node retries on a fresh stream, whose CONNECT
         dials the pod again (and, should that fail, moves on to another endpoint)."""
+        self._authorize(ex, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers])
         ex.upstream = self.target.authority
         pod = self.pod
         if pod is not None and not fresh and pod.reusable():

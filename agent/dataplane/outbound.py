@@ -36,10 +36,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.control import authz
 from agent.control.istio import ConnectionPool, ConsistentHash, Destination, host_fqdn
 from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
+from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, principal_of
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import Exchange, LocalReply
@@ -112,8 +114,10 @@ class Outbound:
         h2_upstreams: H2Pool | None = None,
         reporter: Reporter | None = None,
         rng: random.Random | None = None,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.config = config
+        self.authorizer = authorizer or Authorizer(directory, metrics)  # same-node destinations
         self.upstreams = upstreams or UpstreamPool()
         self.h2_upstreams = h2_upstreams or H2Pool(self.upstreams.limits)
         self.reporter = reporter or Reporter(metrics)
@@ -407,6 +411,14 @@ class Outbound:
                 route.service,
                 mutual_tls=ep.node != self.config.node,
             )
+            local = directory.workload_at(ep.address) if ep.node == self.config.node else None
+            facts = None
+            if local is not None:  # a same-node destination: its policies are judged here
+                facts = authz.Facts(principal=principal_of(src_id.uri), namespace=src.namespace,
+                                    source_ip=peer[0], destination_ip=ep.address, destination_port=ep.port)
+                v = self.authorizer.check(local, facts)
+                if v is not None and not v.allowed:
+                    return self._fail(app, DENIED_FLAG, f"{DENIED_BODY}: {v.why}")
             try:
                 upstream = await self._connect(ep, src_id, dst_id, peer[0], peer[1], timeout)
             except (OSError, TunnelError, TimeoutError) as e:
@@ -419,7 +431,12 @@ class Outbound:
                 except (OSError, TunnelError) as e:
                     upstream.abort()
                     return self._fail(app, "UC", f"{ep.address}:{ep.port}: {e}")
-            await self._relay(app, upstream, ep, flow, len(first))
+            token = self.authorizer.opened(local, facts, app.abort) if local and facts else 0
+            try:
+                await self._relay(app, upstream, ep, flow, len(first))
+            finally:
+                if token:
+                    self.authorizer.closed(token)
             return None
         return self._fail(app, "UF", f"no endpoint of {route.service_key or dst_ip} reachable ({last_error})")
 
@@ -650,6 +667,8 @@ class OutboundHttp:
             ex.state = c
             ex.upstream = f"{ep.address}:{ep.port}"
             out.balancer.started(ep)  # LEAST_REQUEST: requests in flight
+            if ep.node == out.config.node:
+                self._authorize_local(ex, ep, headers)
             key = (self.src_ip, ep.address, ep.port, kind)
             dial = functools.partial(self._dial, ep, pool.connect_timeout_s if pool is not None else None)
             try:
@@ -682,6 +701,26 @@ class OutboundHttp:
         self.out.retries[cluster] = n + 1
         ex.retrying = cluster
         return True
+
+    def _authorize_local(self, ex: Exchange, ep: Endpoint, headers: list[Header]) -> None:
+        """A same-node destination's policies, judged here (no other proxy sees the request):
+        403 ``RBAC``, as the destination node's inbound answers."""
+        out = self.out
+        w = out.directory().workload_at(ep.address)
+        if w is None or not out.authorizer.policies(w):
+            return
+        joined: dict[str, str] = {}
+        for k, v in headers:
+            name, text = k.decode("latin-1"), v.decode("latin-1")
+            joined[name] = f"{joined[name]},{text}" if name in joined else text
+        facts = authz.Facts(
+            principal=principal_of(self.src_id.uri), namespace=self.src.namespace, source_ip=self.src_ip,
+            destination_ip=ep.address, destination_port=ep.port, http=True, method=ex.method,
+            path=ex.path.partition("?")[0], host=ex.authority, headers=joined,
+        )
+        verdict = out.authorizer.check(w, facts)
+        if verdict is not None and not verdict.allowed:
+            raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
 
     async def _dial(self, ep: Endpoint, timeout_s: float | None = None) -> End:
         out = self.out

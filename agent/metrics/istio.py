@@ -128,6 +128,13 @@ class MeshMetrics:
             ("reason",),
             registry=registry,
         )
+        self.authz_decisions = Counter(
+            "nodemesh_authz_decisions",
+            "Authorization decisions at the destination: the deciding policy (or '-': no policy "
+            "applies, or none of the ALLOW policies matched), its action, allowed or denied",
+            ("policy", "action", "result"),
+            registry=registry,
+        )
         self.outbound_failures = Counter(
             "nodemesh_outbound_failures",
             "Captured connections that could not be served, by flag",

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from agent.admin import listen_tcp
 from agent.control.model import Kind, Service, ServicePort, Workload, resource_key
 from agent.control.snapshot import Snapshot, SnapshotBuilder
+from agent.dataplane.authorize import Authorizer
 from agent.dataplane.inbound import Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
@@ -108,6 +109,7 @@ async def start_node(
     def lookup(peer: tuple[str, int], local: tuple[str, int]) -> tuple[str, int] | None:
         return mesh.original_dst.get(peer) or mesh.original_dst.get((peer[0], 0))
 
+    authorizer = Authorizer(lambda: mesh.directory, metrics)  # shared, as the agent's
     outbound = Outbound(
         OutboundConfig(node=name, trust_domain=TD, connect_timeout_s=3.0, hbone_port=0),
         directory=lambda: mesh.directory,
@@ -116,6 +118,7 @@ async def start_node(
         pool=pool,
         balancer=Balancer(),
         metrics=metrics,
+        authorizer=authorizer,
     )
     inbound = Inbound(
         InboundConfig(node=name, trust_domain=TD, loopback_pods=True),
@@ -123,6 +126,7 @@ async def start_node(
         directory=lambda: mesh.directory,
         metrics=metrics,
         node_address=lambda n: "127.0.0.1" if n in hbone_ports or n == name else None,
+        authorizer=authorizer,
     )
     node = Node(name, metrics, registry, certs, server_contexts, outbound, inbound)
     # certs for the workloads this node hosts (the agent does this on each snapshot)

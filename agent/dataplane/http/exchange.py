@@ -44,6 +44,7 @@ class Exchange:
     set_cookie: str = ""  # a consistent-hash cookie to set on the response
     response_extra: list[tuple[bytes, bytes]] | None = None  # added to the response (CORS)
     mirrored: bool = False  # a copy went to the route's mirror
+    authorized: bool = False  # judged by the destination's AuthorizationPolicies
     # given the whole request body once it has passed, if it fit the loop's copy (a mirror)
     on_body: Callable[[bytes], None] | None = None
 
