@@ -232,15 +232,20 @@ def _cidr(doc: _Doc, v: Any, path: str) -> str:
     """An address or a CIDR block, as Go's net.ParseIP / net.ParseCIDR take them."""
     s = _string(doc, v, path)
     addr, slash, bits = s.partition("/")
+    why = ""
+    if "%" in addr:
+        why = " (an address with a zone is not one)"
+    elif slash and not (bits.isascii() and bits.isdigit()):
+        why = f" (the prefix length {bits!r} is not a number)"
     try:
-        if "%" in addr:
-            raise ValueError("an address with a zone is not one")
-        if slash and not (bits.isascii() and bits.isdigit()):
-            raise ValueError(f"the prefix length {bits!r} is not a number")
         ipaddress.ip_network(s, strict=False)
-    except ValueError as e:
-        raise doc.fail(path, f"{s!r} is not an IP address or CIDR block: {e}",
-                       hint="e.g. 10.244.1.0/24, 10.244.1.7 or fd00::/64") from None
+    except ValueError:
+        ok = False
+    else:
+        ok = not why
+    if not ok:
+        raise doc.fail(path, f"{s!r} is not an IP address or CIDR block{why}",
+                       hint="e.g. 10.244.1.0/24, 10.244.1.7 or fd00::/64")
     return s
 
 
