@@ -264,6 +264,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             proxy_mark=cfg.peer_authentication.proxy_mark,
             sniff_timeout_s=hc.sniff_timeout_s,
             http=loop_config,
+            path_normalization=hc.path_normalization,
         ),
         directory=directory,
         original_dst=lookup,

@@ -49,6 +49,13 @@ from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
 from agent.dataplane.http.hashing import Hashers
+from agent.dataplane.http.normalize import (
+    NormalizationError,
+    PathNormalization,
+    check_method,
+    join_headers,
+    normalize_path,
+)
 from agent.dataplane.http.outlier import Outliers
 from agent.dataplane.http.upstream import H2Pool, Upstream, UpstreamPool
 from agent.dataplane.lb import Balancer, Policy, endpoint_key
@@ -97,6 +104,8 @@ class OutboundConfig:
     proxy_mark: int = 0
     sniff_timeout_s: float = protocol.DEFAULT_SNIFF_TIMEOUT_S  # undeclared port, silent client: TCP
     http: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    # a same-node destination's requests are normalised here, as its node's inbound would
+    path_normalization: PathNormalization = PathNormalization.BASE
 
 
 class Outbound:
@@ -709,14 +718,19 @@ class OutboundHttp:
         w = out.directory().workload_at(ep.address)
         if w is None or not out.authorizer.policies(w):
             return
-        joined: dict[str, str] = {}
-        for k, v in headers:
-            name, text = k.decode("latin-1"), v.decode("latin-1")
-            joined[name] = f"{joined[name]},{text}" if name in joined else text
+        try:
+            check_method(ex.method)
+            path = ex.target or ex.path
+            target = normalize_path(path, out.config.path_normalization,
+                                    allow_asterisk=ex.method == "OPTIONS")
+        except NormalizationError as e:
+            raise LocalReply(400, e.reason, "-") from None
+        if target != path:
+            ex.target = target
         facts = authz.Facts(
             principal=principal_of(self.src_id.uri), namespace=self.src.namespace, source_ip=self.src_ip,
             destination_ip=ep.address, destination_port=ep.port, http=True, method=ex.method,
-            path=ex.path.partition("?")[0], host=ex.authority, headers=joined,
+            path=target.partition("?")[0], host=ex.authority, headers=join_headers(headers),
         )
         verdict = out.authorizer.check(w, facts)
         if verdict is not None and not verdict.allowed:
@@ -755,9 +769,9 @@ class OutboundHttp:
         (then a mirror copy goes at once, else once its body has passed)."""
         pseudo, regular = hdrs.split_h2(headers)
         plan = ex.plan
+        if ex.target:  # rewritten by the route, or normalised for a same-node destination
+            pseudo = [(k, ex.target if k == ":path" else v) for k, v in pseudo]
         if isinstance(plan, routing.Decision):
-            if plan.path is not None:
-                pseudo = [(k, plan.path if k == ":path" else v) for k, v in pseudo]
             if plan.authority is not None:
                 pseudo = [(k, plan.authority if k == ":authority" else v) for k, v in pseudo]
             regular = routing.apply_ops(regular, plan.request_ops)

@@ -73,12 +73,19 @@ def test_http_requests_are_judged_per_request_with_istio_order_and_counted() -> 
             assert (status, body) == (403, "RBAC: access denied\n")
             assert (await asyncio.to_thread(get, "/public/a?x=/admin"))[0] == 200  # the query is not the path
             assert (await asyncio.to_thread(get, "/public/a", {"X-Debug": "1"}))[0] == 403  # DENY first
+            # the path is normalised before it is matched (and forwarded): no way around /public/*
+            for sneaky in ("/public/../admin", "/public/%2e%2e/admin", "/public/.%2E/admin",
+                           "/public/..\\admin"):
+                assert (await asyncio.to_thread(get, sneaky))[0] == 403, sneaky
+            (status, doc, _), = await asyncio.to_thread(keepalive_requests, port, 1, "/x/../public/%7Eb")
+            assert status == 200 and doc["path"] == "/public/~b"  # what the pod saw
+            assert (await asyncio.to_thread(get, "/public/a%00"))[0] == 400
             assert metric(n2, "istio_requests_total", reporter="destination", response_code="403",
-                          response_flags="RBAC") == 2
+                          response_flags="RBAC") == 6
             assert metric(n2, "nodemesh_authz_decisions_total", policy="default/public", action="ALLOW",
-                          result="allowed") == 2
+                          result="allowed") == 3
             assert metric(n2, "nodemesh_authz_decisions_total", policy="-", action="ALLOW",
-                          result="denied") == 1
+                          result="denied") == 5
             assert metric(n2, "nodemesh_authz_decisions_total", policy="default/no-debug", action="DENY",
                           result="denied") == 1
             # a mesh-wide deny-all (root namespace, no selector, no rules) with a per-service allow
@@ -166,6 +173,8 @@ def test_same_node_http_destination_is_judged_by_the_source_agent() -> None:
             with_policies(mesh, allow("only-get", Rule(operations=(Operation(methods=("GET",)),))))
             (status, _, _), = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1, "/", "GET")
             assert status == 200
+            (status, doc, _), = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1, "/a/../b")
+            assert status == 200 and doc["path"] == "/b"  # normalised here, as the inbound does
             (status, doc, headers), = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 1, "/",
                                                              "PUT")
             assert status == 403 and doc["raw"] == "RBAC: access denied\n" and headers["server"] == "nodemesh"
