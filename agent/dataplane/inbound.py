@@ -442,14 +442,16 @@ class InboundHttp:
         if ex.authorized:
             return
         ex.authorized = True
-        try:
-            check_method(ex.method)
-            target = normalize_path(ex.path, self.inbound.config.path_normalization,
-                                    allow_asterisk=ex.method == "OPTIONS")
-        except NormalizationError as e:
-            raise LocalReply(400, e.reason, "-") from None
-        if target != ex.path:
-            ex.target = target
+        target = ex.path
+        if ex.method != "CONNECT":  # (its target is an authority, not a path)
+            try:
+                check_method(ex.method)
+                target = normalize_path(ex.path, self.inbound.config.path_normalization,
+                                        allow_asterisk=ex.method == "OPTIONS")
+            except NormalizationError as e:
+                raise LocalReply(400, e.reason, "-") from None
+            if target != ex.path:
+                ex.target = target
         w = self.workload
         if w is None or not self.inbound.authorizer.policies(w):
             return

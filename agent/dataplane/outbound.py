@@ -712,21 +712,23 @@ class OutboundHttp:
         return True
 
     def _authorize_local(self, ex: Exchange, ep: Endpoint, headers: list[Header]) -> None:
-        """A same-node destination's policies, judged here (no other proxy sees the request):
-        403 ``RBAC``, as the destination node's inbound answers."""
+        """For a same-node destination (no other proxy sees the request), what its node's inbound
+        does: the method checked and the path normalised (400 if refused), then its policies
+        (403 ``RBAC``)."""
         out = self.out
+        path = target = ex.target or ex.path
+        if ex.method != "CONNECT":  # (its target is an authority, not a path)
+            try:
+                check_method(ex.method)
+                target = normalize_path(path, out.config.path_normalization,
+                                        allow_asterisk=ex.method == "OPTIONS")
+            except NormalizationError as e:
+                raise LocalReply(400, e.reason, "-") from None
+            if target != path:
+                ex.target = target
         w = out.directory().workload_at(ep.address)
         if w is None or not out.authorizer.policies(w):
             return
-        try:
-            check_method(ex.method)
-            path = ex.target or ex.path
-            target = normalize_path(path, out.config.path_normalization,
-                                    allow_asterisk=ex.method == "OPTIONS")
-        except NormalizationError as e:
-            raise LocalReply(400, e.reason, "-") from None
-        if target != path:
-            ex.target = target
         facts = authz.Facts(
             principal=principal_of(self.src_id.uri), namespace=self.src.namespace, source_ip=self.src_ip,
             destination_ip=ep.address, destination_port=ep.port, http=True, method=ex.method,
