@@ -35,12 +35,21 @@ from agent.cli.dataplane import ADMIN_OPTION, NETNS_OPTION, NODE_OPTION, agent_a
 from agent.cli.errors import UserError, handled
 from agent.cli.output import OUTPUT_OPTION, emit_json
 from agent.cli.registry import _read, registry_options
+from agent.control import authz
 from agent.control.istio import Retry
-from agent.control.model import Service, Workload, l7_protocol
-from agent.control.snapshot import Snapshot
+from agent.control.model import Protocol, Service, Workload, l7_protocol
+from agent.control.snapshot import Endpoint, Snapshot
+from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.http.hashing import Hashers
+from agent.dataplane.http.normalize import (
+    NormalizationError,
+    PathNormalization,
+    check_method,
+    join_headers,
+    normalize_path,
+)
 from agent.dataplane.http.outlier import EndpointKey, keep_available
 from agent.dataplane.lb import Balancer
 from agent.dataplane.route import Directory, RouteError, decide
@@ -136,7 +145,8 @@ def _service_of_host(snap: Snapshot, host: str, src: Workload) -> Service:
 
 
 def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[str, str],
-            ask: AskAgent | None = None) -> dict[str, Any]:
+            ask: AskAgent | None = None, trust_domain: str = "cluster.local",
+            normalization: PathNormalization = PathNormalization.BASE) -> dict[str, Any]:
     """The walk as a JSON document; ``ask`` reads the source node's agent's outlier state (asked
     only when outlierDetection is in force; None: not asked, the state is unknown)."""
     src = _source(snap, source)
@@ -255,10 +265,60 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
     assert pick is not None
     walk["balancer"] = {"policy": policy, "pick": f"{pick.workload} ({pick.address}:{pick.port})",
                         "note": note}
+    denied = _authorization(walk, snap, src, pick, method, plan.path or facts.path, u.netloc, headers,
+                            proto is not Protocol.TCP, trust_domain, normalization)
+    if denied is not None:
+        walk["outcome"] = denied
+        return walk
     walk["outcome"] = {"answer": "forwarded", "to": pick.workload,
                        "via": ("HBONE mTLS tunnel" if pick.node != src.node
                                else "a direct connection (same node)")}
     return walk
+
+
+def _authorization(
+    walk: dict[str, Any], snap: Snapshot, src: Workload, pick: Endpoint, method: str, path: str, host: str,
+    headers: dict[str, str], http: bool, trust_domain: str, normalization: PathNormalization,
+) -> dict[str, Any] | None:
+    """The picked endpoint's AuthorizationPolicies on this request, as its node judges it
+    (:mod:`agent.dataplane.authorize`); the outcome if denied, else None."""
+    w = snap.workloads.get((pick.namespace, pick.workload))
+    if w is None:
+        return None
+    policies = authz.applicable(sorted(snap.authorization_policies.values(),
+                                       key=lambda p: (p.namespace, p.name)), w.namespace, w.labels)
+    doc: dict[str, Any] = {"workload": f"{w.namespace}/{w.name}",
+                           "policies": [f"{p.namespace}/{p.name} ({p.action})" for p in policies]}
+    walk["authorization"] = doc
+    if not policies:
+        doc["decision"] = "allowed: no AuthorizationPolicy applies"
+        return None
+    if http:
+        try:
+            check_method(method)
+            path = normalize_path(path, normalization, allow_asterisk=method == "OPTIONS")
+        except NormalizationError as e:
+            doc["decision"] = f"refused before authorization: {e.reason}"
+            return {"answer": 400, "response_flags": "-", "why": e.reason}
+        doc["path_matched"] = path.partition("?")[0]
+    else:
+        doc["warnings"] = [f"{p.namespace}/{p.name}: {f} cannot be judged on a TCP port"
+                           for p in policies for f in authz.l7_only_fields(p)]
+    facts = authz.Facts(
+        principal=f"{trust_domain}/ns/{src.namespace}/sa/{src.service_account}", namespace=src.namespace,
+        source_ip=src.address, remote_ip=src.address, destination_ip=pick.address,
+        destination_port=pick.port, http=http, method=method, path=path.partition("?")[0], host=host,
+        headers=join_headers(headers.items()),
+    )
+    v = authz.evaluate(policies, facts)
+    doc["decision"] = ("allowed" if v.allowed else "denied") + f": {v.why}"
+    if v.audited:
+        doc["audited"] = list(v.audited)
+    if v.allowed:
+        return None
+    if http:
+        return {"answer": 403, "response_flags": DENIED_FLAG, "why": f"{DENIED_BODY} ({v.why})"}
+    return {"answer": "connection reset", "response_flags": DENIED_FLAG, "why": v.why}
 
 
 def _vs_doc(vs: Any, hit: Any) -> dict[str, Any] | None:
@@ -318,6 +378,11 @@ def _text(walk: dict[str, Any]) -> str:
     if "balancer" in walk:
         b = walk["balancer"]
         lines.append(f"balancer:   {b['policy']} -> {b['pick']} ({b['note']})")
+    if "authorization" in walk:
+        a = walk["authorization"]
+        lines.append(f"authz:      at {a['workload']}: {', '.join(a['policies']) or 'no policy'}; "
+                     f"{a.get('decision', '')}")
+        lines += [f"  WARNING: {x}" for x in a.get("warnings", ())]
     o = walk["outcome"]
     lines.append("outcome:    " + ", ".join(f"{k} {v}" for k, v in o.items()))
     return "\n".join(lines)
@@ -351,10 +416,16 @@ def _not_candidate(e: dict[str, Any]) -> str:
 @ADMIN_OPTION
 @NODE_OPTION
 @NETNS_OPTION
+@click.option("--trust-domain", default="cluster.local", show_default=True,
+              help="the mesh's trust domain (principals in AuthorizationPolicies)")
+@click.option("--path-normalization", type=click.Choice([m.value for m in PathNormalization]),
+              default=PathNormalization.BASE.value, show_default=True,
+              help="the destination agents' http.path_normalization")
 @OUTPUT_OPTION
 @handled
 def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], registry_dir: str,
-                etcd_url: str | None, admin: str, node: str | None, netns: str | None, output: str) -> None:
+                etcd_url: str | None, admin: str, node: str | None, netns: str | None, trust_domain: str,
+                path_normalization: str, output: str) -> None:
     """Print the walk of one request (capture, route, destination, endpoints, pick), sending nothing.
 
     With outlierDetection in force, the source workload's node agent is asked for its ejection
@@ -366,7 +437,8 @@ def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], re
             raise UserError(f"header {h!r} is not 'Name: value'")
         hs[name.strip().lower()] = value.strip()
     snap, _ = _read(registry_dir, etcd_url)
-    walk = explain(snap, source, method.upper(), url, hs, lambda: ask_agent(admin, node, netns))
+    walk = explain(snap, source, method.upper(), url, hs, lambda: ask_agent(admin, node, netns), trust_domain,
+                   PathNormalization(path_normalization))
     if output == "json":
         emit_json(walk)
     else:

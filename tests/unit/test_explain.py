@@ -108,3 +108,27 @@ def test_without_outlier_detection_the_agent_is_not_asked() -> None:
 
     walk = explain(snap, "client", "GET", "http://ratings/", {}, ask)
     assert "outlier_detection" not in walk and all(e["ejection"] is None for e in by_name(walk).values())
+
+
+def test_explain_shows_the_destinations_authorization_decision_as_its_node_makes_it() -> None:
+    from agent.control.authz import AuthorizationPolicy, Operation, Rule, Source
+
+    only_gets = AuthorizationPolicy("gets", "default", "ALLOW", (("app", "ratings"),), (Rule(
+        sources=(Source(principals=("cluster.local/ns/default/sa/client",)),),
+        operations=(Operation(methods=("GET",), paths=("/public/*",)),)),))
+    snap = dataclasses.replace(snapshot(locality=False),
+                               authorization_policies={("default", "gets"): only_gets})
+    walk = explain(snap, "client", "GET", "http://ratings/public/x", {}, answer)
+    assert walk["outcome"]["answer"] == "forwarded"
+    assert walk["authorization"]["decision"] == "allowed: allowed by default/gets"
+    # the path is normalised before it is matched, as the destination does: no way around it
+    walk = explain(snap, "client", "GET", "http://ratings/public/../admin", {}, answer)
+    assert walk["outcome"] == {"answer": 403, "response_flags": "RBAC",
+                               "why": "RBAC: access denied (no ALLOW policy matched (default/gets))"}
+    assert walk["authorization"]["path_matched"] == "/admin"
+    assert "authz:      at default/r-" in _text(walk)
+    walk = explain(snap, "client", "GET", "http://ratings/a%00", {}, answer)
+    assert walk["outcome"]["answer"] == 400
+    # another caller identity: denied
+    walk = explain(snap, "default/r-a", "GET", "http://ratings/public/x", {}, answer)
+    assert walk["outcome"]["answer"] == 403 and walk["authorization"]["decision"].startswith("denied")
