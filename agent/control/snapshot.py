@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from agent.control.authz import ACTIONS, AuthorizationPolicy, policy_from_doc
+from agent.control.authz import ACTIONS, AuthorizationPolicy, Rule, policy_from_doc
 from agent.control.istio import (
     DestinationRule,
     VirtualService,
@@ -193,6 +193,14 @@ class SnapshotBuilder:
                 obj = _decode(kind, value)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 # Written by someone else, not through our validation: skip, keep serving.
+                if kind == "authorizationpolicy":
+                    # an authorization policy we cannot read fails closed: in its place, one that
+                    # denies everything in its namespace (skipping an ALLOW policy would open it)
+                    log.error("registry: invalid AuthorizationPolicy at %s (%s): denying every "
+                              "request to %s until it is fixed", key, e, ns)
+                    self._put((ns, name), AuthorizationPolicy(name, ns, "DENY", None, (Rule(),),
+                                                              f"unreadable value at {key}"))
+                    continue
                 log.warning("registry: ignoring invalid stored value at %s: %s", key, e)
                 self._drop(kind, (ns, name))
                 continue

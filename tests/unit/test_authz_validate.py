@@ -282,7 +282,7 @@ def test_apply_is_atomic_and_detects_unchanged() -> None:
         plan({}, parse(dup), NET)
 
 
-def test_snapshots_hold_policies_and_skip_what_they_cannot_evaluate() -> None:
+def test_snapshots_hold_policies_and_deny_all_in_place_of_what_they_cannot_read() -> None:
     svc, ap = parse(SERVICE + "---\n" + POLICY)
     puts = plan({}, [svc, ap], NET).puts
     b = SnapshotBuilder()
@@ -291,16 +291,21 @@ def test_snapshots_hold_policies_and_skip_what_they_cannot_evaluate() -> None:
     assert s1.authorization_policies[("shop", "web-allow")] == ap.resource
     key = resource_key(Kind.AUTHORIZATION_POLICY, "shop", "web-allow")
     doc = json.loads(puts[key])
-    # values not written through apply: skipped, the rest keeps serving
+    # values not written through apply: each replaced by a deny-all of its namespace (an
+    # unreadable ALLOW policy skipped would open what it guarded), the rest keeps serving
     bad_action = {**doc, "action": "CUSTOM"}
     bad_cidr = json.loads(puts[key].replace("10.244.2.7", "10.244.2.0/33"))
     bad_field = {**doc, "rules": [{"from": [{"oops": []}]}]}
     for i, bad in enumerate([bad_action, bad_cidr, {"name": "x"}, bad_field]):
         b.apply({resource_key(Kind.AUTHORIZATION_POLICY, "shop", f"bad{i}"): json.dumps(bad)}, ())
     s2 = b.build(2)
-    assert list(s2.authorization_policies) == [("shop", "web-allow")]
+    assert sorted(s2.authorization_policies) == [
+        *(("shop", f"bad{i}") for i in range(4)), ("shop", "web-allow")]
+    for i in range(4):
+        p = s2.authorization_policies[("shop", f"bad{i}")]
+        assert (p.action, p.selector, len(p.rules)) == ("DENY", None, 1)
     assert s2.services is s1.services
-    b.apply({}, [key])
+    b.apply({}, [key] + [resource_key(Kind.AUTHORIZATION_POLICY, "shop", f"bad{i}") for i in range(4)])
     s3 = b.build(3)
     assert dict(s3.authorization_policies) == {} and s3.services is s1.services
 
