@@ -34,6 +34,7 @@ from agent.control.istio import (
     virtual_service_doc,
 )
 from agent.control.model import DEFAULT_VIP_RANGE, Kind, l7_protocol
+from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 
@@ -150,6 +151,7 @@ _KIND_NAMES = {
     Kind.VIRTUAL_SERVICE: ("virtualservice", "virtualservices", "vs"),
     Kind.DESTINATION_RULE: ("destinationrule", "destinationrules", "dr"),
     Kind.AUTHORIZATION_POLICY: ("authorizationpolicy", "authorizationpolicies", "ap"),
+    Kind.REQUEST_AUTHENTICATION: ("requestauthentication", "requestauthentications", "ra"),
 }
 _KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
 KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
@@ -163,7 +165,8 @@ def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
     return {Kind.SERVICE: snap.services, Kind.WORKLOAD: snap.workloads,
             Kind.VIRTUAL_SERVICE: snap.virtual_services,
             Kind.DESTINATION_RULE: snap.destination_rules,
-            Kind.AUTHORIZATION_POLICY: snap.authorization_policies}[k]
+            Kind.AUTHORIZATION_POLICY: snap.authorization_policies,
+            Kind.REQUEST_AUTHENTICATION: snap.request_authentications}[k]
 
 
 def _doc(obj: Any) -> dict[str, Any]:
@@ -173,6 +176,8 @@ def _doc(obj: Any) -> dict[str, Any]:
         return destination_rule_doc(obj)
     if isinstance(obj, AuthorizationPolicy):
         return policy_doc(obj)
+    if isinstance(obj, RequestAuthentication):
+        return request_authentication_doc(obj)
     doc: dict[str, Any] = obj.to_doc()
     return doc
 
@@ -209,7 +214,7 @@ def _ports(s: Any) -> str:
 def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
         etcd_url: str | None, output: str) -> None:
     """List services, workloads, virtualservices (vs), destinationrules (dr) or
-    authorizationpolicies (ap)."""
+    authorizationpolicies (ap) or requestauthentications (ra)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     picked = [v for (ns, n), v in sorted(_table_of(snap, k).items())
@@ -234,6 +239,13 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
              "-" if p.selector is None else ",".join(f"{a}={b}" for a, b in p.selector) or "{}",
              len(p.rules), p.source or "-"]
             for p in picked]))
+    elif k == Kind.REQUEST_AUTHENTICATION:
+        click.echo(table(["NAMESPACE", "NAME", "SELECTOR", "ISSUERS", "KEYS", "SOURCE"], [
+            [r.namespace, r.name,
+             "-" if r.selector is None else ",".join(f"{a}={b}" for a, b in r.selector) or "{}",
+             ",".join(j.issuer for j in r.jwt_rules) or "-",
+             ",".join(j.jwks_uri or "inline" for j in r.jwt_rules) or "-", r.source or "-"]
+            for r in picked]))
     elif k == Kind.SERVICE:
         rows = []
         for s in picked:
@@ -259,7 +271,8 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
 def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
              output: str) -> None:
     """Show one service (with its endpoints), workload (with its checks), virtualservice,
-    destinationrule or authorizationpolicy (with the file:line it was applied from; a policy
+    destinationrule, authorizationpolicy or requestauthentication (with the file:line it was
+    applied from; a policy
     with a WARNING per field that TCP ports cannot judge)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
@@ -300,7 +313,8 @@ def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: 
 @handled
 def delete(kind: str, name: str, namespace: str, registry_dir: str,
            etcd_url: str | None) -> None:
-    """Delete one service, workload, virtualservice, destinationrule or authorizationpolicy."""
+    """Delete one service, workload, virtualservice, destinationrule, authorizationpolicy or
+    requestauthentication."""
     k = _kind(kind)
     backend = open_registry(registry_dir, etcd_url)
     try:

@@ -43,6 +43,7 @@ from agent.control.model import (
     service_from_doc,
     split_key,
 )
+from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.screening import address_key
 from agent.control.validate import IpNetwork, Located, Resource
 
@@ -72,6 +73,8 @@ def _dump(r: Resource) -> str:
         return _ENCODE(destination_rule_doc(r))
     if isinstance(r, AuthorizationPolicy):
         return _ENCODE(policy_doc(r))
+    if isinstance(r, RequestAuthentication):
+        return _ENCODE(request_authentication_doc(r))
     return _ENCODE(r.to_doc())
 
 
@@ -82,6 +85,8 @@ def _kind(r: Resource) -> Kind:
         return Kind.WORKLOAD
     if isinstance(r, AuthorizationPolicy):
         return Kind.AUTHORIZATION_POLICY
+    if isinstance(r, RequestAuthentication):
+        return Kind.REQUEST_AUTHENTICATION
     return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
 
 

@@ -68,6 +68,7 @@ class Kind(enum.StrEnum):
     VIRTUAL_SERVICE = "VirtualService"  # Istio's (values in agent.control.istio)
     DESTINATION_RULE = "DestinationRule"
     AUTHORIZATION_POLICY = "AuthorizationPolicy"  # Istio's (values in agent.control.authz)
+    REQUEST_AUTHENTICATION = "RequestAuthentication"  # Istio's (values in agent.control.reqauthn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +261,7 @@ GUARD_KEY = f"{PREFIX}meta/guard"
 
 
 # the first segment of every key resource_key/health_key make: 'service', 'workload',
-# 'virtualservice', 'destinationrule', 'authorizationpolicy', 'health'
+# 'virtualservice', 'destinationrule', 'authorizationpolicy', 'requestauthentication', 'health'
 KEY_KINDS = frozenset([*(k.value.lower() for k in Kind), "health"])
 
 

@@ -7,7 +7,8 @@ state into a :class:`Snapshot` tagged with the backend revision. Membership
 (which workloads a service selects) is kept through a label index and
 recomputed only for the services a change touches; readers never scan.
 
-Istio's VirtualServices, DestinationRules and AuthorizationPolicies are kept
+Istio's VirtualServices, DestinationRules, AuthorizationPolicies and
+RequestAuthentications are kept
 as decoded, by (namespace, name), in their own tables; which service or
 workload each one applies to is the data path's business
 (:mod:`agent.dataplane.http.routing`, :func:`agent.control.authz.applicable`).
@@ -45,12 +46,14 @@ from agent.control.model import (
     split_key,
     workload_from_doc,
 )
+from agent.control.reqauthn import RequestAuthentication, request_authentication_from_doc
 
 log = logging.getLogger(__name__)
 
 NsName = tuple[str, str]  # (namespace, name)
 # one stored value
-_Decoded = Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
+_Decoded = (Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
+            | RequestAuthentication)
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -84,6 +87,8 @@ class Snapshot:
     destination_rules: Mapping[NsName, DestinationRule] = field(
         default_factory=lambda: MappingProxyType({}))
     authorization_policies: Mapping[NsName, AuthorizationPolicy] = field(
+        default_factory=lambda: MappingProxyType({}))
+    request_authentications: Mapping[NsName, RequestAuthentication] = field(
         default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
@@ -161,6 +166,7 @@ class SnapshotBuilder:
         self._virtual_services: dict[NsName, VirtualService] = {}
         self._destination_rules: dict[NsName, DestinationRule] = {}
         self._authorization_policies: dict[NsName, AuthorizationPolicy] = {}
+        self._request_authentications: dict[NsName, RequestAuthentication] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -218,6 +224,9 @@ class SnapshotBuilder:
         elif isinstance(obj, AuthorizationPolicy):
             self._authorization_policies[key] = obj
             self._changed.add("authorization_policies")
+        elif isinstance(obj, RequestAuthentication):
+            self._request_authentications[key] = obj
+            self._changed.add("request_authentications")
         elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
@@ -257,6 +266,9 @@ class SnapshotBuilder:
         elif kind == "authorizationpolicy":
             if self._authorization_policies.pop(key, None) is not None:
                 self._changed.add("authorization_policies")
+        elif kind == "requestauthentication":
+            if self._request_authentications.pop(key, None) is not None:
+                self._changed.add("request_authentications")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -344,6 +356,7 @@ class SnapshotBuilder:
             virtual_services=self._view("virtual_services", self._virtual_services),
             destination_rules=self._view("destination_rules", self._destination_rules),
             authorization_policies=self._view("authorization_policies", self._authorization_policies),
+            request_authentications=self._view("request_authentications", self._request_authentications),
         )
         self._changed.clear()
         return snap
@@ -376,6 +389,8 @@ def _decode(kind: str, value: str) -> _Decoded:
         return destination_rule_from_doc(doc)
     if kind == "authorizationpolicy":
         return _checked_policy(policy_from_doc(doc))
+    if kind == "requestauthentication":
+        return request_authentication_from_doc(doc)
     return health_from_doc(doc)
 
 

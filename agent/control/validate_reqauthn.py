@@ -1,0 +1,131 @@
+"""Istio's RequestAuthentication from YAML, strictly.
+
+How this works: :func:`agent.control.validate.validate_document` has checked
+``apiVersion`` (``security.istio.io/v1``, ``v1beta1``), ``kind`` and
+``metadata`` and hands the ``spec`` mapping here. A field Istio has and nodemesh
+does not implement (``targetRef(s)``, ``outputClaimToHeaders``,
+``fromCookies``, ``timeout``) is refused by name; what Istio would only find out
+when a request comes is checked now: an inline ``jwks`` must be a JSON Web Key
+Set of public RSA, EC or OKP keys with known algorithms
+(:func:`agent.control.reqauthn.parse_jwks`), a ``jwksUri`` an ``http`` or
+``https`` URL with a host (plain http is accepted, as Istio does, for in-mesh
+issuers), exactly one of the two (nodemesh does no OpenID discovery from the
+issuer), header names valid, issuers unique within a resource.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+from agent.control.reqauthn import HeaderLocation, JwtRule, RequestAuthentication, parse_jwks
+from agent.control.validate import _Doc, _labels, _map, _tname
+from agent.control.validate_istio import _HEADER_NAME_RE, _fields, _list
+
+_TARGET = ("is not supported: RequestAuthentications apply to workloads by selector (nodemesh has "
+           "no waypoints or gateways to attach them to)")
+_SPEC_REFUSED = {"targetRef": _TARGET, "targetRefs": _TARGET}
+_RULE_FIELDS = ("issuer", "audiences", "jwks", "jwksUri", "fromHeaders", "fromParams",
+                "forwardOriginalToken", "outputPayloadToHeader")
+_RULE_REFUSED = {
+    "outputClaimToHeaders": "is not supported yet (outputPayloadToHeader forwards the whole payload)",
+    "fromCookies": "is not supported yet (use fromHeaders or fromParams)",
+    "timeout": "is not supported: jwksUri fetches have a fixed timeout (5 s), in the background",
+}
+_MAX_JWKS_CHARS = 64 * 1024
+
+
+def request_authentication(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> RequestAuthentication:
+    _fields(doc, spec, "spec", ("selector", "jwtRules"), _SPEC_REFUSED)
+    selector = None
+    if spec.get("selector") is not None:
+        sel = _map(doc, spec["selector"], "spec.selector")
+        _fields(doc, sel, "spec.selector", ("matchLabels",))
+        selector = tuple(sorted(_labels(doc, sel.get("matchLabels"), "spec.selector.matchLabels").items()))
+    rules = []
+    seen: dict[str, int] = {}
+    for i, r in enumerate(_list(doc, spec, "jwtRules", "spec")):
+        path = f"spec.jwtRules[{i}]"
+        rule = _rule(doc, _map(doc, r, path), path)
+        if rule.issuer in seen:
+            raise doc.fail(f"{path}.issuer", f"issuer {rule.issuer!r} is already in "
+                           f"jwtRules[{seen[rule.issuer]}]", hint="one rule per issuer")
+        seen[rule.issuer] = i
+        rules.append(rule)
+    return RequestAuthentication(name, ns, selector, tuple(rules), f"{doc.file}:{doc.start_line}")
+
+
+def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
+    _fields(doc, m, path, _RULE_FIELDS, _RULE_REFUSED)
+    issuer = m.get("issuer")
+    if issuer is None:
+        raise doc.fail(f"{path}.issuer", "missing required field 'issuer'")
+    issuer = _string(doc, issuer, f"{path}.issuer")
+    audiences = tuple(_string(doc, a, f"{path}.audiences[{i}]")
+                      for i, a in enumerate(_list(doc, m, "audiences", path)))
+    jwks = m.get("jwks")
+    uri = m.get("jwksUri")
+    if jwks is not None and uri is not None:
+        raise doc.fail(f"{path}.jwksUri", "give jwks or jwksUri, not both")
+    if jwks is None and uri is None:
+        raise doc.fail(path, "needs jwks or jwksUri (nodemesh does not discover keys from the "
+                       "issuer's OpenID configuration)", hint="jwksUri: https://issuer.example/.well-known/jwks.json")
+    if jwks is not None:
+        jwks = _string(doc, jwks, f"{path}.jwks")
+        if len(jwks) > _MAX_JWKS_CHARS:
+            raise doc.fail(f"{path}.jwks", f"is {len(jwks)} characters (at most {_MAX_JWKS_CHARS})")
+        try:
+            parse_jwks(jwks)
+        except ValueError as e:
+            raise doc.fail(f"{path}.jwks", f"the JWKS {e}") from None
+    if uri is not None:
+        uri = _uri(doc, uri, f"{path}.jwksUri")
+    headers = []
+    for i, h in enumerate(_list(doc, m, "fromHeaders", path)):
+        hpath = f"{path}.fromHeaders[{i}]"
+        hm = _map(doc, h, hpath)
+        _fields(doc, hm, hpath, ("name", "prefix"))
+        if hm.get("name") is None:
+            raise doc.fail(f"{hpath}.name", "missing required field 'name'")
+        prefix = hm.get("prefix", "")
+        if not isinstance(prefix, str):
+            raise doc.fail(f"{hpath}.prefix", f"expected a string, got {_tname(prefix)} {prefix!r}")
+        headers.append(HeaderLocation(_header(doc, hm["name"], f"{hpath}.name"), prefix))
+    params = tuple(_string(doc, p, f"{path}.fromParams[{i}]")
+                   for i, p in enumerate(_list(doc, m, "fromParams", path)))
+    forward = m.get("forwardOriginalToken", False)
+    if not isinstance(forward, bool):
+        raise doc.fail(f"{path}.forwardOriginalToken",
+                       f"expected true or false, got {_tname(forward)} {forward!r}")
+    output = m.get("outputPayloadToHeader")
+    output = "" if output is None else _header(doc, output, f"{path}.outputPayloadToHeader")
+    return JwtRule(issuer, audiences, jwks or "", uri or "", tuple(headers), params, forward, output)
+
+
+def _string(doc: _Doc, v: Any, path: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise doc.fail(path, f"expected a non-empty string, got {_tname(v)} {v!r}")
+    return v
+
+
+def _header(doc: _Doc, v: Any, path: str) -> str:
+    s = _string(doc, v, path)
+    if not _HEADER_NAME_RE.match(s):
+        raise doc.fail(path, f"{s!r} is not an HTTP header name")
+    return s.lower()
+
+
+def _uri(doc: _Doc, v: Any, path: str) -> str:
+    s = _string(doc, v, path)
+    try:
+        u = urllib.parse.urlsplit(s)
+        u.port  # noqa: B018 (raises on a bad port)
+    except ValueError as e:
+        raise doc.fail(path, f"{s!r} is not a URL ({e})") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise doc.fail(path, f"{s!r}: expected an http or https URL with a host",
+                       hint="e.g. https://issuer.example/.well-known/jwks.json")
+    if u.username is not None or u.fragment or not s.isascii() or any(c.isspace() for c in s):
+        raise doc.fail(path, f"{s!r}: a JWKS URL has no user, fragment, spaces or non-ASCII characters")
+    return s
