@@ -1,0 +1,301 @@
+"""RequestAuthentication's token check (agent.dataplane.jwtauth), with keys made by
+``cryptography`` and tokens signed by pyjwt: what is accepted, what is 401 (or 403) with
+Envoy's reason, where tokens are found, what the destination forwards, and the JWKS of a
+jwksUri fetched from a real HTTP server on 127.0.0.1, kept when a later fetch fails."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from agent.control.reqauthn import HeaderLocation, Jwk, JwtRule, parse_jwks
+from agent.dataplane import jwtauth
+from agent.dataplane.jwtauth import JwksCache, JwtError, Outcome, authenticate, plan
+
+NOW = 1_800_000_000.0
+ISS = "https://issuer.example"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+ED_KEY = ed25519.Ed25519PrivateKey.generate()
+OTHER_RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def jwk(key: Any, kid: str, **extra: str) -> dict[str, Any]:
+    if isinstance(key, rsa.RSAPublicKey):
+        text = RSAAlgorithm.to_jwk(key)
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        text = ECAlgorithm.to_jwk(key)
+    else:
+        text = OKPAlgorithm.to_jwk(key)
+    d: dict[str, Any] = json.loads(text)
+    return {**d, "kid": kid, **extra}
+
+
+JWKS = json.dumps({"keys": [jwk(RSA_KEY.public_key(), "rsa1", alg="RS256"), jwk(EC_KEY.public_key(), "ec1"),
+                            jwk(ED_KEY.public_key(), "ed1")]})
+
+
+def token(claims: dict[str, Any] | None = None, key: Any = RSA_KEY, alg: str = "RS256", kid: str = "rsa1",
+          **headers: Any) -> str:
+    c = {"iss": ISS, "sub": "alice", "aud": ["web"], "exp": NOW + 300, "nbf": NOW - 10, "azp": "cli",
+         "groups": ["admins"]}
+    c.update(claims or {})
+    return jwt.encode({k: v for k, v in c.items() if v is not None}, key, algorithm=alg,
+                      headers={"kid": kid, **headers})
+
+
+def rule(**kw: Any) -> JwtRule:
+    return JwtRule(**{"issuer": ISS, "jwks": JWKS, **kw})
+
+
+def keys_of(r: JwtRule) -> Sequence[Jwk] | None:
+    return parse_jwks(r.jwks) if r.jwks else None
+
+
+def run(rules: Sequence[JwtRule], headers: dict[str, str], query: str = "", now: float = NOW) -> Outcome:
+    return authenticate(plan(rules), headers, query, keys_of, now)
+
+
+def refused(rules: Sequence[JwtRule], headers: dict[str, str], query: str = "") -> JwtError:
+    with pytest.raises(JwtError) as ei:
+        run(rules, headers, query)
+    return ei.value
+
+
+def bearer(t: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {t}"}
+
+
+def test_valid_tokens_give_the_request_principal_audiences_presenter_and_claims() -> None:
+    for key, alg, kid in ((RSA_KEY, "RS256", "rsa1"), (EC_KEY, "ES256", "ec1"), (ED_KEY, "EdDSA", "ed1")):
+        o = run([rule()], bearer(token(key=key, alg=alg, kid=kid)))
+        assert o.identity is not None, alg
+        assert o.identity.principal == f"{ISS}/alice"
+        assert o.identity.audiences == ("web",) and o.identity.presenter == "cli"
+        assert o.identity.claims["groups"] == ["admins"]
+    # no kid in the token: every key of a fitting type is tried; a scheme in any case (RFC 6750)
+    o = run([rule()], {"authorization": "bearer " + jwt.encode({"iss": ISS, "sub": "bob"}, RSA_KEY, "RS256")})
+    assert o.identity is not None and o.identity.principal == f"{ISS}/bob" and o.identity.audiences == ()
+    # a string aud, and the audience rule matched without scheme or trailing slash (jwt_verify_lib)
+    o = run([rule(audiences=("https://web/",))], bearer(token({"aud": "web"})))
+    assert o.identity is not None and o.identity.audiences == ("web",)
+
+
+def test_invalid_tokens_are_refused_with_envoys_reason() -> None:
+    r = [rule(audiences=("web",))]
+    cases = {
+        "expired": (token({"exp": NOW - 61}), jwtauth.EXPIRED, 401),
+        "not yet valid": (token({"nbf": NOW + 61}), jwtauth.NOT_YET_VALID, 401),
+        "wrong issuer": (token({"iss": "https://evil.example"}), jwtauth.UNKNOWN_ISSUER, 401),
+        "no issuer": (token({"iss": None}), jwtauth.UNKNOWN_ISSUER, 401),
+        "wrong audience": (token({"aud": ["other"]}), jwtauth.AUDIENCE, 403),
+        "no audience": (token({"aud": None}), jwtauth.AUDIENCE, 403),
+        "unknown kid": (token(kid="rsa2"), jwtauth.NO_KEY, 401),
+        "signed by another key": (token(key=OTHER_RSA), jwtauth.BAD_SIGNATURE, 401),
+        "ES256 header on an RSA key": (token(key=EC_KEY, alg="ES256", kid="rsa1"), jwtauth.NO_KEY, 401),
+        "malformed": ("abc.def", jwtauth.BAD_FORMAT, 401),
+        "not base64": ("!!!.???.***", jwtauth.BAD_HEADER, 401),
+        "exp not a number": (token({"exp": "tomorrow"}), jwtauth.BAD_EXP, 401),
+    }
+    for name, (t, reason, status) in cases.items():
+        e = refused(r, bearer(t))
+        assert (e.reason, e.status) == (reason, status), name
+    # the leeway: 60 s either side
+    assert run(r, bearer(token({"exp": NOW - 59, "nbf": NOW + 59}))).identity is not None
+
+
+def test_tampered_signature_and_payload() -> None:
+    h, p, s = token().split(".")
+    flipped = s[:10] + ("A" if s[10] != "A" else "B") + s[11:]
+    assert refused([rule()], bearer(f"{h}.{p}.{flipped}")).reason == jwtauth.BAD_SIGNATURE
+    claims = json.loads(base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)))
+    claims["sub"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    assert refused([rule()], bearer(f"{h}.{forged}.{s}")).reason == jwtauth.BAD_SIGNATURE
+
+
+def _unsigned(header: dict[str, Any], claims: dict[str, Any], signature: bytes = b"") -> str:
+    def seg(b: bytes) -> str:
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    return f"{seg(json.dumps(header).encode())}.{seg(json.dumps(claims).encode())}.{seg(signature)}"
+
+
+def test_alg_none_and_hmac_with_the_public_key_are_refused() -> None:
+    claims = {"iss": ISS, "sub": "admin", "exp": NOW + 300}
+    for alg in ("none", "None", "NONE"):
+        e = refused([rule()], bearer(_unsigned({"alg": alg, "kid": "rsa1"}, claims)))
+        assert e.reason == jwtauth.BAD_ALG, alg
+    # the classic confusion: HS256 "signed" with the RSA public key (PEM) as the HMAC secret
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import serialization
+    pem = RSA_KEY.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    unsigned = _unsigned({"alg": "HS256", "kid": "rsa1"}, claims)
+    head = unsigned.rsplit(".", 1)[0]
+    mac = hmac.new(pem, head.encode(), hashlib.sha256).digest()
+    forged = head + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    assert refused([rule()], bearer(forged)).reason == jwtauth.BAD_ALG
+    assert refused([rule()], bearer(_unsigned({"alg": "XY999"}, claims))).reason == jwtauth.BAD_ALG
+
+
+def test_missing_token_passes_without_a_principal() -> None:
+    o = run([rule()], {"x-other": "1"})
+    assert o == Outcome(None, None)
+    # 'Basic' credentials are not a bearer token: nothing to verify
+    assert run([rule()], {"authorization": "Basic YTpi"}).identity is None
+
+
+def test_from_headers_with_prefix_and_from_params() -> None:
+    r = rule(from_headers=(HeaderLocation("x-jwt", "Token "),), from_params=("jwt",))
+    t = token()
+    o = run([r], {"x-jwt": f"Token {t}"})
+    assert o.identity is not None and o.edit is not None and o.edit.drop == {b"x-jwt"}
+    assert run([r], {"x-jwt": t}).identity is None  # without the prefix: not this place's token
+    assert run([r], bearer(t)).identity is None  # the default place is not read when others are set
+    o = run([r], {}, f"a=1&jwt={t}")
+    assert o.identity is not None and o.edit is None  # (a query parameter stays, as in Envoy)
+    assert refused([r], {}, "jwt=" + token({"exp": NOW - 100})).reason == jwtauth.EXPIRED
+    # defaults: Authorization: Bearer, then ?access_token=
+    assert run([rule()], {}, f"access_token={t}").identity is not None
+    # a token of issuer B in a place only issuer A reads is not B's
+    b = JwtRule("https://b.example", jwks=JWKS, from_headers=(HeaderLocation("x-b"),))
+    tb = token({"iss": "https://b.example"})
+    assert run([rule(), b], {"x-b": tb}).identity is not None
+    assert refused([rule(), b], bearer(tb)).reason == jwtauth.UNKNOWN_ISSUER
+    # every token carried must be valid
+    assert refused([rule(), b], {**bearer(t), "x-b": "x.y.z"}).status == 401
+
+
+def test_forward_original_token_and_output_payload_to_header() -> None:
+    t = token()
+    sent = [(b"authorization", f"Bearer {t}".encode()), (b"x-payload", b"spoofed"), (b"accept", b"*/*")]
+    o = run([rule(output_payload_to_header="x-payload")], bearer(t))
+    assert o.edit is not None
+    out = o.edit.apply(sent)
+    assert out[0] == (b"accept", b"*/*") and out[1][0] == b"x-payload"
+    assert [k for k, _ in out] == [b"accept", b"x-payload"]  # token removed (Istio's default)
+    payload = json.loads(base64.urlsafe_b64decode(out[1][1] + b"=" * (-len(out[1][1]) % 4)))
+    assert payload["sub"] == "alice" and payload["iss"] == ISS
+    # forwardOriginalToken: the token stays
+    o = run([rule(forward_original_token=True)], bearer(t))
+    assert o.edit is None
+    # no token: a payload header the client wrote is still removed
+    o = run([rule(output_payload_to_header="x-payload")], {})
+    assert o.edit is not None and o.edit.apply(sent[1:]) == [(b"accept", b"*/*")]
+
+
+# -- jwksUri -----------------------------------------------------------------------------------
+
+
+class _Jwks(BaseHTTPRequestHandler):
+    body = b""
+    hits = 0
+
+    def do_GET(self) -> None:
+        type(self).hits += 1
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[ThreadingHTTPServer]:
+    _Jwks.body, _Jwks.hits = JWKS.encode(), 0
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Jwks)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        th.join(5)
+
+
+def test_jwks_uri_fetched_cached_refreshed_and_kept_when_a_fetch_fails(
+    jwks_server: ThreadingHTTPServer,
+) -> None:
+    uri = f"http://127.0.0.1:{jwks_server.server_address[1]}/jwks.json"
+    clock = [0.0]
+    cache = JwksCache(clock=lambda: clock[0], refresh_s=100, retry_s=10, timeout_s=2)
+    r = rule(jwks="", jwks_uri=uri)
+
+    def keys(rr: JwtRule) -> Sequence[Jwk] | None:
+        return cache.keys(rr.jwks_uri)
+
+    async def main() -> None:
+        # before the first fetch: a token of that issuer is refused (no request waits)
+        with pytest.raises(JwtError) as e:
+            authenticate(plan([r]), bearer(token()), "", keys, NOW)
+        assert e.value.reason == jwtauth.FETCH_FAILED
+        for _ in range(200):  # the background fetch lands
+            if cache.keys(uri) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert _Jwks.hits == 1
+        assert authenticate(plan([r]), bearer(token()), "", keys, NOW).identity is not None
+        cache.keys(uri)
+        await asyncio.sleep(0.05)
+        assert _Jwks.hits == 1  # cached: no fetch per request
+        # the server goes away; the refresh fails; the last good keys are kept
+        jwks_server.shutdown()
+        jwks_server.server_close()
+        clock[0] = 150.0
+        assert await cache.refresh(uri) is False
+        assert authenticate(plan([r]), bearer(token()), "", keys, NOW).identity is not None
+        # a set that does not parse is a failed fetch too
+        bad = JwksCache(fetch=lambda u: _value(b"{not json"))
+        assert await bad.refresh(uri) is False and bad.keys(uri) is None
+
+    asyncio.run(main())
+
+
+async def _value(b: bytes) -> bytes:
+    return b
+
+
+def test_unknown_kid_refetches_at_most_once_a_minute() -> None:
+    fetched: list[str] = []
+    sets = [JWKS, json.dumps({"keys": [jwk(OTHER_RSA.public_key(), "rsa2")]})]
+
+    async def fetch(uri: str) -> bytes:
+        fetched.append(uri)
+        return sets[min(len(fetched), len(sets)) - 1].encode()
+
+    clock = [0.0]
+    cache = JwksCache(fetch=fetch, clock=lambda: clock[0])
+
+    async def main() -> None:
+        assert await cache.refresh("https://k") is True
+        ks = cache.keys("https://k")
+        assert ks is not None and {k.kid for k in ks} == {"rsa1", "ec1", "ed1"}
+        clock[0] = 30.0
+        cache.unknown_key("https://k")  # within a minute of the last fetch: nothing
+        await asyncio.sleep(0)
+        assert len(fetched) == 1
+        clock[0] = 61.0
+        cache.unknown_key("https://k")
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert len(fetched) == 2
+        ks = cache.keys("https://k")
+        assert ks is not None and {k.kid for k in ks} == {"rsa2"}  # the rotated set
+
+    asyncio.run(main())
