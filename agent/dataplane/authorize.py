@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from agent.control import authz
 from agent.control.model import Workload
+from agent.dataplane.jwtauth import JwtAuthn
 from agent.dataplane.route import Directory
 from agent.metrics.istio import MeshMetrics
 from agent.ratelog import RateLimitedLog
@@ -63,6 +64,7 @@ class Authorizer:
         self._per: dict[tuple[str, str], list[authz.AuthorizationPolicy]] = {}
         self._open: dict[int, _Open] = {}
         self._next = 0
+        self.jwt = JwtAuthn(directory, root_namespace)  # RequestAuthentication, before the policies
 
     def policies(self, w: Workload) -> list[authz.AuthorizationPolicy]:
         d = self.directory()
@@ -123,6 +125,7 @@ class Authorizer:
         seen = self.directory().snapshot.authorization_policies
         while True:
             await asyncio.sleep(interval_s)
+            self.jwt.prefetch()  # (a new jwksUri is fetched before its first request)
             current = self.directory().snapshot.authorization_policies
             if current is seen:
                 continue

@@ -438,7 +438,8 @@ class InboundHttp:
     def _authorize(self, ex: Exchange, headers: list[tuple[str, str]]) -> None:
         """Once per request: the method checked and the path normalised as Istio does (400 if
         refused; the normalised path is what is matched and forwarded), then the request against
-        the destination's policies (403 ``RBAC``)."""
+        the destination's policies (403 ``RBAC``), after its RequestAuthentications (a JWT that
+        is not valid: 401)."""
         if ex.authorized:
             return
         ex.authorized = True
@@ -453,12 +454,21 @@ class InboundHttp:
             if target != ex.path:
                 ex.target = target
         w = self.workload
-        if w is None or not self.inbound.authorizer.policies(w):
+        if w is None:
+            return
+        jwt = self.inbound.authorizer.jwt.judge(w, headers, target, ex.authority)
+        if jwt is not None and jwt.edit is not None:
+            ex.header_edit = jwt.edit.apply
+        if not self.inbound.authorizer.policies(w):
             return
         facts = dataclasses.replace(
             self.facts, http=True, method=ex.method, path=target.partition("?")[0], host=ex.authority,
             headers=join_headers(h for h in headers if not h[0].startswith(":")),
         )
+        if jwt is not None and jwt.identity is not None:
+            i = jwt.identity
+            facts = dataclasses.replace(facts, request_principal=i.principal, audiences=i.audiences,
+                                        presenter=i.presenter, claims=i.claims)
         verdict = self.inbound.authorizer.check(w, facts)
         if verdict is not None and not verdict.allowed:
             raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
@@ -509,6 +519,8 @@ class InboundHttp:
         return self._rewrite(http1.end_to_end(head.headers), ex)
 
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
+        if ex.header_edit is not None:  # RequestAuthentication: the token removed, the payload added
+            h = ex.header_edit(h)
         ex.request_id, ex.trace_id = hdrs.trace_id_of(h)
         flow = self.flow
         return hdrs.forwarding(

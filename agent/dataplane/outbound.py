@@ -713,8 +713,8 @@ class OutboundHttp:
 
     def _authorize_local(self, ex: Exchange, ep: Endpoint, headers: list[Header]) -> None:
         """For a same-node destination (no other proxy sees the request), what its node's inbound
-        does: the method checked and the path normalised (400 if refused), then its policies
-        (403 ``RBAC``)."""
+        does: the method checked and the path normalised (400 if refused), its
+        RequestAuthentications (401 for an invalid JWT), then its policies (403 ``RBAC``)."""
         out = self.out
         path = target = ex.target or ex.path
         if ex.method != "CONNECT":  # (its target is an authority, not a path)
@@ -727,13 +727,21 @@ class OutboundHttp:
             if target != path:
                 ex.target = target
         w = out.directory().workload_at(ep.address)
-        if w is None or not out.authorizer.policies(w):
+        if w is None:
+            return
+        jwt = out.authorizer.jwt.judge(w, headers, target, ex.authority)
+        ex.header_edit = jwt.edit.apply if jwt is not None and jwt.edit is not None else None
+        if not out.authorizer.policies(w):
             return
         facts = authz.Facts(
             principal=principal_of(self.src_id.uri), namespace=self.src.namespace, source_ip=self.src_ip,
             destination_ip=ep.address, destination_port=ep.port, http=True, method=ex.method,
             path=target.partition("?")[0], host=ex.authority, headers=join_headers(headers),
         )
+        if jwt is not None and jwt.identity is not None:
+            i = jwt.identity
+            facts = dataclasses.replace(facts, request_principal=i.principal, audiences=i.audiences,
+                                        presenter=i.presenter, claims=i.claims)
         verdict = out.authorizer.check(w, facts)
         if verdict is not None and not verdict.allowed:
             raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
@@ -832,6 +840,8 @@ class OutboundHttp:
         h, ex.request_id, ex.trace_id = hdrs.tracing(h, self.out.rng)
         c = ex.state
         same_node = isinstance(c, _Choice) and c.same_node is not None
+        if same_node and ex.header_edit is not None:  # the destination's RequestAuthentication
+            h = ex.header_edit(h)
         return hdrs.forwarding(
             h,
             self.src_ip,

@@ -45,6 +45,8 @@ class Exchange:
     response_extra: list[tuple[bytes, bytes]] | None = None  # added to the response (CORS)
     mirrored: bool = False  # a copy went to the route's mirror
     authorized: bool = False  # judged by the destination's AuthorizationPolicies
+    # the destination's changes to the forwarded headers (RequestAuthentication's HeaderEdit.apply)
+    header_edit: Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]] | None = None
     # given the whole request body once it has passed, if it fit the loop's copy (a mirror)
     on_body: Callable[[bytes], None] | None = None
 
