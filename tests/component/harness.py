@@ -257,10 +257,10 @@ class _PodHandler(BaseHTTPRequestHandler):
             while True:
                 size = int(self.rfile.readline().split(b";")[0], 16)
                 if size == 0:
-                    trailers = []
+                    trailers: list[str] = []
                     while (line := self.rfile.readline()) not in (b"\r\n", b""):
                         trailers.append(line.decode().strip())
-                    self.trailers = trailers
+                    self.trailers[:] = trailers
                     return out
                 out += self.rfile.read(size)
                 self.rfile.readline()

@@ -1048,7 +1048,7 @@ def test_tcp_routes_split_connections_by_weight_and_match_source_labels() -> Non
                 mesh.original_dst[(other, 0)] = (VIP, 80)
                 mesh.directory = Directory.build(_with_istio(mesh.directory.snapshot, [vs], [dr]))
                 n1 = mesh.nodes["n1"]
-                seen = Counter()
+                seen: Counter[str] = Counter()
                 for _ in range(10):
                     out = await client_exchange(CLIENT, n1.outbound_port, b"x")
                     seen[out.split(b":")[0].decode()] += 1
