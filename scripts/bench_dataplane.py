@@ -50,6 +50,22 @@ Paths, all from node 1 to the server pod on node 2:
   matched against four routes that do not take it (a header, a uri regex, a
   method with a prefix, a query parameter) before the catch-all to a subset,
   which sets a header. Its reference is ``nodemesh-http`` in the same round.
+* ``nodemesh-authz``: as ``nodemesh-http``, to the service ``webaz`` (VIP
+  10.96.0.12, declared http, the same nginx) with 10 AuthorizationPolicies in
+  force (issue 13's "with 10 policies"): 8 ALLOWs by principal + method + path
+  that the request does not match (4 for other principals, 4 for the client's
+  principal on other paths), a DENY by a header the request does not carry,
+  and the ALLOW that takes it, tried last. Authorization applies per
+  destination *workload*, not per service, so a policy selecting the server
+  workload would be judged on every request of ``nodemesh-http`` too (ALLOWs
+  narrowed by ``to.operation.hosts``/``ports`` still apply to the workload:
+  each request is evaluated, and the ones no ALLOW matches are denied). So
+  ``webaz`` has its own server workload, ``n2-p1-az``: a second address of the
+  server pod (10.244.2.250, added inside the pod's netns, served by the same
+  nginx) labelled ``app: webaz``, which the policies select. The check before
+  the rounds asserts it: the node-2 agent's nodemesh_authz_decisions_total
+  moves for ``nodemesh-authz`` only, and a request carrying the DENY's
+  header is refused 403. Its reference is ``nodemesh-http`` in the same round.
 
 HTTP/2 from the client (metric ``h2``): h2load with h2c prior knowledge,
 ``-c 16 -m 10 -t 1`` for ``--h2-seconds``; ``direct`` (h2c to nginx's 8082)
@@ -149,7 +165,7 @@ from agent import meshbed  # noqa: E402
 from agent.identity.ca import MeshCA  # noqa: E402
 from agent.identity.spiffe import SpiffeId  # noqa: E402
 from netns import errors as netns_errors  # noqa: E402
-from netns import testbed, topology  # noqa: E402
+from netns import kernel, testbed, topology  # noqa: E402
 from netns.topology import Node, Pod, Topology  # noqa: E402
 
 FIXED_RATE = os.path.join(ROOT, "scripts", "bench", "fixed_rate.py")
@@ -170,13 +186,16 @@ BODY_BYTES = 1024
 WRK_CONNS = 16
 H2_STREAMS = 10  # h2load -m: concurrent streams per connection
 H2_CHECK_REQUESTS = 20
-PATHS = ("direct", "nodemesh", "nodemesh-http", "haproxy", "haproxy-h2", "nodemesh-vs")
+PATHS = ("direct", "nodemesh", "nodemesh-http", "haproxy", "haproxy-h2", "nodemesh-vs", "nodemesh-authz")
 VS_VIP = "10.96.0.11"  # service webvs: the same server, with a 5-route VirtualService and a rule
+AZ_VIP = "10.96.0.12"  # service webaz: the same server at a second address, 10 AuthorizationPolicies
+AZ_ADDRESS = "10.244.2.250"  # (workload n2-p1-az; out of the testbed's range of pod addresses)
+AZ_DENY_HEADER = "x-bench-deny"  # the DENY policy's header: absent from the benchmark's requests
 METRICS = ("bulk", "rps", "cps", "latency", "h2")
 METRIC_PATHS = {
     "bulk": ("direct", "nodemesh", "haproxy"),
     "rps": PATHS,
-    "cps": PATHS[:-1],
+    "cps": PATHS[:-2],
     "latency": PATHS,
     "h2": ("direct", "nodemesh-http", "haproxy-h2"),
 }
@@ -228,6 +247,10 @@ TARGETS = (
     Target("vs_rps", "rps", "nodemesh-vs", "nodemesh-http", 0.9,
            "HTTP/1.1 keep-alive with a 5-route VirtualService and a DestinationRule >= 0.9x without"),
     Target("vs_latency", "latency", "nodemesh-vs", "nodemesh-http", 1.1,
+           "HTTP/1.1 added p50 with them <= 1.1x without"),
+    Target("authz_rps", "rps", "nodemesh-authz", "nodemesh-http", 0.9,
+           "HTTP/1.1 keep-alive with 10 AuthorizationPolicies in force >= 0.9x without"),
+    Target("authz_latency", "latency", "nodemesh-authz", "nodemesh-http", 1.1,
            "HTTP/1.1 added p50 with them <= 1.1x without"),
 )
 RSS_TARGET = "agent RSS <= 80 MB (2 nodes x 20 pods)"
@@ -289,6 +312,27 @@ spec:
 """
 
 
+def authz_policies() -> str:
+    """Path nodemesh-authz (workload n2-p1-az, labels app: webaz): 10 AuthorizationPolicies, all
+    evaluated for each request; the one that allows it sorts last, so every ALLOW is tried."""
+    client = "cluster.local/ns/default/sa/client"  # n1-p1's identity
+    head = ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+            "metadata: {{name: {}, namespace: default}}\n")
+    sel = "  selector: {matchLabels: {app: webaz}}\n"
+    docs = []
+    for i in range(8):
+        who, paths = (f"cluster.local/ns/default/sa/caller-{i}", "/api/*") if i % 2 else (client, f"/v{i}/*")
+        docs.append(head.format(f"webaz-allow-{i}") + "spec:\n" + sel + "  action: ALLOW\n  rules:\n"
+                    f"  - from: [{{source: {{principals: [{who}]}}}}]\n"
+                    f"    to: [{{operation: {{methods: [GET, POST], paths: [\"{paths}\"]}}}}]\n")
+    docs.append(head.format("webaz-deny-header") + "spec:\n" + sel + "  action: DENY\n  rules:\n"
+                f"  - when: [{{key: \"request.headers[{AZ_DENY_HEADER}]\", values: [\"*\"]}}]\n")
+    docs.append(head.format("webaz-allow-9-client") + "spec:\n" + sel + "  action: ALLOW\n  rules:\n"
+                f"  - from: [{{source: {{principals: [{client}]}}}}]\n"
+                "    to: [{operation: {methods: [GET, HEAD], paths: [/1k, /peer]}}]\n")
+    return "---\n".join(docs)
+
+
 def manifest(topo: Topology, server: Pod, bypass: frozenset[str]) -> str:
     svc = {
         "apiVersion": "nodemesh.io/v1",
@@ -325,7 +369,26 @@ def manifest(topo: Topology, server: Pod, bypass: frozenset[str]) -> str:
             ],
         },
     }
-    docs: list[dict[str, Any]] = [svc, vs_svc]
+    az_svc = {
+        "apiVersion": "nodemesh.io/v1",
+        "kind": "Service",
+        "metadata": {"name": "webaz", "namespace": "default"},
+        "spec": {
+            "vip": AZ_VIP,
+            "selector": {"app": "webaz"},
+            "ports": [
+                {"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"}
+            ],
+        },
+    }
+    az_server = {  # the same server pod and nginx, at its second address (see nodemesh-authz)
+        "apiVersion": "nodemesh.io/v1",
+        "kind": "Workload",
+        "metadata": {"name": f"{server.name}-az", "namespace": "default", "labels": {"app": "webaz"}},
+        "spec": {"address": AZ_ADDRESS, "node": server.node, "serviceAccount": "web",
+                 "ports": {"web-http": HTTP_L7_PORT}},
+    }
+    docs: list[dict[str, Any]] = [svc, vs_svc, az_svc, az_server]
     for pod in topo.pods():
         if pod.name in bypass:
             continue
@@ -616,12 +679,16 @@ def agent_metrics(node: Node) -> dict[str, float]:
         elif name == "istio_requests_total":
             rm = re.search(r'reporter="([a-z]+)"', labels)
             add(f"requests_{rm.group(1) if rm else 'unknown'}", value)
+        elif name == "nodemesh_authz_decisions_total":
+            rm = re.search(r'result="([a-z]+)"', labels)
+            add(f"authz_{rm.group(1) if rm else 'unknown'}", value)
         elif name in ("nodemesh_tunnel_pool_connections", "nodemesh_outbound_failures_total"):
             add(name, value)
     return sums
 
 
-AGENT_COUNTERS = ("opened_mtls", "opened_plain", "requests_source", "requests_destination")
+AGENT_COUNTERS = ("opened_mtls", "opened_plain", "requests_source", "requests_destination", "authz_allowed",
+                  "authz_denied")
 
 
 def counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
@@ -713,6 +780,12 @@ class Bench:
                 ["sysctl", "-q", "-w", "net.ipv4.ip_local_port_range=10000 65000", "net.ipv4.tcp_tw_reuse=1"],
                 10,
             )
+        # the server pod's second address: workload n2-p1-az (path nodemesh-authz), the same nginx
+        if any(p.address == AZ_ADDRESS for p in topo.pods()):
+            raise BenchError(f"{AZ_ADDRESS} (workload {self.server.name}-az) is a testbed pod's address")
+        with kernel.ipr(self.server.netns) as ipr:
+            (eth,) = ipr.link_lookup(ifname=self.server.ifname)
+            ipr.addr("add", index=eth, address=AZ_ADDRESS, prefixlen=self.server.prefix_len)
         # servers in the server pod
         with open(os.path.join(self.work, "nginx.conf"), "w") as f:
             f.write(nginx_conf(self.work))
@@ -758,7 +831,7 @@ class Bench:
         bed.bypass = bypass
         self.bed = bed
         bed.cli("ca", "init", "--dir", bed.ca_dir, "--trust-domain", "cluster.local")
-        bed.apply(manifest(topo, self.server, bypass) + "---\n" + VIRTUAL_SERVICE)
+        bed.apply("---\n".join((manifest(topo, self.server, bypass), VIRTUAL_SERVICE, authz_policies())))
         for node in topo.nodes:
             bed.start_agent(node)
         # HAProxy: certs from the same CA, one process per node netns
@@ -828,6 +901,7 @@ class Bench:
             ("nodemesh-http", "http"): (mesh, VIP, HTTP_SVC_PORT),
             ("nodemesh-http", "h2"): (mesh, VIP, H2_SVC_PORT),
             ("nodemesh-vs", "http"): (mesh, VS_VIP, HTTP_SVC_PORT),
+            ("nodemesh-authz", "http"): (mesh, AZ_VIP, HTTP_SVC_PORT),
             ("haproxy", "http"): (bypass, gw, HA_TCP_HTTP),
             ("haproxy", "iperf"): (bypass, gw, HA_TCP_IPERF),
             ("haproxy-h2", "http"): (bypass, gw, HA_H2_HTTP),
@@ -891,9 +965,18 @@ class Bench:
                     and a2["requests_source"] == a2["requests_destination"] == 0
                 )
                 return [] if ok else [f"{path} (declared tcp: relayed, not parsed): {moved}"]
-            if path in ("nodemesh-http", "nodemesh-vs"):  # parsed on both nodes
+            if path in ("nodemesh-http", "nodemesh-vs", "nodemesh-authz"):  # parsed on both nodes
                 ok = a1["requests_source"] >= requests and a2["requests_destination"] >= requests
-                return [] if ok else [f"{path} (declared http: parsed on both nodes): {moved}"]
+                found = [] if ok else [f"{path} (declared http: parsed on both nodes): {moved}"]
+                # judged by the node-2 agent's policies for nodemesh-authz only, and allowed
+                allowed = a2["authz_allowed"]
+                other = a1["authz_allowed"] + a1["authz_denied"] + a2["authz_denied"]
+                if path == "nodemesh-authz" and (allowed < requests or other):
+                    found.append(f"{path}: expected {requests} requests allowed by node 2's policies: "
+                                 f"{moved}")
+                elif path != "nodemesh-authz" and (allowed or other):
+                    found.append(f"{path}: expected no authorization decision: {moved}")
+                return found
             if any(a1.values()) or any(a2.values()):
                 return [f"{path} (no mesh): {moved}"]
             return []
@@ -924,6 +1007,8 @@ class Bench:
                 problems.append(f"{path}: node-2 HAProxy TLS sessions moved by {tcp_sessions}")
             if (path == "haproxy-h2") != (d["haproxy_n2_h2_requests"] >= 2):
                 problems.append(f"{path}: node-2 HAProxy h2 requests moved by {d['haproxy_n2_h2_requests']}")
+        if "nodemesh-authz" in self.paths:
+            problems += self.verify_authz_deny(checks)
         if any(p.startswith("haproxy") for p in self.paths):
             problems += self.verify_haproxy_tls(checks)
         if "h2" in self.plan:
@@ -935,6 +1020,21 @@ class Bench:
             raise BenchError(
                 "path verification failed:\n  " + "\n  ".join(problems) + "\n" + json.dumps(checks, indent=1)
             )
+
+    def verify_authz_deny(self, checks: dict[str, Any]) -> list[str]:
+        """The nodemesh-authz policies are in force: a request with the DENY's header is refused
+        403 by the node-2 agent (one denied decision)."""
+        pod, host, port = self.endpoint("nodemesh-authz", "http")
+        before = self.agent_counters()[1]
+        r = run_in_pod(pod, ["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                             "-H", f"{AZ_DENY_HEADER}: 1", f"http://{host}:{port}/1k"], 10)
+        d = counters_delta(before, self.agent_counters()[1])
+        checks["nodemesh-authz (deny header)"] = {"status": r.stdout.strip(), "agent_n2": d}
+        if r.stdout.strip() != "403" or d["authz_denied"] != 1:
+            got = r.stdout.strip() or r.stderr.strip()
+            return [f"nodemesh-authz: a request with {AZ_DENY_HEADER} got {got}, node-2 authz counters "
+                    f"moved by {d} (expected 403, one denied)"]
+        return []
 
     def verify_haproxy_tls(self, checks: dict[str, Any]) -> list[str]:
         """The node-2 HAProxy refuses a client without a cert; with ours it speaks TLS 1.3."""
@@ -1258,6 +1358,7 @@ COLUMNS = (
     ("haproxy", "haproxy (tcp)"),
     ("haproxy-h2", "haproxy (http)"),
     ("nodemesh-vs", "nodemesh-http + VirtualService"),
+    ("nodemesh-authz", "nodemesh-http + 10 AuthorizationPolicies"),
 )
 METRIC_NAMES = {
     "bulk": "bulk 1-stream (Gbit/s)",
@@ -1468,7 +1569,7 @@ def plot(summary: dict[str, Any], plan: dict[str, tuple[str, ...]], png: str) ->
     panels = [m for m in ("bulk", "rps", "cps", "h2") if m in plan]
     if not panels:
         return None
-    colors = dict(zip(PATHS, ("#999", "#2a7", "#7c5", "#37c", "#8ad", "#ac4"), strict=True))
+    colors = dict(zip(PATHS, ("#999", "#2a7", "#7c5", "#37c", "#8ad", "#ac4", "#c84"), strict=True))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
         paths = [p for p in plan[metric] if med[metric][p] is not None]
@@ -1623,6 +1724,10 @@ def run(args: argparse.Namespace) -> int:
             f"(declared http), h2 on every hop, pod :{H2C_PORT} (h2c)",
             "nodemesh-vs": f"as nodemesh-http, to VIP {VS_VIP}:{HTTP_SVC_PORT} (service webvs): a 5-route "
             "VirtualService (the request takes the last) and a DestinationRule with a subset",
+            "nodemesh-authz": f"as nodemesh-http, to VIP {AZ_VIP}:{HTTP_SVC_PORT} (service webaz, workload "
+            f"n2-p1-az: the server pod's second address {AZ_ADDRESS}, the same nginx): 10 "
+            "AuthorizationPolicies select it (8 ALLOWs and a DENY that do not match, the ALLOW that does, "
+            "tried last)",
             "haproxy": "n1-p21 -> HAProxy n1 (mode tcp) -> TLS1.3 mTLS (mesh CA, verify required both ways) "
             "-> HAProxy n2 (mode tcp) -> pod; one hop TLS connection per client connection",
             "haproxy-h2": "as haproxy, mode http, hop is HTTP/2 over the same mTLS "

@@ -8,7 +8,8 @@ request (HTTP ports) the inbound builds a :class:`Facts` from what the tunnel's
 mTLS verified and what the request carries, and :func:`evaluate` returns the
 :class:`Verdict` with Istio's order: a matching DENY policy denies; else, if
 any ALLOW policy applies to the workload, one must match; AUDIT policies that
-match are reported, never deciding.
+match are reported, never deciding. Each policy is compiled once, on first use, into the checks
+its set fields need (see "compiled once per policy" below); a request runs only those.
 
 Which policies apply (:func:`applicable`): those in the mesh's root namespace
 without a selector (mesh-wide), those in the workload's namespace without a
@@ -33,8 +34,9 @@ less). :func:`l7_only_fields` names them for ``describe``/``explain`` warnings.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -172,13 +174,6 @@ def _net(block: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return n
 
 
-def _field(values: Sequence[str], nots: Sequence[str], value: str, *, present: bool = True) -> bool:
-    """A field and its not-field: any of ``values`` (if given) and none of ``nots``."""
-    if values and not (present and _any(values, value)):
-        return False
-    return not (nots and present and _any(nots, value))
-
-
 def source_l7(s: Source) -> bool:
     return bool(s.request_principals or s.not_request_principals)
 
@@ -189,46 +184,6 @@ def operation_l7(o: Operation) -> bool:
 
 def condition_l7(c: Condition) -> bool:
     return c.key.split("[", 1)[0] in L7_WHEN_KEYS
-
-
-def _source(s: Source, f: Facts) -> bool:
-    if not _field(s.principals, s.not_principals, f.principal, present=bool(f.principal)):
-        return False
-    if not _field(s.namespaces, s.not_namespaces, f.namespace, present=bool(f.namespace)):
-        return False
-    if s.ip_blocks and not _in_blocks(s.ip_blocks, f.source_ip):
-        return False
-    if s.not_ip_blocks and _in_blocks(s.not_ip_blocks, f.source_ip):
-        return False
-    remote = f.remote_ip or f.source_ip
-    if s.remote_ip_blocks and not _in_blocks(s.remote_ip_blocks, remote):
-        return False
-    if s.not_remote_ip_blocks and _in_blocks(s.not_remote_ip_blocks, remote):
-        return False
-    if not f.http:
-        return True  # (L7 fields: decided by the caller, see _rule)
-    rp = f.request_principal
-    return _field(s.request_principals, s.not_request_principals, rp, present=bool(rp))
-
-
-def _operation(o: Operation, f: Facts) -> bool:
-    port = f.destination_port
-    if o.ports and port not in o.ports:
-        return False
-    if o.not_ports and port in o.not_ports:
-        return False
-    if not f.http:
-        return True
-    if o.hosts or o.not_hosts:  # case-insensitive; with or without the port
-        host = f.host.lower()
-        cands = (host, _host_only(host))
-        if o.hosts and not any(_any(o.hosts, c) for c in cands):
-            return False
-        if o.not_hosts and any(_any(o.not_hosts, c) for c in cands):
-            return False
-    if not _field(o.methods, o.not_methods, f.method):
-        return False
-    return _field(o.paths, o.not_paths, f.path)
 
 
 def _host_only(host: str) -> str:
@@ -287,23 +242,6 @@ def _claim(claims: Mapping[str, Any], name: str) -> list[str]:
     return []
 
 
-def _rule(r: Rule, f: Facts, action: str) -> bool:
-    """Does rule ``r`` of a policy with ``action`` match? On a TCP connection an ALLOW rule
-    needing HTTP never matches; a DENY/AUDIT rule is judged on its L4 fields alone."""
-    if not f.http and action == "ALLOW" and rule_needs_http(r):
-        return False
-    if r.sources is not None and not any(_source(s, f) for s in r.sources):
-        return False
-    if r.operations is not None and not any(_operation(o, f) for o in r.operations):
-        return False
-    for c in r.when:
-        if not f.http and condition_l7(c):
-            continue  # (a DENY/AUDIT rule: its L4 part decides)
-        if not _condition(c, f):
-            return False
-    return True
-
-
 def rule_needs_http(r: Rule) -> bool:
     return (
         any(source_l7(s) for s in r.sources or ())
@@ -335,7 +273,200 @@ def _snake(name: str) -> str:
 
 
 def policy_matches(p: AuthorizationPolicy, f: Facts) -> bool:
-    return any(_rule(r, f, p.action) for r in p.rules)
+    return _compiled(p).match(f)
+
+
+# -- the same matching, compiled once per policy ---------------------------------------------
+#
+# Per request only the checks a policy's set fields need run: each policy is compiled on first
+# use into closures (a pattern list into an exact set plus prefix and suffix tuples, which
+# str.startswith/endswith take whole; a source, operation or rule into the checks of its set
+# fields, L4 ones first) and cached by identity (the cache keeps the policy alive, so its id
+# cannot be reused while cached; cleared past _MAX_COMPILED, as _NETS). The semantics are the
+# ones described above and in the module doc; only the work per request differs.
+
+_Match = Callable[[Facts], bool]
+
+
+def _always(v: str) -> bool:
+    return True
+
+
+def _patterns(patterns: Sequence[str]) -> Callable[[str], bool]:
+    """``match_value`` over a list: does any pattern match?"""
+    if "*" in patterns:
+        return _always
+    exact = frozenset(p for p in patterns if not p.endswith("*") and not p.startswith("*"))
+    prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+    suffixes = tuple(p[1:] for p in patterns if p.startswith("*") and not p.endswith("*"))
+
+    def match(v: str) -> bool:
+        return v in exact or v.startswith(prefixes) or v.endswith(suffixes)
+
+    return match
+
+
+def _string_check(values: Sequence[str], nots: Sequence[str], get: Callable[[Facts], str], *,
+                  present: bool) -> _Match | None:
+    """A field and its not-field: any of ``values`` (if given) and none of ``nots``. ``present``:
+    an empty value is an absent one (matches no list; excluded by no not-list)."""
+    if not values and not nots:
+        return None
+    yes = _patterns(values) if values else None
+    no = _patterns(nots) if nots else None
+
+    def check(f: Facts) -> bool:
+        v = get(f)
+        if present and not v:
+            return yes is None
+        if yes is not None and not yes(v):
+            return False
+        return no is None or not no(v)
+
+    return check
+
+
+def _ip_check(blocks: Sequence[str], get: Callable[[Facts], str], *, inside: bool) -> _Match:
+    return lambda f: _in_blocks(blocks, get(f)) == inside
+
+
+def _remote_ip(f: Facts) -> str:
+    return f.remote_ip or f.source_ip
+
+
+def _checks(l4: list[_Match | None], l7: list[_Match | None]) -> _Match:
+    """All of ``l4``, and on HTTP all of ``l7`` too (None: a field not set)."""
+    first = tuple(c for c in l4 if c is not None)
+    then = tuple(c for c in l7 if c is not None)
+    if len(first) == 1 and not then:
+        return first[0]
+
+    def match(f: Facts) -> bool:
+        for c in first:
+            if not c(f):
+                return False
+        if then and f.http:
+            for c in then:
+                if not c(f):
+                    return False
+        return True
+
+    return match
+
+
+def _compile_source(s: Source) -> _Match:
+    return _checks([
+        _string_check(s.principals, s.not_principals, attrgetter("principal"), present=True),
+        _string_check(s.namespaces, s.not_namespaces, attrgetter("namespace"), present=True),
+        _ip_check(s.ip_blocks, attrgetter("source_ip"), inside=True) if s.ip_blocks else None,
+        _ip_check(s.not_ip_blocks, attrgetter("source_ip"), inside=False) if s.not_ip_blocks else None,
+        _ip_check(s.remote_ip_blocks, _remote_ip, inside=True) if s.remote_ip_blocks else None,
+        _ip_check(s.not_remote_ip_blocks, _remote_ip, inside=False) if s.not_remote_ip_blocks else None,
+    ], [
+        _string_check(s.request_principals, s.not_request_principals, attrgetter("request_principal"),
+                      present=True),
+    ])
+
+
+def _compile_operation(o: Operation) -> _Match:
+    ports, not_ports = frozenset(o.ports), frozenset(o.not_ports)
+    return _checks([
+        (lambda f: f.destination_port in ports) if ports else None,
+        (lambda f: f.destination_port not in not_ports) if not_ports else None,
+    ], [
+        _hosts_check(o.hosts, o.not_hosts),
+        _string_check(o.methods, o.not_methods, attrgetter("method"), present=False),
+        _string_check(o.paths, o.not_paths, attrgetter("path"), present=False),
+    ])
+
+
+def _hosts_check(hosts: Sequence[str], not_hosts: Sequence[str]) -> _Match | None:
+    """Case-insensitive; with or without the port."""
+    if not hosts and not not_hosts:
+        return None
+    yes = _patterns(hosts) if hosts else None
+    no = _patterns(not_hosts) if not_hosts else None
+
+    def check(f: Facts) -> bool:
+        host = f.host.lower()
+        only = _host_only(host)
+        if yes is not None and not (yes(host) or yes(only)):
+            return False
+        return no is None or not (no(host) or no(only))
+
+    return check
+
+
+def _compile_condition(c: Condition) -> _Match:
+    base, _, rest = c.key.partition("[")
+    if base != "request.headers":
+        return lambda f: _condition(c, f)
+    name = (rest[:-1] if rest.endswith("]") else "").lower()
+    yes = _patterns(c.values) if c.values else None
+    no = _patterns(c.not_values) if c.not_values else None
+
+    def header(f: Facts) -> bool:
+        v = f.headers.get(name)
+        if v is None:
+            return yes is None
+        if yes is not None and not yes(v):
+            return False
+        return no is None or not no(v)
+
+    return header
+
+
+def _any_of(matches: tuple[_Match, ...]) -> _Match:
+    """One of ``matches`` (none: nothing matches)."""
+    if len(matches) == 1:
+        return matches[0]
+
+    def match(f: Facts) -> bool:
+        for m in matches:  # noqa: SIM110 (a loop: no generator per call)
+            if m(f):
+                return True
+        return False
+
+    return match
+
+
+def _compile_rule(r: Rule, action: str) -> _Match:
+    """Does rule ``r`` of a policy with ``action`` match? On a TCP connection an ALLOW rule
+    needing HTTP never matches; a DENY/AUDIT rule is judged on its L4 fields alone."""
+    body = _checks([
+        None if r.sources is None else _any_of(tuple(_compile_source(s) for s in r.sources)),
+        None if r.operations is None else _any_of(tuple(_compile_operation(o) for o in r.operations)),
+        *(_compile_condition(c) for c in r.when if not condition_l7(c)),
+    ], [_compile_condition(c) for c in r.when if condition_l7(c)])
+    if action == "ALLOW" and rule_needs_http(r):
+        return lambda f: f.http and body(f)
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    policy: AuthorizationPolicy
+    match: _Match
+    name: str  # "<ns>/<name>"
+    decided: Verdict  # its verdict when it decides and no AUDIT policy matched (the usual case)
+
+
+_MAX_COMPILED = 4096
+_COMPILED: dict[int, _Compiled] = {}
+
+
+def _compiled(p: AuthorizationPolicy) -> _Compiled:
+    got = _COMPILED.get(id(p))
+    if got is not None and got.policy is p:
+        return got
+    name = _id(p)
+    decided = (Verdict(False, name, "DENY", (), f"denied by {name}") if p.action == "DENY"
+               else Verdict(True, name, "ALLOW", (), f"allowed by {name}"))
+    if len(_COMPILED) >= _MAX_COMPILED:
+        _COMPILED.clear()
+    got = _COMPILED[id(p)] = _Compiled(p, _any_of(tuple(_compile_rule(r, p.action) for r in p.rules)), name,
+                                       decided)
+    return got
 
 
 # -- which policies, and the verdict --------------------------------------------------------
@@ -358,18 +489,35 @@ def applicable(
 
 def evaluate(policies: Sequence[AuthorizationPolicy], f: Facts) -> Verdict:
     """Istio's order over the policies that apply (see :func:`applicable`)."""
-    audited = tuple(_id(p) for p in policies if p.action == "AUDIT" and policy_matches(p, f))
+    audited: list[str] = []
+    denied: _Compiled | None = None
+    allows: list[_Compiled] = []
+    cache = _COMPILED
     for p in policies:
-        if p.action == "DENY" and policy_matches(p, f):
-            return Verdict(False, _id(p), "DENY", audited, f"denied by {_id(p)}")
-    allows = [p for p in policies if p.action == "ALLOW"]
+        c = cache.get(id(p))
+        if c is None or c.policy is not p:
+            c = _compiled(p)
+        action = p.action
+        if action == "ALLOW":
+            allows.append(c)  # (judged only if no DENY matches)
+        elif action == "DENY":
+            if denied is None and c.match(f):
+                denied = c
+        elif action == "AUDIT" and c.match(f):
+            audited.append(c.name)
+    if denied is not None:
+        return _with_audited(denied.decided, audited)
     if not allows:
-        return Verdict(True, "", "", audited, "no ALLOW policy applies")
-    for p in allows:
-        if policy_matches(p, f):
-            return Verdict(True, _id(p), "ALLOW", audited, f"allowed by {_id(p)}")
-    names = ", ".join(_id(p) for p in allows)
-    return Verdict(False, "", "ALLOW", audited, f"no ALLOW policy matched ({names})")
+        return Verdict(True, "", "", tuple(audited), "no ALLOW policy applies")
+    for c in allows:
+        if c.match(f):
+            return _with_audited(c.decided, audited)
+    names = ", ".join(c.name for c in allows)
+    return Verdict(False, "", "ALLOW", tuple(audited), f"no ALLOW policy matched ({names})")
+
+
+def _with_audited(v: Verdict, audited: list[str]) -> Verdict:
+    return Verdict(v.allowed, v.policy, v.action, tuple(audited), v.why) if audited else v
 
 
 def _id(p: AuthorizationPolicy) -> str:
