@@ -209,6 +209,12 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
                              "abort_status": f.abort_status,
                              "abort_grpc_status": f.abort_grpc_status or None,
                              "abort_percent": f.abort_percent}
+    m = plan.route.mirror if plan.route else None
+    if m is not None:
+        in_force["mirror"] = {"host": m.host, "subset": m.subset or None, "port": m.port or None,
+                              "percent": plan.route.mirror_percent if plan.route else 100.0}
+    if plan.route is not None and plan.route.cors is not None:
+        in_force["cors"] = {"allow_origins": [o.to_doc() for o in plan.route.cors.allow_origins]}
     if plan.path is not None:
         in_force["rewrite_path"] = plan.path
     if plan.authority is not None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agent.control import authz
 from agent.control.model import Workload
+from agent.dataplane.http.normalize import join_headers
 from agent.dataplane.jwtauth import JwtAuthn
 from agent.dataplane.route import Directory
 from agent.metrics.istio import MeshMetrics
@@ -34,6 +36,31 @@ log = logging.getLogger(__name__)
 DENIED_BODY = "RBAC: access denied"  # Envoy's answer to a request its RBAC filter denied
 DENIED_FLAG = "RBAC"  # Envoy's response flag for it
 WATCH_INTERVAL_S = 0.25
+
+
+class LazyHeaders(Mapping[str, str]):
+    """A request's headers for ``request.headers[...]`` conditions, joined (lower-case names,
+    repeats joined with ",") only if a condition reads them."""
+
+    __slots__ = ("_d", "_raw")
+
+    def __init__(self, raw: Iterable[tuple[str | bytes, str | bytes]]) -> None:
+        self._raw = raw
+        self._d: dict[str, str] | None = None
+
+    def _dict(self) -> dict[str, str]:
+        if self._d is None:
+            self._d = join_headers(h for h in self._raw if h[0][:1] not in (":", b":"))
+        return self._d
+
+    def __getitem__(self, name: str) -> str:
+        return self._dict()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._dict())
+
+    def __len__(self) -> int:
+        return len(self._dict())
 
 
 def principal_of(spiffe_uri: str) -> str:
@@ -63,6 +90,7 @@ class Authorizer:
         self._policies: tuple[authz.AuthorizationPolicy, ...] = ()
         self._per: dict[tuple[str, str], list[authz.AuthorizationPolicy]] = {}
         self._open: dict[int, _Open] = {}
+        self._counters: dict[tuple[str, str, bool], Any] = {}
         self._next = 0
         self.jwt = JwtAuthn(directory, root_namespace)  # RequestAuthentication, before the policies
 
@@ -86,8 +114,14 @@ class Authorizer:
         if not policies:
             return None
         v = authz.evaluate(policies, facts)
-        result = "allowed" if v.allowed else "denied"
-        self.metrics.authz_decisions.labels(v.policy or "-", v.action or "-", result).inc()
+        key = (v.policy, v.action, v.allowed)
+        counter = self._counters.get(key)
+        if counter is None:  # (a labelled child is looked up once, not per decision)
+            if len(self._counters) > 4096:
+                self._counters.clear()
+            counter = self._counters[key] = self.metrics.authz_decisions.labels(
+                v.policy or "-", v.action or "-", "allowed" if v.allowed else "denied")
+        counter.inc()
         for name in v.audited:
             log.info("authz: AUDIT %s matched %s %s at %s/%s", name, facts.principal or facts.source_ip,
                      f"{facts.method} {facts.path}" if facts.http else f"port {facts.destination_port}",

@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agent.control import authz
 from agent.control.model import Protocol, Workload
 from agent.control.screening import address_key, address_problem
 from agent.dataplane import protocol
-from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, principal_of
+from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, LazyHeaders, principal_of
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
@@ -38,7 +37,6 @@ from agent.dataplane.http.normalize import (
     NormalizationError,
     PathNormalization,
     check_method,
-    join_headers,
     normalize_path,
 )
 from agent.dataplane.http.upstream import Upstream
@@ -435,7 +433,7 @@ class InboundHttp:
     def abandon_h2(self, ex: Exchange, session: H2Session) -> None:  # (no retries on this side)
         pass
 
-    def _authorize(self, ex: Exchange, headers: list[tuple[str, str]]) -> None:
+    def _authorize(self, ex: Exchange, headers: Sequence[tuple[str | bytes, str | bytes]]) -> None:
         """Once per request: the method checked and the path normalised as Istio does (400 if
         refused; the normalised path is what is matched and forwarded), then the request against
         the destination's policies (403 ``RBAC``), after its RequestAuthentications (a JWT that
@@ -461,14 +459,13 @@ class InboundHttp:
             ex.header_edit = jwt.edit.apply
         if not self.inbound.authorizer.policies(w):
             return
-        facts = dataclasses.replace(
-            self.facts, http=True, method=ex.method, path=target.partition("?")[0], host=ex.authority,
-            headers=join_headers(h for h in headers if not h[0].startswith(":")),
+        f = self.facts
+        i = jwt.identity if jwt is not None else None
+        facts = authz.Facts(  # (built directly: dataclasses.replace costs twice as much)
+            f.principal, f.namespace, f.source_ip, f.remote_ip, f.destination_ip, f.destination_port,
+            f.sni, True, ex.method, target.partition("?")[0], ex.authority, LazyHeaders(headers),
+            *((i.principal, i.audiences, i.presenter, i.claims) if i is not None else ()),
         )
-        if jwt is not None and jwt.identity is not None:
-            i = jwt.identity
-            facts = dataclasses.replace(facts, request_principal=i.principal, audiences=i.audiences,
-                                        presenter=i.presenter, claims=i.claims)
         verdict = self.inbound.authorizer.check(w, facts)
         if verdict is not None and not verdict.allowed:
             raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
@@ -504,7 +501,7 @@ class InboundHttp:
         """The stream's pod connection. One the pod closed ends the stream unanswered
         (:class:`UpstreamGone`): the source node retries on a fresh stream, whose CONNECT
         dials the pod again (and, should that fail, moves on to another endpoint)."""
-        self._authorize(ex, [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers])
+        self._authorize(ex, head.headers)
         ex.upstream = self.target.authority
         pod = self.pod
         if pod is not None and not fresh and pod.reusable():

@@ -320,6 +320,9 @@ def test_explain_agrees_with_what_the_proxy_did(bed: Bed) -> None:
     assert explain("GET", f"http://{VIP}/flaky")["in_force"]["retries"]["attempts"] == 3  # type: ignore[index]
     fault = explain("GET", f"http://{VIP}/teapot")["in_force"]["fault"]  # type: ignore[index]
     assert fault["abort_status"] == 418 and fault["abort_percent"] == 20.0
+    # the mirror in force: the destination the copies reached above
+    mirror = explain("GET", f"http://{VIP}/mirrored")["in_force"]["mirror"]  # type: ignore[index]
+    assert mirror == {"host": "reviews", "subset": "v2", "port": None, "percent": 100.0}
     # the split: both destinations with their weights
     walk = explain("GET", f"http://{VIP}/")
     assert [(d["subset"], d["weight"]) for d in walk["destinations"]] == [("v1", 90), ("v2", 10)]  # type: ignore[attr-defined]
