@@ -325,6 +325,7 @@ class Inbound:
             await c.close()
         for t in list(self._tasks):
             t.cancel()
+        self.authorizer.jwt.cache.close()  # (JWKS fetches in flight)
 
 
 def peer_refusal(
