@@ -309,7 +309,10 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     prom.register(
         CallbackCollector(
             "nodemesh_registry",
-            lambda: {"revision": registry.snapshot.revision, "stale": int(registry.stale)},
+            # revision: what the registry client holds; dataplane_revision: what the data path
+            # (routing, authorization) decides with — it follows within follow_snapshots' poll
+            lambda: {"revision": registry.snapshot.revision, "stale": int(registry.stale),
+                     "dataplane_revision": directory.current.snapshot.revision},
             kind="gauge",
         )
     )

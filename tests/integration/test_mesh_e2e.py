@@ -366,7 +366,9 @@ def test_metrics_listen_only_on_the_node_fabric_address(mesh: Mesh) -> None:
     out = r.communicate(timeout=10)[0].decode()
     bound = [ln.split()[3] for ln in out.splitlines() if ln.strip()]
     assert bound == [f"{n.fabric_address}:15020"], out
-    assert re.search(r"^nodemesh_registry_revision \d", mesh.metrics(n.name), re.M)
+    text = mesh.metrics(n.name)
+    assert re.search(r"^nodemesh_registry_revision \d", text, re.M)
+    assert re.search(r"^nodemesh_registry_dataplane_revision \d", text, re.M)
 
 
 PLAIN_CONNECT = textwrap.dedent(
