@@ -54,7 +54,20 @@ class LazyHeaders(Mapping[str, str]):
         return self._d
 
     def __getitem__(self, name: str) -> str:
-        return self._dict()[name]
+        v: str | None = self.get(name)
+        if v is None:
+            raise KeyError(name)
+        return v
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """One header (what a condition asks for) without joining them all: names arrive
+        lower-case from both request loops."""
+        if self._d is not None:
+            return self._d.get(name, default)
+        b = name.encode("latin-1")
+        found = [v.decode("latin-1") if isinstance(v, bytes) else v
+                 for k, v in self._raw if k in (name, b)]
+        return ",".join(found) if found else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._dict())
