@@ -138,6 +138,7 @@ class Lifecycle:
         self.reserve: FdReserve | None = None
         self.accept: dict[str, Listener] = {}
         self._config_mtime = self._mtime()
+        self._reload_wanted = asyncio.Event()  # SIGHUP
         self.reloads = 0
         self.restart_needed: list[str] = []
 
@@ -266,18 +267,20 @@ class Lifecycle:
 
     # -- reload ------------------------------------------------------------------------------
 
-    def reload(self) -> None:
+    def reload(self) -> bool:
+        """Read the config file again and take what can change live; True when it changed
+        something: the caller then applies peer authentication, off the event loop."""
         if not self.config_path:
-            return
+            return False
         try:
             new = config_mod.load(self.config_path)
         except config_mod.ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e.message)
-            return
+            return False
         old = self.agent.cfg
         changed = _diff(old, new)
         if not changed:
-            return
+            return False
         live = [k for k in changed if any(k == r or k.startswith(r + ".") for r in RELOADABLE)]
         restart = [k for k in changed if k not in live]
         dp = self.agent.dataplane
@@ -314,7 +317,6 @@ class Lifecycle:
         )
         self.agent.outbound.node_address = self.agent.cfg.peers.get
         logging.getLogger().setLevel(new.log_level.upper())
-        apply_peer_auth(self.agent)
         self.reloads += 1
         self.restart_needed = sorted(set(self.restart_needed) | set(restart))
         log.info(
@@ -322,15 +324,19 @@ class Lifecycle:
             ", ".join(live) or "nothing live",
             f"; these need a restart to take effect: {', '.join(restart)}" if restart else "",
         )
+        return True
 
     async def _watch_config(self) -> None:
+        """Reload on SIGHUP or when the file changes (polled each second); cancelled at stop."""
         while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), 1.0)
+                await asyncio.wait_for(self._reload_wanted.wait(), 1.0)
             m = self._mtime()
-            if m != self._config_mtime:
+            if self._reload_wanted.is_set() or m != self._config_mtime:
+                self._reload_wanted.clear()
                 self._config_mtime = m
-                self.reload()
+                if self.reload():
+                    await asyncio.to_thread(apply_peer_auth, self.agent)
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -344,7 +350,7 @@ class Lifecycle:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_wanted.set)
         a.registry.start()
         for _ in range(100):  # the first read (up to 5 s); a stale registry still starts, and says so
             if not a.registry.stale:

@@ -28,6 +28,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -39,6 +40,7 @@ from agent.control.backend import Backend
 from agent.control.backends import open_backend
 from agent.control.dns import MeshDns
 from agent.control.etcd import EtcdTls
+from agent.control.peerauthn import mode_for
 from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
 from agent.dataplane.authorize import Authorizer
@@ -152,6 +154,8 @@ class Agent:
     memory: MemoryTrimmer
     peer_auth_errors: dict[str, str] = field(default_factory=dict)  # pod netns -> why not enforced
     peer_auth_addresses: dict[str, set[str]] = field(default_factory=dict)  # pod netns -> addresses set
+    # apply_peer_auth runs on worker threads (a new snapshot, a reload): one at a time
+    peer_auth_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def local_identities(self) -> set[SpiffeId]:
         td = self.cfg.trust_domain
@@ -353,39 +357,46 @@ def pod_interfaces(netns: str) -> list[peerauth.PodLink]:
 def apply_peer_auth(agent: Agent) -> None:
     """Set each enrolled pod's inbound mode (mesh-wide, per namespace, per workload) and
     make sure the filters on its host-side veth are attached, knowing every address
-    the pod has now. Idempotent: run at start and on every snapshot."""
+    the pod has now. Idempotent: run at start and on every snapshot, off the event loop
+    (it opens netns sockets and writes maps). The mode is the registry's PeerAuthentications'
+    (:func:`agent.control.peerauthn.mode_for`), agent.yaml's where none applies; DISABLE is
+    the filter's own mode (everything passes, uncounted)."""
     dp = agent.dataplane
     if dp is None:
         return
-    directory = agent.directory.current
-    pa = agent.cfg.peer_authentication
-    agent.peer_auth_errors.clear()
-    enrolled = set(agent.cfg.interception.enroll)
-    for ns in [n for n in agent.peer_auth_addresses if n not in enrolled]:  # no longer enrolled
-        for address in agent.peer_auth_addresses.pop(ns):
-            dp.remove_peer_auth(address)
-    for ns in agent.cfg.interception.enroll:
-        try:
-            now: set[str] = set()
-            for link in pod_interfaces(ns):
-                now.update(link.ip4)
-                if not link.ip4:
-                    continue
-                pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
-                w = directory.workload_at(pod_ip)
-                mode = pa.mode_of(w.namespace, w.name) if w is not None else pa.mode
-                for address in link.ip4:
-                    dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
-                                     udp=pa.udp, dns_port=agent.cfg.ports.dns)
-                host_if = peerauth.host_peer(HOST_NETNS, ns, link)
-                dp.attach_pod_filters(HOST_NETNS, host_if, pod_ip, [*link.ip4, *link.ip6])
-                peerauth.remove_pod_side_filter(ns, link.ifname)  # left by an older release
-            for address in agent.peer_auth_addresses.get(ns, set()) - now:  # the pod lost it
+    with agent.peer_auth_lock:
+        directory = agent.directory.current
+        policies = tuple(directory.snapshot.peer_authentications.values())
+        pa = agent.cfg.peer_authentication
+        agent.peer_auth_errors.clear()
+        enrolled = set(agent.cfg.interception.enroll)
+        for ns in [n for n in agent.peer_auth_addresses if n not in enrolled]:  # no longer enrolled
+            for address in agent.peer_auth_addresses.pop(ns):
                 dp.remove_peer_auth(address)
-            agent.peer_auth_addresses[ns] = now
-        except Exception as e:  # a pod that went away must not stop the others; status shows it
-            agent.peer_auth_errors[ns] = str(e)
-            log.error("peer authentication NOT enforced for %s: %s", ns, e)
+        for ns in agent.cfg.interception.enroll:
+            try:
+                now: set[str] = set()
+                for link in pod_interfaces(ns):
+                    now.update(link.ip4)
+                    if not link.ip4:
+                        continue
+                    pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
+                    w = directory.workload_at(pod_ip)
+                    mode = pa.mode_of(w.namespace, w.name) if w is not None else pa.mode
+                    if w is not None and policies:
+                        mode = mode_for(policies, w.namespace, w.labels, default=mode)
+                    for address in link.ip4:
+                        dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
+                                         udp=pa.udp, dns_port=agent.cfg.ports.dns)
+                    host_if = peerauth.host_peer(HOST_NETNS, ns, link)
+                    dp.attach_pod_filters(HOST_NETNS, host_if, pod_ip, [*link.ip4, *link.ip6])
+                    peerauth.remove_pod_side_filter(ns, link.ifname)  # left by an older release
+                for address in agent.peer_auth_addresses.get(ns, set()) - now:  # the pod lost it
+                    dp.remove_peer_auth(address)
+                agent.peer_auth_addresses[ns] = now
+            except Exception as e:  # a pod that went away must not stop the others; status shows it
+                agent.peer_auth_errors[ns] = str(e)
+                log.error("peer authentication NOT enforced for %s: %s", ns, e)
 
 
 async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:

@@ -34,6 +34,7 @@ from agent.control.istio import (
     virtual_service_doc,
 )
 from agent.control.model import DEFAULT_VIP_RANGE, Kind, l7_protocol
+from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
@@ -152,6 +153,7 @@ _KIND_NAMES = {
     Kind.DESTINATION_RULE: ("destinationrule", "destinationrules", "dr"),
     Kind.AUTHORIZATION_POLICY: ("authorizationpolicy", "authorizationpolicies", "ap"),
     Kind.REQUEST_AUTHENTICATION: ("requestauthentication", "requestauthentications", "ra"),
+    Kind.PEER_AUTHENTICATION: ("peerauthentication", "peerauthentications", "pa"),
 }
 _KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
 KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
@@ -166,7 +168,8 @@ def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
             Kind.VIRTUAL_SERVICE: snap.virtual_services,
             Kind.DESTINATION_RULE: snap.destination_rules,
             Kind.AUTHORIZATION_POLICY: snap.authorization_policies,
-            Kind.REQUEST_AUTHENTICATION: snap.request_authentications}[k]
+            Kind.REQUEST_AUTHENTICATION: snap.request_authentications,
+            Kind.PEER_AUTHENTICATION: snap.peer_authentications}[k]
 
 
 def _doc(obj: Any) -> dict[str, Any]:
@@ -178,6 +181,8 @@ def _doc(obj: Any) -> dict[str, Any]:
         return policy_doc(obj)
     if isinstance(obj, RequestAuthentication):
         return request_authentication_doc(obj)
+    if isinstance(obj, PeerAuthentication):
+        return peer_authentication_doc(obj)
     doc: dict[str, Any] = obj.to_doc()
     return doc
 
@@ -214,7 +219,7 @@ def _ports(s: Any) -> str:
 def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
         etcd_url: str | None, output: str) -> None:
     """List services, workloads, virtualservices (vs), destinationrules (dr) or
-    authorizationpolicies (ap) or requestauthentications (ra)."""
+    authorizationpolicies (ap), requestauthentications (ra) or peerauthentications (pa)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     picked = [v for (ns, n), v in sorted(_table_of(snap, k).items())
@@ -246,6 +251,12 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
              ",".join(j.issuer for j in r.jwt_rules) or "-",
              ",".join(j.jwks_uri or "inline" for j in r.jwt_rules) or "-", r.source or "-"]
             for r in picked]))
+    elif k == Kind.PEER_AUTHENTICATION:
+        click.echo(table(["NAMESPACE", "NAME", "SELECTOR", "MODE", "SOURCE"], [
+            [r.namespace, r.name,
+             "-" if r.selector is None else ",".join(f"{a}={b}" for a, b in r.selector) or "{}",
+             r.mode, r.source or "-"]
+            for r in picked]))
     elif k == Kind.SERVICE:
         rows = []
         for s in picked:
@@ -271,9 +282,9 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
 def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
              output: str) -> None:
     """Show one service (with its endpoints), workload (with its checks), virtualservice,
-    destinationrule, authorizationpolicy or requestauthentication (with the file:line it was
-    applied from; a policy
-    with a WARNING per field that TCP ports cannot judge)."""
+    destinationrule, authorizationpolicy, requestauthentication or peerauthentication (with the
+    file:line it was applied from; a policy with a WARNING per field that TCP ports cannot
+    judge)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     obj: Any = _table_of(snap, k).get((namespace, name))
@@ -313,8 +324,8 @@ def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: 
 @handled
 def delete(kind: str, name: str, namespace: str, registry_dir: str,
            etcd_url: str | None) -> None:
-    """Delete one service, workload, virtualservice, destinationrule, authorizationpolicy or
-    requestauthentication."""
+    """Delete one service, workload, virtualservice, destinationrule, authorizationpolicy,
+    requestauthentication or peerauthentication."""
     k = _kind(kind)
     backend = open_registry(registry_dir, etcd_url)
     try:

@@ -43,6 +43,7 @@ from agent.control.model import (
     service_from_doc,
     split_key,
 )
+from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.screening import address_key
 from agent.control.validate import IpNetwork, Located, Resource
@@ -75,6 +76,8 @@ def _dump(r: Resource) -> str:
         return _ENCODE(policy_doc(r))
     if isinstance(r, RequestAuthentication):
         return _ENCODE(request_authentication_doc(r))
+    if isinstance(r, PeerAuthentication):
+        return _ENCODE(peer_authentication_doc(r))
     return _ENCODE(r.to_doc())
 
 
@@ -87,6 +90,8 @@ def _kind(r: Resource) -> Kind:
         return Kind.AUTHORIZATION_POLICY
     if isinstance(r, RequestAuthentication):
         return Kind.REQUEST_AUTHENTICATION
+    if isinstance(r, PeerAuthentication):
+        return Kind.PEER_AUTHENTICATION
     return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
 
 

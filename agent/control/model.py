@@ -69,6 +69,7 @@ class Kind(enum.StrEnum):
     DESTINATION_RULE = "DestinationRule"
     AUTHORIZATION_POLICY = "AuthorizationPolicy"  # Istio's (values in agent.control.authz)
     REQUEST_AUTHENTICATION = "RequestAuthentication"  # Istio's (values in agent.control.reqauthn)
+    PEER_AUTHENTICATION = "PeerAuthentication"  # Istio's (values in agent.control.peerauthn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +262,8 @@ GUARD_KEY = f"{PREFIX}meta/guard"
 
 
 # the first segment of every key resource_key/health_key make: 'service', 'workload',
-# 'virtualservice', 'destinationrule', 'authorizationpolicy', 'requestauthentication', 'health'
+# 'virtualservice', 'destinationrule', 'authorizationpolicy', 'requestauthentication',
+# 'peerauthentication', 'health'
 KEY_KINDS = frozenset([*(k.value.lower() for k in Kind), "health"])
 
 

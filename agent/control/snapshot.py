@@ -7,8 +7,8 @@ state into a :class:`Snapshot` tagged with the backend revision. Membership
 (which workloads a service selects) is kept through a label index and
 recomputed only for the services a change touches; readers never scan.
 
-Istio's VirtualServices, DestinationRules, AuthorizationPolicies and
-RequestAuthentications are kept
+Istio's VirtualServices, DestinationRules, AuthorizationPolicies,
+RequestAuthentications and PeerAuthentications are kept
 as decoded, by (namespace, name), in their own tables; which service or
 workload each one applies to is the data path's business
 (:mod:`agent.dataplane.http.routing`, :func:`agent.control.authz.applicable`).
@@ -46,6 +46,7 @@ from agent.control.model import (
     split_key,
     workload_from_doc,
 )
+from agent.control.peerauthn import PeerAuthentication, peer_authentication_from_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_from_doc
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 NsName = tuple[str, str]  # (namespace, name)
 # one stored value
 _Decoded = (Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication)
+            | RequestAuthentication | PeerAuthentication)
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -89,6 +90,8 @@ class Snapshot:
     authorization_policies: Mapping[NsName, AuthorizationPolicy] = field(
         default_factory=lambda: MappingProxyType({}))
     request_authentications: Mapping[NsName, RequestAuthentication] = field(
+        default_factory=lambda: MappingProxyType({}))
+    peer_authentications: Mapping[NsName, PeerAuthentication] = field(
         default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
@@ -167,6 +170,7 @@ class SnapshotBuilder:
         self._destination_rules: dict[NsName, DestinationRule] = {}
         self._authorization_policies: dict[NsName, AuthorizationPolicy] = {}
         self._request_authentications: dict[NsName, RequestAuthentication] = {}
+        self._peer_authentications: dict[NsName, PeerAuthentication] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -227,6 +231,9 @@ class SnapshotBuilder:
         elif isinstance(obj, RequestAuthentication):
             self._request_authentications[key] = obj
             self._changed.add("request_authentications")
+        elif isinstance(obj, PeerAuthentication):
+            self._peer_authentications[key] = obj
+            self._changed.add("peer_authentications")
         elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
@@ -269,6 +276,9 @@ class SnapshotBuilder:
         elif kind == "requestauthentication":
             if self._request_authentications.pop(key, None) is not None:
                 self._changed.add("request_authentications")
+        elif kind == "peerauthentication":
+            if self._peer_authentications.pop(key, None) is not None:
+                self._changed.add("peer_authentications")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -357,6 +367,7 @@ class SnapshotBuilder:
             destination_rules=self._view("destination_rules", self._destination_rules),
             authorization_policies=self._view("authorization_policies", self._authorization_policies),
             request_authentications=self._view("request_authentications", self._request_authentications),
+            peer_authentications=self._view("peer_authentications", self._peer_authentications),
         )
         self._changed.clear()
         return snap
@@ -391,6 +402,8 @@ def _decode(kind: str, value: str) -> _Decoded:
         return _checked_policy(policy_from_doc(doc))
     if kind == "requestauthentication":
         return request_authentication_from_doc(doc)
+    if kind == "peerauthentication":
+        return peer_authentication_from_doc(doc)
     return health_from_doc(doc)
 
 

@@ -44,6 +44,7 @@ from agent.control.model import (
     Workload,
     canonical_ip,
 )
+from agent.control.peerauthn import PeerAuthentication
 from agent.control.reqauthn import RequestAuthentication
 from agent.control.screening import address_problem
 from agent.gcpause import paused
@@ -52,8 +53,10 @@ API_VERSION = "nodemesh.io/v1"
 _HEALTH = {h.value: h for h in Health}
 KINDS = ("Service", "Workload")
 ISTIO_KINDS = ("VirtualService", "DestinationRule")  # under ISTIO_NETWORKING_VERSIONS
-SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication")  # under SECURITY_VERSIONS
-Resource = Service | Workload | VirtualService | DestinationRule | AuthorizationPolicy | RequestAuthentication
+# under SECURITY_VERSIONS
+SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "PeerAuthentication")
+Resource = (Service | Workload | VirtualService | DestinationRule | AuthorizationPolicy
+            | RequestAuthentication | PeerAuthentication)
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -434,6 +437,10 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
         from agent.control import validate_reqauthn  # it builds on the helpers above
 
         return validate_reqauthn.request_authentication(doc, spec, name, ns)
+    if kind == "PeerAuthentication":
+        from agent.control import validate_peerauthn  # it builds on the helpers above
+
+        return validate_peerauthn.peer_authentication(doc, spec, name, ns)
     from agent.control import validate_istio  # it builds on the helpers above
 
     if kind == "VirtualService":

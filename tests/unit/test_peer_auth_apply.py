@@ -4,6 +4,7 @@ fake stands in for the maps and the pod's interfaces)."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -50,6 +51,7 @@ def test_addresses_a_pod_lost_and_pods_no_longer_enrolled_are_forgotten(
         directory=SimpleNamespace(current=Directory.build(Snapshot(1))),
         peer_auth_errors={},
         peer_auth_addresses={},
+        peer_auth_lock=threading.Lock(),
     )
     node.apply_peer_auth(agent)
     assert dp.policies == {"10.244.1.2": "STRICT", "10.244.1.3": "STRICT", "10.244.1.4": "STRICT"}
