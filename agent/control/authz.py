@@ -37,7 +37,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 SECURITY_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 ACTIONS = ("ALLOW", "DENY", "AUDIT")
@@ -472,11 +472,25 @@ def _compiled(p: AuthorizationPolicy) -> _Compiled:
 # -- which policies, and the verdict --------------------------------------------------------
 
 
+class Selecting(Protocol):
+    """A security resource that applies by namespace and workload selector."""
+
+    @property
+    def namespace(self) -> str: ...
+    @property
+    def selector(self) -> tuple[tuple[str, str], ...] | None: ...
+
+
+S = TypeVar("S", bound=Selecting)
+
+
 def applicable(
-    policies: Iterable[AuthorizationPolicy], namespace: str, labels: Mapping[str, str],
+    policies: Iterable[S], namespace: str, labels: Mapping[str, str],
     root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-) -> list[AuthorizationPolicy]:
-    """The policies that apply to a workload of ``namespace`` with ``labels``."""
+) -> list[S]:
+    """The resources (AuthorizationPolicies, RequestAuthentications) that apply to a workload
+    of ``namespace`` with ``labels``: its namespace's and the root namespace's, each without a
+    selector or with one the labels satisfy."""
     out = []
     for p in policies:
         if p.namespace != namespace and p.namespace != root_namespace:

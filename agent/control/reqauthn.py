@@ -19,8 +19,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.control.authz import DEFAULT_ROOT_NAMESPACE
-
 # what a JWKS key may sign with (Envoy's jwt_verify_lib, without the HMAC ones: a JWKS
 # here holds public keys only)
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -59,22 +57,6 @@ class RequestAuthentication:
     selector: tuple[tuple[str, str], ...] | None = None  # matchLabels; None: every workload
     jwt_rules: tuple[JwtRule, ...] = ()
     source: str = ""  # file:line it was applied from
-
-
-def applicable(
-    resources: Iterable[RequestAuthentication], namespace: str, labels: Mapping[str, str],
-    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-) -> list[RequestAuthentication]:
-    """The RequestAuthentications that apply to a workload (the rule of
-    :func:`agent.control.authz.applicable`)."""
-    out = []
-    for r in resources:
-        if r.namespace != namespace and r.namespace != root_namespace:
-            continue
-        if r.selector is not None and not all(labels.get(k) == v for k, v in r.selector):
-            continue
-        out.append(r)
-    return out
 
 
 def rules_of(resources: Iterable[RequestAuthentication]) -> tuple[JwtRule, ...]:

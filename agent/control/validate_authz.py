@@ -71,11 +71,7 @@ def authorization_policy(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str)
     if action not in ACTIONS:
         raise doc.fail("spec.action", f"unknown action {action!r}", hint="one of: " + ", ".join(ACTIONS))
     _fields(doc, spec, "spec", ("selector", "action", "rules"), _SPEC_REFUSED)
-    selector = None
-    if spec.get("selector") is not None:
-        sel = _map(doc, spec["selector"], "spec.selector")
-        _fields(doc, sel, "spec.selector", ("matchLabels",))
-        selector = tuple(sorted(_labels(doc, sel.get("matchLabels"), "spec.selector.matchLabels").items()))
+    selector = workload_selector(doc, spec)
     rules = tuple(_rule(doc, _map(doc, r, f"spec.rules[{i}]"), f"spec.rules[{i}]")
                   for i, r in enumerate(_list(doc, spec, "rules", "spec")))
     return AuthorizationPolicy(name, ns, action, selector, rules, f"{doc.file}:{doc.start_line}")
@@ -167,6 +163,15 @@ def _condition(doc: _Doc, m: Mapping[str, Any], path: str) -> Condition:
     return Condition(key, tuple(values), tuple(not_values))
 
 
+def workload_selector(doc: _Doc, spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """``spec.selector.matchLabels`` of the security kinds (None: every workload in scope)."""
+    if spec.get("selector") is None:
+        return None
+    sel = _map(doc, spec["selector"], "spec.selector")
+    _fields(doc, sel, "spec.selector", ("matchLabels",))
+    return tuple(sorted(_labels(doc, sel.get("matchLabels"), "spec.selector.matchLabels").items()))
+
+
 # -- values -----------------------------------------------------------------------------------
 
 def _values(doc: _Doc, m: Mapping[str, Any], key: str, path: str, kind: str) -> list[str]:
@@ -174,7 +179,7 @@ def _values(doc: _Doc, m: Mapping[str, Any], key: str, path: str, kind: str) -> 
     return [check(doc, v, f"{path}.{key}[{i}]") for i, v in enumerate(_list(doc, m, key, path))]
 
 
-def _string(doc: _Doc, v: Any, path: str) -> str:
+def non_empty_string(doc: _Doc, v: Any, path: str) -> str:
     if not isinstance(v, str) or not v:
         raise doc.fail(path, f"expected a non-empty string, got {_tname(v)} {v!r}")
     return v
@@ -182,7 +187,7 @@ def _string(doc: _Doc, v: Any, path: str) -> str:
 
 def _pattern(doc: _Doc, v: Any, path: str) -> str:
     """Istio's string match: exact, ``prefix*``, ``*suffix`` or ``*`` (presence)."""
-    s = _string(doc, v, path)
+    s = non_empty_string(doc, v, path)
     stars = s.count("*")
     if stars and s != "*" and (stars > 1 or not (s.startswith("*") or s.endswith("*"))):
         raise doc.fail(path, f"{s!r}: Istio supports only prefix, suffix and presence matching",
@@ -191,7 +196,7 @@ def _pattern(doc: _Doc, v: Any, path: str) -> str:
 
 
 def _path(doc: _Doc, v: Any, path: str) -> str:
-    s = _string(doc, v, path)
+    s = non_empty_string(doc, v, path)
     if "{*}" in s or "{**}" in s:
         raise doc.fail(path, f"{s!r}: path templates ({{*}}, {{**}}) are not supported yet",
                        hint="write an exact path, '/prefix/*', '*suffix' or '*'")
@@ -230,7 +235,7 @@ def _port(doc: _Doc, v: Any, path: str) -> str:
 
 def _cidr(doc: _Doc, v: Any, path: str) -> str:
     """An address or a CIDR block, as Go's net.ParseIP / net.ParseCIDR take them."""
-    s = _string(doc, v, path)
+    s = non_empty_string(doc, v, path)
     addr, slash, bits = s.partition("/")
     why = ""
     if "%" in addr:

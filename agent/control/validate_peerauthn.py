@@ -16,7 +16,8 @@ from typing import Any
 
 from agent.control.authz import DEFAULT_ROOT_NAMESPACE
 from agent.control.peerauthn import MODES, PeerAuthentication
-from agent.control.validate import _Doc, _labels, _map, _tname
+from agent.control.validate import _Doc, _map, _tname
+from agent.control.validate_authz import workload_selector
 from agent.control.validate_istio import _fields
 
 _TARGET = ("is not supported: PeerAuthentications apply to workloads by selector (nodemesh has "
@@ -30,15 +31,11 @@ _SPEC_REFUSED = {
 
 def peer_authentication(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> PeerAuthentication:
     _fields(doc, spec, "spec", ("selector", "mtls"), _SPEC_REFUSED)
-    selector = None
-    if spec.get("selector") is not None:
-        if ns == DEFAULT_ROOT_NAMESPACE:
-            raise doc.fail("spec.selector", f"a PeerAuthentication in the root namespace "
-                           f"({DEFAULT_ROOT_NAMESPACE}) is mesh-wide: Istio ignores one with a selector",
-                           hint="drop the selector, or put the policy in the workload's namespace")
-        sel = _map(doc, spec["selector"], "spec.selector")
-        _fields(doc, sel, "spec.selector", ("matchLabels",))
-        selector = tuple(sorted(_labels(doc, sel.get("matchLabels"), "spec.selector.matchLabels").items()))
+    if spec.get("selector") is not None and ns == DEFAULT_ROOT_NAMESPACE:
+        raise doc.fail("spec.selector", f"a PeerAuthentication in the root namespace "
+                       f"({DEFAULT_ROOT_NAMESPACE}) is mesh-wide: Istio ignores one with a selector",
+                       hint="drop the selector, or put the policy in the workload's namespace")
+    selector = workload_selector(doc, spec)
     mode = "UNSET"
     if spec.get("mtls") is not None:
         mtls = _map(doc, spec["mtls"], "spec.mtls")

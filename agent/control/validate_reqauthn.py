@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.control.reqauthn import HeaderLocation, JwtRule, RequestAuthentication, parse_jwks
-from agent.control.validate import _Doc, _labels, _map, _tname
+from agent.control.validate import _Doc, _map, _tname
+from agent.control.validate_authz import non_empty_string, workload_selector
 from agent.control.validate_istio import _HEADER_NAME_RE, _fields, _list
 
 _TARGET = ("is not supported: RequestAuthentications apply to workloads by selector (nodemesh has "
@@ -38,11 +39,7 @@ _MAX_JWKS_CHARS = 64 * 1024
 
 def request_authentication(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> RequestAuthentication:
     _fields(doc, spec, "spec", ("selector", "jwtRules"), _SPEC_REFUSED)
-    selector = None
-    if spec.get("selector") is not None:
-        sel = _map(doc, spec["selector"], "spec.selector")
-        _fields(doc, sel, "spec.selector", ("matchLabels",))
-        selector = tuple(sorted(_labels(doc, sel.get("matchLabels"), "spec.selector.matchLabels").items()))
+    selector = workload_selector(doc, spec)
     rules = []
     seen: dict[str, int] = {}
     for i, r in enumerate(_list(doc, spec, "jwtRules", "spec")):
@@ -61,8 +58,8 @@ def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
     issuer = m.get("issuer")
     if issuer is None:
         raise doc.fail(f"{path}.issuer", "missing required field 'issuer'")
-    issuer = _string(doc, issuer, f"{path}.issuer")
-    audiences = tuple(_string(doc, a, f"{path}.audiences[{i}]")
+    issuer = non_empty_string(doc, issuer, f"{path}.issuer")
+    audiences = tuple(non_empty_string(doc, a, f"{path}.audiences[{i}]")
                       for i, a in enumerate(_list(doc, m, "audiences", path)))
     jwks = m.get("jwks")
     uri = m.get("jwksUri")
@@ -72,7 +69,7 @@ def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
         raise doc.fail(path, "needs jwks or jwksUri (nodemesh does not discover keys from the "
                        "issuer's OpenID configuration)", hint="jwksUri: https://issuer.example/.well-known/jwks.json")
     if jwks is not None:
-        jwks = _string(doc, jwks, f"{path}.jwks")
+        jwks = non_empty_string(doc, jwks, f"{path}.jwks")
         if len(jwks) > _MAX_JWKS_CHARS:
             raise doc.fail(f"{path}.jwks", f"is {len(jwks)} characters (at most {_MAX_JWKS_CHARS})")
         try:
@@ -92,7 +89,7 @@ def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
         if not isinstance(prefix, str):
             raise doc.fail(f"{hpath}.prefix", f"expected a string, got {_tname(prefix)} {prefix!r}")
         headers.append(HeaderLocation(_header(doc, hm["name"], f"{hpath}.name"), prefix))
-    params = tuple(_string(doc, p, f"{path}.fromParams[{i}]")
+    params = tuple(non_empty_string(doc, p, f"{path}.fromParams[{i}]")
                    for i, p in enumerate(_list(doc, m, "fromParams", path)))
     forward = m.get("forwardOriginalToken", False)
     if not isinstance(forward, bool):
@@ -103,21 +100,15 @@ def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
     return JwtRule(issuer, audiences, jwks or "", uri or "", tuple(headers), params, forward, output)
 
 
-def _string(doc: _Doc, v: Any, path: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise doc.fail(path, f"expected a non-empty string, got {_tname(v)} {v!r}")
-    return v
-
-
 def _header(doc: _Doc, v: Any, path: str) -> str:
-    s = _string(doc, v, path)
+    s = non_empty_string(doc, v, path)
     if not _HEADER_NAME_RE.match(s):
         raise doc.fail(path, f"{s!r} is not an HTTP header name")
     return s.lower()
 
 
 def _uri(doc: _Doc, v: Any, path: str) -> str:
-    s = _string(doc, v, path)
+    s = non_empty_string(doc, v, path)
     try:
         u = urllib.parse.urlsplit(s)
         u.port  # noqa: B018 (raises on a bad port)

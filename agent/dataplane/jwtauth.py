@@ -1,7 +1,7 @@
 """RequestAuthentication at the destination: a request's JWT verified, its principal found.
 
 How this works: the RequestAuthentications that apply to the destination workload
-(:func:`agent.control.reqauthn.applicable`, once per snapshot and workload; none costs one
+(:func:`agent.control.authz.applicable`, once per snapshot and workload; none costs one
 dictionary lookup) become a :class:`Plan`: where tokens are looked for (each rule's
 ``fromHeaders``/``fromParams``, else ``Authorization: Bearer`` and ``access_token``) and
 which issuers each place accepts. :func:`authenticate` is pure: every token found is
@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.control import reqauthn
+from agent.control import authz, reqauthn
 from agent.control.authz import DEFAULT_ROOT_NAMESPACE
 from agent.control.model import Workload
 from agent.control.reqauthn import Jwk, JwtRule
@@ -414,7 +414,7 @@ class JwtAuthn:
         try:
             return self._per[key]
         except KeyError:
-            rules = reqauthn.rules_of(reqauthn.applicable(self._resources, w.namespace, w.labels,
+            rules = reqauthn.rules_of(authz.applicable(self._resources, w.namespace, w.labels,
                                                           self.root_namespace))
             p = self._per[key] = plan(rules) if rules else None
             return p

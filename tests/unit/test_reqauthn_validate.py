@@ -14,6 +14,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from agent.cli.main import cli
 from agent.control.apply import _dump, plan
+from agent.control.authz import applicable
 from agent.control.embedded import EmbeddedBackend
 from agent.control.errors import InputError
 from agent.control.model import Kind, resource_key
@@ -21,7 +22,6 @@ from agent.control.reqauthn import (
     HeaderLocation,
     JwtRule,
     RequestAuthentication,
-    applicable,
     request_authentication_doc,
     request_authentication_from_doc,
     rules_of,
