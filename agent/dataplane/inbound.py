@@ -27,17 +27,14 @@ from agent.control import authz
 from agent.control.model import Protocol, Workload
 from agent.control.screening import address_key, address_problem
 from agent.dataplane import protocol
-from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, LazyHeaders, principal_of
+from agent.dataplane.authorize import DENIED_BODY, Authorizer, principal_of
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http.exchange import Exchange, LocalReply, UpstreamGone
 from agent.dataplane.http.h1 import H1Loop, LoopConfig
 from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
 from agent.dataplane.http.normalize import (
-    NormalizationError,
     PathNormalization,
-    check_method,
-    normalize_path,
 )
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.listener import Listener
@@ -435,41 +432,15 @@ class InboundHttp:
         pass
 
     def _authorize(self, ex: Exchange, headers: Sequence[tuple[str | bytes, str | bytes]]) -> None:
-        """Once per request: the method checked and the path normalised as Istio does (400 if
-        refused; the normalised path is what is matched and forwarded), then the request against
-        the destination's policies (403 ``RBAC``), after its RequestAuthentications (a JWT that
-        is not valid: 401)."""
-        if ex.authorized:
-            return
-        ex.authorized = True
-        target = ex.path
-        if ex.method != "CONNECT":  # (its target is an authority, not a path)
-            try:
-                check_method(ex.method)
-                target = normalize_path(ex.path, self.inbound.config.path_normalization,
-                                        allow_asterisk=ex.method == "OPTIONS")
-            except NormalizationError as e:
-                raise LocalReply(400, e.reason, "-") from None
-            if target != ex.path:
-                ex.target = target
-        w = self.workload
-        if w is None:
-            return
-        jwt = self.inbound.authorizer.jwt.judge(w, headers, target, ex.authority)
-        if jwt is not None and jwt.edit is not None:
-            ex.header_edit = jwt.edit.apply
-        if not self.inbound.authorizer.policies(w):
-            return
-        f = self.facts
-        i = jwt.identity if jwt is not None else None
-        facts = authz.Facts(  # (built directly: dataclasses.replace costs twice as much)
-            f.principal, f.namespace, f.source_ip, f.remote_ip, f.destination_ip, f.destination_port,
-            f.sni, True, ex.method, target.partition("?")[0], ex.authority, LazyHeaders(headers),
-            *((i.principal, i.audiences, i.presenter, i.claims) if i is not None else ()),
-        )
-        verdict = self.inbound.authorizer.check(w, facts)
-        if verdict is not None and not verdict.allowed:
-            raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
+        """Once per request (:meth:`Authorizer.judge_request`): normalised, authenticated,
+        authorized — or answered 400/401/403 here."""
+        if not ex.authorized:
+            ex.authorized = True
+            self.inbound.authorizer.judge_request(self.workload, self._conn_facts, ex, headers,
+                                                  self.inbound.config.path_normalization)
+
+    def _conn_facts(self) -> authz.Facts:
+        return self.facts
 
     async def open_h2(self, ex: Exchange, headers: H2Headers, *, fresh: bool) -> H2Session:
         self._authorize(ex, headers)

@@ -50,11 +50,7 @@ from agent.dataplane.http.h2 import H2Loop
 from agent.dataplane.http.h2session import H2Session
 from agent.dataplane.http.hashing import Hashers
 from agent.dataplane.http.normalize import (
-    NormalizationError,
     PathNormalization,
-    check_method,
-    join_headers,
-    normalize_path,
 )
 from agent.dataplane.http.outlier import Outliers
 from agent.dataplane.http.upstream import H2Pool, Upstream, UpstreamPool
@@ -500,6 +496,15 @@ class Outbound:
                 t.cancel()
 
 
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One less for ``key`` in a per-cluster count (circuit breakers); none left: no entry."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
 @dataclass(slots=True)
 class _Choice:
     """The endpoint a request went to, and the labels its report carries."""
@@ -712,39 +717,16 @@ class OutboundHttp:
         return True
 
     def _authorize_local(self, ex: Exchange, ep: Endpoint, headers: list[Header]) -> None:
-        """For a same-node destination (no other proxy sees the request), what its node's inbound
-        does: the method checked and the path normalised (400 if refused), its
-        RequestAuthentications (401 for an invalid JWT), then its policies (403 ``RBAC``)."""
+        """A same-node destination: no other proxy sees the request, so what its node's inbound
+        would do is done here (:meth:`Authorizer.judge_request`)."""
         out = self.out
-        path = target = ex.target or ex.path
-        if ex.method != "CONNECT":  # (its target is an authority, not a path)
-            try:
-                check_method(ex.method)
-                target = normalize_path(path, out.config.path_normalization,
-                                        allow_asterisk=ex.method == "OPTIONS")
-            except NormalizationError as e:
-                raise LocalReply(400, e.reason, "-") from None
-            if target != path:
-                ex.target = target
-        w = out.directory().workload_at(ep.address)
-        if w is None:
-            return
-        jwt = out.authorizer.jwt.judge(w, headers, target, ex.authority)
-        ex.header_edit = jwt.edit.apply if jwt is not None and jwt.edit is not None else None
-        if not out.authorizer.policies(w):
-            return
-        facts = authz.Facts(
-            principal=principal_of(self.src_id.uri), namespace=self.src.namespace, source_ip=self.src_ip,
-            destination_ip=ep.address, destination_port=ep.port, http=True, method=ex.method,
-            path=target.partition("?")[0], host=ex.authority, headers=join_headers(headers),
-        )
-        if jwt is not None and jwt.identity is not None:
-            i = jwt.identity
-            facts = dataclasses.replace(facts, request_principal=i.principal, audiences=i.audiences,
-                                        presenter=i.presenter, claims=i.claims)
-        verdict = out.authorizer.check(w, facts)
-        if verdict is not None and not verdict.allowed:
-            raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
+
+        def conn() -> authz.Facts:
+            return authz.Facts(principal=principal_of(self.src_id.uri), namespace=self.src.namespace,
+                               source_ip=self.src_ip, destination_ip=ep.address, destination_port=ep.port)
+
+        out.authorizer.judge_request(out.directory().workload_at(ep.address), conn, ex, headers,
+                                     out.config.path_normalization)
 
     async def _dial(self, ep: Endpoint, timeout_s: float | None = None) -> End:
         out = self.out
@@ -863,22 +845,13 @@ class OutboundHttp:
     def _report(self, ex: Exchange, request_protocol: str) -> None:
         out = self.out
         if ex.holds_slot and isinstance(ex.plan, routing.Decision):
-            key = ex.plan.balancer_key
-            n = out.in_flight.get(key, 0) - 1
-            if n > 0:
-                out.in_flight[key] = n
-            else:
-                out.in_flight.pop(key, None)
+            _count_down(out.in_flight, ex.plan.balancer_key)
             ex.holds_slot = False
         if ex.conn_slot:
             out.give_connection(ex.conn_slot)
             ex.conn_slot = ""
         if ex.retrying:
-            n = out.retries.get(ex.retrying, 0) - 1
-            if n > 0:
-                out.retries[ex.retrying] = n
-            else:
-                out.retries.pop(ex.retrying, None)
+            _count_down(out.retries, ex.retrying)
             ex.retrying = ""
         c = ex.state
         if isinstance(c, _Choice):

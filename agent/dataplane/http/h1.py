@@ -236,19 +236,13 @@ class H1Loop:
             self.side.finished(ex, up, reusable and keep)
 
     def _retry_ok(self, ex: Exchange, head: RequestHead, outcome: retry.Outcome) -> bool:
-        """Will this outcome be retried (:func:`retry.decide`)? A request with a body only while
+        """Will this outcome be retried (:func:`retry.take`)? A request with a body only while
         the copy of its body is whole; never a protocol switch."""
         if head.upgrade or head.method == "CONNECT":
             return False
         if head.has_body and (self._copy is None or not self._copy.intact):
             return False
-        verdict = retry.decide(ex.retry, ex.tries, outcome)
-        if verdict == "URX":
-            ex.flags = "URX"  # retriable, but the retries are spent
-        elif verdict == "retry" and ex.retry_gate is not None and not ex.retry_gate():
-            ex.flags = "UO"  # connectionPool.http.maxRetries: Envoy's retry overflow, answer passed on
-            return False
-        return verdict == "retry"
+        return retry.take(ex, outcome)
 
     async def _attempt(
         self, head: RequestHead, ex: Exchange, up: Upstream

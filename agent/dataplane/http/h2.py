@@ -203,17 +203,11 @@ class H2Loop:
     def _retry_ok(
         self, ex: Exchange, copy: BodyCopy | None, outcome: retry.Outcome, grpc_status: str = ""
     ) -> bool:
-        """Will this outcome be retried (:func:`retry.decide`)? Only while the request's body,
+        """Will this outcome be retried (:func:`retry.take`)? Only while the request's body,
         if any, is whole in its copy."""
         if copy is None or not copy.intact:
             return False
-        verdict = retry.decide(ex.retry, ex.tries, outcome, grpc_status)
-        if verdict == "URX":
-            ex.flags = "URX"  # retriable, but the retries are spent
-        elif verdict == "retry" and ex.retry_gate is not None and not ex.retry_gate():
-            ex.flags = "UO"  # connectionPool.http.maxRetries: Envoy's retry overflow, answer passed on
-            return False
-        return verdict == "retry"
+        return retry.take(ex, outcome, grpc_status)
 
     async def _attempt(
         self, st: H2Stream, up: H2Stream, ex: Exchange, grpc: bool, copy: BodyCopy | None, pump: bool

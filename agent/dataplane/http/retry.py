@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from agent.control.istio import Retry
+from agent.dataplane.http.exchange import Exchange
 
 RETRY_BUFFER_BYTES = 1 << 20  # default of agent.yaml's http.retry_buffer_bytes (Envoy's buffer limit)
 
@@ -61,6 +62,21 @@ def decide(r: object, tries: int, outcome: Outcome, grpc_status: str = "") -> st
     if not isinstance(r, Retry) or not r.attempts or not wanted(r, outcome, grpc_status):
         return ""
     return "retry" if tries < r.attempts else "URX"
+
+
+def take(ex: Exchange, outcome: Outcome, grpc_status: str = "") -> bool:
+    """Will this try's outcome be retried? :func:`decide` on the exchange's policy; spent
+    retries flag it ``URX``; a retry the destination's ``connectionPool.http.maxRetries`` has
+    no room for is not made and flags it ``UO`` (Envoy's retry overflow: the answer is passed
+    on)."""
+    verdict = decide(ex.retry, ex.tries, outcome, grpc_status)
+    if verdict == "URX":
+        ex.flags = "URX"
+        return False
+    if verdict == "retry" and ex.retry_gate is not None and not ex.retry_gate():
+        ex.flags = "UO"
+        return False
+    return verdict == "retry"
 
 
 @dataclass(slots=True)

@@ -221,10 +221,6 @@ class RouteTable:
 
     # -- matching ----------------------------------------------------------------------------
 
-    def _match(self, m: HttpMatch, req: RequestFacts) -> bool:
-        path, _, query = req.path.partition("?")
-        return all(check(req, path, query) for check in self._checks(m))
-
     def _checks(self, m: HttpMatch) -> tuple[_Check, ...]:
         checks = self.compiled.get(id(m))
         if checks is None:
