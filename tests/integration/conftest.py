@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -13,6 +16,28 @@ from netns import testbed, topology
 def run_prefix(tag: str = "t") -> str:
     """A fresh prefix for a test's kernel objects: 't' + 5 hex digits."""
     return f"{tag}{secrets.token_hex(3)[:5]}"
+
+
+@contextlib.contextmanager
+def pod_servers(
+    topo: topology.Topology, script: str, extra: Mapping[str, Sequence[str]]
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """A test server in each named pod: ``python -c script <pod> <pod address> *extra[pod]``,
+    started when it has printed ``ready``; stopped on exit, by PID (only what this started)."""
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, args in extra.items():
+            pod = topo.pod(name)
+            assert pod is not None, name
+            p = testbed.popen_in_pod(pod, [sys.executable, "-c", script, name, pod.address, *args],
+                                     stdout=subprocess.PIPE)
+            procs[name] = p
+            assert p.stdout is not None and p.stdout.readline() == b"ready\n", f"{name}'s server"
+        yield procs
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ import yaml
 from agent import meshbed
 from agent.control.embedded import EmbeddedBackend
 from netns import testbed, topology
-from tests.integration.conftest import run_prefix
+from tests.integration.conftest import pod_servers, run_prefix
 from tests.integration.scrape import node_metrics
 from tests.integration.scrape import requests_total as requests
 from tests.integration.test_traffic_management import Bed
@@ -330,30 +330,18 @@ def workloads(topo: topology.Topology) -> str:
 def mesh() -> Iterator[Mesh]:
     prefix = run_prefix("z")
     topo = testbed.up(topology.plan(topology.default_spec(prefix, 2, 3)))
-    procs: list[subprocess.Popen[bytes]] = []
     work = f"/run/nodemesh/{prefix}-authz"
     os.makedirs(work, exist_ok=True)
     try:
-        with meshbed.running(topo, SERVICES + workloads(topo)) as mb:
-            try:
-                for name, tcp in (("n2-p1", True), ("n1-p3", False)):
-                    pod = topo.pod(name)
-                    assert pod is not None
-                    argv = [sys.executable, "-c", SERVER, name, pod.address] + (["tcp"] if tcp else [])
-                    p = testbed.popen_in_pod(pod, argv, stdout=subprocess.PIPE)
-                    procs.append(p)
-                    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-                m = Mesh(mb, work)
-                # no policy yet: everyone reaches everything
-                for caller in ("n1-p1", "n1-p2", "n2-p2"):
-                    assert m.http(caller, [("GET", f"http://{API_VIP}/x", {})]) == [("200", "n2-p1 /x")]
-                    assert m.tcp(caller, f"{API_VIP}:9000") == ["hello"]
-                assert m.policies() == []
-                yield m
-            finally:
-                for p in procs:  # by PID: the ones this fixture started
-                    p.kill()
-                    p.wait()
+        with meshbed.running(topo, SERVICES + workloads(topo)) as mb, \
+                pod_servers(topo, SERVER, {"n2-p1": ("tcp",), "n1-p3": ()}):
+            m = Mesh(mb, work)
+            # no policy yet: everyone reaches everything
+            for caller in ("n1-p1", "n1-p2", "n2-p2"):
+                assert m.http(caller, [("GET", f"http://{API_VIP}/x", {})]) == [("200", "n2-p1 /x")]
+                assert m.tcp(caller, f"{API_VIP}:9000") == ["hello"]
+            assert m.policies() == []
+            yield m
     finally:
         testbed.down(prefix)
         shutil.rmtree(work, ignore_errors=True)

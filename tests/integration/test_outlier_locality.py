@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ import yaml
 
 from agent import meshbed
 from netns import testbed, topology
-from tests.integration.conftest import run_prefix
+from tests.integration.conftest import pod_servers, run_prefix
 from tests.integration.scrape import node_metrics
 from tests.integration.scrape import requests_total as requests
 from tests.integration.test_traffic_management import Bed
@@ -148,29 +147,15 @@ def mesh() -> Iterator[Mesh]:
     spec = topology.TopologySpec(prefix, tuple(
         topology.NodeSpec(n, f"10.244.{i}.0/24", pods) for i, (n, pods) in enumerate(PODS.items(), 1)))
     topo = testbed.up(topology.plan(spec))
-    procs: list[subprocess.Popen[bytes]] = []
     work = f"/run/nodemesh/{prefix}-od"
     os.makedirs(work, exist_ok=True)
     try:
         manifest = SERVICES + with_localities(meshbed.workload_manifest(topo, ROLES), topo) + "---\n" + ISTIO
         with meshbed.running(topo, manifest) as mb:
             m = Mesh(mb, work)
-            try:
-                for name in SERVER_PODS:
-                    pod = topo.pod(name)
-                    assert pod is not None
-                    p = testbed.popen_in_pod(
-                        pod, [sys.executable, "-c", SERVER, name, pod.address, m.flag(name)],
-                        stdout=subprocess.PIPE,
-                    )
-                    procs.append(p)
-                    m.servers[name] = p
-                    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+            with pod_servers(topo, SERVER, {name: (m.flag(name),) for name in SERVER_PODS}) as servers:
+                m.servers.update(servers)
                 yield m
-            finally:
-                for p in procs:  # by PID: the ones this fixture started
-                    p.kill()
-                    p.wait()
     finally:
         testbed.down(prefix)
         shutil.rmtree(work, ignore_errors=True)

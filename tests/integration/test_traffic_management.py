@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -18,7 +16,7 @@ import pytest
 
 from agent import meshbed
 from netns import testbed, topology
-from tests.integration.conftest import run_prefix
+from tests.integration.conftest import pod_servers, run_prefix
 from tests.integration.scrape import node_metrics
 from tests.integration.scrape import requests_total as requests
 
@@ -163,34 +161,21 @@ class Bed:
 def bed() -> Iterator[Bed]:
     prefix = run_prefix("v")
     topo = testbed.up(topology.plan(topology.default_spec(prefix, 2, 2)))
-    procs: list[subprocess.Popen[bytes]] = []
     work = f"/run/nodemesh/{prefix}-vs"
     os.makedirs(work, exist_ok=True)
     try:
-        with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES)) as mb:
-            try:
-                for name in ("n2-p1", "n2-p2"):
-                    pod = topo.pod(name)
-                    assert pod is not None
-                    p = testbed.popen_in_pod(
-                        pod, [sys.executable, "-c", SERVER, name, pod.address], stdout=subprocess.PIPE
-                    )
-                    procs.append(p)
-                    assert p.stdout is not None and p.stdout.readline() == b"ready\n"
-                path = os.path.join(work, "reviews-istio.yaml")
-                with open(path, "w") as f:
-                    f.write(ISTIO)
-                mb.cli("apply", "-f", path, "--registry-dir", mb.registry_dir)
-                b = Bed(mb)
-                deadline = time.monotonic() + 10  # the agents see the new snapshot
-                while b.curl("-H", "end-user: jason", f"http://{VIP}/")[0][1] != "n2-p2":
-                    assert time.monotonic() < deadline, "the VirtualService did not take effect"
-                    time.sleep(0.1)
-                yield b
-            finally:
-                for p in procs:  # by PID: the ones this fixture started
-                    p.kill()
-                    p.wait()
+        with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES)) as mb, \
+                pod_servers(topo, SERVER, {"n2-p1": (), "n2-p2": ()}):
+            path = os.path.join(work, "reviews-istio.yaml")
+            with open(path, "w") as f:
+                f.write(ISTIO)
+            mb.cli("apply", "-f", path, "--registry-dir", mb.registry_dir)
+            b = Bed(mb)
+            deadline = time.monotonic() + 10  # the agents see the new snapshot
+            while b.curl("-H", "end-user: jason", f"http://{VIP}/")[0][1] != "n2-p2":
+                assert time.monotonic() < deadline, "the VirtualService did not take effect"
+                time.sleep(0.1)
+            yield b
     finally:
         testbed.down(prefix)
         shutil.rmtree(work, ignore_errors=True)
