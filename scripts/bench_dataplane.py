@@ -333,23 +333,20 @@ def authz_policies() -> str:
     return "---\n".join(docs)
 
 
+def _service(name: str, vip: str, app: str, ports: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"apiVersion": "nodemesh.io/v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"vip": vip, "selector": {"app": app}, "ports": ports}}
+
+
 def manifest(topo: Topology, server: Pod, bypass: frozenset[str]) -> str:
-    svc = {
-        "apiVersion": "nodemesh.io/v1",
-        "kind": "Service",
-        "metadata": {"name": "web", "namespace": "default"},
-        "spec": {
-            "vip": VIP,
-            "selector": {"app": "web"},
-            "ports": [
-                {"name": "tcp-web", "port": TCP_SVC_PORT, "targetPort": "web", "protocol": "tcp"},
-                {"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"},
-                {"name": "http-h2c", "port": H2_SVC_PORT, "targetPort": "web-h2c", "protocol": "http"},
-                {"name": "http-slow", "port": SLOW_SVC_PORT, "targetPort": "slow", "protocol": "http"},
-                {"name": "iperf", "port": IPERF_PORT, "targetPort": "iperf", "protocol": "tcp"},
-            ],
-        },
-    }
+    svc = _service("web", VIP, "web", [
+        {"name": "tcp-web", "port": TCP_SVC_PORT, "targetPort": "web", "protocol": "tcp"},
+        {"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"},
+        {"name": "http-h2c", "port": H2_SVC_PORT, "targetPort": "web-h2c", "protocol": "http"},
+        {"name": "http-slow", "port": SLOW_SVC_PORT, "targetPort": "slow", "protocol": "http"},
+        {"name": "iperf", "port": IPERF_PORT, "targetPort": "iperf", "protocol": "tcp"},
+    ])
     server_ports = {
         "web": HTTP_PORT,
         "web-http": HTTP_L7_PORT,
@@ -357,30 +354,9 @@ def manifest(topo: Topology, server: Pod, bypass: frozenset[str]) -> str:
         "slow": SLOW_PORT,
         "iperf": IPERF_PORT,
     }
-    vs_svc = {
-        "apiVersion": "nodemesh.io/v1",
-        "kind": "Service",
-        "metadata": {"name": "webvs", "namespace": "default"},
-        "spec": {
-            "vip": VS_VIP,
-            "selector": {"app": "web"},
-            "ports": [
-                {"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"}
-            ],
-        },
-    }
-    az_svc = {
-        "apiVersion": "nodemesh.io/v1",
-        "kind": "Service",
-        "metadata": {"name": "webaz", "namespace": "default"},
-        "spec": {
-            "vip": AZ_VIP,
-            "selector": {"app": "webaz"},
-            "ports": [
-                {"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"}
-            ],
-        },
-    }
+    http_only = [{"name": "http-web", "port": HTTP_SVC_PORT, "targetPort": "web-http", "protocol": "http"}]
+    vs_svc = _service("webvs", VS_VIP, "web", http_only)
+    az_svc = _service("webaz", AZ_VIP, "webaz", http_only)
     az_server = {  # the same server pod and nginx, at its second address (see nodemesh-authz)
         "apiVersion": "nodemesh.io/v1",
         "kind": "Workload",
