@@ -24,6 +24,7 @@ from typing import Any
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 DEFAULT_HEADER = "authorization"  # with the prefix "Bearer " (Istio's default location)
 DEFAULT_PARAM = "access_token"  # then this query parameter
+DEFAULT_TIMEOUT_S = 5.0  # Istio's jwtRules[].timeout: how long a jwksUri fetch may take
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +43,16 @@ class JwtRule:
     from_params: tuple[str, ...] = ()
     forward_original_token: bool = False  # Istio's default: the token's header is removed
     output_payload_to_header: str = ""  # lower case; "" : none
+    from_cookies: tuple[str, ...] = ()  # cookie names
+    output_claim_to_headers: tuple[tuple[str, str], ...] = ()  # (header in lower case, claim a.b.c)
+    timeout_s: float = DEFAULT_TIMEOUT_S  # a jwksUri fetch
 
-    def locations(self) -> tuple[tuple[HeaderLocation, ...], tuple[str, ...]]:
-        """Where this rule's tokens are looked for: its own, else Istio's defaults."""
-        if self.from_headers or self.from_params:
-            return self.from_headers, self.from_params
-        return (HeaderLocation(DEFAULT_HEADER, "Bearer "),), (DEFAULT_PARAM,)
+    def locations(self) -> tuple[tuple[HeaderLocation, ...], tuple[str, ...], tuple[str, ...]]:
+        """Where this rule's tokens are looked for (headers, query parameters, cookies): its
+        own, else Istio's defaults."""
+        if self.from_headers or self.from_params or self.from_cookies:
+            return self.from_headers, self.from_params, self.from_cookies
+        return (HeaderLocation(DEFAULT_HEADER, "Bearer "),), (DEFAULT_PARAM,), ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +99,12 @@ def request_authentication_doc(r: RequestAuthentication) -> dict[str, Any]:
             d["forwardOriginalToken"] = True
         if j.output_payload_to_header:
             d["outputPayloadToHeader"] = j.output_payload_to_header
+        if j.from_cookies:
+            d["fromCookies"] = list(j.from_cookies)
+        if j.output_claim_to_headers:
+            d["outputClaimToHeaders"] = [{"header": h, "claim": c} for h, c in j.output_claim_to_headers]
+        if j.timeout_s != DEFAULT_TIMEOUT_S:
+            d["timeout_s"] = j.timeout_s
         rules.append(d)
     return {"name": r.name, "namespace": r.namespace,
             "selector": dict(r.selector) if r.selector is not None else None, "jwtRules": rules,
@@ -110,6 +121,10 @@ def request_authentication_from_doc(d: Mapping[str, Any]) -> RequestAuthenticati
             from_params=tuple(j.get("fromParams", ())),
             forward_original_token=bool(j.get("forwardOriginalToken", False)),
             output_payload_to_header=j.get("outputPayloadToHeader", ""),
+            from_cookies=tuple(j.get("fromCookies", ())),
+            output_claim_to_headers=tuple((o["header"], o["claim"])
+                                          for o in j.get("outputClaimToHeaders", ())),
+            timeout_s=float(j.get("timeout_s", DEFAULT_TIMEOUT_S)),
         )
         for j in d.get("jwtRules", ())
     )

@@ -3,37 +3,40 @@
 How this works: :func:`agent.control.validate.validate_document` has checked
 ``apiVersion`` (``security.istio.io/v1``, ``v1beta1``), ``kind`` and
 ``metadata`` and hands the ``spec`` mapping here. A field Istio has and nodemesh
-does not implement (``targetRef(s)``, ``outputClaimToHeaders``,
-``fromCookies``, ``timeout``) is refused by name; what Istio would only find out
+does not implement (``targetRef(s)``) is refused by name; what Istio would only find out
 when a request comes is checked now: an inline ``jwks`` must be a JSON Web Key
 Set of public RSA, EC or OKP keys with known algorithms
 (:func:`agent.control.reqauthn.parse_jwks`), a ``jwksUri`` an ``http`` or
 ``https`` URL with a host (plain http is accepted, as Istio does, for in-mesh
 issuers), exactly one of the two (nodemesh does no OpenID discovery from the
-issuer), header names valid, issuers unique within a resource.
+issuer), header and cookie names valid, issuers unique within a resource, each
+``outputClaimToHeaders`` header named once, ``timeout`` a positive Istio duration.
 """
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from agent.control.reqauthn import HeaderLocation, JwtRule, RequestAuthentication, parse_jwks
+from agent.control.reqauthn import (
+    DEFAULT_TIMEOUT_S,
+    HeaderLocation,
+    JwtRule,
+    RequestAuthentication,
+    parse_jwks,
+)
 from agent.control.validate import _Doc, _map, _tname
 from agent.control.validate_authz import non_empty_string, workload_selector
-from agent.control.validate_istio import _HEADER_NAME_RE, _fields, _list
+from agent.control.validate_istio import _HEADER_NAME_RE, _fields, _list, _timeout
 
 _TARGET = ("is not supported: RequestAuthentications apply to workloads by selector (nodemesh has "
            "no waypoints or gateways to attach them to)")
 _SPEC_REFUSED = {"targetRef": _TARGET, "targetRefs": _TARGET}
-_RULE_FIELDS = ("issuer", "audiences", "jwks", "jwksUri", "fromHeaders", "fromParams",
-                "forwardOriginalToken", "outputPayloadToHeader")
-_RULE_REFUSED = {
-    "outputClaimToHeaders": "is not supported yet (outputPayloadToHeader forwards the whole payload)",
-    "fromCookies": "is not supported yet (use fromHeaders or fromParams)",
-    "timeout": "is not supported: jwksUri fetches have a fixed timeout (5 s), in the background",
-}
+_RULE_FIELDS = ("issuer", "audiences", "jwks", "jwksUri", "fromHeaders", "fromParams", "fromCookies",
+                "forwardOriginalToken", "outputPayloadToHeader", "outputClaimToHeaders", "timeout")
+_CLAIM_RE = re.compile(r"[^\s.]+(\.[^\s.]+)*\Z")  # a.b.c: claim c of claim b of claim a
 _MAX_JWKS_CHARS = 64 * 1024
 
 
@@ -54,7 +57,7 @@ def request_authentication(doc: _Doc, spec: Mapping[str, Any], name: str, ns: st
 
 
 def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
-    _fields(doc, m, path, _RULE_FIELDS, _RULE_REFUSED)
+    _fields(doc, m, path, _RULE_FIELDS)
     issuer = m.get("issuer")
     if issuer is None:
         raise doc.fail(f"{path}.issuer", "missing required field 'issuer'")
@@ -97,7 +100,51 @@ def _rule(doc: _Doc, m: Mapping[str, Any], path: str) -> JwtRule:
                        f"expected true or false, got {_tname(forward)} {forward!r}")
     output = m.get("outputPayloadToHeader")
     output = "" if output is None else _header(doc, output, f"{path}.outputPayloadToHeader")
-    return JwtRule(issuer, audiences, jwks or "", uri or "", tuple(headers), params, forward, output)
+    cookies = tuple(_cookie(doc, c, f"{path}.fromCookies[{i}]")
+                    for i, c in enumerate(_list(doc, m, "fromCookies", path)))
+    claims = _claim_headers(doc, m, path, output)
+    timeout_s = DEFAULT_TIMEOUT_S
+    if m.get("timeout") is not None:
+        t = _timeout(doc, m, path)
+        if t is None:
+            raise doc.fail(f"{path}.timeout", "a JWKS fetch needs a timeout above 0s", hint="like 5s")
+        timeout_s = t
+    return JwtRule(issuer, audiences, jwks or "", uri or "", tuple(headers), params, forward, output,
+                   cookies, claims, timeout_s)
+
+
+def _cookie(doc: _Doc, v: Any, path: str) -> str:
+    s = non_empty_string(doc, v, path)
+    if not _HEADER_NAME_RE.match(s):  # (a cookie name is an RFC 7230 token, as a header name)
+        raise doc.fail(path, f"{s!r} is not a cookie name")
+    return s
+
+
+def _claim_headers(
+    doc: _Doc, m: Mapping[str, Any], path: str, payload_header: str,
+) -> tuple[tuple[str, str], ...]:
+    out: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, o in enumerate(_list(doc, m, "outputClaimToHeaders", path)):
+        opath = f"{path}.outputClaimToHeaders[{i}]"
+        om = _map(doc, o, opath)
+        _fields(doc, om, opath, ("header", "claim"))
+        for key in ("header", "claim"):
+            if om.get(key) is None:
+                raise doc.fail(f"{opath}.{key}", f"missing required field '{key}'")
+        header = _header(doc, om["header"], f"{opath}.header")
+        if header in seen:
+            raise doc.fail(f"{opath}.header", f"header {header!r} is already set by "
+                           f"outputClaimToHeaders[{seen[header]}]", hint="each header once (Istio's rule)")
+        if header == payload_header or header.startswith(":") or header in ("host", "authorization"):
+            raise doc.fail(f"{opath}.header", f"{header!r} cannot carry a claim")
+        claim = non_empty_string(doc, om["claim"], f"{opath}.claim")
+        if not _CLAIM_RE.match(claim):
+            raise doc.fail(f"{opath}.claim", f"{claim!r} is not a claim name (no spaces; '.' only "
+                           "between the names of a nested claim)")
+        seen[header] = i
+        out.append((header, claim))
+    return tuple(out)
 
 
 def _header(doc: _Doc, v: Any, path: str) -> str:

@@ -112,7 +112,8 @@ class Authorizer:
         self._open: dict[int, _Open] = {}
         self._counters: dict[tuple[str, str, bool], Any] = {}
         self._next = 0
-        self.jwt = JwtAuthn(directory, root_namespace)  # RequestAuthentication, before the policies
+        self.jwt = JwtAuthn(directory, root_namespace, metrics=metrics,  # RequestAuthentication,
+                            rlog=self.rlog)  # before the policies
 
     def policies(self, w: Workload) -> list[authz.AuthorizationPolicy]:
         d = self.directory()

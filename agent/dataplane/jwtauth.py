@@ -3,9 +3,9 @@
 How this works: the RequestAuthentications that apply to the destination workload
 (:func:`agent.control.authz.applicable`, once per snapshot and workload; none costs one
 dictionary lookup) become a :class:`Plan`: where tokens are looked for (each rule's
-``fromHeaders``/``fromParams``, else ``Authorization: Bearer`` and ``access_token``) and
-which issuers each place accepts. :func:`authenticate` is pure: every token found is
-verified as Envoy's jwt_authn does (Istio's ``allow_missing`` requirement) — its issuer
+``fromHeaders``/``fromParams``/``fromCookies``, else ``Authorization: Bearer`` and
+``access_token``) and which issuers each place accepts. :func:`authenticate` is pure: every
+token found is verified as Envoy's jwt_authn does (Istio's ``allow_missing`` requirement) — its issuer
 must be one the place accepts, ``exp``/``nbf`` hold with 60 s of leeway, ``aud`` meets the
 rule's ``audiences`` if any, and a key of the issuer's JWKS whose ``kid``, type and curve
 fit the header's ``alg`` checks the signature (RSA, RSA-PSS, ECDSA, EdDSA only: ``none``
@@ -15,7 +15,16 @@ audience is wrong); no token passes with no principal (AuthorizationPolicy decid
 A valid one gives the request principal ``<iss>/<sub>``, audiences, presenter (``azp``)
 and claims, and the header changes: the token's header removed unless
 ``forwardOriginalToken`` (a query parameter stays, as in Envoy), the base64url payload
-in ``outputPayloadToHeader``; that header is always removed from what the client sent.
+in ``outputPayloadToHeader``, each ``outputClaimToHeaders`` claim (a string, number or
+boolean; ``a.b`` nested) in its header; those headers are always removed from what the client
+sent. A cookie carrying the token stays, as a query parameter does (Envoy's behaviour).
+
+Outcomes (:class:`JwtAuthn`): each request a RequestAuthentication applies to is counted in
+``nodemesh_requestauthn_decisions_total{policy,result,reason}`` (``policy``: the
+RequestAuthentication whose rule names the token's issuer, "-" when none does; ``result``:
+``valid``, ``invalid`` or ``missing``; ``reason``: a short code of Envoy's reason, "-" if
+valid or missing); a refusal is logged, at most once per 10 s per resource and reason, with
+both names.
 
 Keys: an inline ``jwks`` is parsed once. A ``jwksUri`` set is fetched in the background
 by :class:`JwksCache` (5 s timeout, 256 KiB at most, a worker thread), kept, refreshed
@@ -46,6 +55,8 @@ from agent.control.reqauthn import Jwk, JwtRule
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.http.normalize import join_headers
 from agent.dataplane.route import Directory
+from agent.metrics.istio import MeshMetrics
+from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +66,7 @@ LEEWAY_S = 60  # Envoy's default clock_skew_seconds
 REFRESH_S = 20 * 60  # Istio's JWKS refresh interval
 UNKNOWN_KID_REFRESH_S = 60  # a token naming an unknown key refreshes at most this often
 RETRY_S = 10  # a failed fetch is tried again after this
-FETCH_TIMEOUT_S = 5.0
+FETCH_TIMEOUT_S = reqauthn.DEFAULT_TIMEOUT_S  # a rule's ``timeout`` overrides it
 MAX_JWKS_BYTES = 256 * 1024
 MAX_REALM_CHARS = 256  # Envoy's MaximumUriLength
 
@@ -73,6 +84,11 @@ AUDIENCE = "Audiences in Jwt are not allowed"
 NO_KEY = "Jwks doesn't have key to match kid or alg from Jwt"
 FETCH_FAILED = "Jwks remote fetch is failed"
 BAD_SIGNATURE = "Jwt verification fails"
+# the reason label of nodemesh_requestauthn_decisions_total (bounded: one per reason above)
+REASON_CODES = {BAD_FORMAT: "bad_format", BAD_HEADER: "bad_header", BAD_PAYLOAD: "bad_payload",
+                BAD_ALG: "bad_alg", BAD_EXP: "bad_exp", BAD_NBF: "bad_nbf", EXPIRED: "expired",
+                NOT_YET_VALID: "not_yet_valid", UNKNOWN_ISSUER: "unknown_issuer", AUDIENCE: "audience",
+                NO_KEY: "unknown_kid", FETCH_FAILED: "jwks_fetch_failed", BAD_SIGNATURE: "bad_signature"}
 
 
 class JwtError(Exception):
@@ -83,6 +99,11 @@ class JwtError(Exception):
         self.reason = reason
         self.status = status
         self.unknown_key = unknown_key  # the jwksUri that lacked the token's key ("" : none)
+        self.issuer = ""  # the token's issuer once it is one the place accepts ("" : not known)
+
+    @property
+    def code(self) -> str:
+        return REASON_CODES.get(self.reason, "other")
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +138,31 @@ class Plan:
     headers: tuple[tuple[str, str, frozenset[str]], ...]  # (name, prefix, issuers)
     params: tuple[tuple[str, frozenset[str]], ...]  # (name, issuers)
     rules: Mapping[str, JwtRule]  # issuer -> rule
-    payload_headers: frozenset[bytes]  # outputPayloadToHeader names: never taken from the client
+    payload_headers: frozenset[bytes]  # outputPayloadToHeader and outputClaimToHeaders names:
+    # never taken from the client
+    cookies: tuple[tuple[str, frozenset[str]], ...] = ()  # (name, issuers)
+    owners: Mapping[str, str] = field(default_factory=dict)  # issuer -> "<ns>/<name>" of its resource
+    names: str = ""  # the RequestAuthentications that apply, "<ns>/<name>, ..." (for logs)
 
 
-def plan(rules: Sequence[JwtRule]) -> Plan:
+def plan(rules: Sequence[JwtRule], owners: Mapping[str, str] | None = None, names: str = "") -> Plan:
     hs: dict[tuple[str, str], set[str]] = {}
     ps: dict[str, set[str]] = {}
+    cs: dict[str, set[str]] = {}
     for r in rules:
-        headers, params = r.locations()
+        headers, params, cookies = r.locations()
         for h in headers:
             hs.setdefault((h.name, h.prefix), set()).add(r.issuer)
         for p in params:
             ps.setdefault(p, set()).add(r.issuer)
+        for c in cookies:
+            cs.setdefault(c, set()).add(r.issuer)
+    out = {r.output_payload_to_header for r in rules if r.output_payload_to_header}
+    out.update(h for r in rules for h, _ in r.output_claim_to_headers)
     return Plan(tuple((n, p, frozenset(i)) for (n, p), i in hs.items()),
                 tuple((n, frozenset(i)) for n, i in ps.items()), {r.issuer: r for r in rules},
-                frozenset(r.output_payload_to_header.encode("latin-1") for r in rules
-                          if r.output_payload_to_header))
+                frozenset(h.encode("latin-1") for h in out),
+                tuple((n, frozenset(i)) for n, i in cs.items()), dict(owners or {}), names)
 
 
 # -- finding and verifying tokens (pure) ------------------------------------------------------
@@ -161,7 +191,49 @@ def tokens(p: Plan, headers: Mapping[str, str], query: str) -> list[tuple[str, f
             for v in params.get(name, ()):
                 if v.strip():
                     found.append((v.strip(), issuers, ""))
+    if p.cookies:
+        jar = cookies(headers.get("cookie", ""))
+        for name, issuers in p.cookies:
+            v = jar.get(name, "")
+            if v:
+                found.append((v, issuers, ""))
     return found
+
+
+def cookies(header: str) -> dict[str, str]:
+    """``name=value`` pairs of a Cookie header (several headers arrive joined with ','; a
+    cookie value has neither ';' nor ','): the first value of each name, quotes removed."""
+    jar: dict[str, str] = {}
+    for part in header.replace(",", ";").split(";")[:256]:
+        name, eq, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if eq and name and name not in jar:
+            jar[name] = value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+    return jar
+
+
+def claim_value(claims: Mapping[str, Any], path: str) -> str | None:
+    """``outputClaimToHeaders``' claim ``a.b`` (claim b of object claim a) as a header value:
+    a string (sent as UTF-8), an integer, a number or a boolean (``true``/``false``); None for
+    anything else, a missing claim, or a value a header cannot carry (control characters)."""
+    v: Any = claims
+    for part in path.split("."):
+        if not isinstance(v, Mapping) or part not in v:
+            return None
+        v = v[part]
+    if isinstance(v, bool):
+        out = "true" if v else "false"
+    elif isinstance(v, int):
+        out = str(v)
+    elif isinstance(v, float):
+        out = str(int(v)) if v.is_integer() else repr(v)
+    elif isinstance(v, str):
+        out = v
+    else:
+        return None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in out):
+        return None
+    return out
 
 
 def _b64(segment: str) -> bytes:
@@ -200,8 +272,6 @@ def verify(
 ) -> tuple[dict[str, Any], JwtRule, str]:
     """The claims of a valid ``token``, its rule and its base64url payload; JwtError if not.
     Checked in Envoy's order: form, issuer, time, audience, key, signature."""
-    from jwt.algorithms import get_default_algorithms  # (pyjwt: loaded with the first token)
-
     parts = token.split(".")
     if len(parts) != 3:
         raise JwtError(BAD_FORMAT)
@@ -213,7 +283,19 @@ def verify(
     iss = payload.get("iss")
     if not isinstance(iss, str) or iss not in issuers or iss not in p.rules:
         raise JwtError(UNKNOWN_ISSUER)
-    rule = p.rules[iss]
+    try:
+        return _verify_issued(parts, header, payload, alg, p.rules[iss], keys, now, leeway_s)
+    except JwtError as e:
+        e.issuer = iss
+        raise
+
+
+def _verify_issued(
+    parts: list[str], header: dict[str, Any], payload: dict[str, Any], alg: str, rule: JwtRule,
+    keys: Callable[[JwtRule], Sequence[Jwk] | None], now: float, leeway_s: float,
+) -> tuple[dict[str, Any], JwtRule, str]:
+    from jwt.algorithms import get_default_algorithms  # (pyjwt: loaded with the first token)
+
     if "exp" in payload and now > _number(payload["exp"], BAD_EXP) + leeway_s:
         raise JwtError(EXPIRED)
     if "nbf" in payload and now + leeway_s < _number(payload["nbf"], BAD_NBF):
@@ -273,6 +355,10 @@ def authenticate(
             drop.add(header.encode("latin-1"))
         if rule.output_payload_to_header:
             add.append((rule.output_payload_to_header.encode("latin-1"), payload.encode("ascii")))
+        for name, claim in rule.output_claim_to_headers:
+            v = claim_value(claims, claim)
+            if v is not None:
+                add.append((name.encode("latin-1"), v.encode("utf-8")))
     return Outcome(identity, HeaderEdit(frozenset(drop), tuple(add)) if drop or add else None)
 
 
@@ -310,36 +396,45 @@ class _Entry:
     tried_at: float = -1e18  # when a fetch last started
     task: asyncio.Task[None] | None = None
     error: str = ""
+    timeout_s: float | None = None  # the rule's ``timeout`` (None: the cache's)
 
 
 class JwksCache:
-    """JWKS of ``jwksUri`` s, fetched in the background; the last good set is kept."""
+    """JWKS of ``jwksUri`` s, fetched in the background; the last good set is kept. A fetch
+    may take the ``timeout`` of the rule naming the URI (else ``timeout_s``)."""
 
     def __init__(
         self, fetch: Callable[[str], Awaitable[bytes]] | None = None,
         clock: Callable[[], float] = time.monotonic, refresh_s: float = REFRESH_S,
         retry_s: float = RETRY_S, timeout_s: float = FETCH_TIMEOUT_S,
     ) -> None:
-        self._fetch = fetch or (lambda uri: asyncio.to_thread(fetch_url, uri, timeout_s))
+        self._fetch = fetch or (lambda uri: asyncio.to_thread(fetch_url, uri, self._timeout(uri)))
         self.clock = clock
         self.refresh_s = refresh_s
         self.retry_s = retry_s
         self.timeout_s = timeout_s
         self._entries: dict[str, _Entry] = {}
 
-    def keys(self, uri: str) -> tuple[Jwk, ...] | None:
+    def _timeout(self, uri: str) -> float:
+        e = self._entries.get(uri)
+        return self.timeout_s if e is None or e.timeout_s is None else e.timeout_s
+
+    def keys(self, uri: str, timeout_s: float | None = None) -> tuple[Jwk, ...] | None:
         """The keys now (None: never fetched); a stale or missing set is fetched meanwhile."""
         e = self._entries.get(uri)
         if e is None:
             e = self._entries[uri] = _Entry()
+        if timeout_s is not None:
+            e.timeout_s = timeout_s
         now = self.clock()
         if (e.keys is None or now - e.fetched_at >= self.refresh_s) and now - e.tried_at >= self.retry_s:
             self._start(uri, e, now)
         return e.keys
 
-    def want(self, uris: Iterable[str]) -> None:
-        for uri in uris:
-            self.keys(uri)
+    def want(self, uris: Mapping[str, float]) -> None:
+        """Start fetching each URI (-> its fetch timeout) not fetched yet."""
+        for uri, timeout_s in uris.items():
+            self.keys(uri, timeout_s)
 
     def unknown_key(self, uri: str) -> None:
         """A token named a key the set lacks: fetch again, at most once a minute."""
@@ -366,7 +461,7 @@ class JwksCache:
         e = self._entries.setdefault(uri, _Entry())
         e.tried_at = self.clock()
         try:
-            async with asyncio.timeout(self.timeout_s + 1):
+            async with asyncio.timeout(self._timeout(uri) + 1):
                 body = await self._fetch(uri)
             keys = reqauthn.parse_jwks(body, strict=False)
         except asyncio.CancelledError:
@@ -395,11 +490,15 @@ class JwtAuthn:
     def __init__(
         self, directory: Callable[[], Directory], root_namespace: str = DEFAULT_ROOT_NAMESPACE,
         cache: JwksCache | None = None, clock: Callable[[], float] = time.time,
+        metrics: MeshMetrics | None = None, rlog: RateLimitedLog | None = None,
     ) -> None:
         self.directory = directory
         self.root_namespace = root_namespace
         self.cache = cache or JwksCache()
         self.clock = clock
+        self.metrics = metrics
+        self.rlog = rlog or RateLimitedLog(log)
+        self._counters: dict[tuple[str, str, str], Any] = {}
         self._of: object = None
         self._resources: tuple[reqauthn.RequestAuthentication, ...] = ()
         self._per: dict[tuple[str, str], Plan | None] = {}
@@ -414,9 +513,14 @@ class JwtAuthn:
         try:
             return self._per[key]
         except KeyError:
-            rules = reqauthn.rules_of(authz.applicable(self._resources, w.namespace, w.labels,
-                                                          self.root_namespace))
-            p = self._per[key] = plan(rules) if rules else None
+            ras = authz.applicable(self._resources, w.namespace, w.labels, self.root_namespace)
+            rules = reqauthn.rules_of(ras)
+            owners: dict[str, str] = {}
+            for r in ras:
+                for j in r.jwt_rules:
+                    owners.setdefault(j.issuer, f"{r.namespace}/{r.name}")
+            p = self._per[key] = plan(rules, owners, ", ".join(f"{r.namespace}/{r.name}" for r in ras)) \
+                if rules else None
             return p
 
     def prefetch(self) -> None:
@@ -428,11 +532,11 @@ class JwtAuthn:
         ras = d.snapshot.request_authentications
         self._resources = tuple(sorted(ras.values(), key=lambda r: (r.namespace, r.name)))
         self._per = {}
-        self.cache.want({j.jwks_uri for r in self._resources for j in r.jwt_rules if j.jwks_uri})
+        self.cache.want({j.jwks_uri: j.timeout_s for r in self._resources for j in r.jwt_rules if j.jwks_uri})
 
     def keys(self, rule: JwtRule) -> tuple[Jwk, ...] | None:
         if rule.jwks_uri:
-            return self.cache.keys(rule.jwks_uri)
+            return self.cache.keys(rule.jwks_uri, rule.timeout_s)
         try:
             return self._inline[rule.jwks]
         except KeyError:
@@ -454,11 +558,34 @@ class JwtAuthn:
             return None
         joined = join_headers(h for h in headers if not _pseudo(h[0]))
         try:
-            return authenticate(p, joined, target.partition("?")[2], self.keys, self.clock())
+            o = authenticate(p, joined, target.partition("?")[2], self.keys, self.clock())
         except JwtError as e:
             if e.unknown_key:
                 self.cache.unknown_key(e.unknown_key)
+            owner = p.owners.get(e.issuer, "-")
+            self._count(owner, "invalid", e.code)
+            self.rlog.info(f"jwt {owner} {e.code}",
+                           "jwt: %d for a request to %s/%s, RequestAuthentication %s: %s (%s)",
+                           e.status, w.namespace, w.name,
+                           owner if e.issuer else f"{p.names} (the token's issuer is not one of theirs, "
+                           "or not yet known)", e.reason, e.code)
             raise reply(e, authority, target) from None
+        if o.identity is None:
+            self._count("-", "missing", "-")
+        else:
+            self._count(p.owners.get(str(o.identity.claims.get("iss")), "-"), "valid", "-")
+        return o
+
+    def _count(self, policy: str, result: str, reason: str) -> None:
+        if self.metrics is None:
+            return
+        key = (policy, result, reason)
+        c = self._counters.get(key)
+        if c is None:  # (a labelled child is looked up once, not per request)
+            if len(self._counters) > 4096:
+                self._counters.clear()
+            c = self._counters[key] = self.metrics.requestauthn_decisions.labels(policy, result, reason)
+        c.inc()
 
 
 def _pseudo(name: str | bytes) -> bool:

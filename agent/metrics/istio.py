@@ -135,6 +135,13 @@ class MeshMetrics:
             ("policy", "action", "result"),
             registry=registry,
         )
+        self.requestauthn_decisions = Counter(
+            "nodemesh_requestauthn_decisions",
+            "JWT checks at the destination (RequestAuthentication): the resource whose rule names "
+            "the token's issuer ('-': none does), valid/invalid/missing, the reason code ('-': none)",
+            ("policy", "result", "reason"),
+            registry=registry,
+        )
         self.outbound_failures = Counter(
             "nodemesh_outbound_failures",
             "Captured connections that could not be served, by flag",

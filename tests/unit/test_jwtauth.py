@@ -299,3 +299,127 @@ def test_unknown_kid_refetches_at_most_once_a_minute() -> None:
         assert ks is not None and {k.kid for k in ks} == {"rsa2"}  # the rotated set
 
     asyncio.run(main())
+
+
+# -- fromCookies, outputClaimToHeaders, timeout --------------------------------------------------
+
+
+def test_from_cookies_finds_the_token_and_leaves_the_cookie() -> None:
+    r = rule(from_cookies=("session",))
+    t = token()
+    # among other cookies, over two Cookie headers (joined with ',' as join_headers does)
+    o = run([r], {"cookie": f"theme=dark; session={t},lang=en"})
+    assert o.identity is not None and o.identity.principal == f"{ISS}/alice"
+    assert o.edit is None  # the cookie stays, as in Envoy (as a query parameter does)
+    assert run([r], {"cookie": f'session="{t}"'}).identity is not None  # a quoted value
+    assert run([r], {"cookie": f"xsession={t}"}).identity is None  # another cookie's name
+    assert run([r], bearer(t)).identity is None  # a cookie rule does not read the default places
+    assert refused([r], {"cookie": "session=" + token({"exp": NOW - 100})}).reason == jwtauth.EXPIRED
+    # only the issuers naming the cookie are accepted from it
+    b = JwtRule("https://b.example", jwks=JWKS, from_cookies=("b",))
+    assert refused([r, b], {"cookie": f"b={t}"}).reason == jwtauth.UNKNOWN_ISSUER
+    assert jwtauth.cookies("a=1; a=2; ;=x; b") == {"a": "1"}
+
+
+def test_output_claim_to_headers_copies_verified_claims_only() -> None:
+    r = rule(output_claim_to_headers=(("x-sub", "sub"), ("x-team", "org.team"), ("x-level", "level"),
+                                      ("x-admin", "admin"), ("x-groups", "groups"), ("x-none", "nope"),
+                                      ("x-evil", "evil")))
+    t = token({"org": {"team": "payments"}, "level": 3, "admin": True, "evil": "a\r\nx-injected: 1"})
+    sent = [(b"authorization", f"Bearer {t}".encode()), (b"x-team", b"spoofed"), (b"x-none", b"spoofed"),
+            (b"accept", b"*/*")]
+    o = run([r], bearer(t))
+    assert o.edit is not None
+    out = o.edit.apply(sent)
+    assert out == [(b"accept", b"*/*"), (b"x-sub", b"alice"), (b"x-team", b"payments"), (b"x-level", b"3"),
+                   (b"x-admin", b"true")]  # lists, missing claims and control characters: not copied
+    # no token or an invalid one: the client's copies are removed all the same
+    o = run([r], {})
+    assert o.edit is not None and o.edit.apply(sent[1:]) == [(b"accept", b"*/*")]
+    assert jwtauth.claim_value({"a": {"b": 1.5}, "s": "é"}, "a.b") == "1.5"
+    assert jwtauth.claim_value({"s": "é"}, "s") == "é"
+
+
+class _Slow(_Jwks):
+    delay_s = 0.0
+
+    def do_GET(self) -> None:
+        import time
+        time.sleep(self.delay_s)
+        super().do_GET()
+
+
+def test_a_rules_timeout_bounds_its_jwks_fetch() -> None:
+    _Slow.body, _Slow.delay_s = JWKS.encode(), 0.6
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    uri = f"http://127.0.0.1:{srv.server_address[1]}/jwks.json"
+    try:
+        async def main() -> None:
+            cache = JwksCache()
+            cache.keys(uri, 0.2)  # (no loop task yet: the timeout is remembered)
+            assert await cache.refresh(uri) is False and cache.keys(uri) is None
+            cache.keys(uri, 3.0)
+            assert await cache.refresh(uri) is True and cache.keys(uri) is not None
+            cache.close()
+
+        asyncio.run(main())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        th.join(5)
+
+
+# -- outcomes counted and logged -----------------------------------------------------------------
+
+
+def test_outcomes_counted_and_refusals_logged_with_the_resource(caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from agent.control.model import Workload
+    from agent.control.reqauthn import RequestAuthentication
+    from agent.control.snapshot import SnapshotBuilder
+    from agent.dataplane.http.exchange import LocalReply
+    from agent.dataplane.route import Directory
+    from agent.metrics.istio import MeshMetrics
+
+    w = Workload(name="web-1", namespace="shop", address="10.244.2.9", node="n2", service_account="web",
+                 labels={"app": "web"})
+    ra = RequestAuthentication("web-jwt", "shop", (("app", "web"),), (rule(),))
+    directory = Directory.build(dataclasses.replace(SnapshotBuilder().build(1),
+                                                    request_authentications={("shop", "web-jwt"): ra}))
+    reg = CollectorRegistry()
+    authn = jwtauth.JwtAuthn(lambda: directory, metrics=MeshMetrics(reg), clock=lambda: NOW)
+
+    def judge(headers: dict[str, str]) -> int:
+        try:
+            authn.judge(w, list(headers.items()), "/p?x=1", "web.shop")
+        except LocalReply as r:
+            return r.status
+        return 200
+
+    def count(policy: str, result: str, reason: str) -> float:
+        v = reg.get_sample_value("nodemesh_requestauthn_decisions_total",
+                                 {"policy": policy, "result": result, "reason": reason})
+        return v or 0.0
+
+    caplog.set_level(logging.INFO, logger="agent.dataplane.jwtauth")
+    assert judge(bearer(token())) == 200
+    assert judge({}) == 200
+    assert [judge(bearer(token({"exp": NOW - 100}))) for _ in range(3)] == [401] * 3
+    assert judge(bearer(token({"iss": "https://evil.example"}))) == 401
+    assert judge(bearer(token({"aud": "x"}))) == 200  # (no audiences in this rule)
+    assert count("shop/web-jwt", "valid", "-") == 2
+    assert count("-", "missing", "-") == 1
+    assert count("shop/web-jwt", "invalid", "expired") == 3
+    assert count("-", "invalid", "unknown_issuer") == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "agent.dataplane.jwtauth"]
+    assert lines == [  # three expired tokens: one line (rate limited per resource and reason)
+        "jwt: 401 for a request to shop/web-1, RequestAuthentication shop/web-jwt: Jwt is expired (expired)",
+        "jwt: 401 for a request to shop/web-1, RequestAuthentication shop/web-jwt (the token's issuer is "
+        "not one of theirs, or not yet known): Jwt issuer is not configured (unknown_issuer)",
+    ], lines

@@ -54,8 +54,13 @@ spec:
     fromParams: [jwt]
     forwardOriginalToken: true
     outputPayloadToHeader: X-Jwt-Payload
+    fromCookies: [session]
+    outputClaimToHeaders:
+    - {{header: X-Jwt-Sub, claim: sub}}
+    - {{header: x-jwt-team, claim: org.team}}
   - issuer: https://other.example
     jwksUri: https://other.example/.well-known/jwks.json
+    timeout: 1500ms
 """
 
 
@@ -80,9 +85,16 @@ def test_full_resource_parses_and_round_trips() -> None:
     assert first == JwtRule(
         issuer="https://issuer.example", audiences=("web", "https://web.example"), jwks=JWKS,
         from_headers=(HeaderLocation("x-jwt", "Token "), HeaderLocation("x-other")), from_params=("jwt",),
-        forward_original_token=True, output_payload_to_header="x-jwt-payload")
-    assert second == JwtRule("https://other.example", jwks_uri="https://other.example/.well-known/jwks.json")
-    assert second.locations() == ((HeaderLocation("authorization", "Bearer "),), ("access_token",))
+        forward_original_token=True, output_payload_to_header="x-jwt-payload", from_cookies=("session",),
+        output_claim_to_headers=(("x-jwt-sub", "sub"), ("x-jwt-team", "org.team")))
+    assert first.locations() == ((HeaderLocation("x-jwt", "Token "), HeaderLocation("x-other")), ("jwt",),
+                                 ("session",))
+    assert second == JwtRule("https://other.example", jwks_uri="https://other.example/.well-known/jwks.json",
+                             timeout_s=1.5)
+    assert second.locations() == ((HeaderLocation("authorization", "Bearer "),), ("access_token",), ())
+    # a cookie alone is a place of its own: the defaults are then not read
+    assert JwtRule("i", jwks=JWKS, from_cookies=("c",)).locations() == ((), (), ("c",))
+    assert ra(RA.replace("    timeout: 1500ms\n", "")).jwt_rules[1].timeout_s == 5.0  # Istio's default
     assert request_authentication_from_doc(json.loads(_dump(r))) == r
     assert request_authentication_from_doc(request_authentication_doc(r)) == r
     beta = ra(RA.replace("security.istio.io/v1\n", "security.istio.io/v1beta1\n"))
@@ -163,15 +175,33 @@ REFUSED: dict[str, tuple[str, str, str, str]] = {
                          "forwardOriginalToken:", R0 + ".forwardOriginalToken", "expected true or false"),
     "payload header": (_set("outputPayloadToHeader: X-Jwt-Payload", "outputPayloadToHeader: 'a:b'"),
                        "outputPayloadToHeader:", R0 + ".outputPayloadToHeader", "is not an HTTP header name"),
-    "outputClaimToHeaders": (_set("    fromParams: [jwt]\n",
-                                  "    fromParams: [jwt]\n"
-                                  "    outputClaimToHeaders: [{header: x, claim: sub}]\n"),
-                             "outputClaimToHeaders:", R0 + ".outputClaimToHeaders",
-                             "outputClaimToHeaders is not supported yet"),
-    "fromCookies": (_set("    fromParams: [jwt]\n", "    fromParams: [jwt]\n    fromCookies: [session]\n"),
-                    "fromCookies:", R0 + ".fromCookies", "fromCookies is not supported yet"),
-    "timeout": (_set("    fromParams: [jwt]\n", "    fromParams: [jwt]\n    timeout: 5s\n"), "timeout: 5s",
-                R0 + ".timeout", "timeout is not supported"),
+    "claim header twice": (_set("claim: org.team}",
+                                "claim: org.team}\n    - {header: X-JWT-SUB, claim: iss}"),
+                           "X-JWT-SUB", R0 + ".outputClaimToHeaders[2].header",
+                           "header 'x-jwt-sub' is already set by outputClaimToHeaders[0]"),
+    "claim header is the payload header": (_set("header: x-jwt-team", "header: x-jwt-payload"),
+                                           "header: x-jwt-payload", R0 + ".outputClaimToHeaders[1].header",
+                                           "'x-jwt-payload' cannot carry a claim"),
+    "claim header authorization": (_set("header: x-jwt-team", "header: Authorization"),
+                                   "header: Authorization", R0 + ".outputClaimToHeaders[1].header",
+                                   "'authorization' cannot carry a claim"),
+    "claim header name": (_set("header: x-jwt-team", "header: 'x jwt'"), "header: 'x jwt'",
+                          R0 + ".outputClaimToHeaders[1].header", "is not an HTTP header name"),
+    "claim missing": (_set("{header: x-jwt-team, claim: org.team}", "{header: x-jwt-team}"),
+                      "{header: x-jwt-team}", R0 + ".outputClaimToHeaders[1].claim",
+                      "missing required field 'claim'"),
+    "claim name": (_set("claim: org.team", "claim: org..team"), "org..team",
+                   R0 + ".outputClaimToHeaders[1].claim", "is not a claim name"),
+    "claim field": (_set("claim: org.team}", "claim: org.team, value: x}"), "value: x",
+                    R0 + ".outputClaimToHeaders[1].value", "unknown field 'value'"),
+    "cookie name": (_set("fromCookies: [session]", "fromCookies: ['a;b']"), "fromCookies:",
+                    R0 + ".fromCookies[0]", "is not a cookie name"),
+    "cookies not a list": (_set("fromCookies: [session]", "fromCookies: session"), "fromCookies:",
+                           R0 + ".fromCookies", "expected a list"),
+    "timeout without unit": (_set("timeout: 1500ms", "timeout: 5"), "timeout: 5", "spec.jwtRules[1].timeout",
+                             "is not a duration"),
+    "timeout zero": (_set("timeout: 1500ms", "timeout: 0s"), "timeout: 0s", "spec.jwtRules[1].timeout",
+                     "a JWKS fetch needs a timeout above 0s"),
     "targetRef": (_set("  jwtRules:\n", "  targetRef: {kind: Gateway, name: gw}\n  jwtRules:\n"),
                   "targetRef:", "spec.targetRef", "targetRef is not supported"),
     "targetRefs": (_set("  jwtRules:\n", "  targetRefs: [{kind: Gateway, name: gw}]\n  jwtRules:\n"),
@@ -220,7 +250,7 @@ def run(args: list[str], reg: Path) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
-@pytest.mark.parametrize("case", ["unknown alg", "jwks not JSON", "fromCookies", "jwksUri not http"])
+@pytest.mark.parametrize("case", ["unknown alg", "jwks not JSON", "claim header twice", "jwksUri not http"])
 def test_bad_input_applies_nothing(tmp_path: Path, case: str) -> None:
     text, on_line, path, reason = REFUSED[case]
     reg = tmp_path / "reg"
