@@ -36,6 +36,9 @@ Example (every key but ``node`` has a default)::
       workloads: {}            # "namespace/name" -> mode (most specific wins)
       udp: allow               # UDP to a STRICT pod: allow (as Istio) or deny
       proxy_mark: 0x4d         # SO_MARK on the proxy's pod-facing sockets: its proof
+    mesh:
+      root_namespace: istio-system   # Istio's meshConfig.rootNamespace: AuthorizationPolicy,
+                                     # PeerAuthentication, RequestAuthentication here are mesh-wide
     cert_ttl_s: 86400          # workload certificate lifetime; renewed at half life
     drain_s: 10                # on stop or restart: how long open connections may finish
     runtime_dir: /run/nodemesh # the restart handoff socket lives here
@@ -74,6 +77,7 @@ from typing import Any
 
 import yaml
 
+from agent.control.authz import DEFAULT_ROOT_NAMESPACE
 from agent.dataplane.http.normalize import PathNormalization
 from agent.dataplane.listener import ListenerLimits
 
@@ -134,7 +138,21 @@ class PeerAuthConfig:
     proxy_mark: int = 0x4D  # SO_MARK of the proxy's pod-facing sockets (bpf/peerauth.py)
 
     def mode_of(self, namespace: str, name: str) -> str:
-        return self.workloads.get(f"{namespace}/{name}") or self.namespaces.get(namespace) or self.mode
+        return self.default_of(namespace, name)[0]
+
+    def default_of(self, namespace: str, name: str) -> tuple[str, str]:
+        """The mode of a workload where no PeerAuthentication applies, and the key that set it."""
+        key = f"{namespace}/{name}"
+        if key in self.workloads:
+            return self.workloads[key], f"agent.yaml peer_authentication.workloads[{key}]"
+        if namespace in self.namespaces:
+            return self.namespaces[namespace], f"agent.yaml peer_authentication.namespaces[{namespace}]"
+        return self.mode, "agent.yaml peer_authentication.mode"
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE  # Istio's meshConfig.rootNamespace
 
 
 # (max_connections, max_connections_per_peer); a peer of 15001 is a local pod, of 15008 a node
@@ -195,6 +213,7 @@ class AgentConfig:
     runtime_dir: str = "/run/nodemesh"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 class _Reader:
@@ -267,6 +286,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "runtime_dir",
             "limits",
             "http",
+            "mesh",
         },
     )
     if "node" not in top:
@@ -419,7 +439,19 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         runtime_dir=r.string(top, "runtime_dir", "", "/run/nodemesh"),
         limits=limits,
         http=_http(r, top.get("http")),
+        mesh=_mesh(r, top.get("mesh")),
     )
+
+
+def _mesh(r: _Reader, doc: Any) -> MeshConfig:
+    from agent.control.model import NAME_RE
+
+    m = r.mapping(doc, "mesh", {"root_namespace"})
+    root = m.get("root_namespace", DEFAULT_ROOT_NAMESPACE)
+    if not isinstance(root, str) or not NAME_RE.match(root):
+        raise r.fail("mesh.root_namespace", f"expected a namespace name (lowercase letters, digits, '-'), "
+                     f"got {root!r}")
+    return MeshConfig(root)
 
 
 def _http(r: _Reader, doc: Any) -> HttpConfig:

@@ -24,6 +24,12 @@
  * with CAP_NET_ADMIN in the node's netns can set any mark: it is trusted as
  * it is for every other network setting of the node.
  *
+ * The mode is the pod's (nm_peer_auth), or, for a pod with port modes
+ * (PeerAuthentication portLevelMtls: ports != 0), the one nm_peer_port holds
+ * for the packet's destination port; a packet whose port cannot be read is
+ * judged by the pod's strictest mode. A pod without port modes costs no
+ * second lookup.
+ *
  * Verdicts: from the proxy -> pass (proxied); else PERMISSIVE -> pass
  * (plaintext), STRICT -> drop (refused). UDP: only a STRICT pod with
  * udp = deny is judged, and replies of the node DNS proxy (gateway, DNS
@@ -128,25 +134,39 @@ int nm_inbound_tc(struct __sk_buff *skb)
     if (!pa)
         return NM_TC_ACT_OK;
     __u32 mode = pa->mode;
-    if (mode != NM_PA_PERMISSIVE && mode != NM_PA_STRICT)
+    if (!pa->ports && mode != NM_PA_PERMISSIVE && mode != NM_PA_STRICT)
         return NM_TC_ACT_OK;
 
     struct nm_pkt p = {};
     if (nm_parse(skb, &p) != 0 || p.later)
         return NM_TC_ACT_OK;
-    int udp = 0;
     if (p.proto == NM_IPPROTO_TCP) {
         __u8 flags = 0;
         if (bpf_skb_load_bytes(skb, p.l4_off + 13, &flags, 1) == 0 &&
             (flags & (NM_TCP_SYN | NM_TCP_ACK)) != NM_TCP_SYN)
             return NM_TC_ACT_OK; /* not connection-opening */
         /* else a SYN, or a first fragment too short to show the flags */
-    } else if (p.proto == NM_IPPROTO_UDP) {
+    } else if (p.proto != NM_IPPROTO_UDP && p.proto != 0xff) {
+        return NM_TC_ACT_OK; /* ICMP, ICMPv6 (neighbour discovery), ... */
+    }
+    if (pa->ports) {
+        struct nm_port_key k = {};
+        k.pod_ip4 = pod;
+        if (p.proto != 0xff && bpf_skb_load_bytes(skb, p.l4_off + 2, &k.port, 2) == 0) {
+            __u32 *pm = nm_peer_port.lookup(&k);
+            if (pm)
+                mode = *pm;
+        } else {
+            mode = pa->strictest; /* the port is unknown: no port's mode may be bypassed */
+        }
+    }
+    int udp = 0;
+    if (p.proto == NM_IPPROTO_UDP) {
         if (mode != NM_PA_STRICT || pa->udp != NM_PA_UDP_DENY)
             return NM_TC_ACT_OK; /* UDP is left alone (the default, as Istio does) */
         udp = 1;
-    } else if (p.proto != 0xff) {
-        return NM_TC_ACT_OK; /* ICMP, ICMPv6 (neighbour discovery), ... */
+    } else if (mode != NM_PA_PERMISSIVE && mode != NM_PA_STRICT) {
+        return NM_TC_ACT_OK;
     }
 
     if (p.is_v4 && p.saddr4 == pa->allowed_ip4) {

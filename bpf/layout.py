@@ -56,7 +56,16 @@ class PeerAuth(ctypes.Structure):
         ("proxy_mark", ctypes.c_uint32),
         ("dns_port", ctypes.c_uint16),
         ("udp", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
+        ("ports", ctypes.c_uint8),
+        ("strictest", ctypes.c_uint32),
+    ]
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = [
+        ("pod_ip4", ctypes.c_uint32),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
     ]
 
 
@@ -94,6 +103,7 @@ MAPS: tuple[tuple[str, type[ctypes._SimpleCData[int]] | type[ctypes.Structure],
     ("nm_peer_stats", ctypes.c_uint32, PeerStats),
     ("nm_pod_if", ctypes.c_uint32, PodIf),
     ("nm_pod_src", SrcKey, ctypes.c_uint8),
+    ("nm_peer_port", PortKey, ctypes.c_uint32),
 )
 MAP_NAMES: tuple[str, ...] = tuple(m[0] for m in MAPS)
 
@@ -162,6 +172,7 @@ TC_PROGRAMS: tuple[TcProgram, ...] = (INBOUND_TC, SOURCE_TC)
 PEER_AUTH_MODES: dict[str, int] = {"DISABLE": 0, "PERMISSIVE": 1, "STRICT": 2}
 PEER_AUTH_UDP: dict[str, int] = {"allow": 0, "deny": 1}
 SRC_PER_POD = 8  # NM_PA_SRC_PER_POD
+PORTS_PER_POD = 32  # NM_PA_PORTS_PER_POD
 AF_INET, AF_INET6 = 2, 10
 
 

@@ -43,6 +43,7 @@ from bpf.layout import (
     PeerAuth,
     PeerStats,
     PodIf,
+    PortKey,
     SrcKey,
     Target,
     Tuple,
@@ -278,15 +279,19 @@ class Dataplane:
 
     def set_peer_auth(self, pod_ip: str, mode: str, allowed_source: str, *,
                       proxy_mark: int = peerauth.DEFAULT_PROXY_MARK, udp: str = "allow",
-                      dns_port: int = peerauth.DEFAULT_DNS_PORT) -> None:
+                      dns_port: int = peerauth.DEFAULT_DNS_PORT,
+                      ports: tuple[tuple[int, str], ...] = ()) -> None:
         """Set the pod's mode: DISABLE, PERMISSIVE or STRICT; the next opening packet sees it.
 
         ``allowed_source`` is the node proxy's address as the pod sees it (its
         gateway), ``proxy_mark`` the SO_MARK of the proxy's sockets, ``udp``
-        (allow | deny) what a STRICT pod does with UDP. The pod's counters are
-        created at zero if missing and kept.
+        (allow | deny) what a STRICT pod does with UDP, ``ports`` (port, mode)
+        pairs overriding ``mode`` for those destination ports (exactly these:
+        others the pod had are removed). The pod's counters are created at zero
+        if missing and kept.
         """
-        policy = peerauth.PeerAuthPolicy(pod_ip, mode, allowed_source, proxy_mark, udp, dns_port)
+        policy = peerauth.PeerAuthPolicy(pod_ip, mode, allowed_source, proxy_mark, udp, dns_port,
+                                         ports)
         key = as_buffer(ctypes.c_uint32(policy.key()))
         try:
             syscall.map_update(self._fd("nm_peer_stats"), key, as_buffer(PeerStats()),
@@ -294,7 +299,25 @@ class Dataplane:
         except BpfError as e:
             if e.errno != errno_mod.EEXIST:
                 raise
+        old = syscall.map_lookup(self._fd("nm_peer_auth"), key, ctypes.sizeof(PeerAuth))
+        had_ports = old is not None and PeerAuth.from_buffer_copy(old).ports != 0
+        entries = policy.port_entries()
+        fd = self._fd("nm_peer_port")
+        for k, m in entries:  # the port modes first: the pod's entry then points to them
+            syscall.map_update(fd, as_buffer(k), as_buffer(ctypes.c_uint32(m)))
         syscall.map_update(self._fd("nm_peer_auth"), key, as_buffer(policy.value()))
+        if had_ports:
+            self._drop_ports(policy.key(), {bytes(k) for k, _ in entries})
+
+    def _port_keys(self, pod: int) -> list[bytes]:
+        size = ctypes.sizeof(PortKey)
+        return [raw for raw in syscall.map_keys(self._fd("nm_peer_port"), size, self._max["nm_peer_port"])
+                if PortKey.from_buffer_copy(raw).pod_ip4 == pod]
+
+    def _drop_ports(self, pod: int, keep: set[bytes]) -> None:
+        for raw in self._port_keys(pod):
+            if bytes(raw) not in keep:
+                syscall.map_delete(self._fd("nm_peer_port"), ctypes.create_string_buffer(raw, len(raw)))
 
     def peer_auth(self, pod_ip: str) -> peerauth.PeerAuthPolicy | None:
         key = peerauth.pod_key(pod_ip)
@@ -305,14 +328,23 @@ class Dataplane:
         v = PeerAuth.from_buffer_copy(raw)
         modes = {n: m for m, n in PEER_AUTH_MODES.items()}
         udps = {n: u for u, n in PEER_AUTH_UDP.items()}
+        ports: list[tuple[int, str]] = []
+        for k in self._port_keys(key) if v.ports else ():
+            m = syscall.map_lookup(self._fd("nm_peer_port"), ctypes.create_string_buffer(k, len(k)), 4)
+            if m is not None:
+                ports.append((port_from_map(PortKey.from_buffer_copy(k).port),
+                              modes.get(int.from_bytes(m, "little"), "DISABLE")))
         return peerauth.PeerAuthPolicy(ip4_from_map(key), modes.get(v.mode, "DISABLE"),
                                        ip4_from_map(v.allowed_ip4), int(v.proxy_mark),
-                                       udps.get(v.udp, "allow"), port_from_map(v.dns_port))
+                                       udps.get(v.udp, "allow"), port_from_map(v.dns_port),
+                                       tuple(ports))
 
     def remove_peer_auth(self, pod_ip: str) -> bool:
-        """Forget the pod (policy and counters), e.g. when it is deleted."""
-        key = as_buffer(ctypes.c_uint32(peerauth.pod_key(pod_ip)))
+        """Forget the pod (policy, port modes and counters), e.g. when it is deleted."""
+        pod = peerauth.pod_key(pod_ip)
+        key = as_buffer(ctypes.c_uint32(pod))
         had = syscall.map_delete(self._fd("nm_peer_auth"), key)
+        self._drop_ports(pod, set())
         return syscall.map_delete(self._fd("nm_peer_stats"), key) or had
 
     def peer_auth_counters(self, pod_ip: str) -> dict[str, int]:

@@ -17,7 +17,8 @@
  *
  * The peer-authentication maps (nm_peer_auth, nm_peer_stats, nm_pod_if) are
  * sized by NM_MAX_ENROLLED too: one entry per pod on the node; nm_pod_src
- * holds up to NM_PA_SRC_PER_POD addresses per pod.
+ * holds up to NM_PA_SRC_PER_POD addresses per pod, nm_peer_port up to
+ * NM_PA_PORTS_PER_POD port modes per pod.
  */
 #ifndef NODEMESH_H
 #define NODEMESH_H
@@ -217,6 +218,7 @@ static __always_inline struct nm_orig *nm_orig_of(void *ctx, struct bpf_sock *sk
 #define NM_PA_UDP_DENY 1
 
 #define NM_PA_SRC_PER_POD 8
+#define NM_PA_PORTS_PER_POD 32
 
 #define NM_TC_ACT_OK 0
 #define NM_TC_ACT_SHOT 2
@@ -227,7 +229,16 @@ struct nm_peer_auth {
     __u32 proxy_mark;  /* skb->mark of the proxy's sockets (SO_MARK), never 0 */
     __u16 dns_port;    /* network order: UDP from allowed_ip4 and this port is the node DNS */
     __u8 udp;          /* NM_PA_UDP_*: UDP to a STRICT pod */
-    __u8 pad;
+    __u8 ports;        /* 1: nm_peer_port holds modes of some of this pod's ports */
+    __u32 strictest;   /* with ports: the strictest of mode and the port modes, for an
+                        * opening packet whose destination port cannot be read */
+};
+
+/* Key of nm_peer_port (value: a NM_PA_* mode): one port of one pod. */
+struct nm_port_key {
+    __u32 pod_ip4;     /* as in nm_peer_auth */
+    __u16 port;        /* network order */
+    __u16 pad;
 };
 
 /* Counters of connection attempts to one pod; atomic adds. */
@@ -253,5 +264,8 @@ BPF_HASH(nm_peer_auth, __u32, struct nm_peer_auth, NM_MAX_ENROLLED);
 BPF_HASH(nm_peer_stats, __u32, struct nm_peer_stats, NM_MAX_ENROLLED);
 BPF_HASH(nm_pod_if, __u32, struct nm_pod_if, NM_MAX_ENROLLED);
 BPF_HASH(nm_pod_src, struct nm_src_key, __u8, NM_MAX_ENROLLED * NM_PA_SRC_PER_POD);
+/* Not preallocated: most pods have no port modes, and the bound is large. */
+BPF_F_TABLE("hash", struct nm_port_key, __u32, nm_peer_port, NM_MAX_ENROLLED * NM_PA_PORTS_PER_POD,
+            BPF_F_NO_PREALLOC);
 
 #endif /* NODEMESH_H */

@@ -28,8 +28,16 @@ can bind and any same-node pod can forge. Limits: a root process with
 filters): it is trusted like the rest of the node's network configuration.
 Pods without a host-side veth (macvlan, ipvlan) cannot be bound.
 
+Per-port modes (PeerAuthentication ``portLevelMtls``) live in ``nm_peer_port``
+((pod IPv4, port) -> mode); the pod's entry says it has some (``ports``) and
+the strictest of all its modes, for a packet whose port cannot be read. A pod
+without port modes is judged with one lookup, as before.
+
 Changing the mode is one map write: it applies to the next opening packet,
-never to connections already open, and needs no re-attach. Filters carry the
+never to connections already open, and needs no re-attach. A pod with port
+modes is written port entries first, then its own entry, then stale port
+entries are removed, so a port mode is in place before the pod entry points
+to it. Filters carry the
 data path version in their name, so attaching again changes nothing, and
 after an upgrade they are replaced in place. Input is validated before any
 netlink or map operation (:class:`BpfConfigError` naming the field).
@@ -56,8 +64,10 @@ from bpf.layout import (
     AF_INET6,
     PEER_AUTH_MODES,
     PEER_AUTH_UDP,
+    PORTS_PER_POD,
     SRC_PER_POD,
     PeerAuth,
+    PortKey,
     SrcKey,
     TcProgram,
     ip4_to_map,
@@ -121,6 +131,7 @@ class PeerAuthPolicy:
     The node proxy is ``allowed_source`` (the pod's gateway) with ``proxy_mark``
     on its packets; ``udp`` says what a STRICT pod does with UDP; UDP from
     ``allowed_source`` and ``dns_port`` (the node DNS proxy) always passes.
+    ``ports``: (port, mode) pairs overriding ``mode`` for those destination ports.
     """
 
     pod_ip: str
@@ -129,6 +140,7 @@ class PeerAuthPolicy:
     proxy_mark: int = DEFAULT_PROXY_MARK
     udp: str = "allow"  # allow | deny: UDP to a STRICT pod
     dns_port: int = DEFAULT_DNS_PORT  # 0: no node DNS proxy
+    ports: tuple[tuple[int, str], ...] = ()  # sorted by port
 
     def __post_init__(self) -> None:
         pod = _ip4(self.pod_ip, "pod_ip")
@@ -146,13 +158,44 @@ class PeerAuthPolicy:
         object.__setattr__(self, "mode", mode)
         object.__setattr__(self, "allowed_source", str(allowed))
         object.__setattr__(self, "udp", udp)
+        object.__setattr__(self, "ports", _ports(self.ports))
 
     def key(self) -> int:
         return ip4_to_map(self.pod_ip)
 
     def value(self) -> PeerAuth:
+        strictest = max(PEER_AUTH_MODES[m] for m in (self.mode, *(m for _, m in self.ports)))
         return PeerAuth(PEER_AUTH_MODES[self.mode], ip4_to_map(self.allowed_source),
-                        self.proxy_mark, port_to_map(self.dns_port), PEER_AUTH_UDP[self.udp], 0)
+                        self.proxy_mark, port_to_map(self.dns_port), PEER_AUTH_UDP[self.udp],
+                        1 if self.ports else 0, strictest if self.ports else 0)
+
+    def port_entries(self) -> list[tuple[PortKey, int]]:
+        """The ``nm_peer_port`` entries of this pod: (key, mode)."""
+        return [(port_key(self.key(), p), PEER_AUTH_MODES[m]) for p, m in self.ports]
+
+
+def port_key(pod: int, port: int) -> PortKey:
+    return PortKey(pod, port_to_map(port), 0)
+
+
+def _ports(value: object) -> tuple[tuple[int, str], ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | dict):
+        raise BpfConfigError(f"expected (port, mode) pairs, got {value!r}", where="ports")
+    pairs = list(value.items()) if isinstance(value, dict) else list(value)
+    if len(pairs) > PORTS_PER_POD:
+        raise BpfConfigError(f"{len(pairs)} port modes exceed {PORTS_PER_POD} per pod", where="ports")
+    out: dict[int, str] = {}
+    for i, pair in enumerate(pairs):
+        where = f"ports[{i}]"
+        if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
+            raise BpfConfigError(f"expected a (port, mode) pair, got {pair!r}", where=where)
+        port, mode = pair
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise BpfConfigError(f"expected a port 1-65535, got {port!r}", where=where)
+        if port in out:
+            raise BpfConfigError(f"port {port} is given twice", where=where)
+        out[port] = _mode(mode, where)
+    return tuple(sorted(out.items()))
 
 
 def source_keys(ifindex: int, sources: Sequence[object]) -> list[SrcKey]:

@@ -544,3 +544,65 @@ def test_bad_input_changes_nothing(env: Env) -> None:
     with pytest.raises(BpfConfigError, match="not a veth"):
         peerauth.host_peer(node.netns, pod.netns, peerauth.PodLink(link.ifname, 0, (), ()))
     assert len(_host_filters(env)) == 2
+
+
+def _reaches(env: Env, listener: socket.socket, port: int, **kw: object) -> bool:
+    """Like :func:`delivered`, to ``port`` (``listener`` in the pod)."""
+    c = connect_from(str(kw.get("netns", env.other.netns)), str(kw.get("dst", env.pod.address)), port,
+                     source=str(kw["source"]) if "source" in kw else None, timeout_s=REFUSE_TIMEOUT_S,
+                     mark=int(str(kw["mark"])) if "mark" in kw else None,
+                     scope=str(kw["scope"]) if "scope" in kw else None)
+    if c is None:
+        assert nothing_pending(listener)
+        return False
+    with c, accept(listener) as conn:
+        roundtrip(c, conn, b"port")
+    return True
+
+
+def test_port_modes_override_the_pod_mode_per_destination_port(env: Env) -> None:
+    """PeerAuthentication portLevelMtls: one port PERMISSIVE in a STRICT pod and the reverse,
+    IPv4 and IPv6 alike; the marked proxy passes a STRICT port; dropping the port modes takes
+    their map entries away."""
+    other_port = PORT + 1
+    second = dual_listener(env.pod.netns, other_port)
+    v6 = {"netns": env.node.netns, "dst": env.pod_ll, "scope": env.node.bridge}
+    try:
+        strict(env, ports=((other_port, "PERMISSIVE"),))
+        assert env.dp.peer_auth(env.pod.address) == peerauth.PeerAuthPolicy(
+            env.pod.address, "STRICT", env.pod.gateway, MARK, ports=((other_port, "PERMISSIVE"),))
+        c0 = env.dp.peer_auth_counters(env.pod.address)
+        assert _reaches(env, second, other_port), "plaintext to the PERMISSIVE port was refused"
+        assert not _reaches(env, env.listener, PORT), "plaintext reached the pod's STRICT port"
+        assert _reaches(env, second, other_port, **v6) and not _reaches(env, env.listener, PORT, **v6)
+        proxy = {"netns": env.node.netns, "source": env.pod.gateway, "mark": MARK}
+        assert _reaches(env, env.listener, PORT, **proxy)
+        assert delta(c0, env.dp.peer_auth_counters(env.pod.address)) == {
+            "proxied": 1, "plaintext": 2, "refused": 2}
+        # the reverse: a PERMISSIVE pod with one STRICT port
+        env.dp.set_peer_auth(env.pod.address, "PERMISSIVE", env.pod.gateway, proxy_mark=MARK,
+                             ports=((PORT, "STRICT"), (other_port, "DISABLE")))
+        assert not _reaches(env, env.listener, PORT) and not _reaches(env, env.listener, PORT, **v6)
+        assert _reaches(env, second, other_port)
+        # a DISABLE pod with a STRICT port is judged too (no fast path past its port)
+        env.dp.set_peer_auth(env.pod.address, "DISABLE", env.pod.gateway, proxy_mark=MARK,
+                             ports=((PORT, "STRICT"),))
+        assert not _reaches(env, env.listener, PORT) and _reaches(env, second, other_port)
+        assert len(_port_entries(env)) == 1
+    finally:
+        permissive(env)
+        second.close()
+    assert _port_entries(env) == [] and delivered(env)
+    assert env.dp.peer_auth(env.pod.address) == peerauth.PeerAuthPolicy(
+        env.pod.address, "PERMISSIVE", env.pod.gateway, MARK)
+
+
+def _port_entries(env: Env) -> list[bytes]:
+    from bpf.layout import PortKey, ip4_to_map
+
+    fd = syscall.obj_get(pins.map_pin(env.pin_dir, "nm_peer_port"))
+    try:
+        keys = syscall.map_keys(fd, 8, 1 << 16)
+    finally:
+        os.close(fd)
+    return [k for k in keys if PortKey.from_buffer_copy(k).pod_ip4 == ip4_to_map(env.pod.address)]

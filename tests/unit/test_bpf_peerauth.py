@@ -20,13 +20,16 @@ from bpf.layout import (
     MAPS,
     PEER_AUTH_MODES,
     PEER_AUTH_UDP,
+    PORTS_PER_POD,
     SRC_PER_POD,
     TC_PROGRAMS,
     PeerAuth,
     PeerStats,
     PodIf,
+    PortKey,
     SrcKey,
     ip4_to_map,
+    port_from_map,
 )
 from bpf.maps import Dataplane
 from bpf.peerauth import PeerAuthPolicy, resolve_mode
@@ -129,7 +132,12 @@ def test_c_constants_and_layouts_match_python() -> None:
     for name, value in PEER_AUTH_UDP.items():
         assert re.search(rf"#define NM_PA_UDP_{name.upper()} {value}\b", header), name
     assert re.search(rf"#define NM_PA_SRC_PER_POD {SRC_PER_POD}\b", header)
-    assert ctypes.sizeof(PeerAuth) == 16 and ctypes.sizeof(PeerStats) == 24
+    assert re.search(rf"#define NM_PA_PORTS_PER_POD {PORTS_PER_POD}\b", header)
+    assert ctypes.sizeof(PeerAuth) == 20 and ctypes.sizeof(PeerStats) == 24
+    assert ctypes.sizeof(PortKey) == 8
+    assert {m[0]: m for m in MAPS}["nm_peer_port"][1:] == (PortKey, ctypes.c_uint32)
+    assert re.search(r"BPF_F_TABLE\(\"hash\", struct nm_port_key, __u32, nm_peer_port, "
+                     r"NM_MAX_ENROLLED \* NM_PA_PORTS_PER_POD,\s+BPF_F_NO_PREALLOC\)", header)
     assert ctypes.sizeof(PodIf) == 4 and ctypes.sizeof(SrcKey) == 24
     maps = {m[0]: m for m in MAPS}
     assert maps["nm_peer_auth"][1:] == (ctypes.c_uint32, PeerAuth)
@@ -184,3 +192,22 @@ def test_source_keys_cover_ipv4_and_ipv6_link_local() -> None:
             peerauth.source_keys(7, bad)  # type: ignore[arg-type]
     with pytest.raises(BpfConfigError, match="ifindex"):
         peerauth.source_keys(0, [POD])
+
+
+def test_port_modes_are_validated_packed_and_the_strictest_kept() -> None:
+    p = PeerAuthPolicy(POD, "PERMISSIVE", GW, ports=((9090, "strict"), (8080, "DISABLE")))
+    assert p.ports == ((8080, "DISABLE"), (9090, "STRICT"))
+    v = p.value()
+    assert (v.mode, v.ports, v.strictest) == (1, 1, 2)
+    assert [(port_from_map(k.port), k.pod_ip4, m) for k, m in p.port_entries()] == \
+        [(8080, ip4_to_map(POD), 0), (9090, ip4_to_map(POD), 2)]
+    # a STRICT pod with a PERMISSIVE port: an unreadable port is judged STRICT
+    assert PeerAuthPolicy(POD, "STRICT", GW, ports=((80, "PERMISSIVE"),)).value().strictest == 2
+    # no port modes: the filter's one-lookup path
+    plain = PeerAuthPolicy(POD, "STRICT", GW).value()
+    assert (plain.ports, plain.strictest) == (0, 0)
+    for bad in (((0, "STRICT"),), ((65536, "STRICT"),), ((80, "MUTUAL"),), ((80, "STRICT"), (80, "DISABLE")),
+                ((True, "STRICT"),), "80", tuple((p, "STRICT") for p in range(1, PORTS_PER_POD + 2))):
+        with pytest.raises(BpfConfigError) as e:
+            PeerAuthPolicy(POD, "STRICT", GW, ports=bad)  # type: ignore[arg-type]
+        assert (e.value.where or "").startswith("ports"), bad

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent import node
-from agent.config import PeerAuthConfig
+from agent.config import MeshConfig, PeerAuthConfig
 from agent.control.snapshot import Snapshot
 from agent.dataplane.route import Directory
 from bpf import peerauth
@@ -44,6 +44,7 @@ def test_addresses_a_pod_lost_and_pods_no_longer_enrolled_are_forgotten(
         interception=SimpleNamespace(enroll=["/run/netns/a", "/run/netns/b"]),
         addresses=SimpleNamespace(proxy="10.244.1.1"),
         ports=SimpleNamespace(dns=15053),
+        mesh=MeshConfig(),
     )
     agent: Any = SimpleNamespace(
         dataplane=dp,

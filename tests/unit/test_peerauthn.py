@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from agent import node
 from agent.cli.main import cli
-from agent.config import PeerAuthConfig
+from agent.config import MeshConfig, PeerAuthConfig
 from agent.control.apply import _dump, plan
 from agent.control.embedded import EmbeddedBackend
 from agent.control.errors import InputError
@@ -126,9 +126,28 @@ def test_full_resource_parses_and_round_trips() -> None:
 REFUSED: dict[str, tuple[str, str, str, str]] = {
     # case: (text, text on the line the error names (a block value's first line), field path,
     # part of the reason)
-    "portLevelMtls": (
-        PA + "  portLevelMtls:\n    8080: {mode: DISABLE}\n", "8080:", "spec.portLevelMtls",
-        "portLevelMtls is not supported yet: the inbound filter judges per address, not per port"),
+    "portLevelMtls without selector": (
+        PA.replace("  selector:\n    matchLabels: {app: web}\n", "")
+        + "  portLevelMtls:\n    8080: {mode: DISABLE}\n",
+        "8080:", "spec.portLevelMtls", "portLevelMtls requires a workload selector"),
+    "portLevelMtls empty selector": (
+        PA.replace("{app: web}", "{}") + "  portLevelMtls:\n    8080: {mode: DISABLE}\n",
+        "8080:", "spec.portLevelMtls", "portLevelMtls requires a workload selector"),
+    "portLevelMtls port 0": (PA + "  portLevelMtls:\n    0: {mode: DISABLE}\n", "0: {mode",
+                             "spec.portLevelMtls.0", "expected a port number 1-65535"),
+    "portLevelMtls port name": (PA + "  portLevelMtls:\n    http: {mode: DISABLE}\n", "http: {mode",
+                                "spec.portLevelMtls.http", "expected a port number 1-65535"),
+    "portLevelMtls port too big": (PA + "  portLevelMtls:\n    65536: {mode: DISABLE}\n", "65536:",
+                                   "spec.portLevelMtls.65536", "expected a port number 1-65535"),
+    "portLevelMtls null": (PA + "  portLevelMtls:\n    8080:\n", "8080:", "spec.portLevelMtls.8080",
+                           "must not be null"),
+    "portLevelMtls bad mode": (PA + "  portLevelMtls:\n    8080: {mode: OFF}\n", "8080:",
+                               "spec.portLevelMtls.8080.mode", "unknown mode"),
+    "portLevelMtls unknown field": (PA + "  portLevelMtls:\n    8080: {mode: STRICT, tls: 1}\n", "8080:",
+                                    "spec.portLevelMtls.8080.tls", "unknown field 'tls'"),
+    "portLevelMtls too many": (PA + "  portLevelMtls:\n" + "".join(f"    {p}: {{mode: STRICT}}\n"
+                                                                   for p in range(1000, 1033)),
+                               "1000:", "spec.portLevelMtls", "at most 32"),
     "bad mode": (PA.replace("mode: STRICT", "mode: strict"), "mode: strict", "spec.mtls.mode",
                  "unknown mode"),
     "mode not a string": (PA.replace("mode: STRICT", "mode: 1"), "mode: 1", "spec.mtls.mode", "unknown mode"),
@@ -186,7 +205,7 @@ def run(args: list[str], reg: Path) -> tuple[int, str]:
 
 
 def test_bad_input_applies_nothing(tmp_path: Path) -> None:
-    text, on_line, path, reason = REFUSED["portLevelMtls"]
+    text, on_line, path, reason = REFUSED["portLevelMtls without selector"]
     reg = tmp_path / "reg"
     f = tmp_path / "mesh.yaml"
     good = PA.replace("web-strict", "good")
@@ -255,7 +274,8 @@ def test_apply_peer_auth_takes_the_registry_policies_over_agent_yaml(monkeypatch
         cfg = SimpleNamespace(
             peer_authentication=PeerAuthConfig(mode="PERMISSIVE", workloads={"shop/db": "STRICT"}),
             interception=SimpleNamespace(enroll=list(links)),
-            addresses=SimpleNamespace(proxy="10.244.1.1"), ports=SimpleNamespace(dns=15053))
+            addresses=SimpleNamespace(proxy="10.244.1.1"), ports=SimpleNamespace(dns=15053),
+            mesh=MeshConfig())
         return SimpleNamespace(dataplane=FakeDataplane(), cfg=cfg,
                                directory=SimpleNamespace(current=Directory.build(snap)),
                                peer_auth_errors={}, peer_auth_addresses={}, peer_auth_lock=threading.Lock())
