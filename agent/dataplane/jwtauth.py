@@ -411,7 +411,7 @@ class JwksCache:
         self._fetch = fetch or (lambda uri: asyncio.to_thread(fetch_url, uri, self._timeout(uri)))
         self.clock = clock
         self.refresh_s = refresh_s
-        self.retry_s = retry_s
+        self.retry_s = min(retry_s, refresh_s)  # (a failed fetch is never retried later than a refresh)
         self.timeout_s = timeout_s
         self._entries: dict[str, _Entry] = {}
 

@@ -132,3 +132,36 @@ def test_explain_shows_the_destinations_authorization_decision_as_its_node_makes
     # another caller identity: denied
     walk = explain(snap, "default/r-a", "GET", "http://ratings/public/x", {}, answer)
     assert walk["outcome"]["answer"] == 403 and walk["authorization"]["decision"].startswith("denied")
+
+
+def test_explain_shows_the_request_authentication_and_whether_a_token_is_required() -> None:
+    from agent.control.authz import AuthorizationPolicy, Condition, Rule, Source
+    from agent.control.reqauthn import JwtRule, RequestAuthentication
+
+    ra = RequestAuthentication("ratings-jwt", "default", (("app", "ratings"),),
+                               (JwtRule("https://a.example", jwks_uri="https://a.example/jwks"),
+                                JwtRule("https://b.example", jwks_uri="https://b.example/jwks")))
+    other = RequestAuthentication("client-jwt", "default", (("app", "client"),),
+                                  (JwtRule("https://c.example", jwks_uri="https://c.example/jwks"),))
+    base = dataclasses.replace(snapshot(locality=False), request_authentications={
+        ("default", "ratings-jwt"): ra, ("default", "client-jwt"): other})
+    walk = explain(base, "client", "GET", "http://ratings/x", {}, answer)
+    assert walk["jwt"] == {"workload": f"default/{walk['balancer']['pick'].split()[0]}",
+                           "request_authentications": ["default/ratings-jwt"],
+                           "issuers": ["https://a.example", "https://b.example"], "token": "optional",
+                           "required_by": []}
+    assert walk["outcome"]["answer"] == "forwarded"
+    assert "a token is optional" in _text(walk) and "RequestAuthentication default/ratings-jwt" in _text(walk)
+    # a policy reading the request principal (or a request.auth condition) makes it required
+    need = AuthorizationPolicy("need", "default", "ALLOW", (("app", "ratings"),),
+                               (Rule(sources=(Source(request_principals=("*",)),)),))
+    deny = AuthorizationPolicy("deny-anon", "default", "DENY", None,
+                               (Rule(when=(Condition("request.auth.claims[groups]", not_values=("x",)),)),))
+    for policies, by in (({("default", "need"): need}, ["default/need"]),
+                         ({("default", "deny-anon"): deny}, ["default/deny-anon"])):
+        walk = explain(dataclasses.replace(base, authorization_policies=policies), "client", "GET",
+                       "http://ratings/x", {}, answer)
+        assert (walk["jwt"]["token"], walk["jwt"]["required_by"]) == ("required", by)
+        assert f"a token is required (AuthorizationPolicy {by[0]} reads the request principal)" in _text(walk)
+    # a workload no RequestAuthentication applies to: no jwt step shown
+    assert "jwt" not in explain(snapshot(locality=False), "client", "GET", "http://ratings/x", {}, answer)
