@@ -35,6 +35,7 @@ from agent.control.istio import (
 )
 from agent.control.model import DEFAULT_VIP_RANGE, Kind, l7_protocol
 from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
+from agent.control.ratelimit import RateLimitPolicy, rate_limit_doc, rate_limit_summary
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
@@ -154,6 +155,7 @@ _KIND_NAMES = {
     Kind.AUTHORIZATION_POLICY: ("authorizationpolicy", "authorizationpolicies", "ap"),
     Kind.REQUEST_AUTHENTICATION: ("requestauthentication", "requestauthentications", "ra"),
     Kind.PEER_AUTHENTICATION: ("peerauthentication", "peerauthentications", "pa"),
+    Kind.RATE_LIMIT_POLICY: ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
 }
 _KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
 KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
@@ -169,7 +171,8 @@ def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
             Kind.DESTINATION_RULE: snap.destination_rules,
             Kind.AUTHORIZATION_POLICY: snap.authorization_policies,
             Kind.REQUEST_AUTHENTICATION: snap.request_authentications,
-            Kind.PEER_AUTHENTICATION: snap.peer_authentications}[k]
+            Kind.PEER_AUTHENTICATION: snap.peer_authentications,
+            Kind.RATE_LIMIT_POLICY: snap.rate_limit_policies}[k]
 
 
 def _doc(obj: Any) -> dict[str, Any]:
@@ -183,6 +186,8 @@ def _doc(obj: Any) -> dict[str, Any]:
         return request_authentication_doc(obj)
     if isinstance(obj, PeerAuthentication):
         return peer_authentication_doc(obj)
+    if isinstance(obj, RateLimitPolicy):
+        return rate_limit_doc(obj)
     doc: dict[str, Any] = obj.to_doc()
     return doc
 
@@ -256,6 +261,11 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
             [r.namespace, r.name,
              "-" if r.selector is None else ",".join(f"{a}={b}" for a, b in r.selector) or "{}",
              r.mode, r.source or "-"]
+            for r in picked]))
+    elif k == Kind.RATE_LIMIT_POLICY:
+        click.echo(table(["NAMESPACE", "NAME", "TARGET", "SCOPE", "LIMITS", "SOURCE"], [
+            [r.namespace, r.name, r.service + (f":{r.port}" if r.port is not None else ""), r.scope,
+             rate_limit_summary(r), r.source or "-"]
             for r in picked]))
     elif k == Kind.SERVICE:
         rows = []

@@ -44,6 +44,7 @@ from agent.control.model import (
     split_key,
 )
 from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
+from agent.control.ratelimit import RateLimitPolicy, rate_limit_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.screening import address_key
 from agent.control.validate import IpNetwork, Located, Resource
@@ -78,6 +79,8 @@ def _dump(r: Resource) -> str:
         return _ENCODE(request_authentication_doc(r))
     if isinstance(r, PeerAuthentication):
         return _ENCODE(peer_authentication_doc(r))
+    if isinstance(r, RateLimitPolicy):
+        return _ENCODE(rate_limit_doc(r))
     return _ENCODE(r.to_doc())
 
 
@@ -92,6 +95,8 @@ def _kind(r: Resource) -> Kind:
         return Kind.REQUEST_AUTHENTICATION
     if isinstance(r, PeerAuthentication):
         return Kind.PEER_AUTHENTICATION
+    if isinstance(r, RateLimitPolicy):
+        return Kind.RATE_LIMIT_POLICY
     return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
 
 
@@ -185,6 +190,7 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
         final.append((key, r))
     _check_routes(items, resources)
     _check_one_per_host(items, resources)
+    _check_rate_limit_targets(items, resources)
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
@@ -321,6 +327,40 @@ def _check_targets(loc: Located, vs: VirtualService, targets: list[tuple[str, De
                            hint=(f"subsets defined for it: {', '.join(known)}" if known else
                                  "define it under spec.subsets of a DestinationRule with "
                                  f"host: {d.host}"))
+
+
+def _check_rate_limit_targets(items: Mapping[str, str], resources: Sequence[Located]) -> None:
+    """A RateLimitPolicy's target is a Service of its namespace (stored, or in this input,
+    which replaces the stored one), and its port one of that service's ports."""
+    located = [(loc, r) for loc in resources if isinstance(r := loc.resource, RateLimitPolicy)]
+    if not located:
+        return
+    services: dict[tuple[str, str], Service | None] = {}
+    for key in items:
+        parts = split_key(key)
+        if parts is not None and parts[0] == "service":
+            services[(parts[1], parts[2])] = None  # decoded only if a port is asked for
+    for loc in resources:
+        if isinstance(loc.resource, Service):
+            services[(loc.resource.namespace, loc.resource.name)] = loc.resource
+    for loc, p in located:
+        k = (p.namespace, p.service)
+        if k not in services:
+            raise loc.fail("spec.targetRef.name", f"unknown target: no Service {p.namespace}/{p.service} "
+                           "in the registry or in this input",
+                           hint="apply the Service first or in the same input; the target is a "
+                                "service of the policy's namespace")
+        if p.port is None:
+            continue
+        svc = services[k]
+        if svc is None:
+            try:
+                svc = services[k] = service_from_doc(json.loads(items[resource_key(Kind.SERVICE, *k)]))
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours to judge here
+        if all(sp.port != p.port for sp in svc.ports):
+            raise loc.fail("spec.targetRef.port", f"Service {p.namespace}/{p.service} has no port {p.port}",
+                           hint="ports: " + ", ".join(str(sp.port) for sp in svc.ports))
 
 
 def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) -> Plan:

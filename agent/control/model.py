@@ -70,6 +70,7 @@ class Kind(enum.StrEnum):
     AUTHORIZATION_POLICY = "AuthorizationPolicy"  # Istio's (values in agent.control.authz)
     REQUEST_AUTHENTICATION = "RequestAuthentication"  # Istio's (values in agent.control.reqauthn)
     PEER_AUTHENTICATION = "PeerAuthentication"  # Istio's (values in agent.control.peerauthn)
+    RATE_LIMIT_POLICY = "RateLimitPolicy"  # nodemesh's (values in agent.control.ratelimit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +264,7 @@ GUARD_KEY = f"{PREFIX}meta/guard"
 
 # the first segment of every key resource_key/health_key make: 'service', 'workload',
 # 'virtualservice', 'destinationrule', 'authorizationpolicy', 'requestauthentication',
-# 'peerauthentication', 'health'
+# 'peerauthentication', 'ratelimitpolicy', 'health'
 KEY_KINDS = frozenset([*(k.value.lower() for k in Kind), "health"])
 
 

@@ -47,6 +47,7 @@ from agent.control.model import (
     workload_from_doc,
 )
 from agent.control.peerauthn import PeerAuthentication, peer_authentication_from_doc
+from agent.control.ratelimit import RateLimitPolicy, rate_limit_from_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_from_doc
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 NsName = tuple[str, str]  # (namespace, name)
 # one stored value
 _Decoded = (Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication | PeerAuthentication)
+            | RequestAuthentication | PeerAuthentication | RateLimitPolicy)
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -92,6 +93,8 @@ class Snapshot:
     request_authentications: Mapping[NsName, RequestAuthentication] = field(
         default_factory=lambda: MappingProxyType({}))
     peer_authentications: Mapping[NsName, PeerAuthentication] = field(
+        default_factory=lambda: MappingProxyType({}))
+    rate_limit_policies: Mapping[NsName, RateLimitPolicy] = field(
         default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
@@ -171,6 +174,7 @@ class SnapshotBuilder:
         self._authorization_policies: dict[NsName, AuthorizationPolicy] = {}
         self._request_authentications: dict[NsName, RequestAuthentication] = {}
         self._peer_authentications: dict[NsName, PeerAuthentication] = {}
+        self._rate_limit_policies: dict[NsName, RateLimitPolicy] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -234,6 +238,9 @@ class SnapshotBuilder:
         elif isinstance(obj, PeerAuthentication):
             self._peer_authentications[key] = obj
             self._changed.add("peer_authentications")
+        elif isinstance(obj, RateLimitPolicy):
+            self._rate_limit_policies[key] = obj
+            self._changed.add("rate_limit_policies")
         elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
@@ -279,6 +286,9 @@ class SnapshotBuilder:
         elif kind == "peerauthentication":
             if self._peer_authentications.pop(key, None) is not None:
                 self._changed.add("peer_authentications")
+        elif kind == "ratelimitpolicy":
+            if self._rate_limit_policies.pop(key, None) is not None:
+                self._changed.add("rate_limit_policies")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -368,6 +378,7 @@ class SnapshotBuilder:
             authorization_policies=self._view("authorization_policies", self._authorization_policies),
             request_authentications=self._view("request_authentications", self._request_authentications),
             peer_authentications=self._view("peer_authentications", self._peer_authentications),
+            rate_limit_policies=self._view("rate_limit_policies", self._rate_limit_policies),
         )
         self._changed.clear()
         return snap
@@ -404,6 +415,8 @@ def _decode(kind: str, value: str) -> _Decoded:
         return request_authentication_from_doc(doc)
     if kind == "peerauthentication":
         return peer_authentication_from_doc(doc)
+    if kind == "ratelimitpolicy":
+        return rate_limit_from_doc(doc)
     return health_from_doc(doc)
 
 

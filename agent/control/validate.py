@@ -45,18 +45,19 @@ from agent.control.model import (
     canonical_ip,
 )
 from agent.control.peerauthn import PeerAuthentication
+from agent.control.ratelimit import RateLimitPolicy
 from agent.control.reqauthn import RequestAuthentication
 from agent.control.screening import address_problem
 from agent.gcpause import paused
 
 API_VERSION = "nodemesh.io/v1"
 _HEALTH = {h.value: h for h in Health}
-KINDS = ("Service", "Workload")
+KINDS = ("Service", "Workload", "RateLimitPolicy")
 ISTIO_KINDS = ("VirtualService", "DestinationRule")  # under ISTIO_NETWORKING_VERSIONS
 # under SECURITY_VERSIONS
 SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "PeerAuthentication")
 Resource = (Service | Workload | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication | PeerAuthentication)
+            | RequestAuthentication | PeerAuthentication | RateLimitPolicy)
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -441,6 +442,10 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
         from agent.control import validate_peerauthn  # it builds on the helpers above
 
         return validate_peerauthn.peer_authentication(doc, spec, name, ns)
+    if kind == "RateLimitPolicy":
+        from agent.control import validate_ratelimit  # it builds on the helpers above
+
+        return validate_ratelimit.rate_limit_policy(doc, spec, name, ns)
     from agent.control import validate_istio  # it builds on the helpers above
 
     if kind == "VirtualService":

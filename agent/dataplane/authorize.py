@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.control import authz
 from agent.control.model import Workload
@@ -37,6 +37,9 @@ from agent.dataplane.jwtauth import JwtAuthn
 from agent.dataplane.route import Directory
 from agent.metrics.istio import MeshMetrics
 from agent.ratelog import RateLimitedLog
+
+if TYPE_CHECKING:
+    from agent.dataplane.ratelimit import RateLimits
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,7 @@ class Authorizer:
         self._next = 0
         self.jwt = JwtAuthn(directory, root_namespace, metrics=metrics,  # RequestAuthentication,
                             rlog=self.rlog)  # before the policies
+        self.limits: RateLimits | None = None  # RateLimitPolicies, judged after the policies
 
     def policies(self, w: Workload) -> list[authz.AuthorizationPolicy]:
         d = self.directory()
@@ -178,6 +182,8 @@ class Authorizer:
         jwt = self.jwt.judge(w, headers, target, ex.authority)
         ex.header_edit = jwt.edit.apply if jwt is not None and jwt.edit is not None else None
         if not self.policies(w):
+            if self.limits is not None:  # (429 RL)
+                self.limits.judge_request(w, conn, ex, headers, target)
             return
         f = conn()
         i = jwt.identity if jwt is not None else None
@@ -189,6 +195,8 @@ class Authorizer:
         verdict = self.check(w, facts)
         if verdict is not None and not verdict.allowed:
             raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
+        if self.limits is not None:  # (429 RL)
+            self.limits.judge_request(w, conn, ex, headers, target)
 
     # -- live changes for TCP connections -----------------------------------------------------
 

@@ -245,6 +245,12 @@ class Inbound:
             v = self.authorizer.check(w, facts)
             if v is not None and not v.allowed:
                 return await self._refuse(stream, "authz_denied", 403, f"{DENIED_BODY} ({v.why})")
+        limits = self.authorizer.limits  # RateLimitPolicy: TCP connections/s and open at once
+        release: Callable[[], None] | None = None
+        if declared is Protocol.TCP and limits is not None:
+            release, why = limits.admit_connection(w, req.target.port)
+            if release is None:
+                return await self._refuse(stream, "rate_limited", 429, why)
         pod: SocketEnd | None = None
         token = 0
         try:
@@ -282,6 +288,12 @@ class Inbound:
                     self.metrics.tunnel_rejections.labels("authz_denied").inc()
                     down.abort()
                     return None
+                if limits is not None:
+                    release, why = limits.admit_connection(w, req.target.port)
+                    if release is None:
+                        self.metrics.tunnel_rejections.labels("rate_limited").inc()
+                        down.abort()
+                        return None
             token = self.authorizer.opened(w, facts, down.abort)  # a policy change may close it
             labels = flow.conn_labels()
             start = time.monotonic()
@@ -303,6 +315,8 @@ class Inbound:
         finally:
             if token:
                 self.authorizer.closed(token)
+            if release is not None:
+                release()
             if pod is not None:
                 if stream.was_reset:
                     pod.abort()  # the client's end was abnormal: so is the pod's

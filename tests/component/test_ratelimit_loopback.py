@@ -1,0 +1,184 @@
+"""RateLimitPolicy enforced at the destination, on loopback: a real HTTP/1.1 client and a real
+grpcio client through outbound -> HBONE (mTLS) -> inbound, a same-node pod judged by the
+source agent, and raw TCP connections. Addresses 127.0.0.80-89, pod ports 20800-20899."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import socket
+from concurrent import futures
+
+import grpc
+
+from agent.control.model import Service, ServicePort
+from agent.control.ratelimit import Rate, RateLimitPolicy
+from agent.dataplane.ratelimit import RateLimits
+from agent.dataplane.route import Directory
+from tests.component.harness import VIP, Mesh, http_pod, metric, run, two_node_mesh, workload
+
+CLIENT = "127.0.0.80"
+WEB = {"app": "web"}
+
+
+def with_limits(mesh: Mesh, *policies: RateLimitPolicy) -> None:
+    snap = mesh.directory.snapshot
+    mesh.directory = Directory.build(dataclasses.replace(
+        snap, revision=snap.revision + 1, rate_limit_policies={(p.namespace, p.name): p for p in policies}))
+
+
+def limits_on(mesh: Mesh) -> None:
+    for n in mesh.nodes.values():  # as the agent does: one RateLimits per node, on its Authorizer
+        n.inbound.authorizer.limits = RateLimits(lambda: mesh.directory, n.name, n.registry)
+
+
+def requests(port: int, n: int) -> list[tuple[int, dict[str, str]]]:
+    """n requests on one keep-alive connection: (status, headers) each."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, source_address=(CLIENT, 0), timeout=10)
+    out = []
+    try:
+        for _ in range(n):
+            conn.request("GET", "/", headers={"host": "web.default"})
+            r = conn.getresponse()
+            r.read()
+            out.append((r.status, {k.lower(): v for k, v in r.getheaders()}))
+    finally:
+        conn.close()
+    return out
+
+
+def test_http_limit_answers_429_rl_with_headers_at_the_destination_and_for_a_same_node_pod() -> None:
+    ws = [workload("client", CLIENT, "n1", sa="client"),
+          workload("web-1", "127.0.0.81", "n2", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("http-web", 80, 20800),), WEB)
+    pods = [http_pod("127.0.0.81", 20800, "web-1"), http_pod("127.0.0.82", 20800, "web-2")]
+
+    async def go() -> None:
+        async with two_node_mesh(ws, [svc]) as mesh:
+            mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+            limits_on(mesh)
+            n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+            assert {s for s, _ in await asyncio.to_thread(requests, n1.outbound_port, 20)} == {200}
+            with_limits(mesh, RateLimitPolicy("web-limit", "default", "web", 80, total=Rate(2.0, 5)))
+            got = await asyncio.to_thread(requests, n1.outbound_port, 8)  # well within 1 s
+            assert [s for s, _ in got] == [200] * 5 + [429] * 3, got
+            h = got[-1][1]
+            assert h["retry-after"] == "1" and h["x-ratelimit-limit"] == "2, 2;w=1", h
+            assert h["x-ratelimit-remaining"] == "0" and h["x-ratelimit-reset"] == "1", h
+            assert metric(n2, "istio_requests_total", reporter="destination", response_code="429",
+                          response_flags="RL") == 3
+            assert metric(n2, "nodemesh_ratelimit_decisions_total", policy="default/web-limit", kind="http",
+                          result="limited") == 3
+            assert metric(n1, "istio_requests_total", reporter="source", response_code="429") == 3
+            (st,) = n2.inbound.authorizer.limits.status()  # type: ignore[union-attr]
+            assert st["policy"] == "default/web-limit" and st["limited"] == 3 and st["admitted"] == 5
+            await asyncio.sleep(1.0)  # 2 tokens back
+            assert [s for s, _ in await asyncio.to_thread(requests, n1.outbound_port, 3)] == [200, 200, 429]
+            # the endpoint moves to the client's node: the source agent judges it (endpoint scope)
+            mesh.directory = Directory.build(dataclasses.replace(
+                mesh.directory.snapshot, revision=99,
+                workloads={("default", "client"): ws[0], ("default", "web-2"): workload(
+                    "web-2", "127.0.0.82", "n1", sa="web", labels=WEB)},
+                members={("default", "web"): (("default", "web-2"),)}))
+            got = await asyncio.to_thread(requests, n1.outbound_port, 7)
+            assert [s for s, _ in got] == [200] * 5 + [429] * 2, got
+            assert metric(n1, "nodemesh_ratelimit_decisions_total", policy="default/web-limit",
+                          result="limited") == 2
+            with_limits(mesh)  # removed: no limit
+            assert {s for s, _ in await asyncio.to_thread(requests, n1.outbound_port, 20)} == {200}
+
+    try:
+        run(go())
+    finally:
+        for p in pods:
+            p.shutdown()
+            p.server_close()
+
+
+def test_grpc_call_over_the_limit_is_resource_exhausted() -> None:
+    client = "127.0.0.1"  # grpcio cannot bind a source address
+    ws = [workload("client", client, "n1", sa="client"),
+          workload("web-1", "127.0.0.83", "n2", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("grpc-echo", 80, 20801),), WEB)
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Say": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)}),))
+    srv.add_insecure_port("127.0.0.83:20801")
+    srv.start()
+
+    def calls(port: int) -> list[object]:
+        out: list[object] = []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            say = ch.unary_unary("/echo.Echo/Say")
+            for _ in range(4):
+                try:
+                    out.append(say(b"hi", timeout=10))
+                except grpc.RpcError as e:
+                    out.append(e.code())
+        return out
+
+    async def go() -> None:
+        async with two_node_mesh(ws, [svc]) as mesh:
+            mesh.original_dst[(client, 0)] = (VIP, 80)
+            limits_on(mesh)
+            with_limits(mesh, RateLimitPolicy("web-limit", "default", "web", total=Rate(0.5, 2)))
+            got = await asyncio.to_thread(calls, mesh.nodes["n1"].outbound_port)
+            limited = grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert got == [b"hi", b"hi", limited, limited]
+            assert metric(mesh.nodes["n2"], "istio_requests_total", reporter="destination",
+                          grpc_response_status="8", response_flags="RL") == 2
+
+    try:
+        run(go())
+    finally:
+        srv.stop(0)
+
+
+def test_tcp_connections_over_the_limit_are_refused_and_counted() -> None:
+    ws = [workload("client", CLIENT, "n1", sa="client"),
+          workload("web-1", "127.0.0.84", "n2", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("tcp-web", 80, 20802),), WEB)
+
+    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"hello\n")
+        await w.drain()
+        await r.read()
+        w.close()
+
+    def connect(port: int) -> tuple[socket.socket, bytes]:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0))
+        try:
+            return s, s.recv(64)
+        except ConnectionResetError:
+            return s, b"<reset>"
+
+    async def go() -> None:
+        pod = await asyncio.start_server(hold, "127.0.0.84", 20802)
+        try:
+            async with two_node_mesh(ws, [svc]) as mesh:
+                mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+                limits_on(mesh)
+                with_limits(mesh, RateLimitPolicy("web-conns", "default", "web", max_connections=2,
+                                                  connections=Rate(100.0, 100)))
+                port = mesh.nodes["n1"].outbound_port
+                held = [await asyncio.to_thread(connect, port) for _ in range(3)]
+                assert [b for _, b in held][:2] == [b"hello\n", b"hello\n"], held
+                assert held[2][1] in (b"", b"<reset>"), held  # the third: refused at the destination
+                n2 = mesh.nodes["n2"]
+                assert metric(n2, "nodemesh_ratelimit_decisions_total", kind="tcp", result="limited") >= 1
+                assert metric(n2, "nodemesh_tunnel_rejections_total", reason="rate_limited") >= 1
+                held[0][0].close()
+                for _ in range(30):  # the closed one gives its slot back (once its relay ended)
+                    await asyncio.sleep(0.1)
+                    s, first = await asyncio.to_thread(connect, port)
+                    s.close()
+                    if first == b"hello\n":
+                        break
+                assert first == b"hello\n"
+                for x, _ in held:
+                    x.close()
+        finally:
+            pod.close()
+
+    run(go())
