@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -40,7 +41,8 @@ from agent.control.backend import Backend
 from agent.control.backends import open_backend
 from agent.control.dns import MeshDns
 from agent.control.etcd import EtcdTls
-from agent.control.peerauthn import mode_for
+from agent.control.model import Workload
+from agent.control.peerauthn import PeerAuthDecision, PeerAuthentication, decide
 from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
 from agent.dataplane.authorize import Authorizer
@@ -260,7 +262,8 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         AccessLogConfig(bool(hc.access_log_path), hc.access_log_path or "-", hc.access_log_sampling)
     )
     reporter = Reporter(metrics, access_log)
-    authorizer = Authorizer(directory, metrics)  # one for both: same-node and remote callers
+    authorizer = Authorizer(directory, metrics,  # one for both: same-node and remote callers
+                            root_namespace=cfg.mesh.root_namespace)
     authorizer.limits = RateLimits(directory, cfg.node, prom)  # RateLimitPolicy, after authorization
     outbound = Outbound(
         OutboundConfig(
@@ -356,13 +359,25 @@ def pod_interfaces(netns: str) -> list[peerauth.PodLink]:
     return peerauth.pod_links(netns)
 
 
+def peer_auth_decision(policies: Iterable[PeerAuthentication], w: Workload | None,
+                       cfg: AgentConfig) -> PeerAuthDecision:
+    """Pure: the inbound modes of workload ``w`` (None: an enrolled pod the registry does not
+    know), per port: the registry's PeerAuthentications (:func:`agent.control.peerauthn.decide`,
+    with agent.yaml's ``mesh.root_namespace``), agent.yaml's ``peer_authentication`` where none
+    applies."""
+    pa = cfg.peer_authentication
+    if w is None:
+        return PeerAuthDecision(pa.mode, "agent.yaml peer_authentication.mode (no workload has this address)")
+    default, set_by = pa.default_of(w.namespace, w.name)
+    return decide(policies, w.namespace, w.labels, default, cfg.mesh.root_namespace, set_by)
+
+
 def apply_peer_auth(agent: Agent) -> None:
-    """Set each enrolled pod's inbound mode (mesh-wide, per namespace, per workload) and
-    make sure the filters on its host-side veth are attached, knowing every address
-    the pod has now. Idempotent: run at start and on every snapshot, off the event loop
-    (it opens netns sockets and writes maps). The mode is the registry's PeerAuthentications'
-    (:func:`agent.control.peerauthn.mode_for`), agent.yaml's where none applies; DISABLE is
-    the filter's own mode (everything passes, uncounted)."""
+    """Set each enrolled pod's inbound modes (:func:`peer_auth_decision`) and make sure the
+    filters on its host-side veth are attached, knowing every address the pod has now.
+    Idempotent: run at start and on every snapshot, off the event loop (it opens netns sockets
+    and writes maps), one run at a time. DISABLE is the filter's own mode (everything passes,
+    uncounted)."""
     dp = agent.dataplane
     if dp is None:
         return
@@ -383,13 +398,10 @@ def apply_peer_auth(agent: Agent) -> None:
                     if not link.ip4:
                         continue
                     pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
-                    w = directory.workload_at(pod_ip)
-                    mode = pa.mode_of(w.namespace, w.name) if w is not None else pa.mode
-                    if w is not None and policies:
-                        mode = mode_for(policies, w.namespace, w.labels, default=mode)
+                    d = peer_auth_decision(policies, directory.workload_at(pod_ip), agent.cfg)
                     for address in link.ip4:
-                        dp.set_peer_auth(address, mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
-                                         udp=pa.udp, dns_port=agent.cfg.ports.dns)
+                        dp.set_peer_auth(address, d.mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
+                                         udp=pa.udp, dns_port=agent.cfg.ports.dns, ports=d.ports)
                     host_if = peerauth.host_peer(HOST_NETNS, ns, link)
                     dp.attach_pod_filters(HOST_NETNS, host_if, pod_ip, [*link.ip4, *link.ip6])
                     peerauth.remove_pod_side_filter(ns, link.ifname)  # left by an older release

@@ -35,7 +35,7 @@ from agent.cli.dataplane import ADMIN_OPTION, NETNS_OPTION, NODE_OPTION, agent_a
 from agent.cli.errors import UserError, handled
 from agent.cli.output import OUTPUT_OPTION, emit_json
 from agent.cli.registry import _read, registry_options
-from agent.control import authz
+from agent.control import authz, reqauthn
 from agent.control.istio import Retry
 from agent.control.model import Protocol, Service, Workload, l7_protocol
 from agent.control.snapshot import Endpoint, Snapshot
@@ -271,6 +271,7 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
     assert pick is not None
     walk["balancer"] = {"policy": policy, "pick": f"{pick.workload} ({pick.address}:{pick.port})",
                         "note": note}
+    _request_authentication(walk, snap, pick, proto is not Protocol.TCP)
     denied = _authorization(walk, snap, src, pick, method, plan.path or facts.path, u.netloc, headers,
                             proto is not Protocol.TCP, trust_domain, normalization)
     if denied is not None:
@@ -280,6 +281,30 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
                        "via": ("HBONE mTLS tunnel" if pick.node != src.node
                                else "a direct connection (same node)")}
     return walk
+
+
+def _request_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint, http: bool) -> None:
+    """The picked endpoint's RequestAuthentications: the issuers its node accepts, and whether
+    a request without a token gets through (its AuthorizationPolicies decide: a policy reading
+    the request principal or ``request.auth.*`` needs one). Tokens are not verified here."""
+    w = snap.workloads.get((pick.namespace, pick.workload))
+    if w is None or not http:
+        return
+    ras = authz.applicable(sorted(snap.request_authentications.values(), key=lambda r: (r.namespace, r.name)),
+                           w.namespace, w.labels)
+    if not ras:
+        return
+    policies = authz.applicable(snap.authorization_policies.values(), w.namespace, w.labels)
+    needs = sorted(f"{p.namespace}/{p.name}" for p in policies if any(
+        any(s.request_principals or s.not_request_principals for s in r.sources or ())
+        or any(c.key.startswith("request.auth.") for c in r.when) for r in p.rules))
+    walk["jwt"] = {
+        "workload": f"{w.namespace}/{w.name}",
+        "request_authentications": [f"{r.namespace}/{r.name}" for r in ras],
+        "issuers": [j.issuer for j in reqauthn.rules_of(ras)],
+        "token": "required" if needs else "optional",
+        "required_by": needs,
+    }
 
 
 def _authorization(
@@ -384,6 +409,14 @@ def _text(walk: dict[str, Any]) -> str:
     if "balancer" in walk:
         b = walk["balancer"]
         lines.append(f"balancer:   {b['policy']} -> {b['pick']} ({b['note']})")
+    if "jwt" in walk:
+        j = walk["jwt"]
+        names = ", ".join(j["request_authentications"])
+        lines.append(f"jwt:        at {j['workload']}: RequestAuthentication {names} "
+                     f"(issuers {', '.join(j['issuers'])}): an invalid token is 401; "
+                     + (f"a token is required (AuthorizationPolicy {', '.join(j['required_by'])} reads the "
+                        "request principal)" if j["token"] == "required"
+                        else "a token is optional (without one: no request principal)"))
     if "authorization" in walk:
         a = walk["authorization"]
         lines.append(f"authz:      at {a['workload']}: {', '.join(a['policies']) or 'no policy'}; "
