@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, PeerAuthConfig
 from agent.control.backend import Backend
 from agent.control.backends import open_backend
 from agent.control.dns import MeshDns
@@ -360,16 +360,15 @@ def pod_interfaces(netns: str) -> list[peerauth.PodLink]:
 
 
 def peer_auth_decision(policies: Iterable[PeerAuthentication], w: Workload | None,
-                       cfg: AgentConfig) -> PeerAuthDecision:
+                       pa: PeerAuthConfig, root_namespace: str) -> PeerAuthDecision:
     """Pure: the inbound modes of workload ``w`` (None: an enrolled pod the registry does not
     know), per port: the registry's PeerAuthentications (:func:`agent.control.peerauthn.decide`,
-    with agent.yaml's ``mesh.root_namespace``), agent.yaml's ``peer_authentication`` where none
-    applies."""
-    pa = cfg.peer_authentication
+    ``root_namespace`` holding the mesh-wide one), agent.yaml's ``peer_authentication`` (``pa``)
+    where none applies. ``nodemesh explain`` shows the same decision."""
     if w is None:
         return PeerAuthDecision(pa.mode, "agent.yaml peer_authentication.mode (no workload has this address)")
     default, set_by = pa.default_of(w.namespace, w.name)
-    return decide(policies, w.namespace, w.labels, default, cfg.mesh.root_namespace, set_by)
+    return decide(policies, w.namespace, w.labels, default, root_namespace, set_by)
 
 
 def apply_peer_auth(agent: Agent) -> None:
@@ -384,7 +383,7 @@ def apply_peer_auth(agent: Agent) -> None:
     with agent.peer_auth_lock:
         directory = agent.directory.current
         policies = tuple(directory.snapshot.peer_authentications.values())
-        pa = agent.cfg.peer_authentication
+        pa, root = agent.cfg.peer_authentication, agent.cfg.mesh.root_namespace
         agent.peer_auth_errors.clear()
         enrolled = set(agent.cfg.interception.enroll)
         for ns in [n for n in agent.peer_auth_addresses if n not in enrolled]:  # no longer enrolled
@@ -398,7 +397,7 @@ def apply_peer_auth(agent: Agent) -> None:
                     if not link.ip4:
                         continue
                     pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
-                    d = peer_auth_decision(policies, directory.workload_at(pod_ip), agent.cfg)
+                    d = peer_auth_decision(policies, directory.workload_at(pod_ip), pa, root)
                     for address in link.ip4:
                         dp.set_peer_auth(address, d.mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
                                          udp=pa.udp, dns_port=agent.cfg.ports.dns, ports=d.ports)

@@ -31,10 +31,12 @@ from urllib.parse import urlsplit
 
 import click
 
+from agent import config as config_mod
 from agent.cli.dataplane import ADMIN_OPTION, NETNS_OPTION, NODE_OPTION, agent_address, fetch_json
 from agent.cli.errors import UserError, handled
 from agent.cli.output import OUTPUT_OPTION, emit_json
 from agent.cli.registry import _read, registry_options
+from agent.config import AgentConfig, PeerAuthConfig
 from agent.control import authz, reqauthn
 from agent.control.istio import Retry
 from agent.control.model import Protocol, Service, Workload, l7_protocol
@@ -53,6 +55,7 @@ from agent.dataplane.http.normalize import (
 from agent.dataplane.http.outlier import EndpointKey, keep_available
 from agent.dataplane.lb import Balancer
 from agent.dataplane.route import Directory, RouteError, decide
+from agent.node import peer_auth_decision
 from netns.errors import NetnsError
 
 
@@ -146,9 +149,12 @@ def _service_of_host(snap: Snapshot, host: str, src: Workload) -> Service:
 
 def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[str, str],
             ask: AskAgent | None = None, trust_domain: str = "cluster.local",
-            normalization: PathNormalization = PathNormalization.BASE) -> dict[str, Any]:
+            normalization: PathNormalization = PathNormalization.BASE,
+            agent_config: AgentConfig | None = None) -> dict[str, Any]:
     """The walk as a JSON document; ``ask`` reads the source node's agent's outlier state (asked
-    only when outlierDetection is in force; None: not asked, the state is unknown)."""
+    only when outlierDetection is in force; None: not asked, the state is unknown);
+    ``agent_config``: the destination node's agent.yaml (peer authentication's default and the
+    root namespace; None: their defaults)."""
     src = _source(snap, source)
     u = urlsplit(url if "://" in url else f"http://{url}")
     if not u.hostname:
@@ -271,9 +277,10 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
     assert pick is not None
     walk["balancer"] = {"policy": policy, "pick": f"{pick.workload} ({pick.address}:{pick.port})",
                         "note": note}
-    _request_authentication(walk, snap, pick, proto is not Protocol.TCP)
+    _peer_authentication(walk, snap, pick, agent_config)
+    _request_authentication(walk, snap, pick, proto is not Protocol.TCP, _root(agent_config))
     denied = _authorization(walk, snap, src, pick, method, plan.path or facts.path, u.netloc, headers,
-                            proto is not Protocol.TCP, trust_domain, normalization)
+                            proto is not Protocol.TCP, trust_domain, normalization, _root(agent_config))
     if denied is not None:
         walk["outcome"] = denied
         return walk
@@ -283,7 +290,36 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
     return walk
 
 
-def _request_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint, http: bool) -> None:
+def _root(cfg: AgentConfig | None) -> str:
+    return cfg.mesh.root_namespace if cfg is not None else authz.DEFAULT_ROOT_NAMESPACE
+
+
+_PLAINTEXT = {"STRICT": "refused (dropped by the tc filter before the pod sees it)",
+              "PERMISSIVE": "delivered (counted as plaintext)", "DISABLE": "delivered (not counted)"}
+
+
+def _peer_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint,
+                         cfg: AgentConfig | None) -> None:
+    """The mode in force for the picked endpoint's port (:func:`agent.node.peer_auth_decision`,
+    as its node decides it) and which resource set it. It judges what reaches the pod from
+    outside the mesh; this request comes from the node proxy and passes in every mode."""
+    w = snap.workloads.get((pick.namespace, pick.workload))
+    if w is None:
+        return
+    pa = cfg.peer_authentication if cfg is not None else PeerAuthConfig()
+    root = _root(cfg)
+    mode, set_by = peer_auth_decision(snap.peer_authentications.values(), w, pa, root).mode_of(pick.port)
+    walk["peer_authentication"] = {
+        "workload": f"{w.namespace}/{w.name}", "port": pick.port, "mode": mode, "set_by": set_by,
+        "agent_yaml": "read" if cfg is not None else "not given (--agent-config): its defaults assumed",
+        "plaintext": _PLAINTEXT[mode], "this_request": "passes: delivered by the node proxy",
+        "warnings": sorted(f"{p.ref}: a selector in the root namespace ({root}) is ignored"
+                           for p in snap.peer_authentications.values() if p.namespace == root and p.selector),
+    }
+
+
+def _request_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint, http: bool,
+                            root: str = authz.DEFAULT_ROOT_NAMESPACE) -> None:
     """The picked endpoint's RequestAuthentications: the issuers its node accepts, and whether
     a request without a token gets through (its AuthorizationPolicies decide: a policy reading
     the request principal or ``request.auth.*`` needs one). Tokens are not verified here."""
@@ -291,10 +327,10 @@ def _request_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint
     if w is None or not http:
         return
     ras = authz.applicable(sorted(snap.request_authentications.values(), key=lambda r: (r.namespace, r.name)),
-                           w.namespace, w.labels)
+                           w.namespace, w.labels, root)
     if not ras:
         return
-    policies = authz.applicable(snap.authorization_policies.values(), w.namespace, w.labels)
+    policies = authz.applicable(snap.authorization_policies.values(), w.namespace, w.labels, root)
     needs = sorted(f"{p.namespace}/{p.name}" for p in policies if any(
         any(s.request_principals or s.not_request_principals for s in r.sources or ())
         or any(c.key.startswith("request.auth.") for c in r.when) for r in p.rules))
@@ -310,6 +346,7 @@ def _request_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint
 def _authorization(
     walk: dict[str, Any], snap: Snapshot, src: Workload, pick: Endpoint, method: str, path: str, host: str,
     headers: dict[str, str], http: bool, trust_domain: str, normalization: PathNormalization,
+    root: str = authz.DEFAULT_ROOT_NAMESPACE,
 ) -> dict[str, Any] | None:
     """The picked endpoint's AuthorizationPolicies on this request, as its node judges it
     (:mod:`agent.dataplane.authorize`); the outcome if denied, else None."""
@@ -317,7 +354,7 @@ def _authorization(
     if w is None:
         return None
     policies = authz.applicable(sorted(snap.authorization_policies.values(),
-                                       key=lambda p: (p.namespace, p.name)), w.namespace, w.labels)
+                                       key=lambda p: (p.namespace, p.name)), w.namespace, w.labels, root)
     doc: dict[str, Any] = {"workload": f"{w.namespace}/{w.name}",
                            "policies": [f"{p.namespace}/{p.name} ({p.action})" for p in policies]}
     walk["authorization"] = doc
@@ -409,6 +446,13 @@ def _text(walk: dict[str, Any]) -> str:
     if "balancer" in walk:
         b = walk["balancer"]
         lines.append(f"balancer:   {b['policy']} -> {b['pick']} ({b['note']})")
+    if "peer_authentication" in walk:
+        m = walk["peer_authentication"]
+        lines.append(f"mtls:       at {m['workload']} port {m['port']}: {m['mode']} (set by {m['set_by']}"
+                     + ("" if m["agent_yaml"] == "read" else "; agent.yaml not read: its defaults assumed")
+                     + f"); plaintext from outside the mesh: {m['plaintext']}; "
+                     f"this request {m['this_request']}")
+        lines += [f"  WARNING: {x}" for x in m["warnings"]]
     if "jwt" in walk:
         j = walk["jwt"]
         names = ", ".join(j["request_authentications"])
@@ -460,11 +504,14 @@ def _not_candidate(e: dict[str, Any]) -> str:
 @click.option("--path-normalization", type=click.Choice([m.value for m in PathNormalization]),
               default=PathNormalization.BASE.value, show_default=True,
               help="the destination agents' http.path_normalization")
+@click.option("--agent-config", "agent_config_path", default=None, type=click.Path(dir_okay=False),
+              help="the destination node's agent.yaml: its peer_authentication default and "
+                   "mesh.root_namespace")
 @OUTPUT_OPTION
 @handled
 def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], registry_dir: str,
                 etcd_url: str | None, admin: str, node: str | None, netns: str | None, trust_domain: str,
-                path_normalization: str, output: str) -> None:
+                path_normalization: str, agent_config_path: str | None, output: str) -> None:
     """Print the walk of one request (capture, route, destination, endpoints, pick), sending nothing.
 
     With outlierDetection in force, the source workload's node agent is asked for its ejection
@@ -476,8 +523,9 @@ def explain_cmd(source: str, method: str, url: str, headers: tuple[str, ...], re
             raise UserError(f"header {h!r} is not 'Name: value'")
         hs[name.strip().lower()] = value.strip()
     snap, _ = _read(registry_dir, etcd_url)
+    agent_config = config_mod.load(agent_config_path) if agent_config_path else None
     walk = explain(snap, source, method.upper(), url, hs, lambda: ask_agent(admin, node, netns), trust_domain,
-                   PathNormalization(path_normalization))
+                   PathNormalization(path_normalization), agent_config)
     if output == "json":
         emit_json(walk)
     else:

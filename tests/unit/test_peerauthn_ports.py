@@ -167,9 +167,9 @@ def test_apply_peer_auth_writes_port_modes_and_who_set_the_default(monkeypatch: 
     # every address of the pod gets the pod's modes; db: the mesh-wide policy of mesh-root
     assert agent.dataplane.policies == {"10.244.1.2": web, "10.244.1.12": web, "10.244.1.3": ("DISABLE", ())}
     # the decision alone (pure), with agent.yaml's default and the key that set it
-    d = node.peer_auth_decision([], workloads[("shop", "db")], cfg)
+    d = node.peer_auth_decision([], workloads[("shop", "db")], pa, "mesh-root")
     assert (d.mode, d.set_by) == ("STRICT", "agent.yaml peer_authentication.namespaces[shop]")
-    d = node.peer_auth_decision([wl], None, cfg)
+    d = node.peer_auth_decision([wl], None, pa, "mesh-root")
     assert (d.mode, d.ports) == ("PERMISSIVE", ())
     # the port modes go away with the policy
     agent.directory.current = Directory.build(Snapshot(2, workloads=workloads))
@@ -198,3 +198,65 @@ def test_the_agent_judges_mesh_wide_policies_by_its_root_namespace(tmp_path: Pat
     finally:
         agent.backend.close()
     assert os.path.isdir(tmp_path / "reg")
+
+
+# -- nodemesh explain -------------------------------------------------------------------------
+
+
+def _explain_snapshot(*pas: PeerAuthentication) -> Snapshot:
+    from agent.control.model import Kind, Service, ServicePort, resource_key
+
+    svc = Service("web", "shop", "10.96.0.40",
+                  (ServicePort("http", 80, 8080), ServicePort("admin", 90, 9090)), {"app": "web"})
+    client = Workload("client", "shop", "10.244.1.5", node="n1", service_account="client",
+                      labels={"app": "client"})
+    web = Workload("web", "shop", "10.244.2.5", node="n2", service_account="web", labels=WEB)
+    puts = {resource_key(Kind.SERVICE, "shop", "web"): json.dumps(svc.to_doc())}
+    puts.update({resource_key(Kind.WORKLOAD, w.namespace, w.name): json.dumps(w.to_doc())
+                 for w in (client, web)})
+    puts.update({resource_key(Kind.PEER_AUTHENTICATION, p.namespace, p.name):
+                 json.dumps(peer_authentication_doc(p)) for p in pas})
+    b = SnapshotBuilder()
+    b.reset(puts)
+    return b.build(1)
+
+
+def test_explain_shows_the_mode_of_the_destination_port_and_who_set_it(tmp_path: Path) -> None:
+    from agent.cli.explain import _text, explain
+
+    wl = PeerAuthentication("web-ports", "shop", (("app", "web"),), "UNSET", "pa.yaml:1",
+                            ((8080, "PERMISSIVE"),))
+    root = PeerAuthentication("default", "mesh-root", None, "STRICT", "mesh.yaml:1")
+    snap = _explain_snapshot(MESH, wl, root)
+    walk = explain(snap, "shop/client", "GET", "http://10.96.0.40/", {})
+    m = walk["peer_authentication"]
+    assert (m["workload"], m["port"], m["mode"]) == ("shop/web", 8080, "PERMISSIVE")
+    assert m["set_by"] == "PeerAuthentication shop/web-ports portLevelMtls 8080"
+    assert m["plaintext"].startswith("delivered") and m["this_request"].startswith("passes")
+    # the other port: the workload's mode, here the mesh-wide STRICT of istio-system (no agent.yaml given)
+    m = explain(snap, "shop/client", "GET", "http://10.96.0.40:90/", {})["peer_authentication"]
+    assert (m["port"], m["mode"], m["set_by"]) == (9090, "STRICT", "PeerAuthentication istio-system/default")
+    assert m["plaintext"].startswith("refused") and "not given" in m["agent_yaml"]
+    text = _text(explain(snap, "shop/client", "GET", "http://10.96.0.40:90/", {}))
+    assert "mtls:       at shop/web port 9090: STRICT (set by PeerAuthentication istio-system/default; " \
+           "agent.yaml not read" in text, text
+    # the destination's agent.yaml: another root namespace, and its own default
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("node: n2\naddresses: {proxy: 10.244.2.1}\nmesh: {root_namespace: mesh-root}\n"
+                   "peer_authentication: {mode: DISABLE, namespaces: {shop: PERMISSIVE}}\n")
+    from agent.config import load
+
+    m = explain(snap, "shop/client", "GET", "http://10.96.0.40:90/", {}, agent_config=load(str(cfg)))[
+        "peer_authentication"]
+    assert (m["mode"], m["set_by"], m["agent_yaml"]) == ("STRICT", "PeerAuthentication mesh-root/default",
+                                                         "read")
+    no_mesh = _explain_snapshot(wl)
+    m = explain(no_mesh, "shop/client", "GET", "http://10.96.0.40:90/", {}, agent_config=load(str(cfg)))[
+        "peer_authentication"]
+    assert (m["mode"], m["set_by"]) == ("PERMISSIVE", "agent.yaml peer_authentication.namespaces[shop]")
+    # a selector in the root namespace (stored by another root's apply) is said to be ignored
+    ignored = PeerAuthentication("sel", "mesh-root", (("app", "web"),), "DISABLE")
+    m = explain(_explain_snapshot(ignored), "shop/client", "GET", "http://10.96.0.40:90/", {},
+                agent_config=load(str(cfg)))["peer_authentication"]
+    assert m["mode"] == "PERMISSIVE" and m["warnings"] == [
+        "PeerAuthentication mesh-root/sel: a selector in the root namespace (mesh-root) is ignored"]
