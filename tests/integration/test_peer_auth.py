@@ -165,21 +165,22 @@ def roundtrip(client: socket.socket, server: socket.socket, data: bytes) -> None
     assert client.recv(len(data)) == data.upper()
 
 
-def delivered(env: Env, **kw: object) -> bool:
-    """Connect to the pod (kw: netns, source, mark, dst, scope); True if the pod accepted
-    and data flowed."""
+def delivered(env: Env, listener: socket.socket | None = None, port: int = PORT, **kw: object) -> bool:
+    """Connect to the pod's ``port`` (``listener`` in the pod; kw: netns, source, mark, dst,
+    scope); True if the pod accepted and data flowed."""
+    listener = listener or env.listener
     netns = str(kw.get("netns", env.other.netns))
     source = kw.get("source")
     mark = kw.get("mark")
     scope = kw.get("scope")
-    c = connect_from(netns, str(kw.get("dst", env.pod.address)),
+    c = connect_from(netns, str(kw.get("dst", env.pod.address)), port,
                      source=str(source) if source else None, timeout_s=REFUSE_TIMEOUT_S,
                      mark=int(str(mark)) if mark is not None else None,
                      scope=str(scope) if scope else None)
     if c is None:
-        assert nothing_pending(env.listener)
+        assert nothing_pending(listener)
         return False
-    with c, accept(env.listener) as conn:
+    with c, accept(listener) as conn:
         if source:
             assert conn.getpeername()[0].removeprefix("::ffff:") == source
         roundtrip(c, conn, b"hello")
@@ -546,20 +547,6 @@ def test_bad_input_changes_nothing(env: Env) -> None:
     assert len(_host_filters(env)) == 2
 
 
-def _reaches(env: Env, listener: socket.socket, port: int, **kw: object) -> bool:
-    """Like :func:`delivered`, to ``port`` (``listener`` in the pod)."""
-    c = connect_from(str(kw.get("netns", env.other.netns)), str(kw.get("dst", env.pod.address)), port,
-                     source=str(kw["source"]) if "source" in kw else None, timeout_s=REFUSE_TIMEOUT_S,
-                     mark=int(str(kw["mark"])) if "mark" in kw else None,
-                     scope=str(kw["scope"]) if "scope" in kw else None)
-    if c is None:
-        assert nothing_pending(listener)
-        return False
-    with c, accept(listener) as conn:
-        roundtrip(c, conn, b"port")
-    return True
-
-
 def test_port_modes_override_the_pod_mode_per_destination_port(env: Env) -> None:
     """PeerAuthentication portLevelMtls: one port PERMISSIVE in a STRICT pod and the reverse,
     IPv4 and IPv6 alike; the marked proxy passes a STRICT port; dropping the port modes takes
@@ -572,22 +559,22 @@ def test_port_modes_override_the_pod_mode_per_destination_port(env: Env) -> None
         assert env.dp.peer_auth(env.pod.address) == peerauth.PeerAuthPolicy(
             env.pod.address, "STRICT", env.pod.gateway, MARK, ports=((other_port, "PERMISSIVE"),))
         c0 = env.dp.peer_auth_counters(env.pod.address)
-        assert _reaches(env, second, other_port), "plaintext to the PERMISSIVE port was refused"
-        assert not _reaches(env, env.listener, PORT), "plaintext reached the pod's STRICT port"
-        assert _reaches(env, second, other_port, **v6) and not _reaches(env, env.listener, PORT, **v6)
+        assert delivered(env, second, other_port), "plaintext to the PERMISSIVE port was refused"
+        assert not delivered(env), "plaintext reached the pod's STRICT port"
+        assert delivered(env, second, other_port, **v6) and not delivered(env, **v6)
         proxy = {"netns": env.node.netns, "source": env.pod.gateway, "mark": MARK}
-        assert _reaches(env, env.listener, PORT, **proxy)
+        assert delivered(env, **proxy)
         assert delta(c0, env.dp.peer_auth_counters(env.pod.address)) == {
             "proxied": 1, "plaintext": 2, "refused": 2}
         # the reverse: a PERMISSIVE pod with one STRICT port
         env.dp.set_peer_auth(env.pod.address, "PERMISSIVE", env.pod.gateway, proxy_mark=MARK,
                              ports=((PORT, "STRICT"), (other_port, "DISABLE")))
-        assert not _reaches(env, env.listener, PORT) and not _reaches(env, env.listener, PORT, **v6)
-        assert _reaches(env, second, other_port)
+        assert not delivered(env) and not delivered(env, **v6)
+        assert delivered(env, second, other_port)
         # a DISABLE pod with a STRICT port is judged too (no fast path past its port)
         env.dp.set_peer_auth(env.pod.address, "DISABLE", env.pod.gateway, proxy_mark=MARK,
                              ports=((PORT, "STRICT"),))
-        assert not _reaches(env, env.listener, PORT) and _reaches(env, second, other_port)
+        assert not delivered(env) and delivered(env, second, other_port)
         assert len(_port_entries(env)) == 1
     finally:
         permissive(env)
