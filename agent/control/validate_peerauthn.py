@@ -64,7 +64,8 @@ def _port_level(doc: _Doc, spec: Mapping[str, Any], selector: tuple[tuple[str, s
 
 
 def peer_authentication(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str,
-                        root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PeerAuthentication:
+                        root_namespace: str | None = None) -> PeerAuthentication:
+    root_namespace = root_namespace or DEFAULT_ROOT_NAMESPACE
     _fields(doc, spec, "spec", ("selector", "mtls", "portLevelMtls"), _SPEC_REFUSED)
     selector = workload_selector(doc, spec)
     if selector and ns == root_namespace:

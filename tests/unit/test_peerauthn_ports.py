@@ -260,3 +260,22 @@ def test_explain_shows_the_mode_of_the_destination_port_and_who_set_it(tmp_path:
                 agent_config=load(str(cfg)))["peer_authentication"]
     assert m["mode"] == "PERMISSIVE" and m["warnings"] == [
         "PeerAuthentication mesh-root/sel: a selector in the root namespace (mesh-root) is ignored"]
+
+
+def test_apply_refuses_a_selector_in_the_root_namespace_it_is_given(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli.main import cli
+
+    f = tmp_path / "pa.yaml"
+    f.write_text(PORTS_YAML.replace("namespace: shop", "namespace: mesh-root"))
+    env = {"NODEMESH_REGISTRY_DIR": str(tmp_path / "reg")}
+    r = CliRunner().invoke(cli, ["apply", "-f", str(f), "--root-namespace", "mesh-root"], env=env)
+    assert r.exit_code == 2, r.output
+    assert f"{f}:5 at spec.selector: a PeerAuthentication in the root namespace (mesh-root) is mesh-wide" \
+        in r.output, r.output
+    r = CliRunner().invoke(cli, ["apply", "-f", str(f)], env={**env, "NODEMESH_ROOT_NAMESPACE": "mesh-root"})
+    assert r.exit_code == 2 and "(mesh-root)" in r.output, r.output
+    # with istio-system the root (the default), mesh-root is an ordinary namespace
+    r = CliRunner().invoke(cli, ["apply", "-f", str(f)], env=env)
+    assert r.exit_code == 0 and "PeerAuthentication mesh-root/web-ports created" in r.output, r.output
