@@ -66,6 +66,13 @@ Example (every key but ``node`` has a default)::
       access_log:               # one JSON line per request and per TCP connection; off by default
         path: ""                # a file, or "-" for stdout; "" = off
         sampling: 1.0           # fraction of lines kept (errors are always kept)
+    gateway:                    # optional: this agent is also an ingress gateway (README: Ingress gateway)
+      labels: {istio: ingressgateway}   # Gateways whose selector matches these are served
+      address: 10.250.0.1       # the servers' ports listen here
+      credentials_dir: /etc/nodemesh/gateway-certs   # <credentialName>.crt, .key, -ca.crt
+      name: istio-ingressgateway                     # its workload (metrics, access log) and
+      namespace: istio-system                        # identity: spiffe://<td>/ns/<namespace>/sa/
+      service_account: istio-ingressgateway-service-account   # <service_account>
 """
 
 from __future__ import annotations
@@ -194,6 +201,18 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The ingress gateway this agent also is (agent/dataplane/gateway.py)."""
+
+    labels: Mapping[str, str]
+    address: str
+    credentials_dir: str = "/etc/nodemesh/gateway-certs"
+    name: str = "istio-ingressgateway"
+    namespace: str = "istio-system"
+    service_account: str = "istio-ingressgateway-service-account"
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     node: str
     addresses: Addresses
@@ -213,6 +232,7 @@ class AgentConfig:
     runtime_dir: str = "/run/nodemesh"
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    gateway: GatewayConfig | None = None  # None: not a gateway
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
@@ -287,6 +307,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "limits",
             "http",
             "mesh",
+            "gateway",
         },
     )
     if "node" not in top:
@@ -440,7 +461,30 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         limits=limits,
         http=_http(r, top.get("http")),
         mesh=_mesh(r, top.get("mesh")),
+        gateway=_gateway(r, top.get("gateway")),
     )
+
+def _gateway(r: _Reader, doc: Any) -> GatewayConfig | None:
+    if doc is None:
+        return None
+    g = r.mapping(doc, "gateway", {f.name for f in fields(GatewayConfig)})
+    labels = g.get("labels")
+    if not isinstance(labels, Mapping) or not labels or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise r.fail("gateway.labels", f"expected a non-empty mapping of label to value, got {labels!r}",
+                     hint="the labels Gateway selectors match, e.g. {istio: ingressgateway}")
+    from agent.control.model import NAME_RE
+
+    d = GatewayConfig({}, "")
+    names = {}
+    for key in ("name", "namespace", "service_account"):
+        v = r.string(g, key, "gateway.", getattr(d, key))
+        if not NAME_RE.match(v):
+            raise r.fail(f"gateway.{key}", f"{v!r} is not a valid name (lowercase letters, digits, '-')")
+        names[key] = v
+    return GatewayConfig(dict(labels), r.address(g, "address", "gateway."),
+                         r.string(g, "credentials_dir", "gateway.", d.credentials_dir), **names)
+
 
 
 def _mesh(r: _Reader, doc: Any) -> MeshConfig:

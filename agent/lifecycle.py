@@ -202,6 +202,7 @@ class Lifecycle:
             "listeners": listeners,
             "accept": {name: h.to_doc() for name, h in accepting.items()},
             "degraded": problems,
+            "gateway": a.gateway.status() if a.gateway is not None else None,
             "proxy": {
                 "tunnel_connections": a.outbound.pool.size,
                 "tunnel_dials": a.outbound.pool.dials,
@@ -426,6 +427,8 @@ class Lifecycle:
             asyncio.create_task(self._watch_config(), name="config"),
             asyncio.create_task(a.memory.run(self.stop), name="memory"),
         ]
+        if a.gateway is not None:  # (after the handoff: its ports are opened, not taken over)
+            tasks.append(asyncio.create_task(a.gateway.run(self.stop, drain_s), name="gateway"))
         if ctl is not None:
             await asyncio.to_thread(handoff.confirm, ctl)  # the old agent drains from here on
         hs = handoff.HandoffServer(ctl_path, lambda: self.listeners, self._handed_off)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from agent.control.peerauthn import PeerAuthDecision, PeerAuthentication, decide
 from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
 from agent.dataplane.authorize import Authorizer
+from agent.dataplane.gateway import IngressGateway
 from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
 from agent.dataplane.http.h1 import LoopConfig
 from agent.dataplane.http.upstream import PoolLimits, UpstreamPool
@@ -159,6 +161,7 @@ class Agent:
     peer_auth_addresses: dict[str, set[str]] = field(default_factory=dict)  # pod netns -> addresses set
     # apply_peer_auth runs on worker threads (a new snapshot, a reload): one at a time
     peer_auth_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    gateway: IngressGateway | None = None  # agent.yaml's gateway section: an ingress gateway too
 
     def local_identities(self) -> set[SpiffeId]:
         td = self.cfg.trust_domain
@@ -166,7 +169,7 @@ class Agent:
             SpiffeId(td, w.namespace, w.service_account)
             for w in self.directory.current.snapshot.workloads.values()
             if w.node == self.cfg.node
-        }
+        } | ({self.gateway.identity} if self.gateway is not None else set())
 
 
 def workload_guard(cfg: AgentConfig) -> WorkloadGuard:
@@ -348,6 +351,9 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         dns,
         directory,
         memory,
+        gateway=IngressGateway(cfg.gateway, cfg.node, cfg.trust_domain, outbound, directory,
+                               frozenset(dataclasses.astuple(cfg.ports)))
+        if cfg.gateway is not None else None,
     )
 
 

@@ -27,6 +27,7 @@ from agent.control.errors import (
     InputError,
     NotFound,
 )
+from agent.control.gateway import Gateway, gateway_doc
 from agent.control.istio import (
     DestinationRule,
     VirtualService,
@@ -105,19 +106,16 @@ def _report(plan: apply_mod.Plan, output: str) -> None:
               help="a YAML file, or a directory of them")
 @registry_options
 @VIP_RANGE_OPTION
-@click.option("--root-namespace", envvar="NODEMESH_ROOT_NAMESPACE", default="istio-system", show_default=True,
-              help="the agents' mesh.root_namespace: a PeerAuthentication there with a selector is refused "
-                   "(env NODEMESH_ROOT_NAMESPACE)")
 @OUTPUT_OPTION
 @handled
-def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str, root_namespace: str,
+def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str,
               output: str) -> None:
     """Create or update Services, Workloads, VirtualServices, DestinationRules and
     AuthorizationPolicies from YAML (all or nothing)."""
     net = parse_vip_range(vip_range)
     resources: list[Located] = []
     for f in _files(path):
-        resources += parse_yaml(_read_text(f), str(f), net, root_namespace=root_namespace)
+        resources += parse_yaml(_read_text(f), str(f), net)
     backend = open_registry(registry_dir, etcd_url)
     try:
         _report(apply_mod.apply(backend, resources, net), output)
@@ -159,6 +157,7 @@ _KIND_NAMES = {
     Kind.REQUEST_AUTHENTICATION: ("requestauthentication", "requestauthentications", "ra"),
     Kind.PEER_AUTHENTICATION: ("peerauthentication", "peerauthentications", "pa"),
     Kind.RATE_LIMIT_POLICY: ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
+    Kind.GATEWAY: ("gateway", "gateways", "gw"),
 }
 _KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
 KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
@@ -175,7 +174,8 @@ def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
             Kind.AUTHORIZATION_POLICY: snap.authorization_policies,
             Kind.REQUEST_AUTHENTICATION: snap.request_authentications,
             Kind.PEER_AUTHENTICATION: snap.peer_authentications,
-            Kind.RATE_LIMIT_POLICY: snap.rate_limit_policies}[k]
+            Kind.RATE_LIMIT_POLICY: snap.rate_limit_policies,
+            Kind.GATEWAY: snap.gateways}[k]
 
 
 def _doc(obj: Any) -> dict[str, Any]:
@@ -191,6 +191,8 @@ def _doc(obj: Any) -> dict[str, Any]:
         return peer_authentication_doc(obj)
     if isinstance(obj, RateLimitPolicy):
         return rate_limit_doc(obj)
+    if isinstance(obj, Gateway):
+        return gateway_doc(obj)
     doc: dict[str, Any] = obj.to_doc()
     return doc
 
@@ -270,6 +272,12 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
             [r.namespace, r.name, r.service + (f":{r.port}" if r.port is not None else ""), r.scope,
              rate_limit_summary(r), r.source or "-"]
             for r in picked]))
+    elif k == Kind.GATEWAY:
+        click.echo(table(["NAMESPACE", "NAME", "SELECTOR", "SERVERS", "SOURCE"], [
+            [g.namespace, g.name, ",".join(f"{a}={b}" for a, b in g.selector) or "{}",
+             ",".join(f"{s.port}/{s.protocol}" + (f"/{s.tls.mode}" if s.tls and s.tls.mode else "")
+                      for s in g.servers), g.source or "-"]
+            for g in picked]))
     elif k == Kind.SERVICE:
         rows = []
         for s in picked:

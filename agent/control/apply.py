@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from agent.control.authz import AuthorizationPolicy, policy_doc
 from agent.control.backend import Backend
 from agent.control.errors import ConflictError, InputError, NotFound, RegistryError
+from agent.control.gateway import Gateway, gateway_doc, gateway_ref
 from agent.control.istio import (
     Destination,
     DestinationRule,
@@ -81,6 +82,8 @@ def _dump(r: Resource) -> str:
         return _ENCODE(peer_authentication_doc(r))
     if isinstance(r, RateLimitPolicy):
         return _ENCODE(rate_limit_doc(r))
+    if isinstance(r, Gateway):
+        return _ENCODE(gateway_doc(r))
     return _ENCODE(r.to_doc())
 
 
@@ -97,6 +100,8 @@ def _kind(r: Resource) -> Kind:
         return Kind.PEER_AUTHENTICATION
     if isinstance(r, RateLimitPolicy):
         return Kind.RATE_LIMIT_POLICY
+    if isinstance(r, Gateway):
+        return Kind.GATEWAY
     return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
 
 
@@ -191,6 +196,7 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
     _check_routes(items, resources)
     _check_one_per_host(items, resources)
     _check_rate_limit_targets(items, resources)
+    _check_gateway_refs(items, resources)
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
@@ -303,6 +309,9 @@ def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> Non
         for i, tr in enumerate(vs.tcp):
             _check_targets(loc, vs, [(f"spec.tcp[{i}].route[{j}].destination", rd.destination)
                                      for j, rd in enumerate(tr.route)], fqdns, rules)
+        for i, tl in enumerate(vs.tls):
+            _check_targets(loc, vs, [(f"spec.tls[{i}].route[{j}].destination", rd.destination)
+                                     for j, rd in enumerate(tl.route)], fqdns, rules)
 
 
 def _check_targets(loc: Located, vs: VirtualService, targets: list[tuple[str, Destination]],
@@ -361,6 +370,24 @@ def _check_rate_limit_targets(items: Mapping[str, str], resources: Sequence[Loca
         if all(sp.port != p.port for sp in svc.ports):
             raise loc.fail("spec.targetRef.port", f"Service {p.namespace}/{p.service} has no port {p.port}",
                            hint="ports: " + ", ".join(str(sp.port) for sp in svc.ports))
+
+
+def _check_gateway_refs(items: Mapping[str, str], resources: Sequence[Located]) -> None:
+    """Every Gateway a VirtualService of the input binds to (``gateways: [name]`` in its own
+    namespace, or ``ns/name``) is stored or in this input."""
+    known = {(p[1], p[2]) for key in items if (p := split_key(key)) is not None and p[0] == "gateway"}
+    known |= {(r.namespace, r.name) for loc in resources if isinstance(r := loc.resource, Gateway)}
+    for loc in resources:
+        vs = loc.resource
+        if not isinstance(vs, VirtualService):
+            continue
+        for i, g in enumerate(vs.gateways):
+            if g != "mesh" and gateway_ref(g, vs.namespace) not in known:
+                ns, name = gateway_ref(g, vs.namespace)
+                raise loc.fail(f"spec.gateways[{i}]", f"unknown gateway {g!r}: no Gateway {ns}/{name} "
+                               "in the registry or in this input",
+                               hint="apply the Gateway first or in the same input; a bare name is a "
+                                    "Gateway of the VirtualService's namespace, else write ns/name")
 
 
 def apply(backend: Backend, resources: Sequence[Located], vip_range: IpNetwork) -> Plan:

@@ -160,14 +160,30 @@ class TcpRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsMatch:
+    sni_hosts: tuple[str, ...]  # lower-case names or wildcards (required, as in Istio)
+    port: int = 0  # 0: any
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRoute:
+    """A VirtualService ``tls`` route: a TLS connection a gateway passes through, by its SNI."""
+
+    matches: tuple[TlsMatch, ...]
+    route: tuple[RouteDestination, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class VirtualService:
     name: str
     namespace: str
     hosts: tuple[str, ...]
     http: tuple[HttpRoute, ...] = ()
-    gateways: tuple[str, ...] = ()  # empty or ("mesh",): sidecar/mesh traffic
+    # empty or ("mesh",): mesh traffic; Gateway names ("gw" or "ns/gw") bind it to those gateways
+    gateways: tuple[str, ...] = ()
     source: str = ""  # file:line it was applied from (for `describe` and `explain`)
     tcp: tuple[TcpRoute, ...] = ()
+    tls: tuple[TlsRoute, ...] = ()  # gateway traffic only (TLS PASSTHROUGH servers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,6 +479,10 @@ def virtual_service_doc(vs: VirtualService) -> dict[str, Any]:
            "source": vs.source}
     if vs.tcp:
         doc["tcp"] = [_tcp_doc(r) for r in vs.tcp]
+    if vs.tls:
+        doc["tls"] = [{"match": [{"sniHosts": list(m.sni_hosts), **({"port": m.port} if m.port else {})}
+                                 for m in r.matches],
+                       "route": [_dest_doc(rd) for rd in r.route]} for r in vs.tls]
     return doc
 
 
@@ -660,7 +680,11 @@ def virtual_service_from_doc(d: Mapping[str, Any]) -> VirtualService:
     return VirtualService(d["name"], d["namespace"], tuple(d["hosts"]),
                           tuple(_route_from(r) for r in d.get("http", ())),
                           tuple(d.get("gateways", ())), d.get("source", ""),
-                          tuple(_tcp_from(r) for r in d.get("tcp", ())))
+                          tuple(_tcp_from(r) for r in d.get("tcp", ())),
+                          tuple(TlsRoute(tuple(TlsMatch(tuple(m["sniHosts"]), int(m.get("port", 0)))
+                                               for m in r.get("match", ())),
+                                         tuple(_dest_from(rd) for rd in r.get("route", ())))
+                                for r in d.get("tls", ())))
 
 
 def destination_rule_from_doc(d: Mapping[str, Any]) -> DestinationRule:

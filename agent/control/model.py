@@ -70,6 +70,7 @@ class Kind(enum.StrEnum):
     AUTHORIZATION_POLICY = "AuthorizationPolicy"  # Istio's (values in agent.control.authz)
     REQUEST_AUTHENTICATION = "RequestAuthentication"  # Istio's (values in agent.control.reqauthn)
     PEER_AUTHENTICATION = "PeerAuthentication"  # Istio's (values in agent.control.peerauthn)
+    GATEWAY = "Gateway"  # Istio's (values in agent.control.gateway)
     RATE_LIMIT_POLICY = "RateLimitPolicy"  # nodemesh's (values in agent.control.ratelimit)
 
 

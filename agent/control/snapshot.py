@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.control.authz import ACTIONS, AuthorizationPolicy, Rule, policy_from_doc
+from agent.control.gateway import Gateway, gateway_from_doc
 from agent.control.istio import (
     DestinationRule,
     VirtualService,
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 NsName = tuple[str, str]  # (namespace, name)
 # one stored value
 _Decoded = (Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication | PeerAuthentication | RateLimitPolicy)
+            | RequestAuthentication | PeerAuthentication | RateLimitPolicy | Gateway)
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -96,6 +97,7 @@ class Snapshot:
         default_factory=lambda: MappingProxyType({}))
     rate_limit_policies: Mapping[NsName, RateLimitPolicy] = field(
         default_factory=lambda: MappingProxyType({}))
+    gateways: Mapping[NsName, Gateway] = field(default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
         return self.services.get((namespace, name))
@@ -175,6 +177,7 @@ class SnapshotBuilder:
         self._request_authentications: dict[NsName, RequestAuthentication] = {}
         self._peer_authentications: dict[NsName, PeerAuthentication] = {}
         self._rate_limit_policies: dict[NsName, RateLimitPolicy] = {}
+        self._gateways: dict[NsName, Gateway] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -241,6 +244,9 @@ class SnapshotBuilder:
         elif isinstance(obj, RateLimitPolicy):
             self._rate_limit_policies[key] = obj
             self._changed.add("rate_limit_policies")
+        elif isinstance(obj, Gateway):
+            self._gateways[key] = obj
+            self._changed.add("gateways")
         elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
@@ -289,6 +295,9 @@ class SnapshotBuilder:
         elif kind == "ratelimitpolicy":
             if self._rate_limit_policies.pop(key, None) is not None:
                 self._changed.add("rate_limit_policies")
+        elif kind == "gateway":
+            if self._gateways.pop(key, None) is not None:
+                self._changed.add("gateways")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -379,6 +388,7 @@ class SnapshotBuilder:
             request_authentications=self._view("request_authentications", self._request_authentications),
             peer_authentications=self._view("peer_authentications", self._peer_authentications),
             rate_limit_policies=self._view("rate_limit_policies", self._rate_limit_policies),
+            gateways=self._view("gateways", self._gateways),
         )
         self._changed.clear()
         return snap
@@ -417,6 +427,8 @@ def _decode(kind: str, value: str) -> _Decoded:
         return peer_authentication_from_doc(doc)
     if kind == "ratelimitpolicy":
         return rate_limit_from_doc(doc)
+    if kind == "gateway":
+        return gateway_from_doc(doc)
     return health_from_doc(doc)
 
 

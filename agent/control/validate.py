@@ -29,6 +29,7 @@ import yaml
 
 from agent.control.authz import SECURITY_VERSIONS, AuthorizationPolicy
 from agent.control.errors import InputError
+from agent.control.gateway import Gateway
 from agent.control.istio import ISTIO_NETWORKING_VERSIONS, DestinationRule, VirtualService
 from agent.control.model import (
     DEFAULT_NAMESPACE,
@@ -53,11 +54,11 @@ from agent.gcpause import paused
 API_VERSION = "nodemesh.io/v1"
 _HEALTH = {h.value: h for h in Health}
 KINDS = ("Service", "Workload", "RateLimitPolicy")
-ISTIO_KINDS = ("VirtualService", "DestinationRule")  # under ISTIO_NETWORKING_VERSIONS
+ISTIO_KINDS = ("VirtualService", "DestinationRule", "Gateway")  # under ISTIO_NETWORKING_VERSIONS
 # under SECURITY_VERSIONS
 SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "PeerAuthentication")
 Resource = (Service | Workload | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication | PeerAuthentication | RateLimitPolicy)
+            | RequestAuthentication | PeerAuthentication | RateLimitPolicy | Gateway)
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -222,15 +223,13 @@ def _path_to(root: yaml.Node, target: yaml.Node, path: str = "") -> str | None:
     return None
 
 
-def parse_yaml(text: str, file: str, vip_range: IpNetwork, *, root_namespace: str | None = None
-               ) -> list[Located]:
-    """All documents of one file, validated; the first error raises InputError. ``root_namespace``:
-    the agents' ``mesh.root_namespace`` (None: istio-system)."""
+def parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
+    """All documents of one file, validated; the first error raises InputError."""
     with paused():  # composing allocates many small acyclic objects
-        return _parse_yaml(text, file, vip_range, root_namespace)
+        return _parse_yaml(text, file, vip_range)
 
 
-def _parse_yaml(text: str, file: str, vip_range: IpNetwork, root_namespace: str | None) -> list[Located]:
+def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
     try:
         nodes = list(yaml.compose_all(text, Loader=_FastLoader))
     except yaml.MarkedYAMLError as e:
@@ -255,8 +254,7 @@ def _parse_yaml(text: str, file: str, vip_range: IpNetwork, root_namespace: str 
             raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
                              line=None if mark is None else mark.line + 1) from None
         doc = _Doc(file, node.start_mark.line + 1, node)
-        out.append(Located(validate_document(value, doc, vip_range, root_namespace=root_namespace), file,
-                           doc.start_line, doc))
+        out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line, doc))
     if not out:
         raise InputError("no documents found (expected YAML with apiVersion/kind)", file=file)
     return out
@@ -400,8 +398,7 @@ def _duration(doc: _Doc, m: Mapping[str, Any], key: str, path: str, default: flo
 
 # -- documents -----------------------------------------------------------------------
 
-def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork, *, root_namespace: str | None = None
-                      ) -> Resource:
+def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
     m = _map(doc, value, "")
     _only(doc, m, "", ("apiVersion", "kind", "metadata", "spec"))
     api = _str(doc, m, "apiVersion", "", required=True)
@@ -445,11 +442,15 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork, *, root_names
     if kind == "PeerAuthentication":
         from agent.control import validate_peerauthn  # it builds on the helpers above
 
-        return validate_peerauthn.peer_authentication(doc, spec, name, ns, root_namespace)
+        return validate_peerauthn.peer_authentication(doc, spec, name, ns)
     if kind == "RateLimitPolicy":
         from agent.control import validate_ratelimit  # it builds on the helpers above
 
         return validate_ratelimit.rate_limit_policy(doc, spec, name, ns)
+    if kind == "Gateway":
+        from agent.control import validate_gateway  # it builds on the helpers above
+
+        return validate_gateway.gateway(doc, spec, name, ns)
     from agent.control import validate_istio  # it builds on the helpers above
 
     if kind == "VirtualService":

@@ -42,6 +42,8 @@ from agent.control.istio import (
     Subset,
     TcpMatch,
     TcpRoute,
+    TlsMatch,
+    TlsRoute,
     TrafficPolicy,
     VirtualService,
     retry_policy,
@@ -70,8 +72,7 @@ _RE2_OPTIONS.log_errors = False  # the error comes back to the user as an InputE
 
 _YET = "not supported yet"
 # Istio fields nodemesh refuses by name, with the reason shown
-_VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
-               "tls": f"is {_YET} (TLS traffic goes to the service itself)"}
+_VS_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)"}
 _ROUTE_REFUSED = {
 
     "mirrors": f"is {_YET} (one mirror per route: use mirror)",
@@ -80,7 +81,7 @@ _ROUTE_REFUSED = {
     "delegate": "is not supported (a VirtualService holds all its routes)",
 }
 _MATCH_REFUSED = {"statPrefix": f"is {_YET}",
-                  "gateways": f"is {_YET} (gateways come with the gateway work)"}
+                  "gateways": f"is {_YET} (bind the whole VirtualService with spec.gateways)"}
 _DR_REFUSED = {"exportTo": "is not supported (every resource is visible in every namespace)",
                "workloadSelector": f"is {_YET}"}
 _POLICY_REFUSED = {k: f"is {_YET}" for k in ("proxyProtocol", "tunnel")}
@@ -88,7 +89,7 @@ _POLICY_FIELDS = ("loadBalancer", "outlierDetection", "connectionPool", "tls")
 _LB_REFUSED = {k: f"is {_YET}" for k in (
                                          "warmupDurationSecs", "warmup")}
 
-_VS_FIELDS = ("hosts", "gateways", "http", "tcp")
+_VS_FIELDS = ("hosts", "gateways", "http", "tcp", "tls")
 _ROUTE_FIELDS = ("name", "match", "route", "timeout", "headers", "rewrite", "directResponse",
                  "retries", "fault", "mirror", "mirrorPercentage", "redirect", "corsPolicy")
 _MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "withoutHeaders",
@@ -141,18 +142,62 @@ def virtual_service(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> V
     hosts = tuple(_host(doc, h, f"spec.hosts[{i}]", wildcard=True) for i, h in enumerate(hosts_v))
     gateways = []
     for i, g in enumerate(_list(doc, spec, "gateways", "spec")):
-        if g != "mesh":
-            raise doc.fail(f"spec.gateways[{i}]", f"gateway {g!r} is {_YET}: only 'mesh' "
-                           "(traffic between workloads) is",
-                           hint="Istio Gateway resources come with the gateway work; "
-                                "leave gateways out or write [mesh]")
-        gateways.append(g)
+        gateways.append(_gateway_ref(doc, g, f"spec.gateways[{i}]"))
+        if g in gateways[:-1]:
+            raise doc.fail(f"spec.gateways[{i}]", f"gateway {g!r} is listed twice")
     routes = tuple(_route(doc, _map(doc, r, f"spec.http[{i}]"), f"spec.http[{i}]")
                    for i, r in enumerate(_list(doc, spec, "http", "spec")))
     tcp = tuple(_tcp_route(doc, _map(doc, r, f"spec.tcp[{i}]"), f"spec.tcp[{i}]")
                 for i, r in enumerate(_list(doc, spec, "tcp", "spec")))
+    tls = tuple(_tls_route(doc, _map(doc, r, f"spec.tls[{i}]"), f"spec.tls[{i}]")
+                for i, r in enumerate(_list(doc, spec, "tls", "spec")))
+    if tls and (not gateways or "mesh" in gateways):
+        raise doc.fail("spec.tls", f"tls routes for mesh traffic are {_YET}: they route what a "
+                       "Gateway's TLS PASSTHROUGH server takes",
+                       hint="bind the VirtualService to a Gateway only (gateways: [my-gateway])")
     return VirtualService(name, ns, hosts, routes, tuple(gateways),
-                          source=f"{doc.file}:{doc.start_line}", tcp=tcp)
+                          source=f"{doc.file}:{doc.start_line}", tcp=tcp, tls=tls)
+
+
+def _gateway_ref(doc: _Doc, g: Any, path: str) -> str:
+    """A ``gateways`` entry: ``mesh``, a Gateway's name (in the VirtualService's namespace) or
+    ``<namespace>/<name>``. Whether that Gateway exists is checked at apply time."""
+    if not isinstance(g, str) or not g:
+        raise doc.fail(path, f"expected a gateway name, got {_tname(g)} {g!r}")
+    if g == "mesh":
+        return g
+    ns, sep, name = g.partition("/")
+    if sep:
+        _name(doc, ns, path)
+    _name(doc, name if sep else g, path)
+    return g
+
+
+def _tls_route(doc: _Doc, m: Mapping[str, Any], path: str) -> TlsRoute:
+    """A TLSRoute: match on sniHosts (required) and port; weighted destinations."""
+    _fields(doc, m, path, ("match", "route"))
+    matches = []
+    for i, x in enumerate(_list(doc, m, "match", path, required=True)):
+        mpath = f"{path}.match[{i}]"
+        mm = _map(doc, x, mpath)
+        _fields(doc, mm, mpath, ("sniHosts", "port"),
+                {k: f"is {_YET}" for k in ("destinationSubnets", "sourceLabels", "sourceNamespace",
+                                           "gateways")})
+        sni = _list(doc, mm, "sniHosts", mpath, required=True)
+        if not sni:
+            raise doc.fail(f"{mpath}.sniHosts", "expected a non-empty list of SNI hosts")
+        hosts = tuple(_host(doc, h, f"{mpath}.sniHosts[{j}]", wildcard=True).lower().rstrip(".")
+                      for j, h in enumerate(sni))
+        matches.append(TlsMatch(hosts, _int(doc, mm, "port", mpath, 1, 65535, default=0)))
+    if not matches:
+        raise doc.fail(f"{path}.match", "a tls route needs at least one match with sniHosts")
+    if "route" not in m:
+        raise doc.fail(f"{path}.route", "missing required field 'route'")
+    dests = _destinations(doc, m, path)
+    for i, rd in enumerate(dests):
+        if not (rd.request_headers.empty and rd.response_headers.empty):
+            raise doc.fail(f"{path}.route[{i}].headers", "a tls route has no headers to change")
+    return TlsRoute(tuple(matches), dests)
 
 
 def _tcp_route(doc: _Doc, m: Mapping[str, Any], path: str) -> TcpRoute:
@@ -164,7 +209,7 @@ def _tcp_route(doc: _Doc, m: Mapping[str, Any], path: str) -> TcpRoute:
         mm = _map(doc, x, mpath)
         _fields(doc, mm, mpath, ("port", "sourceLabels", "sourceNamespace"),
                 {"destinationSubnets": f"is {_YET}", "sourceSubnet": "is deprecated in Istio",
-                 "gateways": f"is {_YET} (gateways come with the gateway work)"})
+                 "gateways": f"is {_YET} (bind the whole VirtualService with spec.gateways)"})
         port = _int(doc, mm, "port", mpath, 1, 65535, default=0)
         labels = _labels(doc, mm.get("sourceLabels"), f"{mpath}.sourceLabels")
         matches.append(TcpMatch(port, tuple(sorted(labels.items())), _str(doc, mm, "sourceNamespace", mpath)))

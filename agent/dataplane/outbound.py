@@ -528,6 +528,7 @@ class OutboundHttp:
         self.src_id = src_id
         self.src_party = party(src, src_id.uri)
         self.src_ip = src_ip
+        self.forwarded_for = src_ip  # x-forwarded-for (a gateway: its client's address)
         self.dst = dst
         self._choices: dict[tuple[tuple[str, int], str, str], _Choice] = {}
         self._route: Route | None = None
@@ -580,7 +581,12 @@ class OutboundHttp:
         facts = routing.RequestFacts(
             ex.method, ex.path, ex.authority, scheme, routing.LazyHeaders(headers), route.port, self.src
         )
-        plan = routing.decide(table, svc, facts, self.out.rng)
+        return self._take(routing.decide(table, svc, facts, self.out.rng), facts, ex, table)
+
+    def _take(
+        self, plan: routing.Decision, facts: routing.RequestFacts, ex: Exchange, table: routing.RouteTable
+    ) -> routing.Decision:
+        """What a route decision sets on the exchange: CORS, hash key, timeout, rewrite, retries."""
         ex.plan = plan
         if plan.route is not None and plan.route.cors is not None:
             answer, extra = routing.cors(plan.route.cors, facts, table.matcher)
@@ -826,7 +832,7 @@ class OutboundHttp:
             h = ex.header_edit(h)
         return hdrs.forwarding(
             h,
-            self.src_ip,
+            self.forwarded_for,
             by=c.flow.destination.principal if same_node and isinstance(c, _Choice) else "",
             client_principal=self.src_id.uri if same_node else "",
         )

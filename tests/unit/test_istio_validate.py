@@ -213,11 +213,13 @@ REFUSED: dict[str, tuple[str, str | tuple[str, int], str, str]] = {
         VS + "  tcp:\n  - route:\n    - destination: {host: reviews}\n"
              "      headers: {request: {set: {a: b}}}\n",
         "headers: {request", "spec.tcp[0].route[0].headers", "a tcp route has no headers to change"),
-    "tls": (VS + "  tls: []\n", "tls:", "spec.tls", "tls is not supported yet"),
+    "tls": (VS + "  tls:\n  - match: [{sniHosts: [a.example.com]}]\n"
+            "    route: [{destination: {host: reviews}}]\n",
+            "- match: [{sniHosts", "spec.tls", "tls routes for mesh traffic are not supported yet"),
     "exportTo": (VS + "  exportTo: ['.']\n", "exportTo", "spec.exportTo",
                  "exportTo is not supported"),
-    "gateway": (VS.replace("  hosts: [reviews]\n", "  hosts: [reviews]\n  gateways: [my-gw]\n"),
-                "gateways:", "spec.gateways[0]", "gateway 'my-gw' is not supported yet"),
+    "gateway": (VS.replace("  hosts: [reviews]\n", "  hosts: [reviews]\n  gateways: [My_Gw]\n"),
+                "gateways:", "spec.gateways[0]", "'My_Gw' is not a valid name"),
     "api version": (VS.replace("networking.istio.io/v1beta1", "networking.istio.io/v2"),
                     "apiVersion", "apiVersion", "unsupported apiVersion 'networking.istio.io/v2'"),
     "kind of the other api": (VS.replace("networking.istio.io/v1beta1", "nodemesh.io/v1"),
@@ -306,11 +308,11 @@ def test_refusals_name_file_line_field_and_reason(case: str) -> None:
     assert str(e).startswith(f"mesh.yaml:{expected} at {path}: "), str(e)
 
 
-def test_gateway_refusal_hints_at_the_gateway_work_and_mesh_is_taken() -> None:
-    e = _err(REFUSED["gateway"][0])
-    assert e.hint is not None and "gateway" in e.hint and "[mesh]" in e.hint
-    (loc,) = parse(VS.replace("  hosts: [reviews]\n", "  hosts: [reviews]\n  gateways: [mesh]\n"))
-    assert isinstance(loc.resource, VirtualService) and loc.resource.gateways == ("mesh",)
+def test_gateways_mesh_and_gateway_names_are_taken() -> None:
+    for gws in (("mesh",), ("my-gw", "mesh"), ("istio-system/my-gw",)):
+        text = VS.replace("  hosts: [reviews]\n", f"  hosts: [reviews]\n  gateways: [{', '.join(gws)}]\n")
+        (loc,) = parse(text)
+        assert isinstance(loc.resource, VirtualService) and loc.resource.gateways == gws
 
 
 def test_apply_time_refusals_name_file_line_and_field() -> None:

@@ -378,6 +378,12 @@ def decide(table: RouteTable, svc: Service, req: RequestFacts, rng: random.Rando
         eps, traffic = subset_endpoints(table, svc, req.port, "")
         return Decision(svc, req.port, eps, _policy(svc, traffic), f"{svc.namespace}/{svc.name}/",
                         rule=table.rule(svc), traffic=traffic)
+    return decide_route(table, vs, req, rng)
+
+
+def decide_route(table: RouteTable, vs: VirtualService, req: RequestFacts, rng: random.Random) -> Decision:
+    """Where this request goes by ``vs``'s http routes (the service's VirtualService, or one bound
+    to the gateway that took the request). Raises LocalReply as :func:`decide`."""
     hit = table.match(vs, req)
     if hit is None:
         raise LocalReply(404, f"no route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
@@ -443,6 +449,13 @@ def decide_tcp(
     vs = table.virtual_service(svc)
     if vs is None or not vs.tcp:
         return None
+    return decide_tcp_route(table, vs, port, source, rng)
+
+
+def decide_tcp_route(
+    table: RouteTable, vs: VirtualService, port: int, source: Workload, rng: random.Random
+) -> Decision:
+    """:func:`decide_tcp` once the VirtualService is known (a gateway's, or the service's)."""
     for i, route in enumerate(vs.tcp):
         if route.matches and not any(
             (not m.port or m.port == port)
@@ -451,13 +464,22 @@ def decide_tcp(
             for m in route.matches
         ):
             continue
-        d = _weighted(route.route, rng)
-        target, tport = _target(table, vs, d, port)
-        eps, traffic = subset_endpoints(table, target, tport, d.destination.subset)
-        return Decision(target, tport, eps, _policy(target, traffic),
-                        f"{target.namespace}/{target.name}/{d.destination.subset}", vs, i,
-                        destination=d, rule=table.rule(target), traffic=traffic)
+        return connection_decision(table, vs, i, route.route, port, rng)
     raise LocalReply(503, f"no tcp route of VirtualService {vs.namespace}/{vs.name} matched", "NR")
+
+
+def connection_decision(
+    table: RouteTable, vs: VirtualService, index: int, dests: tuple[RouteDestination, ...], port: int,
+    rng: random.Random,
+) -> Decision:
+    """A connection's destination (tcp and tls routes): picked by weight, its subset's endpoints
+    and the DestinationRule's policy for them."""
+    d = _weighted(dests, rng)
+    target, tport = _target(table, vs, d, port)
+    eps, traffic = subset_endpoints(table, target, tport, d.destination.subset)
+    return Decision(target, tport, eps, _policy(target, traffic),
+                    f"{target.namespace}/{target.name}/{d.destination.subset}", vs, index,
+                    destination=d, rule=table.rule(target), traffic=traffic)
 
 
 def _target(table: RouteTable, vs: VirtualService, d: RouteDestination, port: int) -> tuple[Service, int]:
