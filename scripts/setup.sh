@@ -35,13 +35,15 @@ KREL=$(uname -r)
 
 # Debian packages. Runtime: BCC (python3-bpfcc), bpftool, iproute2 (tc for strict
 # inbound), kernel headers. Tests and demo: real clients and servers. Ops checks:
-# systemd-analyze (unit), Prometheus + promtool (scrape test), vagrant (validate).
+# systemd-analyze (unit), Prometheus + promtool (scrape test), vagrant (validate),
+# headless Chromium + chromedriver (the dashboard's browser test, driven by selenium).
 PACKAGES=(
   python3 python3-venv python3-bpfcc bpftool iproute2 procps
   curl dnsutils tcpdump socat
   haproxy nginx-light wrk iperf3 nghttp2-client
   etcd-server etcd-client
   systemd prometheus vagrant
+  chromium chromium-driver
 )
 
 missing=()

@@ -25,6 +25,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "describe": ("agent.cli.registry", "describe"),
     "delete": ("agent.cli.registry", "delete"),
     "explain": ("agent.cli.explain", "explain_cmd"),
+    "dashboard": ("agent.cli.dashboard", "dashboard_cmd"),
+    "top": ("agent.cli.dashboard", "top_cmd"),
 }
 
 

@@ -1,0 +1,203 @@
+"""Reading the agents (or a Prometheus server): where to ask, and one round of asking.
+
+How this works: a :class:`Target` says where one agent's ``/metrics`` and
+``/status`` are (``HOST`` uses the agents' ports 15020 and 15021; ``HOST:PORT``
+names the metrics port; ``http://HOST:PORT`` serves both paths, as a proxy in
+front of an agent would; a testbed node is asked from inside its netns).
+:func:`read_round` asks every target at once (a thread each, every read under
+a deadline and a size cap) and feeds the answers to a
+:class:`~agent.dashboard.state.MeshState`. With ``--prometheus URL`` one
+instant query returns every agent's counters (grouped by ``instance``) and
+``up`` says which answered Prometheus' last scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from agent.dashboard.model import WANTED, node_scrape
+from agent.dashboard.promtext import from_prometheus_api, parse
+from agent.dashboard.state import MeshState
+
+MAX_BODY_BYTES = 64 << 20
+METRICS_PORT = 15020
+STATUS_PORT = 15021
+_HOSTPORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+))(?::(\d{1,5}))?", re.ASCII)
+
+
+class TargetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    name: str
+    host: str
+    metrics_port: int
+    status_port: int
+    netns: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.netns + '/' if self.netns else ''}{self.host}:{self.metrics_port}"
+
+
+def parse_target(spec: str, metrics_port: int = METRICS_PORT, status_port: int = STATUS_PORT) -> Target:
+    """``HOST``, ``HOST:METRICS_PORT``, ``[IPv6]:PORT`` or ``http://HOST:PORT`` (both paths there)."""
+    text = spec.strip()
+    both = text.startswith("http://")
+    if both:
+        text = text[len("http://"):].rstrip("/")
+    m = _HOSTPORT.fullmatch(text)
+    if m is None:
+        raise TargetError(f"agent {spec!r}: expected HOST, HOST:PORT or http://HOST:PORT")
+    host = m.group(1) or m.group(2)
+    port = int(m.group(3)) if m.group(3) else None
+    if port is not None and not 0 < port < 65536:
+        raise TargetError(f"agent {spec!r}: port {port} is out of range")
+    if both:
+        if port is None:
+            raise TargetError(f"agent {spec!r}: http://HOST:PORT needs the port")
+        return Target(f"{host}:{port}", host, port, port)
+    return Target(f"{host}:{port}" if port else host, host, port or metrics_port, status_port)
+
+
+def testbed_targets(
+    prefix: str, metrics_port: int = METRICS_PORT, status_port: int = STATUS_PORT
+) -> list[Target]:
+    """Each node of a running ``nodemesh testbed``, asked from inside its netns."""
+    from netns import testbed
+
+    topo = testbed.load(prefix)
+    return [Target(n.name, n.fabric_address, metrics_port, status_port, n.netns) for n in topo.nodes]
+
+
+def http_get(host: str, port: int, path: str, timeout_s: float, netns: str | None = None) -> bytes:
+    """GET over HTTP/1.0 (no chunking), the whole body or an error, within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, port), timeout=timeout_s)
+
+    if netns:
+        from netns import kernel
+
+        sock = kernel.run_in_netns(netns, connect)
+    else:
+        sock = connect()
+    chunks: list[bytes] = []
+    size = 0
+    with sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode())
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no full answer in {timeout_s:g} s")
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(1 << 16)
+            except TimeoutError:
+                raise TimeoutError(f"no full answer in {timeout_s:g} s") from None
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise OSError(f"answer larger than {MAX_BODY_BYTES >> 20} MiB")
+            chunks.append(chunk)
+    data = b"".join(chunks)
+    head, sep, body = data.partition(b"\r\n\r\n")
+    first = head.split(b"\r\n", 1)[0]
+    if not sep or not re.match(rb"HTTP/1\.[01] 200 ", first + b" "):
+        raise OSError(f"answered {first[:80].decode('latin-1')!r}")
+    return body
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return str(e) or "timed out"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    return f"{type(e).__name__}: {e}" if not isinstance(e, OSError) or not e.strerror else e.strerror
+
+
+def _read_agent(t: Target, timeout_s: float, clock: Callable[[], float]) -> tuple[Any, ...]:
+    try:
+        body = http_get(t.host, t.metrics_port, "/metrics", timeout_s, t.netns)
+        at = clock()
+        parsed = parse(body.decode("utf-8", "replace"), WANTED)
+    except Exception as e:  # an agent's failure is data for the view, not an error of ours
+        return (None, _describe(e), None, None)
+    status: dict[str, Any] | None = None
+    status_error = None
+    try:
+        doc = json.loads(http_get(t.host, t.status_port, "/status", timeout_s, t.netns))
+        status = doc if isinstance(doc, dict) else None
+    except Exception as e:
+        status_error = _describe(e)
+    return (node_scrape(t.name, at, parsed.samples, parsed.skipped_lines), None, status, status_error)
+
+
+class Poller:
+    """Reads every target once per call of :meth:`round`, into ``state``."""
+
+    def __init__(
+        self,
+        state: MeshState,
+        targets: Sequence[Target] = (),
+        prometheus: str | None = None,
+        timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not targets and not prometheus:
+            raise TargetError("nothing to read: give --agent, --testbed or --prometheus")
+        self.state = state
+        self.targets = list(targets)
+        self.prometheus = prometheus.rstrip("/") if prometheus else None
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(self.targets))),
+                                        thread_name_prefix="scrape")
+        for t in self.targets:
+            state.target(t.name, t.address)
+
+    def round(self) -> dict[str, Any]:
+        if self.prometheus:
+            self._prometheus_round()
+        else:
+            answers = list(self._pool.map(lambda t: _read_agent(t, self.timeout_s, self.clock), self.targets))
+            now = self.clock()
+            for t, (scrape, error, status, status_error) in zip(self.targets, answers, strict=True):
+                self.state.observe(t.name, now, scrape, error, status, status_error)
+        return self.state.end_round(self.clock())
+
+    def _prometheus_query(self, query: str) -> Any:
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
+            return json.loads(r.read(MAX_BODY_BYTES))
+
+    def _prometheus_round(self) -> None:
+        now = self.clock()
+        names = "|".join(n.replace("*", ".*") for n in WANTED)
+        try:
+            by_instance = from_prometheus_api(self._prometheus_query(f'{{__name__=~"{names}"}}'))
+            up = from_prometheus_api(self._prometheus_query("up"))
+        except Exception as e:
+            for name in list(self.state.nodes) or [self.prometheus or "prometheus"]:
+                self.state.observe(name, now, None, f"Prometheus: {_describe(e)}")
+            return
+        up_now = {inst: any(s.value == 1 for s in samples) for inst, (_, samples) in up.items()}
+        for inst in sorted(set(by_instance) | {i for i in up_now if i in self.state.nodes}):
+            at, samples = by_instance.get(inst, (now, []))
+            if not up_now.get(inst, True):
+                self.state.observe(inst, now, None, "down in Prometheus (up == 0)")
+                continue
+            self.state.observe(inst, now, node_scrape(inst, at, samples))
