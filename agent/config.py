@@ -29,6 +29,9 @@ Example (every key but ``node`` has a default)::
       capture_cidrs: [10.96.0.0/16, 10.244.0.0/16]
       excluded_ports: []
       enroll: [/run/netns/pod-a]               # pod network namespaces to capture
+      host_cgroups: [system.slice/my-service.service]  # host services to capture, by the
+                               # cgroup they run in (never the agent's own or an ancestor); the
+                               # workload of the same name on this node is their identity
     peers: {n2: 10.250.0.2}    # other nodes' HBONE addresses
     peer_authentication:       # inbound plaintext to pods: PERMISSIVE (delivered, counted),
       mode: PERMISSIVE         # STRICT (refused unless it comes from the node proxy), DISABLE
@@ -131,6 +134,7 @@ class InterceptionConfig:
     capture_cidrs: tuple[str, ...] = ("10.96.0.0/16",)
     excluded_ports: tuple[int, ...] = ()
     enroll: tuple[str, ...] = ()
+    host_cgroups: tuple[str, ...] = ()  # relative to the cgroup v2 mount, or absolute
 
 
 PEER_AUTH_MODES = ("PERMISSIVE", "STRICT", "DISABLE")
@@ -370,7 +374,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
     i = r.mapping(
         top.get("interception"),
         "interception",
-        {"cgroup", "bpffs_root", "capture_cidrs", "excluded_ports", "enroll"},
+        {"cgroup", "bpffs_root", "capture_cidrs", "excluded_ports", "enroll", "host_cgroups"},
     )
     cidrs = r.str_list(i, "capture_cidrs", "interception.", ("10.96.0.0/16",))
     for n, cidr in enumerate(cidrs):
@@ -392,6 +396,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         capture_cidrs=cidrs,
         excluded_ports=excluded,
         enroll=r.str_list(i, "enroll", "interception.", ()),
+        host_cgroups=_host_cgroups(r, i),
     )
     peers_doc = top.get("peers") or {}
     if not isinstance(peers_doc, Mapping):
@@ -496,6 +501,29 @@ def _mesh(r: _Reader, doc: Any) -> MeshConfig:
         raise r.fail("mesh.root_namespace", f"expected a namespace name (lowercase letters, digits, '-'), "
                      f"got {root!r}")
     return MeshConfig(root)
+
+
+def _host_cgroups(r: _Reader, i: Mapping[str, Any]) -> tuple[str, ...]:
+    """interception.host_cgroups: cgroup paths whose last part names the workload (a systemd
+    unit ``my-service.service`` is workload ``my-service``)."""
+    out = r.str_list(i, "host_cgroups", "interception.", ())
+    for n, path in enumerate(out):
+        parts = path.strip("/").split("/")
+        if not path.strip("/") or ".." in parts or "." in parts:
+            raise r.fail(f"interception.host_cgroups[{n}]",
+                         f"expected a cgroup path such as system.slice/my-service.service, got {path!r}")
+    if len(set(out)) != len(out):
+        raise r.fail("interception.host_cgroups", "a cgroup is listed twice")
+    return out
+
+
+def host_workload_name(cgroup: str) -> str:
+    """The workload a host cgroup's processes are: its last part without a systemd suffix."""
+    leaf = cgroup.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".service", ".scope"):
+        if leaf.endswith(suffix):
+            return leaf[: -len(suffix)]
+    return leaf
 
 
 def _http(r: _Reader, doc: Any) -> HttpConfig:

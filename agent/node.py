@@ -30,13 +30,14 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily
 
+from agent import hostsvc
 from agent.config import AgentConfig, PeerAuthConfig
 from agent.control.backend import Backend
 from agent.control.backends import open_backend
@@ -51,7 +52,7 @@ from agent.dataplane.gateway import IngressGateway
 from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
 from agent.dataplane.http.h1 import LoopConfig
 from agent.dataplane.http.upstream import PoolLimits, UpstreamPool
-from agent.dataplane.inbound import Inbound, InboundConfig
+from agent.dataplane.inbound import RESERVED_PORTS, Inbound, InboundConfig
 from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
 from agent.dataplane.pool import TunnelPool
@@ -178,7 +179,8 @@ def workload_guard(cfg: AgentConfig) -> WorkloadGuard:
     control = [urlsplit(u).hostname or "" for u in cfg.registry.endpoints]
     if cfg.ca_service:
         control.append(cfg.ca_service.rpartition(":")[0].strip("[]"))
-    return WorkloadGuard.of({"proxy": a.proxy, "hbone": a.hbone, "metrics": a.metrics}, cfg.peers, control)
+    return WorkloadGuard.of({"proxy": a.proxy, "hbone": a.hbone, "metrics": a.metrics}, cfg.peers, control,
+                            node=cfg.node)
 
 
 def identity_source(cfg: AgentConfig, clock: SystemClock) -> tuple[Issuer, TrustBundle]:
@@ -219,6 +221,7 @@ def identity_source(cfg: AgentConfig, clock: SystemClock) -> tuple[Issuer, Trust
 
 def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     dataplane: Dataplane | None = None
+    host_names: Mapping[int, str] = {}
     if with_interception:
         if not cfg.interception.cgroup:
             raise AgentError("interception.cgroup is not set", hint="the cgroup your pods run below")
@@ -228,6 +231,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         target = RedirectTarget(cfg.addresses.proxy, cfg.ports.outbound, cfg.ports.dns)
         for ns in cfg.interception.enroll:
             dataplane.enroll(ns, target)
+        host_names = hostsvc.enroll(cfg, dataplane, target)
     clock = SystemClock()
     issuer, bundle = identity_source(cfg, clock)
     certs = CertManager(issuer, clock, ttl_s=cfg.cert_ttl_s)
@@ -289,6 +293,9 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         ),
         reporter=reporter,
         authorizer=authorizer,
+        host_source=None if dataplane is None else hostsvc.HostSources(
+            cfg.node, frozenset({cfg.addresses.proxy, cfg.addresses.hbone}), host_names,
+            dataplane.lookup_original_dst, directory),
     )
     own = {cfg.addresses.proxy, cfg.addresses.hbone, cfg.addresses.metrics}
     inbound = Inbound(
@@ -296,6 +303,8 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             node=cfg.node,
             trust_domain=cfg.trust_domain,
             reserved_addresses=frozenset(own | set(cfg.peers.values())),
+            # the agent's own ports, as configured: never dialled, also not for a host workload
+            reserved_ports=RESERVED_PORTS | set(dataclasses.astuple(cfg.ports)),
             proxy_mark=cfg.peer_authentication.proxy_mark,
             sniff_timeout_s=hc.sniff_timeout_s,
             http=loop_config,

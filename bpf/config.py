@@ -44,6 +44,7 @@ class BuildConfig:
     max_cidrs: int = 256
     max_excluded_ports: int = 64
     dns_port: int = 53  # the port queries are sent to (not the node DNS port)
+    max_host_cgroups: int = 64  # host services enrolled by cgroup (bpf/hostcg.py)
 
     def __post_init__(self) -> None:
         _int_in(self.max_enrolled, 1, 1 << 20, "max_enrolled")
@@ -51,6 +52,7 @@ class BuildConfig:
         _int_in(self.max_cidrs, 1, 1 << 16, "max_cidrs")
         _int_in(self.max_excluded_ports, 1, 65535, "max_excluded_ports")
         _port(self.dns_port, "dns_port")
+        _int_in(self.max_host_cgroups, 1, 1 << 16, "max_host_cgroups")
 
     def cflags(self) -> list[str]:
         """The -D flags: integers only, each validated above."""
@@ -60,6 +62,7 @@ class BuildConfig:
             f"-DNM_MAX_CIDRS={self.max_cidrs:d}",
             f"-DNM_MAX_PORTS={self.max_excluded_ports:d}",
             f"-DNM_DNS_PORT={self.dns_port:d}",
+            f"-DNM_MAX_HOST_CG={self.max_host_cgroups:d}",
         ]
 
     def version(self, sources: bytes) -> str:

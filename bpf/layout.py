@@ -28,7 +28,7 @@ class Orig(ctypes.Structure):
     _fields_ = [
         ("ip4", ctypes.c_uint32),
         ("port", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
+        ("host", ctypes.c_uint16),
         ("netns_cookie", ctypes.c_uint64),
     ]
 
@@ -93,6 +93,7 @@ class SrcKey(ctypes.Structure):
 MAPS: tuple[tuple[str, type[ctypes._SimpleCData[int]] | type[ctypes.Structure],
                   type[ctypes._SimpleCData[int]] | type[ctypes.Structure]], ...] = (
     ("nm_enrolled", ctypes.c_uint64, Target),
+    ("nm_host_cg", ctypes.c_uint64, Target),
     ("nm_capture", Cidr, ctypes.c_uint8),
     ("nm_excl_ports", ctypes.c_uint16, ctypes.c_uint8),
     ("nm_orig_cookie", ctypes.c_uint64, Orig),

@@ -120,7 +120,8 @@ def netns_cookie(netns: str | int) -> int:
 class OriginalDst:
     ip: str
     port: int
-    netns_cookie: int  # the enrolled pod the connection came from
+    netns_cookie: int  # the enrolled pod the connection came from (host: its cgroup id)
+    host: bool = False  # from a host service enrolled by cgroup (bpf/hostcg.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +209,24 @@ class Dataplane:
                 port_from_map(t.dns_port))
         return out
 
+    def enroll_host_cgroup(self, cgroup_id: int, target: RedirectTarget) -> None:
+        """Capture the processes of the host cgroup ``cgroup_id`` (its programs' links are
+        :mod:`bpf.hostcg`'s; the refusal of the agent's own cgroup too)."""
+        if not isinstance(target, RedirectTarget):
+            raise BpfConfigError(f"expected a RedirectTarget, got {target!r}", where="target")
+        value = Target(ip4_to_map(target.proxy_ip4), port_to_map(target.proxy_port),
+                       port_to_map(target.dns_port) if target.dns_port else 0)
+        syscall.map_update(self._fd("nm_host_cg"), as_buffer(ctypes.c_uint64(cgroup_id)),
+                           as_buffer(value))
+
+    def unenroll_host_cgroup(self, cgroup_id: int) -> bool:
+        return syscall.map_delete(self._fd("nm_host_cg"), as_buffer(ctypes.c_uint64(cgroup_id)))
+
+    def host_cgroups(self) -> list[int]:
+        """The cgroup ids of the enrolled host services."""
+        return [int.from_bytes(raw, "little") for raw in
+                syscall.map_keys(self._fd("nm_host_cg"), 8, self._max["nm_host_cg"])]
+
     # --- capture config ---------------------------------------------------
 
     def set_capture(self, cfg: CaptureConfig) -> None:
@@ -264,7 +283,7 @@ class Dataplane:
             self.lookup_misses += 1
             return None
         o = Orig.from_buffer_copy(raw)
-        return OriginalDst(ip4_from_map(o.ip4), port_from_map(o.port), o.netns_cookie)
+        return OriginalDst(ip4_from_map(o.ip4), port_from_map(o.port), o.netns_cookie, bool(o.host))
 
     def original_dst_of(self, sock: socket.socket) -> OriginalDst | None:
         """The original destination of a connection the proxy accepted."""

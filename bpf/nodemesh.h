@@ -14,6 +14,7 @@
  *   NM_MAX_CIDRS      entries of the capture LPM trie
  *   NM_MAX_PORTS      entries of the excluded-ports set
  *   NM_DNS_PORT       the UDP port treated as DNS (53)
+ *   NM_MAX_HOST_CG    entries of nm_host_cg (host services enrolled by cgroup)
  *
  * The peer-authentication maps (nm_peer_auth, nm_peer_stats, nm_pod_if) are
  * sized by NM_MAX_ENROLLED too: one entry per pod on the node; nm_pod_src
@@ -24,7 +25,7 @@
 #define NODEMESH_H
 
 #if !defined(NM_MAX_ENROLLED) || !defined(NM_MAX_RECORDS) || !defined(NM_MAX_CIDRS) || \
-    !defined(NM_MAX_PORTS) || !defined(NM_DNS_PORT)
+    !defined(NM_MAX_PORTS) || !defined(NM_DNS_PORT) || !defined(NM_MAX_HOST_CG)
 #error "nodemesh.h: the loader must pass every NM_* -D flag"
 #endif
 
@@ -49,7 +50,7 @@ struct nm_target {
 struct nm_orig {
     __u32 ip4;
     __u16 port;
-    __u16 pad;
+    __u16 host;         /* 1: from a host service; netns_cookie is then its cgroup id */
     __u64 netns_cookie; /* the pod the connection came from */
 };
 
@@ -89,6 +90,8 @@ enum nm_counter {
 };
 
 BPF_HASH(nm_enrolled, __u64, struct nm_target, NM_MAX_ENROLLED);
+/* Host services (bpf/hostcg.py): key: the cgroup id of a service in the host netns. */
+BPF_HASH(nm_host_cg, __u64, struct nm_target, NM_MAX_HOST_CG);
 BPF_LPM_TRIE(nm_capture, struct nm_cidr, __u8, NM_MAX_CIDRS);
 BPF_HASH(nm_excl_ports, __u16, __u8, NM_MAX_PORTS);
 BPF_TABLE("lru_hash", __u64, struct nm_orig, nm_orig_cookie, NM_MAX_RECORDS);
@@ -101,6 +104,27 @@ static __always_inline void nm_count(__u32 slot)
     __u64 *v = nm_counters.lookup(&slot);
     if (v)
         *v += 1;
+}
+
+/* Where this task's sockets are redirected: its netns is an enrolled pod's, or
+ * (not a pod) the cgroup it runs in is an enrolled host service's, exactly
+ * that cgroup, not an ancestor; 0: neither. *id is the netns cookie or the
+ * cgroup id, *host says which. The agent's cgroup is never in nm_host_cg. */
+static __always_inline struct nm_target *nm_target_of(void *ctx, __u64 *id, __u16 *host)
+{
+    __u64 ns = bpf_get_netns_cookie(ctx);
+    struct nm_target *t = nm_enrolled.lookup(&ns);
+    *id = ns;
+    *host = 0;
+    if (t)
+        return t;
+    __u64 cg = bpf_get_current_cgroup_id();
+    t = nm_host_cg.lookup(&cg);
+    if (t) {
+        *id = cg;
+        *host = 1;
+    }
+    return t;
 }
 
 /* A connect/sendmsg rewrite: where to send instead. */
@@ -116,8 +140,9 @@ struct nm_verdict {
 static __always_inline int nm_decide(void *ctx, __u32 protocol, __u32 dst_ip4, __u16 dst_port,
                                      struct nm_verdict *v)
 {
-    __u64 ns = bpf_get_netns_cookie(ctx);
-    struct nm_target *t = nm_enrolled.lookup(&ns);
+    __u64 ns = 0;
+    __u16 host = 0;
+    struct nm_target *t = nm_target_of(ctx, &ns, &host);
     if (!t) {
         nm_count(NM_C_BYPASS_NOT_ENROLLED);
         return 0;
@@ -134,6 +159,7 @@ static __always_inline int nm_decide(void *ctx, __u32 protocol, __u32 dst_ip4, _
     struct nm_orig o = {};
     o.ip4 = dst_ip4;
     o.port = dst_port;
+    o.host = host;
     o.netns_cookie = ns;
     if (protocol == NM_IPPROTO_UDP) {
         if (dst_port != bpf_htons(NM_DNS_PORT) || t->dns_port == 0) {
@@ -180,8 +206,9 @@ static __always_inline int nm_decide(void *ctx, __u32 protocol, __u32 dst_ip4, _
 static __always_inline struct nm_orig *nm_orig_of(void *ctx, struct bpf_sock *sk, __u32 protocol,
                                                   __u32 peer_ip4, __u16 peer_port)
 {
-    __u64 ns = bpf_get_netns_cookie(ctx);
-    struct nm_target *t = nm_enrolled.lookup(&ns);
+    __u64 ns = 0;
+    __u16 host = 0;
+    struct nm_target *t = nm_target_of(ctx, &ns, &host);
     if (!t || peer_ip4 != t->proxy_ip4)
         return 0;
     if (protocol == NM_IPPROTO_UDP) {

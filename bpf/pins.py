@@ -141,6 +141,23 @@ def hook_states(pin_dir: str) -> list[HookState]:
     return states
 
 
+def detach_link(path: str) -> bool:
+    """Detach the cgroup link pinned at ``path`` and unpin it; False if there is none."""
+    if not os.path.exists(path):
+        return False
+    fd = syscall.obj_get(path)
+    try:
+        try:
+            syscall.link_detach(fd)
+        except BpfError as e:
+            if e.errno not in (errno_mod.ENOLINK, errno_mod.EINVAL):
+                raise
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    return True
+
+
 def remove_dir(pin_dir: str) -> list[str]:
     """Detach every link, unpin everything, remove the directory. Idempotent.
 
@@ -152,19 +169,8 @@ def remove_dir(pin_dir: str) -> list[str]:
         return removed
     for hook in HOOKS:
         path = link_pin(pin_dir, hook)
-        if not os.path.exists(path):
-            continue
-        fd = syscall.obj_get(path)
-        try:
-            try:
-                syscall.link_detach(fd)
-            except BpfError as e:
-                if e.errno not in (errno_mod.ENOLINK, errno_mod.EINVAL):
-                    raise
-        finally:
-            os.close(fd)
-        os.unlink(path)
-        removed.append(path)
+        if detach_link(path):
+            removed.append(path)
     for name in sorted(os.listdir(pin_dir)):
         os.unlink(os.path.join(pin_dir, name))
         removed.append(os.path.join(pin_dir, name))

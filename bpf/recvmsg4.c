@@ -4,8 +4,9 @@
 
 int nm_recvmsg4(struct bpf_sock_addr *ctx)
 {
-    __u64 ns = bpf_get_netns_cookie(ctx);
-    struct nm_target *t = nm_enrolled.lookup(&ns);
+    __u64 ns = 0;
+    __u16 host = 0;
+    struct nm_target *t = nm_target_of(ctx, &ns, &host);
     if (!t || t->dns_port == 0)
         return 1;
     if (ctx->user_ip4 != t->proxy_ip4 || (__u16)ctx->user_port != t->dns_port)

@@ -25,6 +25,7 @@ MAP_DELETE_ELEM = 3
 MAP_GET_NEXT_KEY = 4
 OBJ_PIN = 6
 OBJ_GET = 7
+PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
 LINK_CREATE = 28
@@ -160,6 +161,11 @@ def link_info(fd: int) -> dict[str, int]:
 def link_create(prog_fd: int, cgroup_fd: int, attach_type: int, what: str) -> int:
     """A cgroup link: multi-attach, coexists with BPF_F_ALLOW_MULTI programs."""
     return bpf(LINK_CREATE, _attr("=IIII", prog_fd, cgroup_fd, attach_type, 0), what)
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    """An fd of the loaded program ``prog_id`` (e.g. from a pinned link's info)."""
+    return bpf(PROG_GET_FD_BY_ID, _attr("=I", prog_id), f"open program id {prog_id}")
 
 
 def link_detach(link_fd: int) -> None:

@@ -47,7 +47,7 @@ from agent.control.model import (
 from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
 from agent.control.ratelimit import RateLimitPolicy, rate_limit_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
-from agent.control.screening import address_key
+from agent.control.screening import HOST_LABEL, address_key
 from agent.control.validate import IpNetwork, Located, Resource
 
 COMMIT_ATTEMPTS = 5
@@ -137,15 +137,29 @@ def _workload_addresses(items: Mapping[str, str], resources: Sequence[Located]) 
         if key in redefined or not key.startswith(_WORKLOAD_PREFIX):
             continue
         try:
-            address = json.loads(value)["address"]
-            out.setdefault(address_key(address), (key, None))
-        except (ValueError, KeyError, TypeError):
+            d = json.loads(value)
+            for claim in _claims(d["address"], d.get("node", ""), d.get("labels", {}), d.get("ports", {})):
+                out.setdefault(claim, (key, None))
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue  # not ours to judge here; the agents skip what they cannot decode
     return out
 
 
+def _claims(address: str, node: str, labels: Mapping[str, str], ports: Mapping[str, int]) -> list[str]:
+    """What a workload's address claims: the address, or for a host service (a Consul
+    definition without address, on its node's address) that address on each of its ports."""
+    addr = address_key(address)
+    if labels.get(HOST_LABEL) == "true":
+        return [f"{addr}:{p}@{node}" for p in sorted(set(ports.values()))]
+    return [addr]
+
+
 def _claim_address(owners: _AddressOwners, key: str, r: Workload, loc: Located) -> None:
-    addr = address_key(r.address)
+    for claim in _claims(r.address, r.node, r.labels, r.ports):
+        _claim(owners, claim, key, r, loc)
+
+
+def _claim(owners: _AddressOwners, addr: str, key: str, r: Workload, loc: Located) -> None:
     owner = owners.get(addr)
     if owner is not None and owner[0] != key:
         o = split_key(owner[0])
@@ -154,7 +168,8 @@ def _claim_address(owners: _AddressOwners, key: str, r: Workload, loc: Located) 
         where = ("already in the registry" if first is None
                  else f"defined at {first.file}:{first.line_of(first.address_path)}")
         raise loc.fail(loc.address_path,
-                       f"address {r.address} of {_label(r)} is already used by {who} ({where})",
+                       f"address {addr.split('@')[0] if '@' in addr else r.address} of {_label(r)} "
+                       f"is already used by {who} ({where})",
                        hint="two workloads cannot share an address; delete the old one first "
                             "if the address moved")
     owners[addr] = (key, loc)

@@ -4,7 +4,11 @@ How this works: the text is parsed as JSON when it starts with ``{``, else as
 HCL (Consul's HCL1 dialect, via pyhcl). Each ``service`` (or entry of
 ``services``) becomes a :class:`Workload` named after its ``id`` (else its
 ``name``) with label ``nodemesh.io/service: <name>``, its ``address``, ``port``,
-``meta`` as labels, and its ``check``/``checks``. When no Service of that name
+``meta`` as labels, and its ``check``/``checks``. A definition without ``address``
+is a service running on the host itself (as Consul agents on VMs run them): its
+workload gets the registering node's host address (``node_address``, the node's
+HBONE address) and its checks run from that host, so ``http://127.0.0.1:8080/``
+means the node's own loopback. When no Service of that name
 exists yet, a Service selecting that label is created too (port = the Consul
 port; ``meta.protocol`` picks the protocol), so Consul users get a VIP and a
 DNS name without writing YAML.
@@ -24,6 +28,7 @@ import hcl  # type: ignore[import-untyped]
 
 from agent.control.errors import InputError
 from agent.control.model import DEFAULT_NAMESPACE, Protocol, Service, ServicePort, Workload
+from agent.control.screening import HOST_LABEL
 from agent.control.validate import (
     IpNetwork,
     Located,
@@ -76,8 +81,10 @@ def _load(text: str, file: str) -> Any:
 
 
 def parse_consul(text: str, file: str, *, existing_services: Mapping[tuple[str, str], Service],
-                 node: str, vip_range: IpNetwork) -> list[Located]:
-    """Resources for every service definition in one file (first error raises)."""
+                 node: str, vip_range: IpNetwork, node_address: str | None = None) -> list[Located]:
+    """Resources for every service definition in one file (first error raises).
+    ``node_address``: the host address of ``node``, for definitions without ``address``
+    (None: unknown, such a definition is refused)."""
     del vip_range  # VIPs are allocated by apply; kept for symmetry with parse_yaml
     doc = _TextDoc(file, text)
     root = _map(doc, _load(text, file), "")
@@ -94,18 +101,25 @@ def parse_consul(text: str, file: str, *, existing_services: Mapping[tuple[str, 
                          hint='write: service { name = "web" port = 8080 ... }')
     out: list[Located] = []
     for path, d in defs:
-        out += _one(doc, _map(doc, d, path), path, existing_services, node)
+        out += _one(doc, _map(doc, d, path), path, existing_services, node, node_address)
     return out
 
 
 def _one(doc: _TextDoc, m: dict[str, Any], path: str,
-         existing: Mapping[tuple[str, str], Service], node: str) -> list[Located]:
+         existing: Mapping[tuple[str, str], Service], node: str,
+         node_address: str | None) -> list[Located]:
     _only(doc, m, path, _SERVICE_FIELDS)
     name = _name(doc, _str(doc, m, "name", path, required=True), f"{path}.name")
     wid = _name(doc, _str(doc, m, "id", path, default=name), f"{path}.id")
     ns = _name(doc, _str(doc, m, "namespace", path, default=DEFAULT_NAMESPACE),
                f"{path}.namespace")
-    address = workload_ip(doc, _str(doc, m, "address", path, required=True), f"{path}.address")
+    given = _str(doc, m, "address", path)  # "" as in Consul: the node's address
+    if not given and node_address is None:
+        raise doc.fail(f"{path}.address", f"no address, and the address of node {node!r} is "
+                       "unknown (a service without address runs on the registering host)",
+                       hint="pass --node-address, or --config with the agent config of that "
+                            "node (its addresses.hbone, or its peers for another --node)")
+    address = workload_ip(doc, given or node_address or "", f"{path}.address")
     port = _int(doc, m, "port", path, 1, 65535, required=True)
     meta = _labels(doc, m.get("meta"), f"{path}.meta")
     checks_raw: list[tuple[str, Any]] = []
@@ -127,7 +141,7 @@ def _one(doc: _TextDoc, m: dict[str, Any], path: str,
         proto = Protocol(proto_s)
     except ValueError:
         raise doc.fail(f"{path}.meta.protocol", f"unknown protocol {proto_s!r}") from None
-    labels = {**meta, SERVICE_LABEL: name}
+    labels = {**meta, SERVICE_LABEL: name, **({} if given else {HOST_LABEL: "true"})}
     w = Workload(name=wid, namespace=ns, address=address, node=node, labels=labels,
                  ports={"port": port}, checks=checks)
     out = [Located(w, doc.file, 1, doc, f"{path}.address")]

@@ -12,7 +12,11 @@ agent screens each snapshot again with :meth:`WorkloadGuard.screen`: a workload
 at a forbidden address, at one of this agent's addresses, a peer node's or a
 control-plane address (etcd, the CA service), or sharing its address with another
 workload, is left out of the snapshot the data path routes by (inbound and
-outbound alike), with one :class:`Rejection` per workload naming why. Logging
+outbound alike), with one :class:`Rejection` per workload naming why. One
+exception: a *host workload*, a service running on a node itself (a Consul
+definition without ``address``), has the host (HBONE) address of the node it
+names; it is accepted, and host workloads of one node share that address, each
+on its own ports (:meth:`WorkloadGuard.is_host`). Logging
 the rejections (once, when they change) and counting them is the caller's.
 """
 
@@ -33,6 +37,10 @@ from agent.control.model import Workload
 from agent.control.snapshot import NsName, Snapshot
 
 log = logging.getLogger(__name__)
+
+# The label `nodemesh register` gives a host workload (a Consul definition without address);
+# apply lets host workloads of one node share its address on distinct ports.
+HOST_LABEL = "nodemesh.io/host"
 
 # Bounded label values of nodemesh_registry_rejected_workloads{reason}.
 REASONS = ("loopback", "unspecified", "link_local", "multicast", "broadcast",
@@ -107,14 +115,20 @@ class WorkloadGuard:
     """Addresses no workload may have on this agent: ``address key -> (reason, what it is)``."""
 
     reserved: Mapping[str, tuple[str, str]] = field(default_factory=lambda: MappingProxyType({}))
+    # host address key -> the node it is the host address of (this agent's hbone, its peers')
+    hosts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @classmethod
     def of(cls, own: Mapping[str, str], peers: Mapping[str, str],
-           control_plane: Iterable[str] = ()) -> WorkloadGuard:
+           control_plane: Iterable[str] = (), *, node: str = "") -> WorkloadGuard:
         """``own``: this agent's addresses by role (proxy, hbone, metrics); ``peers``: node
         name -> address; ``control_plane``: etcd and CA hosts (names that are not IP
-        addresses are skipped: a workload address is always one)."""
+        addresses are skipped: a workload address is always one); ``node``: this agent's
+        node name (with it, workloads of a node at its host address are host workloads)."""
         out: dict[str, tuple[str, str]] = {}
+        hosts = {address_key(addr): name for name, addr in peers.items()}
+        if node and "hbone" in own:
+            hosts[address_key(own["hbone"])] = node
         for host in control_plane:
             try:
                 out[address_key(host)] = ("control_plane", f"a control-plane address ({host})")
@@ -127,7 +141,19 @@ class WorkloadGuard:
             roles.setdefault(address_key(addr), []).append(role)
         for key, names in roles.items():
             out[key] = ("node_address", f"this agent's {' and '.join(names)} address")
-        return cls(MappingProxyType(out))
+        # a control-plane address is never a host workload's
+        hosts = {k: n for k, n in hosts.items() if out[k][0] != "control_plane"}
+        return cls(MappingProxyType(out), MappingProxyType(hosts))
+
+    def is_host(self, w: Workload) -> bool:
+        """``w`` runs on its node's host itself: its address is the host address of its node
+        (and it has ports: a host workload is reached on its ports only)."""
+        if not self.hosts or not w.node or not w.ports:
+            return False
+        try:
+            return self.hosts.get(address_key(w.address)) == w.node
+        except ValueError:
+            return False
 
     def check(self, w: Workload) -> Rejection | None:
         """The rejection of one workload on its own (duplicates need the whole snapshot)."""
@@ -137,6 +163,8 @@ class WorkloadGuard:
         except ValueError:  # the model validates addresses; a guard does not trust that
             return Rejection("unspecified", f"{w.address!r} is not an IP address")
         hit = self.reserved.get(key)  # first: "this agent's hbone address" says more than "loopback"
+        if hit is not None and hit[0] == "node_address" and self.is_host(w):
+            return None  # a host workload
         if hit is not None:
             return Rejection(hit[0], f"{w.address} is {hit[1]}")
         return problem
@@ -150,6 +178,9 @@ class WorkloadGuard:
             r = self.check(w)
             if r is not None:
                 rejected[key] = r
+            elif self.is_host(w):  # host workloads share their node's address, not a port
+                for port in set(w.ports.values()):
+                    holders.setdefault(f"{address_key(w.address)}:{port}", []).append(key)
             else:
                 holders.setdefault(address_key(w.address), []).append(key)
         for addr, keys in holders.items():

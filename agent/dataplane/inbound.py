@@ -207,16 +207,17 @@ class Inbound:
         why = self._peer_refusal(client, peer[0])  # the registry may have changed since the handshake
         if why is not None:
             return await self._refuse(stream, "identity_not_on_peer_node", 403, why)
+        directory = self.directory()
+        w = directory.local_workload_at(req.target.address, self.config.node, req.target.port)
         why = dial_refusal(
             req.target,
             self.config.reserved_addresses,
             self.config.reserved_ports,
             loopback_pods=self.config.loopback_pods,
+            host_service=w is not None and directory.hosts.get((req.target.address, req.target.port)) is w,
         )
         if why is not None:
             return await self._refuse(stream, "reserved_target", 400, why)
-        directory = self.directory()
-        w = directory.local_workload_at(req.target.address, self.config.node)
         if w is None:
             return await self._refuse(
                 stream,
@@ -363,11 +364,14 @@ def dial_refusal(
     reserved_ports: frozenset[int],
     *,
     loopback_pods: bool = False,
+    host_service: bool = False,
 ) -> str | None:
     """Why the inbound must never dial ``target`` whatever the registry says, or None: the
     node's and its peers' own addresses, loopback, unspecified, link-local and multicast
     addresses, and the agent's ports (reserved for the mesh, as Istio reserves them).
-    The address rules are the registry's own (:func:`address_problem`)."""
+    The address rules are the registry's own (:func:`address_problem`). ``host_service``:
+    the target is a host workload of this node (a service on the node itself), at this
+    node's host address: that address is allowed, the agent's ports never are."""
     try:
         problem = address_problem(target.address)
         key = address_key(target.address)
@@ -375,7 +379,7 @@ def dial_refusal(
         return f"{target.authority}: not an IP address"
     if problem is not None and not (loopback_pods and problem.reason == "loopback"):
         return f"{target.authority}: never a pod: {problem.detail}"
-    if key in reserved_addresses:
+    if key in reserved_addresses and not host_service:
         return f"{target.authority}: a node address, not a pod"
     if target.port in reserved_ports:
         return f"{target.authority}: port {target.port} is reserved for the mesh agent"

@@ -76,6 +76,8 @@ MIRROR_TIMEOUT_S = 10.0
 OUTBOUND_PORT = 15001
 
 OriginalDstLookup = Callable[[tuple[str, int], tuple[str, int]], tuple[str, int] | None]
+# a host service's connection (from a node address): its workload (agent/hostsvc.py)
+HostSource = Callable[[tuple[str, int], tuple[str, int]], Workload | None]
 NodeAddress = Callable[[str], str | None]
 
 
@@ -120,8 +122,10 @@ class Outbound:
         reporter: Reporter | None = None,
         rng: random.Random | None = None,
         authorizer: Authorizer | None = None,
+        host_source: HostSource | None = None,
     ) -> None:
         self.config = config
+        self.host_source = host_source
         self.authorizer = authorizer or Authorizer(directory, metrics)  # same-node destinations
         self.upstreams = upstreams or UpstreamPool()
         self.h2_upstreams = h2_upstreams or H2Pool(self.upstreams.limits)
@@ -339,7 +343,13 @@ class Outbound:
             return self._fail(app, "NR", f"no original destination recorded for {peer[0]}:{peer[1]}")
         dst_ip, dst_port = orig
         directory = self.directory()
-        src = directory.workload_at(peer[0])
+        src = None
+        if self.host_source is not None:
+            src = self.host_source((peer[0], peer[1]), (local[0], local[1]))
+        if src is not None:  # a host service: its source address is its host address
+            peer = (src.address, peer[1])
+        else:
+            src = directory.workload_at(peer[0])
         if src is None:
             return self._fail(app, "UAEX", f"source {peer[0]} is not a registered workload")
         src_id = self.identity(src.namespace, src.service_account)
@@ -412,11 +422,11 @@ class Outbound:
             flow = Flow(
                 "source",
                 party(src, src_id.uri),
-                party(directory.workload_at(ep.address), dst_id.uri, namespace=ep.namespace),
+                party(directory.workload_for(ep.address, ep.port), dst_id.uri, namespace=ep.namespace),
                 route.service,
                 mutual_tls=ep.node != self.config.node,
             )
-            local = directory.workload_at(ep.address) if ep.node == self.config.node else None
+            local = directory.workload_for(ep.address, ep.port) if ep.node == self.config.node else None
             facts = None
             if local is not None:  # a same-node destination: its policies are judged here
                 facts = authz.Facts(principal=principal_of(src_id.uri), namespace=src.namespace,
@@ -549,7 +559,7 @@ class OutboundHttp:
         if c is None:
             out = self.out
             dst_id = out.identity(ep.namespace, ep.service_account)
-            dst = party(out.directory().workload_at(ep.address), dst_id.uri, namespace=ep.namespace)
+            dst = party(out.directory().workload_for(ep.address, ep.port), dst_id.uri, namespace=ep.namespace)
             remote = ep.node != out.config.node
             flow = Flow("source", self.src_party, dst, service, mutual_tls=remote)
             same = None
@@ -731,7 +741,7 @@ class OutboundHttp:
             return authz.Facts(principal=principal_of(self.src_id.uri), namespace=self.src.namespace,
                                source_ip=self.src_ip, destination_ip=ep.address, destination_port=ep.port)
 
-        out.authorizer.judge_request(out.directory().workload_at(ep.address), conn, ex, headers,
+        out.authorizer.judge_request(out.directory().workload_for(ep.address, ep.port), conn, ex, headers,
                                      out.config.path_normalization)
 
     async def _dial(self, ep: Endpoint, timeout_s: float | None = None) -> End:

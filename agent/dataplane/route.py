@@ -62,6 +62,8 @@ class Directory:
     # is one a pod may vary at will); cleared past MAX_CACHED_ROUTES
     routes: dict[tuple[str, int], Route] = field(default_factory=dict, compare=False, repr=False)
     protocols: dict[tuple[str, int], Protocol | None] = field(default_factory=dict, compare=False, repr=False)
+    # host workloads (services on a node itself, sharing its address): (address, port) -> workload
+    hosts: Mapping[tuple[str, int], Workload] = field(default_factory=dict)
 
     @classmethod
     def build(cls, snapshot: Snapshot, guard: WorkloadGuard | None = None) -> Directory:
@@ -73,16 +75,36 @@ class Directory:
         if guard is not None:
             snapshot, rejected = guard.screen(snapshot)
         idx: dict[str, Workload] = {}
+        hosts: dict[tuple[str, int], Workload] = {}
         for w in snapshot.workloads.values():
-            idx[w.address] = w
-        return cls(snapshot, MappingProxyType(idx), rejected)
+            if guard is not None and guard.is_host(w):
+                for port in w.ports.values():
+                    hosts[(w.address, port)] = w
+                idx.setdefault(w.address, w)  # (by address alone: one of them, for metrics)
+            else:
+                idx[w.address] = w
+        return cls(snapshot, MappingProxyType(idx), rejected, hosts=MappingProxyType(hosts))
 
     def workload_at(self, address: str) -> Workload | None:
         return self.by_address.get(address)
 
-    def local_workload_at(self, address: str, node: str) -> Workload | None:
-        w = self.by_address.get(address)
+    def local_workload_at(self, address: str, node: str, port: int = 0) -> Workload | None:
+        w = self.workload_for(address, port) if port else self.by_address.get(address)
         return w if w is not None and w.node == node else None
+
+    def workload_for(self, address: str, port: int) -> Workload | None:
+        """The workload serving ``address:port``: a host workload on that port, else the
+        workload at the address."""
+        if self.hosts:
+            w = self.hosts.get((address, port))
+            if w is not None:
+                return w
+        return self.by_address.get(address)
+
+    def host_workload(self, node: str, name: str) -> Workload | None:
+        """The host workload ``name`` of ``node`` (any namespace; the first by namespace)."""
+        found = [w for w in self.hosts.values() if w.node == node and w.name == name]
+        return min(found, key=lambda w: w.namespace) if found else None
 
     def pod_port_protocol(self, w: Workload, port: int) -> Protocol | None:
         """The protocol a service selecting ``w`` declares for its target ``port`` (the

@@ -40,7 +40,7 @@ HEADER = _read("nodemesh.h")
 def test_build_flags_are_validated_integers() -> None:
     flags = BuildConfig(max_records=128).cflags()
     assert flags == ["-DNM_MAX_ENROLLED=4096", "-DNM_MAX_RECORDS=128", "-DNM_MAX_CIDRS=256",
-                     "-DNM_MAX_PORTS=64", "-DNM_DNS_PORT=53"]
+                     "-DNM_MAX_PORTS=64", "-DNM_DNS_PORT=53", "-DNM_MAX_HOST_CG=64"]
     assert all(re.fullmatch(r"-DNM_[A-Z_]+=\d+", f, re.ASCII) for f in flags)
     for bad in ({"max_records": 0}, {"max_records": True}, {"max_records": "64"},
                 {"dns_port": 70000}, {"max_enrolled": -1}):
