@@ -109,16 +109,19 @@ def _report(plan: apply_mod.Plan, output: str) -> None:
               help="a YAML file, or a directory of them")
 @registry_options
 @VIP_RANGE_OPTION
+@click.option("--root-namespace", envvar="NODEMESH_ROOT_NAMESPACE", default="istio-system", show_default=True,
+              help="the agents' mesh.root_namespace: a PeerAuthentication there with a selector is refused "
+                   "(env NODEMESH_ROOT_NAMESPACE)")
 @OUTPUT_OPTION
 @handled
-def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str,
+def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str, root_namespace: str,
               output: str) -> None:
     """Create or update Services, Workloads, VirtualServices, DestinationRules and
     AuthorizationPolicies from YAML (all or nothing)."""
     net = parse_vip_range(vip_range)
     resources: list[Located] = []
     for f in _files(path):
-        resources += parse_yaml(_read_text(f), str(f), net)
+        resources += parse_yaml(_read_text(f), str(f), net, root_namespace=root_namespace)
     backend = open_registry(registry_dir, etcd_url)
     try:
         _report(apply_mod.apply(backend, resources, net), output)

@@ -223,13 +223,15 @@ def _path_to(root: yaml.Node, target: yaml.Node, path: str = "") -> str | None:
     return None
 
 
-def parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
-    """All documents of one file, validated; the first error raises InputError."""
+def parse_yaml(text: str, file: str, vip_range: IpNetwork, *, root_namespace: str | None = None
+               ) -> list[Located]:
+    """All documents of one file, validated; the first error raises InputError. ``root_namespace``:
+    the agents' ``mesh.root_namespace`` (None: istio-system)."""
     with paused():  # composing allocates many small acyclic objects
-        return _parse_yaml(text, file, vip_range)
+        return _parse_yaml(text, file, vip_range, root_namespace)
 
 
-def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
+def _parse_yaml(text: str, file: str, vip_range: IpNetwork, root_namespace: str | None) -> list[Located]:
     try:
         nodes = list(yaml.compose_all(text, Loader=_FastLoader))
     except yaml.MarkedYAMLError as e:
@@ -254,7 +256,8 @@ def _parse_yaml(text: str, file: str, vip_range: IpNetwork) -> list[Located]:
             raise InputError(f"invalid YAML: {e.problem or e.context}", file=file,
                              line=None if mark is None else mark.line + 1) from None
         doc = _Doc(file, node.start_mark.line + 1, node)
-        out.append(Located(validate_document(value, doc, vip_range), file, doc.start_line, doc))
+        out.append(Located(validate_document(value, doc, vip_range, root_namespace=root_namespace), file,
+                           doc.start_line, doc))
     if not out:
         raise InputError("no documents found (expected YAML with apiVersion/kind)", file=file)
     return out
@@ -398,7 +401,8 @@ def _duration(doc: _Doc, m: Mapping[str, Any], key: str, path: str, default: flo
 
 # -- documents -----------------------------------------------------------------------
 
-def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
+def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork, *, root_namespace: str | None = None
+                      ) -> Resource:
     m = _map(doc, value, "")
     _only(doc, m, "", ("apiVersion", "kind", "metadata", "spec"))
     api = _str(doc, m, "apiVersion", "", required=True)
@@ -442,7 +446,7 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork) -> Resource:
     if kind == "PeerAuthentication":
         from agent.control import validate_peerauthn  # it builds on the helpers above
 
-        return validate_peerauthn.peer_authentication(doc, spec, name, ns)
+        return validate_peerauthn.peer_authentication(doc, spec, name, ns, root_namespace)
     if kind == "RateLimitPolicy":
         from agent.control import validate_ratelimit  # it builds on the helpers above
 
