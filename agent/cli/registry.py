@@ -6,6 +6,8 @@ is given. Input is validated whole before anything is written.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -42,6 +44,7 @@ from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 
 DEFAULT_REGISTRY_DIR = "/var/lib/nodemesh/registry"
+DEFAULT_AGENT_CONFIG = "/etc/nodemesh/agent.yaml"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,18 +129,49 @@ def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: st
         backend.close()
 
 
+def node_of(node: str | None, node_address: str | None, config_path: str | None
+            ) -> tuple[str, str | None]:
+    """The node a Consul definition registers on and its host address (for definitions
+    without ``address``): ``--node`` (else the agent config's node, else this host's name);
+    ``--node-address``, else from the agent config: its own ``addresses.hbone`` for its own
+    node, its ``peers`` entry for another. The registry keeps no node records."""
+    from agent import config as config_mod
+
+    cfg = None
+    wanted = config_path is not None and (node_address is None or node is None)
+    if wanted and config_path and (os.path.exists(config_path) or config_path != DEFAULT_AGENT_CONFIG):
+        cfg = config_mod.load(config_path)  # the default file only if present
+    name = node or (cfg.node if cfg is not None else socket.gethostname())
+    if node_address is not None:
+        try:
+            return name, str(ipaddress.ip_address(node_address))
+        except ValueError:
+            raise UserError(f"--node-address: expected an IP address, got {node_address!r}") from None
+    if cfg is None:
+        return name, None
+    return name, cfg.addresses.hbone if name == cfg.node else cfg.peers.get(name)
+
+
 @click.command("register")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--node", default=socket.gethostname(), show_default=True,
-              help="node the service runs on (its health checks run there)")
+@click.option("--node", default=None,
+              help="node the service runs on (its health checks run there) [default: the agent "
+                   "config's node, else this host's name]")
+@click.option("--node-address", default=None,
+              help="the node's host address, for definitions without 'address' [default: from "
+                   "the agent config]")
+@click.option("--config", "-c", "config_path", default=DEFAULT_AGENT_CONFIG, show_default=True,
+              envvar="NODEMESH_CONFIG", help="agent configuration file (read if it exists)")
 @registry_options
 @VIP_RANGE_OPTION
 @OUTPUT_OPTION
 @handled
-def register(path: Path, node: str, registry_dir: str, etcd_url: str | None, vip_range: str,
-             output: str) -> None:
-    """Register Consul service definitions (HCL or JSON, with checks)."""
+def register(path: Path, node: str | None, node_address: str | None, config_path: str,
+             registry_dir: str, etcd_url: str | None, vip_range: str, output: str) -> None:
+    """Register Consul service definitions (HCL or JSON, with checks). A definition without
+    'address' is a service on the node's host itself: it gets the node's host address."""
     net = parse_vip_range(vip_range)
+    node, address = node_of(node, node_address, config_path)
     files = _files(path)
     backend = open_registry(registry_dir, etcd_url)
     try:
@@ -145,7 +179,7 @@ def register(path: Path, node: str, registry_dir: str, etcd_url: str | None, vip
         resources: list[Located] = []
         for f in files:
             resources += parse_consul(_read_text(f), str(f), existing_services=snap.services,
-                                      node=node, vip_range=net)
+                                      node=node, vip_range=net, node_address=address)
         _report(apply_mod.apply(backend, resources, net), output)
     finally:
         backend.close()
