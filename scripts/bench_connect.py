@@ -34,6 +34,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchplot  # (scripts/, this script's own directory)
+
 from bpf import loader
 from bpf.config import CaptureConfig, RedirectTarget
 from bpf.maps import Dataplane
@@ -152,6 +154,11 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
+        benchplot.bars(benchplot.png_next_to(args.json), "connect() per second, BPF attached vs not",
+                       ["bypass", "captured"],
+                       [result[s]["median_attached"] for s in ("bypass", "captured")], "connects/s (median)",
+                       second=[result[s]["median_detached"] for s in ("bypass", "captured")],
+                       legend=("attached", "detached"))
     return 0
 
 

@@ -161,6 +161,8 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import benchplot  # noqa: E402  (scripts/, this script's own directory)
+
 from agent import meshbed  # noqa: E402
 from agent.identity.ca import MeshCA  # noqa: E402
 from agent.identity.spiffe import SpiffeId  # noqa: E402
@@ -1534,12 +1536,8 @@ def cpu_table(summary: dict[str, Any], plan: dict[str, tuple[str, ...]]) -> str:
 
 
 def plot(summary: dict[str, Any], plan: dict[str, tuple[str, ...]], png: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchplot.pyplot()
+    if plt is None:
         return None
     med = summary["median"]
     panels = [m for m in ("bulk", "rps", "cps", "h2") if m in plan]
@@ -1552,10 +1550,7 @@ def plot(summary: dict[str, Any], plan: dict[str, tuple[str, ...]], png: str) ->
         ax.bar(paths, [med[metric][p] for p in paths], color=[colors[p] for p in paths])
         ax.set_title(f"{metric} {UNITS[metric]}")
         ax.tick_params(axis="x", labelrotation=25)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return benchplot.save(fig, png)
 
 
 # --------------------------------------------------------------------------- main

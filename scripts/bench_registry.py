@@ -54,6 +54,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import benchplot  # noqa: E402  (scripts/, this script's own directory)
+
 from agent.control import apply as apply_mod  # noqa: E402
 from agent.control.etcd import EtcdBackend  # noqa: E402
 from agent.control.registry import Registry  # noqa: E402
@@ -327,6 +329,10 @@ def main() -> int:
         results["memory"] = memory(etcd.url, writer, [n for n in sizes if n >= 1000])
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
+        cases = [k for k in results if k.startswith(("all_", "one_of_"))]
+        benchplot.bars(benchplot.png_next_to(a.json), "registry update: apply -> every agent has it", cases,
+                       [results[k]["p50_ms"] for k in cases], "ms",
+                       second=[results[k]["p99_ms"] for k in cases], legend=("p50", "p99"), rotate=20)
     return 0
 
 

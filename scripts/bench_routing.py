@@ -3,7 +3,7 @@
 
 Not a test: a benchmark, run by hand from the repository root (no root needed):
 
-    .venv/bin/python scripts/bench_routing.py [--requests 20000]
+    .venv/bin/python scripts/bench_routing.py [--requests 20000] [--json out.json]
 
 What it times: :func:`agent.dataplane.http.routing.decide` for one request, the
 pure per-request decision the source node's proxy makes (match, weighted
@@ -12,7 +12,8 @@ workloads and one VirtualService of N routes. Cases: the request matches the
 first route; it matches the last of 1,000 routes each with a RE2 uri regex
 and a header regex (the worst case: every route's regex runs); no
 VirtualService at all (the baseline: what every request costs without one).
-Medians of 5 runs, microseconds per request. Output: a markdown table.
+Medians of 5 runs, microseconds per request. Output: a markdown table; with ``--json``
+also the rows as JSON and a PNG next to it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import benchplot  # noqa: E402  (scripts/, this script's own directory)
 
 from agent.control.istio import (  # noqa: E402
     Destination,
@@ -90,6 +93,7 @@ def per_request_us(routes: int, last: bool, n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--json", help="also write the rows to this file (and a PNG next to it)")
     a = ap.parse_args()
     rows = [
         ("no VirtualService (baseline)", per_request_us(0, False, a.requests)),
@@ -102,6 +106,12 @@ def main() -> None:
     print("|---|---:|")
     for name, us in rows:
         print(f"| {name} | {us:,.1f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{"case": name, "us_per_request": round(us, 2)} for name, us in rows], f, indent=1)
+        benchplot.bars(benchplot.png_next_to(a.json), "route matching per request",
+                       [name.split(" (")[0] for name, _ in rows], [us for _, us in rows], "µs per request (log)",
+                       rotate=20, log=True)
 
 
 if __name__ == "__main__":

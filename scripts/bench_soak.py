@@ -53,6 +53,8 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import benchplot  # noqa: E402  (scripts/, this script's own directory)
+
 from tests.chaos.test_chaos import (  # noqa: E402
     IPERF_VIP,
     RESET_VIP,
@@ -249,12 +251,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(s: Soak, png: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchplot.pyplot()
+    if plt is None:
         return None
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
     for n, colour in zip(NODES, ("#37c", "#c52", "#2a7"), strict=True):
@@ -284,10 +282,7 @@ def plot(s: Soak, png: str) -> str | None:
     ax1.legend(loc="upper left")
     ax3.legend(loc="upper left")
     fig.suptitle("nodemesh soak: mixed load, abnormal endings, floods, a restart")
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    return benchplot.save(fig, png, dpi=90)
 
 
 def verdict(s: Soak, settled: dict[str, Any]) -> dict[str, Any]:

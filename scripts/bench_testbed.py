@@ -3,7 +3,9 @@
 Runs the real CLI (process start included) several times, alternating up and
 down, and prints medians as JSON. Usage (root):
 
-    .venv/bin/python scripts/bench_testbed.py [--rounds 5] [--nodes 2] [--pods-per-node 10]
+    .venv/bin/python scripts/bench_testbed.py [--rounds 5] [--nodes 2] [--pods-per-node 10] [--json out.json]
+
+With ``--json`` the result is also written there, with a PNG next to it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import benchplot  # (scripts/, this script's own directory)
 
 PREFIX = "nmbench"
 
@@ -29,6 +33,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--pods-per-node", type=int, default=10)
+    ap.add_argument("--json", help="also write the result to this file (and a PNG next to it)")
     args = ap.parse_args()
     cli = [sys.executable, "-m", "agent.cli.main", "testbed"]
     ups, downs = [], []
@@ -40,20 +45,22 @@ def main() -> int:
             downs.append(timed([*cli, "down", "-p", PREFIX]))
     finally:
         subprocess.run([*cli, "down", "-p", PREFIX], stdout=subprocess.DEVNULL)
-    print(
-        json.dumps(
-            {
-                "nodes": args.nodes,
-                "pods_per_node": args.pods_per_node,
-                "rounds": args.rounds,
-                "up_s_median": round(statistics.median(ups), 3),
-                "up_s_all": [round(x, 3) for x in ups],
-                "down_s_median": round(statistics.median(downs), 3),
-                "down_s_all": [round(x, 3) for x in downs],
-            },
-            indent=1,
-        )
-    )
+    result = {
+        "nodes": args.nodes,
+        "pods_per_node": args.pods_per_node,
+        "rounds": args.rounds,
+        "up_s_median": round(statistics.median(ups), 3),
+        "up_s_all": [round(x, 3) for x in ups],
+        "down_s_median": round(statistics.median(downs), 3),
+        "down_s_all": [round(x, 3) for x in downs],
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        benchplot.bars(benchplot.png_next_to(args.json),
+                       f"testbed of {args.nodes} nodes x {args.pods_per_node} pods (median of {args.rounds})",
+                       ["up", "down"], [result["up_s_median"], result["down_s_median"]], "seconds")
     return 0
 
 
