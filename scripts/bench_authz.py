@@ -6,15 +6,16 @@ Not a test: a benchmark, run by hand from the repository root (no root needed):
     .venv/bin/python scripts/bench_authz.py [--requests 20000] [--out-dir bench-results]
 
 What it times: what the destination node's inbound does for each HTTP request before
-it is forwarded (``InboundHttp._authorize`` in agent/dataplane/inbound.py), with the
-same functions: the method checked and the path normalised (Istio's BASE mode,
-:mod:`agent.dataplane.http.normalize`), the policies that apply to the destination
-workload looked up (:meth:`agent.dataplane.authorize.Authorizer.policies`, one dict
-lookup once the snapshot is known), and, if any apply, the request's
-:class:`agent.control.authz.Facts` built from the connection's verified facts and the
-request's headers (as HTTP/1.1 parses them: bytes, decoded as latin-1, joined) and
-judged by :meth:`Authorizer.check` (:func:`agent.control.authz.evaluate` plus the
-decision counter). Also timed alone: ``authz.evaluate`` over the same policies, and
+it is forwarded (``InboundHttp._authorize`` in agent/dataplane/inbound.py), by calling
+the same function, :meth:`agent.dataplane.authorize.Authorizer.judge_request`: the method
+checked and the path normalised (Istio's BASE mode, :mod:`agent.dataplane.http.normalize`),
+the workload's RequestAuthentications (none here: one dict lookup) and AuthorizationPolicies
+looked up, and, if any policy applies, the connection's reduced policies
+(:meth:`Authorizer.decider`, made once per snapshot and connection facts), the request's
+:class:`agent.control.authz.Facts` (headers as HTTP/1.1 parses them: bytes, joined only if a
+condition reads them), the decision (:meth:`agent.control.authz.Decider.decide`) and its
+counter. Also timed alone: ``Decider.decide`` and ``authz.evaluate`` (the whole evaluation,
+which TCP connections and the per-connection reduction use) over the same policies, and
 building the request's Facts (with normalisation).
 
 Cases, all policies applying to the destination workload (``shop/reviews``, labels
@@ -59,9 +60,9 @@ from agent.control.model import Kind, Workload, resource_key  # noqa: E402
 from agent.control.snapshot import SnapshotBuilder  # noqa: E402
 from agent.control.validate import parse_vip_range, parse_yaml  # noqa: E402
 from agent.dataplane.authorize import Authorizer, LazyHeaders  # noqa: E402
+from agent.dataplane.http.exchange import Exchange  # noqa: E402
 from agent.dataplane.http.normalize import (  # noqa: E402
     PathNormalization,
-    check_method,
     normalize_path,
 )
 from agent.dataplane.route import Directory  # noqa: E402
@@ -156,15 +157,15 @@ def facts_of_request() -> authz.Facts:
     return _facts(normalize_path(TARGET, MODE), HEADERS)
 
 
-def request(az: Authorizer) -> Callable[[], authz.Verdict | None]:
-    """One request through what InboundHttp._authorize does (HTTP/1.1: headers as bytes)."""
+def request(az: Authorizer) -> Callable[[], None]:
+    """One request through what InboundHttp._authorize does (HTTP/1.1: headers as bytes); a
+    refusal would raise LocalReply."""
 
-    def one() -> authz.Verdict | None:
-        check_method(METHOD)  # (NormalizationError: a 400, never for this request)
-        target = normalize_path(TARGET, MODE, allow_asterisk=METHOD == "OPTIONS")
-        if not az.policies(SERVER):
-            return None
-        return az.check(SERVER, _facts(target, HEADERS))
+    def conn() -> authz.Facts:
+        return CONN  # (the inbound's connection facts: one object per connection)
+
+    def one() -> None:
+        az.judge_request(SERVER, conn, Exchange(0.0, METHOD, AUTHORITY, TARGET), HEADERS, MODE)
 
     return one
 
@@ -183,17 +184,21 @@ def median_us(fn: Callable[[], object], n: int) -> tuple[float, list[float]]:
 def case(n: int, requests: int) -> dict[str, Any]:
     az = authorizer(n)
     one = request(az)
-    v = one()
-    if n and (v is None or not v.allowed or v.action != "ALLOW"):
-        raise SystemExit(f"bench_authz: {n} policies: expected an ALLOW to match, got {v}")
+    one()  # (raises LocalReply if refused)
     applied = az.policies(SERVER)
     if len(applied) != n:
         raise SystemExit(f"bench_authz: {len(applied)} policies apply, expected {n}")
-    total, runs = median_us(one, requests)
     facts = facts_of_request()
+    decider = az.decider(SERVER, CONN)
+    v = decider.decide(facts) if n else None
+    if n and (v is None or not v.allowed or v.action != "ALLOW" or v != authz.evaluate(applied, facts)):
+        raise SystemExit(f"bench_authz: {n} policies: expected an ALLOW to match, got {v}")
+    total, runs = median_us(one, requests)
     ev, ev_runs = median_us(lambda: authz.evaluate(applied, facts), requests) if n else (0.0, [])
+    dec, dec_runs = median_us(lambda: decider.decide(facts), requests) if n else (0.0, [])
     return {"policies": n, "decided_by": v.policy if v else "", "per_request_us": total,
-            "per_request_runs_us": runs, "evaluate_us": ev, "evaluate_runs_us": ev_runs}
+            "per_request_runs_us": runs, "decide_us": dec, "decide_runs_us": dec_runs,
+            "evaluate_us": ev, "evaluate_runs_us": ev_runs}
 
 
 def plot(rows: list[dict[str, Any]], png: str) -> str | None:
@@ -207,7 +212,7 @@ def plot(rows: list[dict[str, Any]], png: str) -> str | None:
     labels = [str(r["policies"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(labels, [r["per_request_us"] for r in rows], color="#7c5", label="whole step")
-    ax.bar(labels, [r["evaluate_us"] for r in rows], color="#37c", width=0.5, label="authz.evaluate")
+    ax.bar(labels, [r["decide_us"] for r in rows], color="#37c", width=0.5, label="Decider.decide")
     ax.set_xlabel("AuthorizationPolicies in force")
     ax.set_ylabel("µs per request")
     ax.set_title("authorization per HTTP request")
@@ -256,16 +261,16 @@ def main() -> None:
     with open(json_path, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"## Authorization per HTTP request (medians of {RUNS} runs of {a.requests:,} requests)\n")
-    print("| policies in force | µs per request | added to no policy | of which authz.evaluate "
-          "| decided by |")
-    print("|---:|---:|---:|---:|---|")
+    print("| policies in force | µs per request | added to no policy | of which Decider.decide "
+          "| authz.evaluate alone | decided by |")
+    print("|---:|---:|---:|---:|---:|---|")
     for r in rows:
         name = "0 (baseline: normalisation + one lookup)" if r["policies"] == 0 else str(r["policies"])
-        print(f"| {name} | {r['per_request_us']:,.2f} | {r['added_us']:,.2f} | {r['evaluate_us']:,.2f} "
-              f"| {r['decided_by'] or '-'} |")
+        print(f"| {name} | {r['per_request_us']:,.2f} | {r['added_us']:,.2f} | {r['decide_us']:,.2f} "
+              f"| {r['evaluate_us']:,.2f} | {r['decided_by'] or '-'} |")
     print(f"\nOf each case with policies: {facts_us:.2f} µs build the request's Facts (path normalised, "
-          "the connection's facts copied, headers joined lazily); the rest is "
-          "Authorizer.check (evaluate, the decision counter).")
+          "the connection's facts copied, headers joined lazily); the rest is the connection's "
+          "reduced policies looked up, Decider.decide and the decision counter.")
     print(f"\nJSON: {os.path.relpath(json_path, ROOT)}"
           + (f"; plot: {os.path.relpath(png, ROOT)}" if png else "; no plot (matplotlib not installed)"))
 

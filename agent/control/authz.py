@@ -299,6 +299,10 @@ def _patterns(patterns: Sequence[str]) -> Callable[[str], bool]:
     exact = frozenset(p for p in patterns if not p.endswith("*") and not p.startswith("*"))
     prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
     suffixes = tuple(p[1:] for p in patterns if p.startswith("*") and not p.endswith("*"))
+    if not prefixes and not suffixes:  # (the usual lists: one kind of pattern, one call)
+        return exact.__contains__
+    if not exact and not suffixes:
+        return lambda v: v.startswith(prefixes)
 
     def match(v: str) -> bool:
         return v in exact or v.startswith(prefixes) or v.endswith(suffixes)
@@ -314,6 +318,15 @@ def _string_check(values: Sequence[str], nots: Sequence[str], get: Callable[[Fac
         return None
     yes = _patterns(values) if values else None
     no = _patterns(nots) if nots else None
+    if yes is not None and no is None:  # (the usual field: fewer steps per request)
+        if not present:
+            return lambda f: yes(get(f))
+
+        def only_yes(f: Facts) -> bool:
+            v = get(f)
+            return v != "" and yes(v)
+
+        return only_yes
 
     def check(f: Facts) -> bool:
         v = get(f)
@@ -334,7 +347,7 @@ def _remote_ip(f: Facts) -> str:
     return f.remote_ip or f.source_ip
 
 
-def _checks(l4: list[_Match | None], l7: list[_Match | None]) -> _Match:
+def _checks(l4: Sequence[_Match | None], l7: Sequence[_Match | None]) -> _Match:
     """All of ``l4``, and on HTTP all of ``l7`` too (None: a field not set)."""
     first = tuple(c for c in l4 if c is not None)
     then = tuple(c for c in l7 if c is not None)
@@ -354,8 +367,15 @@ def _checks(l4: list[_Match | None], l7: list[_Match | None]) -> _Match:
     return match
 
 
-def _compile_source(s: Source) -> _Match:
-    return _checks([
+_Parts = tuple[tuple[_Match, ...], tuple[_Match, ...]]  # (L4 checks, L7 checks), all must hold
+
+
+def _parts(l4: Sequence[_Match | None], l7: Sequence[_Match | None]) -> _Parts:
+    return tuple(c for c in l4 if c is not None), tuple(c for c in l7 if c is not None)
+
+
+def _source_checks(s: Source) -> tuple[list[_Match | None], list[_Match | None]]:
+    return ([
         _string_check(s.principals, s.not_principals, attrgetter("principal"), present=True),
         _string_check(s.namespaces, s.not_namespaces, attrgetter("namespace"), present=True),
         _ip_check(s.ip_blocks, attrgetter("source_ip"), inside=True) if s.ip_blocks else None,
@@ -368,9 +388,9 @@ def _compile_source(s: Source) -> _Match:
     ])
 
 
-def _compile_operation(o: Operation) -> _Match:
+def _operation_checks(o: Operation) -> tuple[list[_Match | None], list[_Match | None]]:
     ports, not_ports = frozenset(o.ports), frozenset(o.not_ports)
-    return _checks([
+    return ([
         (lambda f: f.destination_port in ports) if ports else None,
         (lambda f: f.destination_port not in not_ports) if not_ports else None,
     ], [
@@ -430,14 +450,35 @@ def _any_of(matches: tuple[_Match, ...]) -> _Match:
     return match
 
 
-def _compile_rule(r: Rule, action: str) -> _Match:
+@dataclass(frozen=True, slots=True)
+class _RuleParts:
+    """A rule's checks split by what they read, for :func:`decider`: each ``from`` source and
+    each ``to`` operation as (L4, L7) checks (None: no such list, anything matches), its
+    conditions on the connection and on the request."""
+
+    sources: tuple[_Parts, ...] | None
+    operations: tuple[_Parts, ...] | None
+    l4_when: tuple[_Match, ...]
+    l7_when: tuple[_Match, ...]
+
+
+def _rule_parts(r: Rule) -> _RuleParts:
+    return _RuleParts(
+        None if r.sources is None else tuple(_parts(*_source_checks(s)) for s in r.sources),
+        None if r.operations is None else tuple(_parts(*_operation_checks(o)) for o in r.operations),
+        tuple(_compile_condition(c) for c in r.when if not condition_l7(c)),
+        tuple(_compile_condition(c) for c in r.when if condition_l7(c)),
+    )
+
+
+def _compile_rule(r: Rule, action: str, rp: _RuleParts) -> _Match:
     """Does rule ``r`` of a policy with ``action`` match? On a TCP connection an ALLOW rule
     needing HTTP never matches; a DENY/AUDIT rule is judged on its L4 fields alone."""
     body = _checks([
-        None if r.sources is None else _any_of(tuple(_compile_source(s) for s in r.sources)),
-        None if r.operations is None else _any_of(tuple(_compile_operation(o) for o in r.operations)),
-        *(_compile_condition(c) for c in r.when if not condition_l7(c)),
-    ], [_compile_condition(c) for c in r.when if condition_l7(c)])
+        None if rp.sources is None else _any_of(tuple(_checks(*s) for s in rp.sources)),
+        None if rp.operations is None else _any_of(tuple(_checks(*o) for o in rp.operations)),
+        *rp.l4_when,
+    ], rp.l7_when)
     if action == "ALLOW" and rule_needs_http(r):
         return lambda f: f.http and body(f)
     return body
@@ -449,6 +490,7 @@ class _Compiled:
     match: _Match
     name: str  # "<ns>/<name>"
     decided: Verdict  # its verdict when it decides and no AUDIT policy matched (the usual case)
+    rules: tuple[_RuleParts, ...]  # (for decider)
 
 
 _MAX_COMPILED = 4096
@@ -464,8 +506,10 @@ def _compiled(p: AuthorizationPolicy) -> _Compiled:
                else Verdict(True, name, "ALLOW", (), f"allowed by {name}"))
     if len(_COMPILED) >= _MAX_COMPILED:
         _COMPILED.clear()
-    got = _COMPILED[id(p)] = _Compiled(p, _any_of(tuple(_compile_rule(r, p.action) for r in p.rules)), name,
-                                       decided)
+    parts = tuple(_rule_parts(r) for r in p.rules)
+    got = _COMPILED[id(p)] = _Compiled(
+        p, _any_of(tuple(_compile_rule(r, p.action, rp) for r, rp in zip(p.rules, parts, strict=True))),
+        name, decided, parts)
     return got
 
 
@@ -532,6 +576,122 @@ def evaluate(policies: Sequence[AuthorizationPolicy], f: Facts) -> Verdict:
 
 def _with_audited(v: Verdict, audited: list[str]) -> Verdict:
     return Verdict(v.allowed, v.policy, v.action, tuple(audited), v.why) if audited else v
+
+
+# -- per connection: what is left to judge of its HTTP requests ------------------------------
+#
+# Of the facts a request is judged on, the L4 ones (the peer's principal, namespace and
+# addresses, the destination's address and port, the SNI) are the connection's. So once per
+# connection (and policy set) every rule's L4 checks are run: a rule whose L4 part fails is
+# dropped, one with nothing else left matches every request, the rest keep only their L7 checks
+# (methods, paths, hosts, request principals, request.* conditions). A request then runs only
+# those, with no per-request allocation unless an AUDIT policy matches. Same verdicts as
+# evaluate() on the same HTTP facts (unit test: random policies and facts).
+
+_ALWAYS: _Match = lambda f: True  # noqa: E731 (a rule left with no check: matches every request)
+
+
+def _all_of(matches: Sequence[_Match]) -> _Match:
+    if not matches:
+        return _ALWAYS
+    if len(matches) == 1:
+        return matches[0]
+    ms = tuple(matches)
+
+    def match(f: Facts) -> bool:
+        for m in ms:  # noqa: SIM110 (a loop: no generator per call)
+            if not m(f):
+                return False
+        return True
+
+    return match
+
+
+def _left(alternatives: tuple[_Parts, ...], conn: Facts) -> _Match | bool:
+    """Of ``from`` sources or ``to`` operations (one must match): False if none can on this
+    connection, True if one always does, else the L7 checks of those whose L4 part holds."""
+    left: list[_Match] = []
+    for l4, l7 in alternatives:
+        if all(c(conn) for c in l4):
+            if not l7:
+                return True
+            left.append(_all_of(l7))
+    return _any_of(tuple(left)) if left else False
+
+
+def _residual_rule(rp: _RuleParts, conn: Facts) -> _Match | bool:
+    checks: list[_Match] = []
+    for alternatives in (rp.sources, rp.operations):
+        if alternatives is not None:
+            m = _left(alternatives, conn)
+            if m is False:
+                return False
+            if m is not True:
+                checks.append(m)
+    if not all(c(conn) for c in rp.l4_when):
+        return False
+    checks.extend(rp.l7_when)
+    return _all_of(checks) if checks else True
+
+
+def _residual(c: _Compiled, conn: Facts) -> _Match | bool:
+    """Policy ``c`` for this connection's requests: False never matches, True always does."""
+    rules: list[_Match] = []
+    for rp in c.rules:
+        m = _residual_rule(rp, conn)
+        if m is True:
+            return True
+        if m is not False:
+            rules.append(m)
+    return _any_of(tuple(rules)) if rules else False
+
+
+@dataclass(frozen=True, slots=True)
+class Decider:
+    """The policies of a workload, reduced for the HTTP requests of one connection
+    (:func:`decider`). Each entry: (what is left to check, None: matches every request)."""
+
+    denies: tuple[tuple[_Match | None, Verdict], ...]
+    audits: tuple[tuple[_Match | None, str], ...]
+    allows: tuple[tuple[_Match | None, Verdict], ...]
+    otherwise: Verdict  # when no DENY and no ALLOW matches
+
+    def decide(self, f: Facts) -> Verdict:
+        """The verdict for request ``f`` on the connection this was made for."""
+        audited = [name for m, name in self.audits if m is None or m(f)] if self.audits else None
+        for m, v in self.denies:
+            if m is None or m(f):
+                return _with_audited(v, audited) if audited else v
+        for m, v in self.allows:
+            if m is None or m(f):
+                return _with_audited(v, audited) if audited else v
+        return _with_audited(self.otherwise, audited) if audited else self.otherwise
+
+
+def decider(policies: Sequence[AuthorizationPolicy], conn: Facts) -> Decider:
+    """``policies`` (those applying to a workload, in order) for HTTP requests carrying the
+    L4 facts of ``conn``."""
+    denies: list[tuple[_Match | None, Verdict]] = []
+    audits: list[tuple[_Match | None, str]] = []
+    allows: list[tuple[_Match | None, Verdict]] = []
+    allow_names: list[str] = []
+    for p in policies:
+        c = _compiled(p)
+        if p.action == "ALLOW":
+            allow_names.append(c.name)
+        m = _residual(c, conn)
+        if m is False:
+            continue
+        left = None if m is True else m
+        if p.action == "DENY":
+            denies.append((left, c.decided))
+        elif p.action == "ALLOW":
+            allows.append((left, c.decided))
+        elif p.action == "AUDIT":
+            audits.append((left, c.name))
+    otherwise = (Verdict(False, "", "ALLOW", (), f"no ALLOW policy matched ({', '.join(allow_names)})")
+                 if allow_names else Verdict(True, "", "", (), "no ALLOW policy applies"))
+    return Decider(tuple(denies), tuple(audits), tuple(allows), otherwise)
 
 
 def _id(p: AuthorizationPolicy) -> str:

@@ -33,7 +33,7 @@ from agent.dataplane.http.normalize import (
     join_headers,
     normalize_path,
 )
-from agent.dataplane.jwtauth import JwtAuthn
+from agent.dataplane.jwtauth import REFRESH_S, JwksCache, JwtAuthn
 from agent.dataplane.route import Directory
 from agent.metrics.istio import MeshMetrics
 from agent.ratelog import RateLimitedLog
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DENIED_BODY = "RBAC: access denied"  # Envoy's answer to a request its RBAC filter denied
 DENIED_FLAG = "RBAC"  # Envoy's response flag for it
 WATCH_INTERVAL_S = 0.25
+_MAX_DECIDERS = 4096  # (workload, connection facts) pairs kept per snapshot; past it: made again
 
 
 class LazyHeaders(Mapping[str, str]):
@@ -104,6 +105,7 @@ class Authorizer:
     def __init__(
         self, directory: Callable[[], Directory], metrics: MeshMetrics,
         root_namespace: str = authz.DEFAULT_ROOT_NAMESPACE, rlog: RateLimitedLog | None = None,
+        jwks_refresh_s: float = REFRESH_S,
     ) -> None:
         self.directory = directory
         self.metrics = metrics
@@ -112,11 +114,15 @@ class Authorizer:
         self._of: object = None
         self._policies: tuple[authz.AuthorizationPolicy, ...] = ()
         self._per: dict[tuple[str, str], list[authz.AuthorizationPolicy]] = {}
+        # per (workload, a connection's L4 facts): its policies reduced for HTTP requests
+        self._deciders: dict[tuple[object, ...], authz.Decider] = {}
+        self._last: tuple[authz.Facts, Workload, authz.Decider] | None = None  # (the last one asked for)
         self._open: dict[int, _Open] = {}
         self._counters: dict[tuple[str, str, bool], Any] = {}
         self._next = 0
-        self.jwt = JwtAuthn(directory, root_namespace, metrics=metrics,  # RequestAuthentication,
-                            rlog=self.rlog)  # before the policies
+        # RequestAuthentication, judged before the policies
+        self.jwt = JwtAuthn(directory, root_namespace, JwksCache(refresh_s=jwks_refresh_s),
+                            metrics=metrics, rlog=self.rlog)
         self.limits: RateLimits | None = None  # RateLimitPolicies, judged after the policies
 
     def policies(self, w: Workload) -> list[authz.AuthorizationPolicy]:
@@ -126,6 +132,8 @@ class Authorizer:
             self._policies = tuple(sorted(d.snapshot.authorization_policies.values(),
                                           key=lambda p: (p.namespace, p.name)))
             self._per = {}
+            self._deciders = {}
+            self._last = None
         key = (w.namespace, w.name)
         got = self._per.get(key)
         if got is None:
@@ -138,7 +146,27 @@ class Authorizer:
         policies = self.policies(w)
         if not policies:
             return None
-        v = authz.evaluate(policies, facts)
+        return self._record(w, facts, authz.evaluate(policies, facts))
+
+    def decider(self, w: Workload, conn: authz.Facts) -> authz.Decider:
+        """``w``'s policies reduced for the HTTP requests of a connection with the L4 facts of
+        ``conn`` (:func:`agent.control.authz.decider`), made once per snapshot and connection
+        facts: a request then runs only the checks its L4 facts leave."""
+        last = self._last
+        if last is not None and last[0] is conn and last[1] is w:  # (the same connection again)
+            return last[2]
+        key = (w.namespace, w.name, conn.principal, conn.namespace, conn.source_ip, conn.remote_ip,
+               conn.destination_ip, conn.destination_port, conn.sni)
+        d = self._deciders.get(key)
+        if d is None:
+            if len(self._deciders) >= _MAX_DECIDERS:
+                self._deciders.clear()
+            d = self._deciders[key] = authz.decider(self.policies(w), conn)
+        self._last = (conn, w, d)
+        return d
+
+    def _record(self, w: Workload, facts: authz.Facts, v: authz.Verdict) -> authz.Verdict:
+        """Count verdict ``v``; log a denial (rate limited) and AUDIT matches."""
         key = (v.policy, v.action, v.allowed)
         counter = self._counters.get(key)
         if counter is None:  # (a labelled child is looked up once, not per decision)
@@ -186,14 +214,14 @@ class Authorizer:
                 self.limits.judge_request(w, conn, ex, headers, target)
             return
         f = conn()
+        decider = self.decider(w, f)  # (after policies(w): the snapshot is current)
         i = jwt.identity if jwt is not None else None
         facts = authz.Facts(  # (built directly: dataclasses.replace costs twice as much)
             f.principal, f.namespace, f.source_ip, f.remote_ip, f.destination_ip, f.destination_port,
             f.sni, True, ex.method, target.partition("?")[0], ex.authority, LazyHeaders(headers),
             *((i.principal, i.audiences, i.presenter, i.claims) if i is not None else ()),
         )
-        verdict = self.check(w, facts)
-        if verdict is not None and not verdict.allowed:
+        if not self._record(w, facts, decider.decide(facts)).allowed:
             raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
         if self.limits is not None:  # (429 RL)
             self.limits.judge_request(w, conn, ex, headers, target)
