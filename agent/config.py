@@ -46,6 +46,9 @@ Example (every key but ``node`` has a default)::
     drain_s: 10                # on stop or restart: how long open connections may finish
     runtime_dir: /run/nodemesh # the restart handoff socket lives here
     dns_upstream: null          # host:port for non-mesh names; none: REFUSED
+    outbound_traffic_policy:    # Istio's meshConfig.outboundTrafficPolicy (README: Egress)
+      mode: ALLOW_ANY           # or REGISTRY_ONLY: pods reach only mesh services, workloads and
+                                # ServiceEntry hosts (others: HTTP 502 NR, TCP reset, counted)
     log_level: info
     limits:                     # what one peer, or all of them, can hold open (see README: limits)
       hbone_handshake_timeout_s: 3   # a TLS handshake on 15008 not done by then: closed
@@ -238,6 +241,7 @@ class AgentConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     gateway: GatewayConfig | None = None  # None: not a gateway
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    outbound_traffic_policy: str = "ALLOW_ANY"  # or REGISTRY_ONLY (one of OUTBOUND_MODES)
 
 
 class _Reader:
@@ -312,6 +316,7 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
             "http",
             "mesh",
             "gateway",
+            "outbound_traffic_policy",
         },
     )
     if "node" not in top:
@@ -467,7 +472,20 @@ def from_mapping(doc: Any, *, source: str = "agent config") -> AgentConfig:
         http=_http(r, top.get("http")),
         mesh=_mesh(r, top.get("mesh")),
         gateway=_gateway(r, top.get("gateway")),
+        outbound_traffic_policy=_outbound_mode(r, top.get("outbound_traffic_policy")),
     )
+
+
+OUTBOUND_MODES = ("ALLOW_ANY", "REGISTRY_ONLY")
+
+
+def _outbound_mode(r: _Reader, doc: Any) -> str:
+    mode = r.mapping(doc, "outbound_traffic_policy", {"mode"}).get("mode", "ALLOW_ANY")
+    if mode not in OUTBOUND_MODES:
+        raise r.fail("outbound_traffic_policy.mode",
+                     f"expected one of {', '.join(OUTBOUND_MODES)}, got {mode!r}")
+    return str(mode)
+
 
 def _gateway(r: _Reader, doc: Any) -> GatewayConfig | None:
     if doc is None:

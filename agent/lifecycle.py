@@ -51,8 +51,16 @@ from agent.dataplane.listener import FdReserve, Listener, stream_handler
 from agent.dataplane.route import Directory
 from agent.dataplane.tcp import SOCKET_READ_LIMIT
 from agent.gcpause import freeze_startup_objects
-from agent.node import Agent, AgentError, apply_peer_auth, build, follow_snapshots, workload_guard
-from bpf.config import CaptureConfig, RedirectTarget
+from agent.node import (
+    Agent,
+    AgentError,
+    apply_capture,
+    apply_peer_auth,
+    build,
+    follow_snapshots,
+    workload_guard,
+)
+from bpf.config import RedirectTarget
 from bpf.maps import datapath_status
 
 log = logging.getLogger("nodemesh.agent")
@@ -289,7 +297,9 @@ class Lifecycle:
             if new.interception.capture_cidrs != old.interception.capture_cidrs or (
                 new.interception.excluded_ports != old.interception.excluded_ports
             ):
-                dp.set_capture(CaptureConfig(new.interception.capture_cidrs, new.interception.excluded_ports))
+                # (with REGISTRY_ONLY and the ServiceEntry addresses; that mode needs a restart)
+                apply_capture(self.agent, dataclasses.replace(
+                    new, outbound_traffic_policy=old.outbound_traffic_policy))
             target = RedirectTarget(old.addresses.proxy, old.ports.outbound, old.ports.dns)
             for ns in set(new.interception.enroll) - set(old.interception.enroll):
                 dp.enroll(ns, target)
@@ -369,6 +379,7 @@ class Lifecycle:
         a.directory.current = Directory.build(a.registry.snapshot, workload_guard(cfg))
         report_changes({}, a.directory.current.rejected)
         await asyncio.to_thread(apply_peer_auth, a)  # STRICT pods are enforced before we serve
+        await asyncio.to_thread(apply_capture, a)  # ServiceEntry addresses captured before we serve
         for sid in a.local_identities():  # certificates before the first connection
             await a.certs.ensure(sid)
         ctl_path = handoff.socket_path(cfg.runtime_dir, cfg.node)

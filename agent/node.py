@@ -47,7 +47,9 @@ from agent.control.model import Workload
 from agent.control.peerauthn import PeerAuthDecision, PeerAuthentication, decide
 from agent.control.registry import Registry
 from agent.control.screening import RejectedWorkloadsCollector, WorkloadGuard, report_changes
+from agent.control.snapshot import Snapshot
 from agent.dataplane.authorize import Authorizer
+from agent.dataplane.egress import MAX_ENTRY_CIDRS, Egress, Resolver, capture_cidrs
 from agent.dataplane.gateway import IngressGateway
 from agent.dataplane.http.accesslog import AccessLog, AccessLogConfig
 from agent.dataplane.http.h1 import LoopConfig
@@ -163,6 +165,7 @@ class Agent:
     # apply_peer_auth runs on worker threads (a new snapshot, a reload): one at a time
     peer_auth_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     gateway: IngressGateway | None = None  # agent.yaml's gateway section: an ingress gateway too
+    capture: tuple[tuple[str, ...], tuple[int, ...]] = ((), ())  # what apply_capture last wrote
 
     def local_identities(self) -> set[SpiffeId]:
         td = self.cfg.trust_domain
@@ -227,7 +230,8 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             raise AgentError("interception.cgroup is not set", hint="the cgroup your pods run below")
         install_datapath(cfg)
         dataplane = Dataplane.open(cfg.interception.bpffs_root)
-        dataplane.set_capture(CaptureConfig(cfg.interception.capture_cidrs, cfg.interception.excluded_ports))
+        dataplane.set_capture(CaptureConfig(capture_cidrs(cfg.interception.capture_cidrs, registry_only(cfg),
+                                                          Snapshot(0))[0], cfg.interception.excluded_ports))
         target = RedirectTarget(cfg.addresses.proxy, cfg.ports.outbound, cfg.ports.dns)
         for ns in cfg.interception.enroll:
             dataplane.enroll(ns, target)
@@ -281,6 +285,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
             sniff_timeout_s=hc.sniff_timeout_s,
             http=loop_config,
             path_normalization=hc.path_normalization,
+            registry_only=registry_only(cfg),
         ),
         directory=directory,
         original_dst=lookup,
@@ -322,7 +327,10 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     if cfg.dns_upstream:
         host, _, port = cfg.dns_upstream.rpartition(":")
         upstream = (host, int(port))
-    dns = MeshDns(lambda: registry.snapshot, upstream=upstream)
+    # the data path's snapshot: a name (a ServiceEntry host's VIP) is answered once the proxy routes it
+    dns = MeshDns(lambda: directory.current.snapshot, upstream=upstream)
+    # ServiceEntry DNS endpoints are resolved through the same upstream (never the mesh DNS)
+    outbound.egress = Egress(Resolver(upstream), frozenset(own | set(cfg.peers.values())))
     if dataplane is not None:
         dp = dataplane
         prom.register(CallbackCollector("nodemesh_bpf", dp.counters, doc="eBPF redirect counters"))
@@ -427,6 +435,33 @@ def apply_peer_auth(agent: Agent) -> None:
                 log.error("peer authentication NOT enforced for %s: %s", ns, e)
 
 
+def registry_only(cfg: AgentConfig) -> bool:
+    return cfg.outbound_traffic_policy == "REGISTRY_ONLY"
+
+
+def apply_capture(agent: Agent, cfg: AgentConfig | None = None) -> None:
+    """Make the eBPF capture CIDRs what ``cfg`` (the running config) and the current snapshot's
+    ServiceEntries ask for (:func:`agent.dataplane.egress.capture_cidrs`); only writes a change.
+    Off the event loop when it follows a snapshot (it writes maps)."""
+    dp = agent.dataplane
+    cfg = cfg or agent.cfg
+    if dp is None:
+        return
+    ic = cfg.interception
+    cidrs, left_out = capture_cidrs(ic.capture_cidrs, registry_only(cfg), agent.directory.current.snapshot)
+    want = (cidrs, ic.excluded_ports)
+    if want == agent.capture:
+        return
+    if left_out:
+        log.error("capture: %d ServiceEntry addresses outside capture_cidrs are not captured (at most %d); "
+                  "add their network to interception.capture_cidrs", left_out, MAX_ENTRY_CIDRS)
+    try:
+        dp.set_capture(CaptureConfig(*want))
+        agent.capture = want
+    except Exception as e:  # the map is as it was; the next snapshot tries again
+        log.error("capture: cannot set %d CIDRs: %s", len(cidrs), e)
+
+
 async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
     seen: object = None
     seen_guard = workload_guard(agent.cfg)
@@ -439,6 +474,7 @@ async def follow_snapshots(agent: Agent, stop: asyncio.Event) -> None:
             agent.directory.current = Directory.build(snap, guard)
             report_changes(before, agent.directory.current.rejected)
             await asyncio.to_thread(apply_peer_auth, agent)
+            await asyncio.to_thread(apply_capture, agent)
             want = agent.local_identities()
             for sid in want:
                 try:

@@ -40,6 +40,7 @@ from agent.control.model import DEFAULT_VIP_RANGE, Kind, l7_protocol
 from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
 from agent.control.ratelimit import RateLimitPolicy, rate_limit_doc, rate_limit_summary
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
+from agent.control.serviceentry import ServiceEntry, service_entry_doc
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 
@@ -195,6 +196,7 @@ _KIND_NAMES = {
     Kind.PEER_AUTHENTICATION: ("peerauthentication", "peerauthentications", "pa"),
     Kind.RATE_LIMIT_POLICY: ("ratelimitpolicy", "ratelimitpolicies", "rlp"),
     Kind.GATEWAY: ("gateway", "gateways", "gw"),
+    Kind.SERVICE_ENTRY: ("serviceentry", "serviceentries", "se"),
 }
 _KINDS = {n: k for k, names in _KIND_NAMES.items() for n in names}
 KIND_CHOICE = click.Choice(list(_KINDS), case_sensitive=False)
@@ -212,7 +214,8 @@ def _table_of(snap: Snapshot, k: Kind) -> Mapping[tuple[str, str], Any]:
             Kind.REQUEST_AUTHENTICATION: snap.request_authentications,
             Kind.PEER_AUTHENTICATION: snap.peer_authentications,
             Kind.RATE_LIMIT_POLICY: snap.rate_limit_policies,
-            Kind.GATEWAY: snap.gateways}[k]
+            Kind.GATEWAY: snap.gateways,
+            Kind.SERVICE_ENTRY: snap.service_entries}[k]
 
 
 def _doc(obj: Any) -> dict[str, Any]:
@@ -230,6 +233,8 @@ def _doc(obj: Any) -> dict[str, Any]:
         return rate_limit_doc(obj)
     if isinstance(obj, Gateway):
         return gateway_doc(obj)
+    if isinstance(obj, ServiceEntry):
+        return service_entry_doc(obj)
     doc: dict[str, Any] = obj.to_doc()
     return doc
 
@@ -315,6 +320,13 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
              ",".join(f"{s.port}/{s.protocol}" + (f"/{s.tls.mode}" if s.tls and s.tls.mode else "")
                       for s in g.servers), g.source or "-"]
             for g in picked]))
+    elif k == Kind.SERVICE_ENTRY:
+        click.echo(table(["NAMESPACE", "NAME", "HOSTS", "ADDRESSES", "PORTS", "LOCATION", "RESOLUTION",
+                          "SOURCE"], [
+            [e.namespace, e.name, ",".join(e.hosts), ",".join(e.addresses or e.auto_addresses) or "-",
+             ",".join(f"{p.number}/{p.protocol or p.name}" for p in e.ports), e.location, e.resolution,
+             e.source or "-"]
+            for e in picked]))
     elif k == Kind.SERVICE:
         rows = []
         for s in picked:

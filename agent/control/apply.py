@@ -48,6 +48,13 @@ from agent.control.peerauthn import PeerAuthentication, peer_authentication_doc
 from agent.control.ratelimit import RateLimitPolicy, rate_limit_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_doc
 from agent.control.screening import HOST_LABEL, address_key
+from agent.control.serviceentry import (
+    ServiceEntry,
+    route_names,
+    service_entry_doc,
+    service_entry_from_doc,
+    with_vips,
+)
 from agent.control.validate import IpNetwork, Located, Resource
 
 COMMIT_ATTEMPTS = 5
@@ -84,6 +91,8 @@ def _dump(r: Resource) -> str:
         return _ENCODE(rate_limit_doc(r))
     if isinstance(r, Gateway):
         return _ENCODE(gateway_doc(r))
+    if isinstance(r, ServiceEntry):
+        return _ENCODE(service_entry_doc(r))
     return _ENCODE(r.to_doc())
 
 
@@ -102,6 +111,8 @@ def _kind(r: Resource) -> Kind:
         return Kind.RATE_LIMIT_POLICY
     if isinstance(r, Gateway):
         return Kind.GATEWAY
+    if isinstance(r, ServiceEntry):
+        return Kind.SERVICE_ENTRY
     return Kind.VIRTUAL_SERVICE if isinstance(r, VirtualService) else Kind.DESTINATION_RULE
 
 
@@ -185,6 +196,10 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
             except (ValueError, KeyError, TypeError):
                 continue
     vip_owner = {s.vip: k for k, s in existing.items()}
+    entries = _stored_entries(items)
+    for k, se in entries.items():  # a ServiceEntry's addresses are VIPs too
+        for a in (*se.addresses, *se.auto_addresses):
+            vip_owner.setdefault(a, k)
     addr_owner = _workload_addresses(items, resources)
     seen: dict[str, Located] = {}
     final: list[tuple[str, Resource]] = []
@@ -207,11 +222,14 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
             vip_owner[r.vip] = key
         if isinstance(r, Workload):
             _claim_address(addr_owner, key, r, loc)
+        if isinstance(r, ServiceEntry):
+            _claim_entry_addresses(vip_owner, key, r, loc)
         final.append((key, r))
-    _check_routes(items, resources)
+    _check_routes(items, resources, entries)
     _check_one_per_host(items, resources)
     _check_rate_limit_targets(items, resources)
     _check_gateway_refs(items, resources)
+    _check_entry_hosts(entries, resources)
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
@@ -232,6 +250,13 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
                                      hint="delete unused services or widen --vip-range")
                 r = replace(r, vip=vip)
             vip_owner[r.vip] = key
+        if isinstance(r, ServiceEntry) and r.needs_vips:
+            try:
+                r = with_vips(r, entries.get(key), lambda: next(free, None))
+            except ValueError:
+                raise resources[i].fail("spec.addresses", f"no free VIP left in {vip_range}",
+                                        hint="give spec.addresses, or widen --vip-range") from None
+            vip_owner.update((a, key) for a in r.auto_addresses)
         value = _dump(r)
         before = items.get(key)
         if before == value:
@@ -240,6 +265,48 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
         (created if before is None else configured).append(_label(r))
         puts[key] = value
     return Plan(puts, tuple(created), tuple(configured), tuple(unchanged))
+
+
+def _stored_entries(items: Mapping[str, str]) -> dict[str, ServiceEntry]:
+    out: dict[str, ServiceEntry] = {}
+    for key, value in items.items():
+        parts = split_key(key)
+        if parts is not None and parts[0] == "serviceentry":
+            try:
+                out[key] = service_entry_from_doc(json.loads(value))
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours to judge here; the agents skip what they cannot decode
+    return out
+
+
+def _claim_entry_addresses(vip_owner: dict[str, str], key: str, r: ServiceEntry, loc: Located) -> None:
+    """A ServiceEntry's own addresses are no other Service's or ServiceEntry's."""
+    for j, a in enumerate(r.addresses):
+        owner = vip_owner.get(a)
+        if owner is not None and owner != key:
+            o = split_key(owner)
+            who = f"{Kind.SERVICE_ENTRY.value if o and o[0] == 'serviceentry' else 'Service'} {o[1]}/{o[2]}" \
+                if o else owner
+            raise loc.fail(f"spec.addresses[{j}]", f"address {a} is already taken by {who}",
+                           hint="an address reaches one service; leave spec.addresses out to get a VIP")
+        vip_owner[a] = key
+
+
+def _check_entry_hosts(stored: Mapping[str, ServiceEntry], resources: Sequence[Located]) -> None:
+    """A host has at most one ServiceEntry (the input's replaces the stored one of its name)."""
+    incoming = [(loc, r) for loc in resources if isinstance(r := loc.resource, ServiceEntry)]
+    if not incoming:
+        return
+    mine = {_key(r) for _, r in incoming}
+    owner = {h: se for k, se in sorted(stored.items()) if k not in mine for h in se.hosts}
+    for loc, r in incoming:
+        for i, h in enumerate(r.hosts):
+            o = owner.setdefault(h, r)
+            if o is not r:
+                raise loc.fail(f"spec.hosts[{i}]", f"host {h!r} already has a ServiceEntry: "
+                               f"{o.namespace}/{o.name}" + (f" ({o.source})" if o.source else ""),
+                               hint="put its ports and endpoints in one ServiceEntry, or delete the "
+                                    "other first")
 
 
 def _check_one_per_host(items: Mapping[str, str], resources: Sequence[Located]) -> None:
@@ -288,7 +355,8 @@ def _route_hosts(r: VirtualService | DestinationRule) -> list[tuple[str, str]]:
     return [("dr", host_fqdn(r.host, r.namespace))]
 
 
-def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> None:
+def _check_routes(items: Mapping[str, str], resources: Sequence[Located],
+                  entries: Mapping[str, ServiceEntry]) -> None:
     """Every route destination of the input's VirtualServices names a Service (stored or in
     this input) and, with a subset, one a DestinationRule for that host (stored or in this
     input, which replaces the stored one of the same name) defines."""
@@ -303,6 +371,8 @@ def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> Non
             continue
         if parts[0] == "service":
             fqdns.add(service_fqdn(parts[1], parts[2]))
+        elif parts[0] == "serviceentry" and key in entries:
+            fqdns.update(n for h in entries[key].hosts for n in route_names(h))
         elif parts[0] == "destinationrule":
             try:
                 rules[key] = destination_rule_from_doc(json.loads(value))
@@ -312,6 +382,8 @@ def _check_routes(items: Mapping[str, str], resources: Sequence[Located]) -> Non
         r = loc.resource
         if isinstance(r, Service):
             fqdns.add(service_fqdn(r.namespace, r.name))
+        elif isinstance(r, ServiceEntry):
+            fqdns.update(n for h in r.hosts for n in route_names(h))
         elif isinstance(r, DestinationRule):
             rules[_key(r)] = r
     for loc, vs in located_vs:
@@ -336,7 +408,7 @@ def _check_targets(loc: Located, vs: VirtualService, targets: list[tuple[str, De
         fq = host_fqdn(d.host, vs.namespace)
         if fq not in fqdns:
             raise loc.fail(f"{path}.host", f"route to unknown host {d.host!r}: no Service "
-                           f"{fq} in the registry or in this input",
+                           f"{fq} (or ServiceEntry host) in the registry or in this input",
                            hint="apply the Service first or in the same input; a short "
                                 "host is a service in the VirtualService's namespace")
         if not d.subset:

@@ -6,6 +6,8 @@ bytes, or None when the name is not ours and should be forwarded. Names we own:
 - ``<svc>.<ns>.svc.cluster.local`` and ``<svc>.service.consul`` (namespace
   ``default``): authoritative, NXDOMAIN when the service does not exist;
 - ``<svc>.<ns>``: answered only when that service exists, else forwarded;
+- a ServiceEntry host: A/AAAA with the entry's ``addresses``, or the VIP apply gave
+  the host (Istio's DNS proxy auto-allocation), so apps' connections are captured;
 - SRV on any of these (also ``_<port>._<proto>.<svc>.<ns>.svc.cluster.local``)
   returns one record per service port, target the service's cluster.local name,
   with its VIP as additional record.
@@ -84,6 +86,9 @@ def resolve(q: w.Message, snapshot: Snapshot) -> w.Message | None:
     if q.qr or q.opcode != 0 or len(q.questions) != 1:
         return _reply(q, w.FORMERR if len(q.questions) != 1 else w.NOTIMP, aa=False)
     question = q.questions[0]
+    es = snapshot.entry_services.get(question.name.lower().rstrip("."))
+    if es is not None and es.addresses:  # a ServiceEntry host: its addresses, or the VIP it was given
+        return _entry_answer(q, question, es.addresses)
     lk = parse_name(question.name)
     if lk is None:
         return None
@@ -109,6 +114,17 @@ def resolve(q: w.Message, snapshot: Snapshot) -> w.Message | None:
         extra = (w.Record(target, vip_type, w.CLASS_IN, TTL_S, svc.vip),) if srvs else ()
         return _reply(q, w.NOERROR, answers=tuple(srvs), additional=extra)
     return _reply(q, w.NOERROR)  # the name exists, no records of that type
+
+
+def _entry_answer(q: w.Message, question: w.Question, addresses: tuple[str, ...]) -> w.Message:
+    """A/AAAA for a ServiceEntry host (as Istio's DNS proxy answers them); NODATA otherwise."""
+    if question.qclass not in (w.CLASS_IN, w.ANY):
+        return _reply(q, w.REFUSED)
+    answers = tuple(
+        w.Record(question.name, t, w.CLASS_IN, TTL_S, a) for a in addresses
+        if question.qtype in (t := w.A if ipaddress.ip_address(a).version == 4 else w.AAAA, w.ANY)
+    )
+    return _reply(q, w.NOERROR, answers=answers)
 
 
 def _edns_udp_size(q: w.Message) -> int:
@@ -143,6 +159,28 @@ def refusal(data: bytes, rcode: int) -> bytes:
         return w.encode(_reply(q, rcode, aa=False))
     except w.DnsFormatError:
         return b""
+
+
+async def udp_exchange(server: tuple[str, int], data: bytes) -> bytes:
+    """One datagram to ``server``, its first answer back (the caller bounds the wait)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bytes] = loop.create_future()
+
+    class _Once(asyncio.DatagramProtocol):
+        def datagram_received(self, d: bytes, addr: tuple[str, int]) -> None:
+            if not fut.done():
+                fut.set_result(d)
+
+        def error_received(self, exc: Exception) -> None:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    tr, _ = await loop.create_datagram_endpoint(_Once, remote_addr=server)
+    try:
+        tr.sendto(data)
+        return await fut
+    finally:
+        tr.close()
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -241,24 +279,7 @@ class MeshDns:
         assert self.upstream is not None
         host, port = self.upstream
         if udp:
-            loop = asyncio.get_running_loop()
-            fut: asyncio.Future[bytes] = loop.create_future()
-
-            class _Once(asyncio.DatagramProtocol):
-                def datagram_received(self, d: bytes, addr: tuple[str, int]) -> None:
-                    if not fut.done():
-                        fut.set_result(d)
-
-                def error_received(self, exc: Exception) -> None:
-                    if not fut.done():
-                        fut.set_exception(exc)
-
-            tr, _ = await loop.create_datagram_endpoint(_Once, remote_addr=(host, port))
-            try:
-                tr.sendto(data)
-                return await fut
-            finally:
-                tr.close()
+            return await udp_exchange((host, port), data)
         reader, writer = await asyncio.open_connection(host, port)
         try:
             writer.write(len(data).to_bytes(2, "big") + data)

@@ -70,8 +70,9 @@ class Kind(enum.StrEnum):
     AUTHORIZATION_POLICY = "AuthorizationPolicy"  # Istio's (values in agent.control.authz)
     REQUEST_AUTHENTICATION = "RequestAuthentication"  # Istio's (values in agent.control.reqauthn)
     PEER_AUTHENTICATION = "PeerAuthentication"  # Istio's (values in agent.control.peerauthn)
-    GATEWAY = "Gateway"  # Istio's (values in agent.control.gateway)
     RATE_LIMIT_POLICY = "RateLimitPolicy"  # nodemesh's (values in agent.control.ratelimit)
+    GATEWAY = "Gateway"  # Istio's (values in agent.control.gateway)
+    SERVICE_ENTRY = "ServiceEntry"  # Istio's (values in agent.control.serviceentry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,12 @@ class Service:
     @property
     def key(self) -> str:
         return resource_key(Kind.SERVICE, self.namespace, self.name)
+
+    @property
+    def fqdn(self) -> str:
+        """Istio's destination_service: <name>.<namespace>.svc.cluster.local (a ServiceEntry's
+        host for :class:`agent.control.serviceentry.EntryService`)."""
+        return f"{self.name}.{self.namespace}.svc.cluster.local"
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -265,7 +272,7 @@ GUARD_KEY = f"{PREFIX}meta/guard"
 
 # the first segment of every key resource_key/health_key make: 'service', 'workload',
 # 'virtualservice', 'destinationrule', 'authorizationpolicy', 'requestauthentication',
-# 'peerauthentication', 'ratelimitpolicy', 'health'
+# 'peerauthentication', 'ratelimitpolicy', 'gateway', 'serviceentry', 'health'
 KEY_KINDS = frozenset([*(k.value.lower() for k in Kind), "health"])
 
 

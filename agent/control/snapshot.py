@@ -50,13 +50,14 @@ from agent.control.model import (
 from agent.control.peerauthn import PeerAuthentication, peer_authentication_from_doc
 from agent.control.ratelimit import RateLimitPolicy, rate_limit_from_doc
 from agent.control.reqauthn import RequestAuthentication, request_authentication_from_doc
+from agent.control.serviceentry import EntryService, ServiceEntry, compile_entries, service_entry_from_doc
 
 log = logging.getLogger(__name__)
 
 NsName = tuple[str, str]  # (namespace, name)
 # one stored value
 _Decoded = (Service | Workload | HealthStatus | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication | PeerAuthentication | RateLimitPolicy | Gateway)
+            | RequestAuthentication | PeerAuthentication | RateLimitPolicy | Gateway | ServiceEntry)
 
 _EMPTY: Mapping[NsName, object] = MappingProxyType({})
 
@@ -74,6 +75,7 @@ class Endpoint:
     node: str
     service_account: str
     health: Health
+    external: bool = False  # a ServiceEntry's MESH_EXTERNAL endpoint: dialled from the node, no HBONE
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -98,6 +100,10 @@ class Snapshot:
     rate_limit_policies: Mapping[NsName, RateLimitPolicy] = field(
         default_factory=lambda: MappingProxyType({}))
     gateways: Mapping[NsName, Gateway] = field(default_factory=lambda: MappingProxyType({}))
+    service_entries: Mapping[NsName, ServiceEntry] = field(default_factory=lambda: MappingProxyType({}))
+    # compiled from service_entries (agent.control.serviceentry): host -> service, address -> service
+    entry_services: Mapping[str, EntryService] = field(default_factory=lambda: MappingProxyType({}))
+    entry_by_address: Mapping[str, EntryService] = field(default_factory=lambda: MappingProxyType({}))
 
     def service(self, namespace: str, name: str) -> Service | None:
         return self.services.get((namespace, name))
@@ -129,6 +135,8 @@ def worst(states: Iterable[Health]) -> Health:
 
 def endpoints(snapshot: Snapshot, service: Service, port: int) -> tuple[Endpoint, ...]:
     """All endpoints of ``service`` on service port ``port``, whatever their health."""
+    if isinstance(service, EntryService):  # made when the snapshot was built
+        return service.by_port.get(port, ())
     sp = next((p for p in service.ports if p.port == port), None)
     if sp is None:
         return ()
@@ -178,6 +186,7 @@ class SnapshotBuilder:
         self._peer_authentications: dict[NsName, PeerAuthentication] = {}
         self._rate_limit_policies: dict[NsName, RateLimitPolicy] = {}
         self._gateways: dict[NsName, Gateway] = {}
+        self._service_entries: dict[NsName, ServiceEntry] = {}
         # (namespace, label key, label value) -> workloads / services (by selector) having it
         self._wl_index: dict[tuple[str, str, str], set[NsName]] = {}
         self._svc_index: dict[tuple[str, str, str], set[NsName]] = {}
@@ -247,6 +256,9 @@ class SnapshotBuilder:
         elif isinstance(obj, Gateway):
             self._gateways[key] = obj
             self._changed.add("gateways")
+        elif isinstance(obj, ServiceEntry):
+            self._service_entries[key] = obj
+            self._changed.add("service_entries")
         elif isinstance(obj, Workload):
             old_w = self._workloads.get(key)
             self._workloads[key] = obj
@@ -298,6 +310,9 @@ class SnapshotBuilder:
         elif kind == "gateway":
             if self._gateways.pop(key, None) is not None:
                 self._changed.add("gateways")
+        elif kind == "serviceentry":
+            if self._service_entries.pop(key, None) is not None:
+                self._changed.add("service_entries")
         elif self._health.pop(key, None) is not None:
             self._changed.add("health")
 
@@ -359,6 +374,24 @@ class SnapshotBuilder:
             self._frozen[name] = MappingProxyType(dict(table))
         return self._frozen[name]
 
+    def _entries(self) -> tuple[Mapping[str, EntryService], Mapping[str, EntryService]]:
+        """The ServiceEntries compiled (:func:`compile_entries`): again when they changed, or
+        when workloads or health did and a MESH_INTERNAL entry names workloads."""
+        old = self._frozen.get("entry_services")
+        internal = any(e.location == "MESH_INTERNAL" for e in self._service_entries.values())
+        if old is None or "service_entries" in self._changed or (
+                internal and self._changed & {"workloads", "health"}):
+            by_ip = {w.address: w for w in self._workloads.values()} if internal else {}
+            self._frozen["entry_services"], self._frozen["entry_by_address"] = compile_entries(
+                self._service_entries.values(), by_ip.get, self._health_of, Endpoint)
+        return self._frozen["entry_services"], self._frozen["entry_by_address"]
+
+    def _health_of(self, w: Workload) -> Health:  # as Snapshot.effective_health
+        observed = self._health.get((w.namespace, w.name))
+        if observed is not None:
+            return observed.status
+        return worst(c.initial_status for c in w.checks) if w.checks else w.health
+
     def build(self, revision: int) -> Snapshot:
         for skey in self._dirty:
             s = self._services.get(skey)
@@ -371,6 +404,7 @@ class SnapshotBuilder:
                 self._members[skey] = members
                 self._changed.add("members")
         self._dirty.clear()
+        entry_services, entry_by_address = self._entries()
         # Several services claiming one VIP (stored without our validation): the
         # smallest (namespace, name) wins, whatever order the changes came in.
         by_vip = ({vip: min(owners) for vip, owners in self._vip_owners.items()}
@@ -389,6 +423,8 @@ class SnapshotBuilder:
             peer_authentications=self._view("peer_authentications", self._peer_authentications),
             rate_limit_policies=self._view("rate_limit_policies", self._rate_limit_policies),
             gateways=self._view("gateways", self._gateways),
+            service_entries=self._view("service_entries", self._service_entries),
+            entry_services=entry_services, entry_by_address=entry_by_address,
         )
         self._changed.clear()
         return snap
@@ -429,6 +465,8 @@ def _decode(kind: str, value: str) -> _Decoded:
         return rate_limit_from_doc(doc)
     if kind == "gateway":
         return gateway_from_doc(doc)
+    if kind == "serviceentry":
+        return service_entry_from_doc(doc)
     return health_from_doc(doc)
 
 

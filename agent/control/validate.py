@@ -49,16 +49,19 @@ from agent.control.peerauthn import PeerAuthentication
 from agent.control.ratelimit import RateLimitPolicy
 from agent.control.reqauthn import RequestAuthentication
 from agent.control.screening import address_problem
+from agent.control.serviceentry import ServiceEntry
 from agent.gcpause import paused
 
 API_VERSION = "nodemesh.io/v1"
 _HEALTH = {h.value: h for h in Health}
 KINDS = ("Service", "Workload", "RateLimitPolicy")
-ISTIO_KINDS = ("VirtualService", "DestinationRule", "Gateway")  # under ISTIO_NETWORKING_VERSIONS
+# under ISTIO_NETWORKING_VERSIONS
+ISTIO_KINDS = ("VirtualService", "DestinationRule", "Gateway", "ServiceEntry")
 # under SECURITY_VERSIONS
 SECURITY_KINDS = ("AuthorizationPolicy", "RequestAuthentication", "PeerAuthentication")
 Resource = (Service | Workload | VirtualService | DestinationRule | AuthorizationPolicy
-            | RequestAuthentication | PeerAuthentication | RateLimitPolicy | Gateway)
+            | RequestAuthentication | PeerAuthentication | RateLimitPolicy | Gateway
+            | ServiceEntry)
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -455,6 +458,10 @@ def validate_document(value: Any, doc: _Doc, vip_range: IpNetwork, *, root_names
         from agent.control import validate_gateway  # it builds on the helpers above
 
         return validate_gateway.gateway(doc, spec, name, ns)
+    if kind == "ServiceEntry":
+        from agent.control import validate_serviceentry  # it builds on the helpers above
+
+        return validate_serviceentry.service_entry(doc, spec, name, ns)
     from agent.control import validate_istio  # it builds on the helpers above
 
     if kind == "VirtualService":

@@ -42,6 +42,7 @@ from agent.control.model import Service, Workload
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
 from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, principal_of
+from agent.dataplane.egress import Egress, Resolver
 from agent.dataplane.http import headers as hdrs
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import Exchange, LocalReply
@@ -58,7 +59,7 @@ from agent.dataplane.lb import Balancer, Policy, endpoint_key
 from agent.dataplane.podsock import open_pod
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.report import Flow, Party, Reporter, party
-from agent.dataplane.route import Directory, Route, RouteError, decide
+from agent.dataplane.route import Directory, Route, RouteError, UnknownDestination, decide
 from agent.dataplane.tcp import SOCKET_READ_LIMIT, End, SocketEnd, TunnelEnd, relay
 from agent.dataplane.tunnel import TunnelError
 from agent.identity.spiffe import SpiffeId
@@ -66,6 +67,7 @@ from agent.metrics.istio import MeshMetrics, RequestLabels
 from agent.proto import hbone, http1
 from agent.proto.h2.connection import Headers as H2Headers
 from agent.proto.http1 import Header, RequestHead
+from agent.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,9 @@ class OutboundConfig:
     http: LoopConfig = dataclasses.field(default_factory=LoopConfig)
     # a same-node destination's requests are normalised here, as its node's inbound would
     path_normalization: PathNormalization = PathNormalization.BASE
+    # outboundTrafficPolicy REGISTRY_ONLY: a destination neither in the registry nor a ServiceEntry
+    # is refused (HTTP 502 NR, TCP reset; nodemesh_outbound_refused_total{reason="registry_only"})
+    registry_only: bool = False
 
 
 class Outbound:
@@ -123,8 +128,10 @@ class Outbound:
         rng: random.Random | None = None,
         authorizer: Authorizer | None = None,
         host_source: HostSource | None = None,
+        egress: Egress | None = None,
     ) -> None:
         self.config = config
+        self.egress = egress or Egress(Resolver(None))  # ServiceEntry MESH_EXTERNAL endpoints
         self.host_source = host_source
         self.authorizer = authorizer or Authorizer(directory, metrics)  # same-node destinations
         self.upstreams = upstreams or UpstreamPool()
@@ -147,6 +154,7 @@ class Outbound:
         self.balancer = balancer
         self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
+        self.refusal_log = RateLimitedLog(log)  # REGISTRY_ONLY refusals: one line per 10 s
 
     def mirror(
         self, side: OutboundHttp, dest: Destination, namespace: str, port: int, method: str, target: str,
@@ -356,20 +364,13 @@ class Outbound:
         try:
             route = decide(directory, dst_ip, dst_port)
         except RouteError as e:
+            if self.config.registry_only and isinstance(e, UnknownDestination):
+                return await self._refuse(app, src, src_id, peer, (dst_ip, dst_port), str(e))
             return self._fail(app, e.flag, str(e))
         wire, first = await protocol.resolve(route.protocol, app, self.config.sniff_timeout_s)
         if wire is not protocol.Wire.TCP:
-            side = OutboundHttp(self, src, src_id, peer[0], (dst_ip, dst_port))
-            self.metrics.active_outbound.inc()
-            try:
-                if wire is protocol.Wire.HTTP1:
-                    await H1Loop(app, side, self.config.http).run(first)
-                else:
-                    await H2Loop(app, side, name=f"from {peer[0]}:{peer[1]}",
-                                 retry_buffer_bytes=self.config.http.retry_buffer_bytes).run(first)
-            finally:
-                self.metrics.active_outbound.dec()
-            return None
+            return await self._http(app, OutboundHttp(self, src, src_id, peer[0], (dst_ip, dst_port)), wire,
+                                    first, peer)
         pool: ConnectionPool | None = None
         if route.service is not None and self.route_table().applies(route.service):
             try:  # a VirtualService's tcp routes, a DestinationRule's policy
@@ -394,6 +395,33 @@ class Outbound:
             finally:
                 self.give_connection(route.service_key)
         return await self._tcp(app, src, src_id, route, first, peer, dst_ip, pool)
+
+    async def _refuse(self, app: SocketEnd, src: Workload, src_id: SpiffeId, peer: tuple[str, int],
+                      dst: tuple[str, int], why: str) -> None:
+        """outboundTrafficPolicy REGISTRY_ONLY, an unknown destination (Envoy's BlackHoleCluster):
+        counted, logged (one line per 10 s), HTTP answered 502 ``NR`` per request, TCP reset."""
+        self.metrics.outbound_refused.labels("registry_only").inc()
+        self.refusal_log.log(logging.WARNING, "registry_only", "outbound: refused %s -> %s:%d: %s "
+                             "(outboundTrafficPolicy REGISTRY_ONLY; add a ServiceEntry for it)",
+                             src.name, dst[0], dst[1], why)
+        wire, first = await protocol.resolve(None, app, self.config.sniff_timeout_s)
+        if wire is protocol.Wire.TCP:
+            return self._fail(app, "NR", f"{why} (REGISTRY_ONLY)")
+        return await self._http(app, OutboundHttp(self, src, src_id, peer[0], dst, refused=why), wire, first,
+                                peer)
+
+    async def _http(self, app: SocketEnd, side: OutboundHttp, wire: protocol.Wire, first: bytes,
+                    peer: tuple[str, int]) -> None:
+        """The request loop of an HTTP/1.1 or HTTP/2 client connection."""
+        self.metrics.active_outbound.inc()
+        try:
+            if wire is protocol.Wire.HTTP1:
+                await H1Loop(app, side, self.config.http).run(first)
+            else:
+                await H2Loop(app, side, name=f"from {peer[0]}:{peer[1]}",
+                             retry_buffer_bytes=self.config.http.retry_buffer_bytes).run(first)
+        finally:
+            self.metrics.active_outbound.dec()
 
     def _tcp_pool(self, route: Route) -> ConnectionPool | None:
         """The connectionPool of the DestinationRule for a TCP connection's service port."""
@@ -422,9 +450,10 @@ class Outbound:
             flow = Flow(
                 "source",
                 party(src, src_id.uri),
-                party(directory.workload_for(ep.address, ep.port), dst_id.uri, namespace=ep.namespace),
+                party(directory.workload_for(ep.address, ep.port), "" if ep.external else dst_id.uri,
+                      namespace=ep.namespace),
                 route.service,
-                mutual_tls=ep.node != self.config.node,
+                mutual_tls=ep.node != self.config.node and not ep.external,
             )
             local = directory.workload_for(ep.address, ep.port) if ep.node == self.config.node else None
             facts = None
@@ -462,6 +491,8 @@ class Outbound:
         """A connection to ``ep``, within ``timeout_s`` (the destination's connectTimeout) or the
         proxy's connect timeout."""
         timeout_s = timeout_s or self.config.connect_timeout_s
+        if ep.external:  # a ServiceEntry's MESH_EXTERNAL endpoint: no agent there, plain TCP
+            return await self.egress.dial(ep, timeout_s)
         if ep.node == self.config.node:
             async with asyncio.timeout(timeout_s):
                 r, w = await open_pod(ep.address, ep.port, self.config.proxy_mark, limit=SOCKET_READ_LIMIT)
@@ -531,7 +562,8 @@ class OutboundHttp:
     bound = False
 
     def __init__(
-        self, out: Outbound, src: Workload, src_id: SpiffeId, src_ip: str, dst: tuple[str, int]
+        self, out: Outbound, src: Workload, src_id: SpiffeId, src_ip: str, dst: tuple[str, int],
+        refused: str = "",
     ) -> None:
         self.out = out
         self.src = src
@@ -540,10 +572,13 @@ class OutboundHttp:
         self.src_ip = src_ip
         self.forwarded_for = src_ip  # x-forwarded-for (a gateway: its client's address)
         self.dst = dst
+        self.refused = refused  # REGISTRY_ONLY refused the destination: every request 502 NR
         self._choices: dict[tuple[tuple[str, int], str, str], _Choice] = {}
         self._route: Route | None = None
 
     def _decide(self) -> Route:
+        if self.refused:
+            raise LocalReply(502, f"{self.refused} (outboundTrafficPolicy REGISTRY_ONLY)", "NR")
         try:
             route = decide(self.out.directory(), *self.dst)
         except RouteError as e:
@@ -559,9 +594,10 @@ class OutboundHttp:
         if c is None:
             out = self.out
             dst_id = out.identity(ep.namespace, ep.service_account)
-            dst = party(out.directory().workload_for(ep.address, ep.port), dst_id.uri, namespace=ep.namespace)
+            dst = party(out.directory().workload_for(ep.address, ep.port), "" if ep.external else dst_id.uri,
+                        namespace=ep.namespace)
             remote = ep.node != out.config.node
-            flow = Flow("source", self.src_party, dst, service, mutual_tls=remote)
+            flow = Flow("source", self.src_party, dst, service, mutual_tls=remote and not ep.external)
             same = None
             if not remote:
                 dflow = Flow("destination", self.src_party, dst, service, mutual_tls=False)

@@ -43,7 +43,7 @@ def party(w: Workload | None, principal: str, *, namespace: str = UNKNOWN) -> Pa
 
 def service_host(svc: Service | None) -> str:
     """Istio's destination_service: <name>.<namespace>.svc.cluster.local."""
-    return f"{svc.name}.{svc.namespace}.svc.cluster.local" if svc is not None else UNKNOWN
+    return svc.fqdn if svc is not None else UNKNOWN  # (a ServiceEntry's host for its services)
 
 
 @dataclass(frozen=True, slots=True)

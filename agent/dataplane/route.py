@@ -19,6 +19,7 @@ from types import MappingProxyType
 
 from agent.control.model import Protocol, Service, Workload, l7_protocol, selects
 from agent.control.screening import Rejection, WorkloadGuard
+from agent.control.serviceentry import EntryService
 from agent.control.snapshot import Endpoint, NsName, Snapshot, healthy_endpoints
 from agent.dataplane.lb import Policy
 
@@ -29,6 +30,10 @@ class RouteError(Exception):
     def __init__(self, message: str, flag: str) -> None:
         super().__init__(message)
         self.flag = flag
+
+
+class UnknownDestination(RouteError):
+    """Neither a service, a ServiceEntry nor a workload: what REGISTRY_ONLY refuses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +51,7 @@ class Route:
     @property
     def service_host(self) -> str:
         """Istio's destination_service label: <name>.<namespace>.svc.cluster.local."""
-        return (
-            f"{self.service.name}.{self.service.namespace}.svc.cluster.local" if self.service else "unknown"
-        )
+        return self.service.fqdn if self.service else "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,9 @@ def _decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
         eps = healthy_endpoints(snap, svc, dst_port)
         sp = next(p for p in svc.ports if p.port == dst_port)
         return Route(svc, dst_port, eps, policy_of(svc), l7_protocol(sp))
+    es = snap.entry_by_address.get(dst_address)
+    if es is not None:  # a ServiceEntry's address (its own, or the VIP apply gave its host)
+        return _entry_route(snap, es, dst_address, dst_port)
     w = directory.workload_at(dst_address)
     if w is not None:
         health = snap.effective_health(w.namespace, w.name)
@@ -166,7 +172,18 @@ def _decide(directory: Directory, dst_address: str, dst_port: int) -> Route:
             w.namespace, w.name, w.address, dst_port, w.weight, w.locality, w.node, w.service_account, health
         )
         return Route(None, dst_port, (ep,), Policy.ROUND_ROBIN)
-    raise RouteError(f"{dst_address}:{dst_port} is neither a service VIP nor a known workload", flag="NR")
+    raise UnknownDestination(f"{dst_address}:{dst_port} is neither a service VIP nor a known workload "
+                             "(nor a ServiceEntry address)", flag="NR")
+
+
+def _entry_route(snap: Snapshot, es: EntryService, dst_address: str, dst_port: int) -> Route:
+    sp = next((p for p in es.ports if p.port == dst_port), None)
+    if sp is None:
+        raise RouteError(f"ServiceEntry host {es.name} ({dst_address}) has no port {dst_port}", flag="NR")
+    eps = healthy_endpoints(snap, es, dst_port)
+    if es.resolution == "NONE":  # the address the app dialled, and no other
+        eps = tuple(e for e in eps if e.address == dst_address)
+    return Route(es, dst_port, eps, Policy.ROUND_ROBIN, l7_protocol(sp))
 
 
 def identity_nodes(snapshot: Snapshot) -> Mapping[tuple[str, str], frozenset[str]]:

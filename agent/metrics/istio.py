@@ -142,6 +142,13 @@ class MeshMetrics:
             ("policy", "result", "reason"),
             registry=registry,
         )
+        self.outbound_refused = Counter(
+            "nodemesh_outbound_refused",
+            "Captured connections refused by policy before any upstream was chosen "
+            "(registry_only: outboundTrafficPolicy REGISTRY_ONLY, destination unknown)",
+            ("reason",),
+            registry=registry,
+        )
         self.outbound_failures = Counter(
             "nodemesh_outbound_failures",
             "Captured connections that could not be served, by flag",

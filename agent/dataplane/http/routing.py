@@ -46,6 +46,7 @@ from agent.control.istio import (
     host_matches,
 )
 from agent.control.model import Service, Workload
+from agent.control.serviceentry import route_names
 from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.lb import Policy
@@ -84,7 +85,7 @@ class LazyHeaders(Mapping[str, str]):
 
 
 def service_fqdn(svc: Service) -> str:
-    return f"{svc.name}.{svc.namespace}.svc.cluster.local"
+    return svc.fqdn  # (a ServiceEntry's host for its services)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +189,8 @@ class RouteTable:
     @classmethod
     def build(cls, snapshot: Snapshot) -> RouteTable:
         services = {service_fqdn(s): s for s in snapshot.services.values()}
+        for host, es in snapshot.entry_services.items():  # ServiceEntry hosts (agent.control.serviceentry)
+            services.update((n, es) for n in route_names(host))
         vss = sorted(snapshot.virtual_services.values(), key=lambda v: (v.namespace, v.name))
         drs = sorted(snapshot.destination_rules.values(), key=lambda d: (d.namespace, d.name))
         vs_of: dict[tuple[str, str], VirtualService] = {}
