@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.control import dns_wire as w
+from agent.control.dns import udp_exchange
 from agent.control.screening import address_problem
 from agent.control.snapshot import Endpoint, Snapshot
 from agent.dataplane.tcp import SOCKET_READ_LIMIT, SocketEnd
@@ -153,24 +154,7 @@ class Resolver:
 
     async def _udp(self, data: bytes) -> bytes:
         assert self.upstream is not None
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bytes] = loop.create_future()
-
-        class _Once(asyncio.DatagramProtocol):
-            def datagram_received(self, d: bytes, addr: tuple[str, int]) -> None:
-                if not fut.done():
-                    fut.set_result(d)
-
-            def error_received(self, exc: Exception) -> None:
-                if not fut.done():
-                    fut.set_exception(exc)
-
-        tr, _ = await loop.create_datagram_endpoint(_Once, remote_addr=self.upstream)
-        try:
-            tr.sendto(data)
-            return await fut
-        finally:
-            tr.close()
+        return await udp_exchange(self.upstream, data)
 
 
 def _is_ip(text: str) -> bool:
