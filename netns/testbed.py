@@ -14,10 +14,11 @@ out of the testbed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -273,3 +274,30 @@ def status(topo: Topology) -> dict[str, Any]:
             }
         )
     return {"prefix": topo.prefix, "fabric_cidr": topo.fabric_cidr, "nodes": nodes}
+
+
+@contextlib.contextmanager
+def external_host(topo: Topology, address: str, name: str = "ext") -> Iterator[str]:
+    """A host outside the mesh: a netns ``<prefix>-<name>`` on the fabric bridge at ``address``
+    (in the fabric CIDR), with routes back to every node's pod CIDR via that node (so pods reach
+    it directly where they are not captured). No agent, no cgroup. Yields the netns name; removed
+    on exit (and by :func:`down`, as every ``<prefix>-*`` netns)."""
+    ns, port, inner = f"{topo.prefix}-{name}", f"{topo.prefix}-{name}", f"{topo.prefix}-{name}0"
+    if len(inner) > 15:
+        raise TopologyError(f"interface name {inner!r} is longer than 15 bytes")
+    kernel.create_netns(ns)
+    try:
+        _veth(topo.fabric_netns, port, ns, inner)
+        with kernel.ipr(topo.fabric_netns) as ipr:
+            bridge = _link_index(ipr, topo.fabric_bridge)
+            ipr.link("set", index=_link_index(ipr, port), master=bridge, state="up")
+        with kernel.ipr(ns) as ipr:
+            ipr.link("set", index=_link_index(ipr, "lo"), state="up")
+            idx = _link_index(ipr, inner)
+            ipr.addr("add", index=idx, address=address, prefixlen=int(topo.fabric_cidr.split("/")[1]))
+            ipr.link("set", index=idx, state="up")
+            for node in topo.nodes:
+                ipr.route("add", dst=node.pod_cidr, gateway=node.fabric_address)
+        yield ns
+    finally:
+        kernel.remove_netns(ns)  # (the fabric end of the veth goes with it)

@@ -90,6 +90,12 @@ class ServiceEntry:
             raise ValueError(f"unknown resolution {self.resolution!r}")
         if not self.hosts or not self.ports:
             raise ValueError("a ServiceEntry needs hosts and ports")
+        for h in self.hosts:  # (a stored value written around apply: refused when decoded)
+            if not HOST_RE.match(h):
+                raise ValueError(f"bad ServiceEntry host {h!r}")
+        for p in self.ports:
+            if not (1 <= p.number <= 65535 and 0 <= p.target_port <= 65535):
+                raise ValueError(f"port {p.number} (targetPort {p.target_port}) out of range")
         for a in (*self.addresses, *self.auto_addresses):
             ipaddress.ip_address(a)
         if self.auto_addresses and len(self.auto_addresses) != len(self.hosts):

@@ -115,28 +115,18 @@ class Resolver:
         self.cache = DnsCache()
         self._query = query or self._udp
         self._now = now
-        self._inflight: dict[str, asyncio.Future[_Entry]] = {}
+        self._inflight: dict[str, asyncio.Task[_Entry]] = {}
         self.queries = 0
 
     async def resolve(self, name: str) -> _Entry:
         e = self.cache.get(name, self._now())
         if e is not None:
             return e
-        fut = self._inflight.get(name)
-        if fut is not None:
-            return await asyncio.shield(fut)
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[name] = fut
-        try:
-            e = await self._lookup(name)
-            fut.set_result(e)
-            return e
-        except BaseException as ex:
-            fut.set_exception(ex)
-            fut.exception()  # (retrieved: waiters get it, no "never retrieved" warning)
-            raise
-        finally:
-            del self._inflight[name]
+        task = self._inflight.get(name)
+        if task is None:  # one query per name at a time, whoever asks (and even if they go away)
+            task = self._inflight[name] = asyncio.ensure_future(self._lookup(name))
+            task.add_done_callback(lambda _t: self._inflight.pop(name, None))
+        return await asyncio.shield(task)
 
     async def _lookup(self, name: str) -> _Entry:
         if self.upstream is None:
@@ -147,9 +137,9 @@ class Resolver:
             async with asyncio.timeout(QUERY_TIMEOUT_S):
                 data = await self._query(a_query(name, qid))
             addresses, ttl, error = parse_answer(data, qid)
-        except (OSError, TimeoutError) as e:
+        except Exception as e:  # (no answer, a refused socket...): a failure, cached for a while
             where = f"{self.upstream[0]}:{self.upstream[1]}"
-            addresses, ttl, error = (), 0.0, f"upstream {where}: {e or 'timeout'}"
+            addresses, ttl, error = (), 0.0, f"upstream {where}: {e or type(e).__name__}"
         return self.cache.put(name, addresses, ttl, self._now(), error)
 
     async def _udp(self, data: bytes) -> bytes:

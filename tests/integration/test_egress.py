@@ -13,7 +13,6 @@ destination_service = the host, and a VirtualService timeout bound to the host a
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from agent import meshbed
-from netns import kernel, testbed, topology
+from netns import testbed, topology
 from tests.integration.scrape import node_metrics
 from tests.integration.scrape import requests_total as requests
 
@@ -76,37 +75,16 @@ spec:
 
 @contextlib.contextmanager
 def external_server(topo: topology.Topology) -> Iterator[None]:
-    """A netns '<prefix>-ext' on the testbed's fabric bridge (EXTERNAL_IP), routes back to the
-    pods' CIDRs via their nodes, an HTTP server in it; all removed after (the netns also by
-    testbed.down, which removes every '<prefix>-*')."""
-    ns, port, inner = f"{topo.prefix}-ext", f"{topo.prefix}-ext", f"{topo.prefix}-x0"
-    kernel.create_netns(ns)
-    proc: subprocess.Popen[bytes] | None = None
-    try:
-        fd = kernel.open_netns(ns)
-        try:
-            with kernel.ipr(topo.fabric_netns) as ipr:
-                ipr.link("add", ifname=port, kind="veth", peer={"ifname": inner, "net_ns_fd": fd})
-                ipr.link("set", index=ipr.link_lookup(ifname=port)[0],
-                         master=ipr.link_lookup(ifname=topo.fabric_bridge)[0], state="up")
-        finally:
-            os.close(fd)
-        with kernel.ipr(ns) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-            idx = ipr.link_lookup(ifname=inner)[0]
-            ipr.addr("add", index=idx, address=EXTERNAL_IP, prefixlen=24)
-            ipr.link("set", index=idx, state="up")
-            for node in topo.nodes:
-                ipr.route("add", dst=node.pod_cidr, gateway=node.fabric_address)
+    """An HTTP server on a host outside the mesh (:func:`netns.testbed.external_host`)."""
+    with testbed.external_host(topo, EXTERNAL_IP) as ns:
         proc = testbed.popen_in(ns, None, [sys.executable, "-c", SERVER, str(EXTERNAL_PORT)],
                                 stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        yield
-    finally:
-        if proc is not None:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            yield
+        finally:
             proc.kill()
             proc.wait()
-        kernel.remove_netns(ns)  # (the fabric end of the veth goes with it)
 
 
 def curl(bed: meshbed.MeshBed, pod: str, url: str, *extra: str) -> tuple[int, str, str]:

@@ -249,6 +249,16 @@ def test_compiled_services_endpoints_by_resolution_and_location() -> None:
         "db-1", "data", "n2", "db", False)
 
 
+def test_a_stored_entry_that_does_not_decode_is_skipped_and_the_rest_serve() -> None:
+    puts = dict(plan({}, parse(SE), NET).puts)
+    bad = service_entry_doc(entry())
+    bad.update(name="bad", hosts=["no_such host"], autoAddresses=["10.96.5.5"])
+    puts[resource_key(Kind.SERVICE_ENTRY, "shop", "bad")] = json.dumps(bad)
+    snap = snapshot_of(puts)
+    assert list(snap.service_entries) == [("shop", "ext")]
+    assert sorted(snap.entry_services) == ["api.example.com", "example.org"]
+
+
 def test_mesh_dns_answers_entry_hosts_with_their_addresses() -> None:
     snap = snapshot_of(dict(plan({}, parse(SE), NET).puts))
 
@@ -318,6 +328,13 @@ def test_resolver_shares_one_query_and_egress_refuses_what_the_proxy_must_never_
                           ("169.254.1.1", "link-local")):
             with pytest.raises(EgressError, match=why):
                 await eg.address_of(Endpoint("ns", name, name, 80, 1, "", "", "", Health.PASSING, True))
+        # the first asker going away does not fail the others: the query runs on its own
+        slow = Resolver(("192.0.2.53", 53), query=query)
+        first = asyncio.ensure_future(slow.resolve("lo.example"))
+        second = asyncio.ensure_future(slow.resolve("lo.example"))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second).addresses == ("127.0.0.1",)
         no_upstream = Resolver(None)
         assert (await no_upstream.resolve("db.example")).error == "no dns_upstream to resolve it"
         assert a_query("db.example", 5)[:2] == b"\x00\x05"
