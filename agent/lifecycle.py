@@ -237,7 +237,17 @@ class Lifecycle:
     # -- http handlers ---------------------------------------------------------------------------
 
     async def _status(self, _r: Request) -> Response:
-        return Response.json(await asyncio.to_thread(self.status))
+        doc = await asyncio.to_thread(self.status)
+        doc["rate_limits"] = self.rate_limits()  # (on the loop: the data path's own state)
+        return Response.json(doc)
+
+    def rate_limits(self) -> list[dict[str, Any]]:
+        """Every RateLimitPolicy in force on this node: rate, share, tokens left, peers, fallback."""
+        limits = self.agent.inbound.authorizer.limits
+        return limits.status() if limits is not None else []
+
+    async def _rate_limits(self, _r: Request) -> Response:
+        return Response.json(self.rate_limits())
 
     def listener_problems(self) -> list[str]:
         return [p for lst in self.accept.values() if (p := lst.health().problem()) is not None]
@@ -416,6 +426,7 @@ class Lifecycle:
                 "/workloads": self._workloads,
                 "/certs": self._certs,
                 "/outliers": self._outliers,
+                "/ratelimits": self._rate_limits,
                 "/healthz/ready": self._ready,
             },
             "admin",

@@ -59,6 +59,7 @@ from agent.dataplane.lb import Balancer
 from agent.dataplane.outbound import Outbound, OutboundConfig
 from agent.dataplane.pool import TunnelPool
 from agent.dataplane.ratelimit import RateLimits
+from agent.dataplane.ratepeers import RateShare
 from agent.dataplane.report import Reporter
 from agent.dataplane.route import Directory
 from agent.dataplane.tunnel import BufferBudget
@@ -323,6 +324,8 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
         reporter=reporter,
         authorizer=authorizer,
     )
+    inbound.rate_share = RateShare(authorizer.limits, directory, cfg.node, inbound.node_address, pool,
+                                   cfg.trust_domain, cfg.ports.hbone)  # service-wide rate limits
     upstream = None
     if cfg.dns_upstream:
         host, _, port = cfg.dns_upstream.rpartition(":")

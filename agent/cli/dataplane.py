@@ -164,6 +164,15 @@ def _print_agent(doc: dict[str, Any]) -> None:
                 [[c["spiffe_id"], f"{c['expires_in_s']}s", c["renew_at"]] for c in doc["certificates"]],
             )
         )
+    for rl in doc.get("rate_limits", []):
+        rate = f"{rl['local_per_s']:g}/s of {rl['total_per_s']:g}/s" if "total_per_s" in rl else "-"
+        peers = ", ".join(f"{n} {s}" for n, s in rl.get("peers", {}).items())
+        click.echo(f"  rate limit {rl['policy']} ({rl['scope']}): {rate}, share {rl['share']:g}, "
+                   f"admitted {rl['admitted']}, limited {rl['limited']}"
+                   + (f", sharing {rl['sharing']}" if "sharing" in rl else "")
+                   + (f" [{peers}]" if peers else ""))
+        if "fallback" in rl:
+            click.echo(f"    FALLBACK: {rl['fallback']}")
     pa = doc.get("peer_authentication", {})
     for ns, err in pa.get("errors", {}).items():
         click.echo(f"  peer authentication NOT ENFORCED for {ns}: {err}")

@@ -39,6 +39,7 @@ from agent.dataplane.http.normalize import (
 from agent.dataplane.http.upstream import Upstream
 from agent.dataplane.listener import Listener
 from agent.dataplane.podsock import open_pod
+from agent.dataplane.ratepeers import RateShare, reserved_target
 from agent.dataplane.report import Flow, Reporter, party
 from agent.dataplane.route import Directory, identity_nodes
 from agent.dataplane.tcp import SOCKET_READ_LIMIT, SocketEnd, TunnelEnd, relay
@@ -110,6 +111,7 @@ class Inbound:
         self._tasks: set[asyncio.Task[None]] = set()
         self._places_of: Directory | None = None
         self._places_cache: Mapping[tuple[str, str], frozenset[str]] = {}
+        self.rate_share: RateShare | None = None  # service-wide rate limits: the peers' reports
 
     async def serve(self, sock: socket.socket, listener: Listener | None = None) -> None:
         """Accept on the listening socket until cancelled; each connection in its own task.
@@ -120,10 +122,14 @@ class Inbound:
         and logged with its reason.
         """
         watch = asyncio.create_task(self.authorizer.watch(), name="authz watch")
+        share = (asyncio.create_task(self.rate_share.run(), name="ratelimit share")
+                 if self.rate_share is not None else None)
         try:
             await (listener or Listener("hbone", metrics=self.metrics)).serve(sock, self._accepted)
         finally:
             watch.cancel()
+            if share is not None:
+                share.cancel()
 
     async def _accepted(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         task = asyncio.current_task()
@@ -207,6 +213,9 @@ class Inbound:
         why = self._peer_refusal(client, peer[0])  # the registry may have changed since the handshake
         if why is not None:
             return await self._refuse(stream, "identity_not_on_peer_node", 403, why)
+        if self.rate_share is not None and reserved_target(req.target, self.node_address(self.config.node)):
+            nodes = self._places().get((client.namespace, client.service_account), frozenset())
+            return await self.rate_share.serve(stream, peer[0], nodes)  # a peer agent's demand
         directory = self.directory()
         w = directory.local_workload_at(req.target.address, self.config.node, req.target.port)
         why = dial_refusal(

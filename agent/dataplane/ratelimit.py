@@ -196,6 +196,7 @@ class RateLimits:
         self._states: dict[tuple[str, str], _State] = {}
         self._shares: Mapping[tuple[str, str], float] = {}  # set by the peer exchange (scope service)
         self._fallback: dict[tuple[str, str], str] = {}  # policy -> why it runs on its static share
+        self._peers: dict[tuple[str, str], Mapping[str, str]] = {}  # policy -> peer node -> state
         self._counters: dict[tuple[str, str, str], Any] = {}
         self.decisions = Counter(
             "nodemesh_ratelimit_decisions", "Rate limit decisions at the destination: policy, "
@@ -347,11 +348,13 @@ class RateLimits:
 
     def set_shares(
         self, shares: Mapping[tuple[str, str], float], fallback: Mapping[tuple[str, str], str],
+        peers: Mapping[tuple[str, str], Mapping[str, str]] | None = None,
     ) -> None:
-        """New shares from the exchange (policy -> fraction of its limit), and which policies
-        run on their static share and why."""
+        """New shares from the exchange (policy -> fraction of its limit), which policies run on
+        their static share and why, and each policy's peers (node -> reachable/unreachable)."""
         self._shares = dict(shares)
         self._fallback = dict(fallback)
+        self._peers = dict(peers or {})
         for key, share in shares.items():
             st = self._states.get(key)
             if st is not None:
@@ -382,7 +385,10 @@ class RateLimits:
                 doc["local_per_s"] = round(scaled(p.total, st.share)[0], 3)
             if p.scope == "service":
                 why = self._fallback.get((ns, name))
+                if (ns, name) not in self._shares:
+                    why = "no demand exchanged yet: static share"
                 doc["sharing"] = "static" if why else "by demand"
+                doc["peers"] = dict(self._peers.get((ns, name), {}))
                 if why:
                     doc["fallback"] = why
             out.append(doc)

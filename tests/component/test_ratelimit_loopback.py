@@ -15,8 +15,9 @@ import grpc
 from agent.control.model import Service, ServicePort
 from agent.control.ratelimit import Rate, RateLimitPolicy
 from agent.dataplane.ratelimit import RateLimits
+from agent.dataplane.ratepeers import RateShare
 from agent.dataplane.route import Directory
-from tests.component.harness import VIP, Mesh, http_pod, metric, run, two_node_mesh, workload
+from tests.component.harness import TD, VIP, Mesh, http_pod, metric, run, two_node_mesh, workload
 
 CLIENT = "127.0.0.80"
 WEB = {"app": "web"}
@@ -180,5 +181,49 @@ def test_tcp_connections_over_the_limit_are_refused_and_counted() -> None:
                     x.close()
         finally:
             pod.close()
+
+    run(go())
+
+
+def test_agents_exchange_demand_over_hbone_and_fall_back_to_the_static_share() -> None:
+    ws = [workload("web-1", "127.0.0.85", "n1", sa="web", labels=WEB),
+          workload("web-2", "127.0.0.86", "n2", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("http-web", 80, 20803),), WEB)
+    key = ("default", "web-limit")
+
+    async def go() -> None:
+        async with two_node_mesh(ws, [svc]) as mesh:
+            limits_on(mesh)
+            with_limits(mesh, RateLimitPolicy("web-limit", "default", "web", scope="service",
+                                              total=Rate(40.0, 4)))
+            await asyncio.sleep(0.05)  # the inbounds serve (without an exchange: it is started here)
+            shares: dict[str, RateShare] = {}
+            tasks = {}
+            for n in mesh.nodes.values():
+                other = next(o for o in mesh.nodes.values() if o is not n)
+                limits = n.inbound.authorizer.limits
+                assert limits is not None
+                n.inbound.rate_share = shares[n.name] = RateShare(
+                    limits, lambda: mesh.directory, n.name, n.inbound.node_address, n.outbound.pool, TD,
+                    hbone_port=other.hbone_port)
+                tasks[n.name] = asyncio.create_task(shares[n.name].run())
+            for _ in range(15):  # 1.5 s of demand: n1 60/s, n2 20/s (2x the limit together)
+                await asyncio.sleep(0.1)
+                for name, per_tick in (("n1", 6), ("n2", 2)):
+                    lim = mesh.nodes[name].inbound.authorizer.limits
+                    assert lim is not None
+                    lim.service_policies()[key].offered += per_tick
+            got = {name: mesh.nodes[name].inbound.authorizer.limits.status()[0]  # type: ignore[union-attr]
+                   for name in ("n1", "n2")}
+            assert got["n1"]["sharing"] == got["n2"]["sharing"] == "by demand", got
+            assert got["n1"]["peers"] == {"n2": "reachable"}, got
+            assert abs(got["n1"]["share"] - 0.75) < 0.1 and abs(got["n2"]["share"] - 0.25) < 0.1, got
+            assert shares["n1"].reports_received >= 5 and shares["n2"].reports_received >= 5
+            tasks["n2"].cancel()  # n2's agent stops talking: n1 falls back within the stale time
+            await asyncio.sleep(0.9)
+            st = mesh.nodes["n1"].inbound.authorizer.limits.status()[0]  # type: ignore[union-attr]
+            assert st["sharing"] == "static" and st["share"] == 0.5 and "n2" in st["fallback"], st
+            tasks["n1"].cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
 
     run(go())

@@ -23,6 +23,7 @@ from agent.control.snapshot import SnapshotBuilder
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.ratelimit import Bucket, RateLimits, divide
+from agent.dataplane.ratepeers import RateShare
 from agent.dataplane.route import Directory
 
 NET = parse_vip_range("10.96.0.0/16")
@@ -380,7 +381,7 @@ def test_service_scope_runs_on_its_share() -> None:
     text = RLP.replace("port: 80}", "port: 80}\n  scope: service").replace("burst: 10}", "burst: 30}")
     rl, _, _ = limiter(text, nodes={"n1": 1, "n2": 2})
     (st,) = rl.status()
-    assert st["share"] == pytest.approx(1 / 3, abs=1e-3) and st["sharing"] == "by demand"
+    assert st["share"] == pytest.approx(1 / 3, abs=1e-3) and st["sharing"] == "static"  # (no exchange yet)
     assert st["local_per_s"] == pytest.approx(33.333, abs=0.01)
     rl.set_shares({("shop", "api-limit"): 0.5}, {("shop", "api-limit"): "no peer heard for 0.5 s"})
     (st,) = rl.status()
@@ -388,3 +389,56 @@ def test_service_scope_runs_on_its_share() -> None:
     assert [p for p in rl.service_policies()] == [("shop", "api-limit")]
     rl2, _, _ = limiter(text, nodes={"n1": 1, "n2": 2}, node="n9")
     assert rl2.service_policies() == {} and rl2.status() == []
+
+
+# -- the exchange between agents (pure part) ----------------------------------------------
+
+
+def sharing(node: str, clock: Clock, d: Directory) -> tuple[RateLimits, RateShare]:
+    rl = RateLimits(lambda: d, node, CollectorRegistry(), clock=clock)
+    return rl, RateShare(rl, lambda: d, node, lambda n: {"n1": "10.0.0.1", "n2": "10.0.0.2",
+                                                           "n3": "10.0.0.3"}.get(n), None, TD, clock=clock)
+
+
+def test_reports_redivide_by_demand_and_fall_back_when_peers_go_silent() -> None:
+    text = RLP.replace("port: 80}", "port: 80}\n  scope: service")
+    d, _ = mesh(text, nodes={"n1": 1, "n2": 1, "n3": 1})
+    clock = Clock()
+    agents = {n: sharing(n, clock, d) for n in ("n1", "n2", "n3")}
+    key = ("shop", "api-limit")
+    offered = {"n1": 160, "n2": 20, "n3": 20}  # per second: 80/10/10 at 2x the limit of 100
+    for _ in range(10):  # one second of 100 ms rounds
+        clock.t += 0.1
+        for n, (rl, share) in agents.items():
+            rl.service_policies()[key].offered += offered[n] // 10
+            share.sample(clock.t)
+        reports = {n: share.report(clock.t) for n, (_, share) in agents.items()}
+        for n, (_, share) in agents.items():
+            for m, line in reports.items():
+                if m != n:
+                    assert share._take(line.rstrip(b"\n"), f"10.0.0.{m[1]}", frozenset({m})) is None
+            share.recompute(clock.t)
+    shares = {n: rl.status()[0]["share"] for n, (rl, _) in agents.items()}
+    assert shares == pytest.approx({"n1": 0.8, "n2": 0.1, "n3": 0.1}, abs=0.01)
+    assert {rl.status()[0]["sharing"] for rl, _ in agents.values()} == {"by demand"}
+    assert agents["n1"][0].status()[0]["peers"] == {"n2": "reachable", "n3": "reachable"}
+    # a report claiming another node, or from another address, is refused
+    _, s1 = agents["n1"]
+    assert "not where the tunnel comes from" in (s1._take(b'{"node":"n3","heard":[],"demand":{}}',
+                                                          "10.0.0.2", frozenset({"n2"})) or "")
+    assert s1._take(b"[1,2]", "10.0.0.2", frozenset({"n2"})) == "no node name"
+    # n1 partitioned: nobody hears it, it hears nobody
+    clock.t += 1.0
+    for n in ("n2", "n3"):
+        agents[n][1].peers.pop("n1")
+    fresh = {n: agents[n][1].report(clock.t) for n in ("n2", "n3")}
+    agents["n2"][1]._take(fresh["n3"].rstrip(b"\n"), "10.0.0.3", frozenset({"n3"}))
+    agents["n3"][1]._take(fresh["n2"].rstrip(b"\n"), "10.0.0.2", frozenset({"n2"}))
+    for _, share in agents.values():
+        share.recompute(clock.t)
+    st1 = agents["n1"][0].status()[0]
+    assert st1["sharing"] == "static" and st1["share"] == pytest.approx(1 / 3, abs=1e-3)
+    assert "n2, n3" in st1["fallback"]
+    assert st1["peers"] == {"n2": "unreachable", "n3": "unreachable"}
+    total = sum(rl.status()[0]["share"] for rl, _ in agents.values())
+    assert total <= 1.0 + 1e-6  # n1's static third set aside by n2 and n3
