@@ -69,6 +69,8 @@ Example (every key but ``node`` has a default)::
       path_normalization: BASE        # Istio's meshConfig.pathNormalization: NONE, BASE,
                                       # MERGE_SLASHES, DECODE_AND_MERGE_SLASHES (what authorization
                                       # matches and what is forwarded; agent/dataplane/http/normalize.py)
+      jwks_refresh_s: 1200            # a RequestAuthentication's jwksUri fetched again this often
+                                      # (Istio's PILOT_JWT_PUB_KEY_REFRESH_INTERVAL, 20m)
       access_log:               # one JSON line per request and per TCP connection; off by default
         path: ""                # a file, or "-" for stdout; "" = off
         sampling: 1.0           # fraction of lines kept (errors are always kept)
@@ -203,6 +205,7 @@ class HttpConfig:
     upstream_max_idle_per_endpoint: int = 64
     retry_buffer_bytes: int = 1 << 20  # Envoy's per_connection_buffer_limit_bytes (0: bodies never retried)
     path_normalization: PathNormalization = PathNormalization.BASE
+    jwks_refresh_s: float = 1200.0  # jwksUri keys fetched again this often
     access_log_path: str = ""
     access_log_sampling: float = 1.0
 
@@ -509,7 +512,6 @@ def _gateway(r: _Reader, doc: Any) -> GatewayConfig | None:
                          r.string(g, "credentials_dir", "gateway.", d.credentials_dir), **names)
 
 
-
 def _mesh(r: _Reader, doc: Any) -> MeshConfig:
     from agent.control.model import NAME_RE
 
@@ -580,6 +582,7 @@ def _http(r: _Reader, doc: Any) -> HttpConfig:
         access_log_path=path,
         access_log_sampling=float(sampling),
         path_normalization=PathNormalization(norm),
+        jwks_refresh_s=number("jwks_refresh_s", 1, 86400),
     )
 
 

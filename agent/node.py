@@ -275,7 +275,7 @@ def build(cfg: AgentConfig, *, with_interception: bool = True) -> Agent:
     )
     reporter = Reporter(metrics, access_log)
     authorizer = Authorizer(directory, metrics,  # one for both: same-node and remote callers
-                            root_namespace=cfg.mesh.root_namespace)
+                            root_namespace=cfg.mesh.root_namespace, jwks_refresh_s=hc.jwks_refresh_s)
     authorizer.limits = RateLimits(directory, cfg.node, prom)  # RateLimitPolicy, after authorization
     outbound = Outbound(
         OutboundConfig(

@@ -317,12 +317,15 @@ class Mesh(Bed):
             time.sleep(0.2)
 
 
-def workloads(topo: topology.Topology) -> str:
-    """Workload documents with each pod's namespace, service account and labels."""
-    roles: dict[str, meshbed.Role] = {pod: (sa, labels, {}) for pod, (_, sa, labels) in ROLES.items()}
+def workloads(topo: topology.Topology,
+              roles_of: dict[str, tuple[str, str, dict[str, str]]] | None = None) -> str:
+    """Workload documents with each pod's namespace, service account and labels (``roles_of``:
+    pod -> (namespace, service account, labels); this module's ROLES by default)."""
+    of = ROLES if roles_of is None else roles_of
+    roles: dict[str, meshbed.Role] = {pod: (sa, labels, {}) for pod, (_, sa, labels) in of.items()}
     docs = list(yaml.safe_load_all(meshbed.workload_manifest(topo, roles)))
     for d in docs:
-        d["metadata"]["namespace"] = ROLES.get(d["metadata"]["name"], ("default",))[0]
+        d["metadata"]["namespace"] = of.get(d["metadata"]["name"], ("default",))[0]
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 

@@ -423,3 +423,22 @@ def test_outcomes_counted_and_refusals_logged_with_the_resource(caplog: pytest.L
         "jwt: 401 for a request to shop/web-1, RequestAuthentication shop/web-jwt (the token's issuer is "
         "not one of theirs, or not yet known): Jwt issuer is not configured (unknown_issuer)",
     ], lines
+
+
+def test_agent_yaml_jwks_refresh_reaches_the_authorizers_cache() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from agent.config import ConfigError, from_mapping
+    from agent.dataplane.authorize import Authorizer
+    from agent.metrics.istio import MeshMetrics
+
+    base = {"node": "n1", "addresses": {"proxy": "127.0.0.1"}}
+    assert from_mapping(base).http.jwks_refresh_s == 1200.0  # Istio's 20 minutes
+    cfg = from_mapping({**base, "http": {"jwks_refresh_s": 2}})
+    az = Authorizer(lambda: None, MeshMetrics(CollectorRegistry()),  # type: ignore[arg-type,return-value]
+                    jwks_refresh_s=cfg.http.jwks_refresh_s)
+    assert az.jwt.cache.refresh_s == 2.0 and az.jwt.cache.retry_s == 2.0  # (a retry never later)
+    for bad in (0, "20m", True):
+        with pytest.raises(ConfigError) as e:
+            from_mapping({**base, "http": {"jwks_refresh_s": bad}}, source="agent.yaml")
+        assert "agent.yaml: http.jwks_refresh_s: expected a number between 1 and 86400" in str(e.value)
