@@ -17,7 +17,8 @@ connection is served by its port's kind, looked up when it is accepted:
   the server and so its ``credentialName``; TLS is then terminated on the socket
   with that server's context (:class:`Credentials`: ``<dir>/<name>.crt``,
   ``<name>.key``, for MUTUAL ``<name>-ca.crt``, read again when the files change;
-  connections already open keep their handshake) and ALPN picks HTTP/2 or 1.1.
+  connections already open keep their handshake); ALPN offers HTTP/1.1 (requests keep
+  their protocol upstream, and most backends behind an ingress speak 1.1).
 - ``tls`` (PASSTHROUGH): the peeked SNI picks a VirtualService ``tls`` route; the
   bytes, ClientHello included, are relayed to the endpoint untouched.
 - ``tcp``: the bound VirtualServices' ``tcp`` routes.
@@ -201,7 +202,7 @@ class GatewayHttp(OutboundHttp):
         hit = gatewayplan.http_target(table, self.port, ex.authority)
         if hit.vs is None:
             raise gatewayplan.https_redirect(ex.authority, ex.path)
-        rt = table.route_table()
+        rt = self.out.route_table()
         facts = routing.RequestFacts(ex.method, ex.path, ex.authority, scheme, routing.LazyHeaders(headers),
                                      self.port, self.src)
         return self._take(routing.decide_route(rt, hit.vs, facts, self.out.rng), facts, ex, rt)
@@ -242,6 +243,7 @@ class IngressGateway:
             old = self._table.refused if self._table is not None else ()
             self._table_of = d
             self._table = gatewayplan.GatewayTable.build(d.snapshot, self.config.labels, self.reserved_ports)
+            self._table.routes = self.outbound.route_table()  # (the mesh's, for this same snapshot)
             for why in set(self._table.refused) - set(old):
                 log.error("gateway: not served: %s", why)
         return self._table

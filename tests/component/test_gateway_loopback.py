@@ -33,7 +33,7 @@ from agent.control.model import Kind, Service, Workload, resource_key
 from agent.control.snapshot import SnapshotBuilder
 from agent.control.validate import parse_yaml
 from agent.dataplane.gateway import IngressGateway
-from tests.component.harness import Mesh, http_pod, metric, run, two_node_mesh
+from tests.component.harness import Mesh, echo_server, http_pod, metric, run, two_node_mesh
 
 GW = "127.0.0.50"
 NET = ipaddress.ip_network("10.96.0.0/16")
@@ -51,6 +51,7 @@ WORKLOADS = [  # (loopback addresses: made here, as the other component tests do
     Workload("web-2", "default", "127.0.0.51", "n2", labels={"app": "web"}),
     Workload("tls-a", "default", "127.0.0.53", "n2", labels={"app": "tls-a"}),
     Workload("tls-b", "default", "127.0.0.54", "n1", labels={"app": "tls-b"}),
+    Workload("echo", "default", "127.0.0.55", "n2", labels={"app": "echo"}),
 ]
 REGISTRY = """
 apiVersion: nodemesh.io/v1
@@ -88,6 +89,23 @@ spec:
   - port: {number: 20545, name: tls, protocol: TLS}
     hosts: ["*.pass.example.com"]
     tls: {mode: PASSTHROUGH}
+  - port: {number: 20546, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: nodemesh.io/v1
+kind: Service
+metadata: {name: echo}
+spec: {ports: [{port: 9000, targetPort: 20555, protocol: tcp}], selector: {app: echo}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{port: 20546}]
+    route: [{destination: {host: echo, port: {number: 9000}}}]
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
@@ -236,6 +254,7 @@ async def gateway_bed() -> AsyncIterator[Bed]:
     )
     snap = b.build(2)
     pod = http_pod("127.0.0.51", 20511, "web-2")
+    echo = await echo_server("127.0.0.55", 20555, "echo")
     tls_pods = [
         await _tls_pod("127.0.0.53", 20553, "a", pki, work),
         await _tls_pod("127.0.0.54", 20554, "b", pki, work),
@@ -255,10 +274,10 @@ async def gateway_bed() -> AsyncIterator[Bed]:
             )
             task = asyncio.create_task(gw.run(stop, 0.5))
             for _ in range(100):
-                if len(gw.ports) == 5:
+                if len(gw.ports) == 6:
                     break
                 await asyncio.sleep(0.02)
-            assert sorted(gw.ports) == [20543, 20544, 20545, 20580, 20581], gw.problems
+            assert sorted(gw.ports) == [20543, 20544, 20545, 20546, 20580, 20581], gw.problems
             try:
                 yield Bed(mesh, gw, pki, creds, simple_serial)
             finally:
@@ -267,7 +286,7 @@ async def gateway_bed() -> AsyncIterator[Bed]:
     finally:
         pod.shutdown()
         pod.server_close()
-        for s in tls_pods:
+        for s in [*tls_pods, echo]:
             s.close()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -510,5 +529,19 @@ def test_tls_passthrough_routed_by_sni() -> None:
                 >= 1
             )
             assert metric(n1, "nodemesh_outbound_failures_total", response_flags="NR") >= 1
+
+    run(main())
+
+
+def test_tcp_server_routed_by_the_bound_tcp_route() -> None:
+    async def main() -> None:
+        async with gateway_bed() as bed:
+            r, w = await asyncio.open_connection(GW, 20546)
+            w.write(b"ping")
+            w.write_eof()
+            assert await r.read() == b"echo:ping"  # the pod on n2, over HBONE
+            w.close()
+            assert metric(bed.mesh.nodes["n2"], "istio_tcp_connections_opened_total", reporter="destination",
+                          source_principal=GW_ID) >= 1
 
     run(main())
