@@ -125,6 +125,9 @@ def _source(snap: Snapshot, name: str) -> Workload:
 
 
 def _service_of_host(snap: Snapshot, host: str, src: Workload) -> Service:
+    entry = snap.entry_services.get(host.lower().rstrip(".")) or snap.entry_by_address.get(host)
+    if entry is not None:  # a ServiceEntry host (or one of its addresses)
+        return entry
     try:
         ipaddress.ip_address(host)
         svc = snap.service_by_vip(host)
@@ -285,7 +288,9 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
         walk["outcome"] = denied
         return walk
     walk["outcome"] = {"answer": "forwarded", "to": pick.workload,
-                       "via": ("HBONE mTLS tunnel" if pick.node != src.node
+                       "via": ("plain TCP from the node (a ServiceEntry's MESH_EXTERNAL endpoint: no agent "
+                               "there)" if pick.external
+                               else "HBONE mTLS tunnel" if pick.node != src.node
                                else "a direct connection (same node)")}
     return walk
 

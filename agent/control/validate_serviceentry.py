@@ -156,6 +156,10 @@ def service_entry(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) -> Ser
     addresses: list[str] = []
     for i, a in enumerate(_list(doc, spec, "addresses", "spec")):
         address = _address(doc, a, f"spec.addresses[{i}]")
+        if ":" in address:
+            raise doc.fail(f"spec.addresses[{i}]", f"IPv6 address {address} is not supported",
+                           hint="nodemesh captures IPv4 destinations only; give an IPv4 address or leave "
+                                "addresses out to get a VIP")
         if address in addresses:
             raise doc.fail(f"spec.addresses[{i}]", f"address {address} is listed twice")
         addresses.append(address)

@@ -141,6 +141,8 @@ REFUSED = {
                           "resolution:", "spec.resolution", "MESH_INTERNAL with resolution DNS"),
     "loopback endpoint": (SE.replace("192.0.2.11", "127.0.0.1"), "127.0.0.1", "spec.endpoints[1].address",
                           "loopback"),
+    "IPv6 address": (SE + "  addresses: ['2001:db8::1']\n", "addresses:", "spec.addresses[0]",
+                     "IPv6 address 2001:db8::1 is not supported"),
     "CIDR address": (SE + "  addresses: [10.0.0.0/24]\n", "addresses:", "spec.addresses[0]",
                      "CIDR block '10.0.0.0/24' is not supported"),
     "endpoint port name unknown": (SE.replace("ports: {http: 8080}", "ports: {grpc: 8080}"), "grpc: 8080",
@@ -257,6 +259,18 @@ def test_a_stored_entry_that_does_not_decode_is_skipped_and_the_rest_serve() -> 
     snap = snapshot_of(puts)
     assert list(snap.service_entries) == [("shop", "ext")]
     assert sorted(snap.entry_services) == ["api.example.com", "example.org"]
+
+
+def test_explain_walks_a_request_to_an_entry_host() -> None:
+    from agent.cli.explain import explain
+
+    client = Workload("client", "shop", "10.244.1.2", node="n1", service_account="client")
+    snap = snapshot_of(dict(plan({}, parse(SE), NET).puts), client)
+    for url in ("http://api.example.com/x", "http://10.96.0.1/x"):
+        walk = explain(snap, "shop/client", "GET", url, {})
+        assert walk["capture"].startswith("10.96.0.1:80 is service shop/api.example.com"), walk
+        assert walk["outcome"]["answer"] == "forwarded", walk
+        assert walk["outcome"]["via"].startswith("plain TCP from the node"), walk
 
 
 def test_mesh_dns_answers_entry_hosts_with_their_addresses() -> None:
