@@ -320,13 +320,27 @@ class Dataplane:
                 raise
         old = syscall.map_lookup(self._fd("nm_peer_auth"), key, ctypes.sizeof(PeerAuth))
         had_ports = old is not None and PeerAuth.from_buffer_copy(old).ports != 0
-        entries = policy.port_entries()
+        entries = [(as_buffer(k), as_buffer(ctypes.c_uint32(m))) for k, m in policy.port_entries()]
+        keep = {bytes(k) for k, _ in entries}
+        if entries and not had_ports:  # left by an interrupted run: unread until the pod entry says so
+            self._drop_ports(policy.key(), keep)
         fd = self._fd("nm_peer_port")
-        for k, m in entries:  # the port modes first: the pod's entry then points to them
-            syscall.map_update(fd, as_buffer(k), as_buffer(ctypes.c_uint32(m)))
-        syscall.map_update(self._fd("nm_peer_auth"), key, as_buffer(policy.value()))
+        before = [(k, syscall.map_lookup(fd, k, 4)) for k, _ in entries]
+        done = 0
+        try:
+            for k, v in entries:  # the port modes first: the pod's entry then points to them
+                syscall.map_update(fd, k, v)
+                done += 1
+            syscall.map_update(self._fd("nm_peer_auth"), key, as_buffer(policy.value()))
+        except BaseException:  # nothing half-applied: the port modes the pod had come back
+            for k, was in before[:done]:
+                if was is None:
+                    syscall.map_delete(fd, k)
+                else:
+                    syscall.map_update(fd, k, ctypes.create_string_buffer(was, len(was)))
+            raise
         if had_ports:
-            self._drop_ports(policy.key(), {bytes(k) for k, _ in entries})
+            self._drop_ports(policy.key(), keep)
 
     def _port_keys(self, pod: int) -> list[bytes]:
         size = ctypes.sizeof(PortKey)

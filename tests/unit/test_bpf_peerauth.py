@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 import re
 import socket
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -211,3 +213,89 @@ def test_port_modes_are_validated_packed_and_the_strictest_kept() -> None:
         with pytest.raises(BpfConfigError) as e:
             PeerAuthPolicy(POD, "STRICT", GW, ports=bad)  # type: ignore[arg-type]
         assert (e.value.where or "").startswith("ports"), bad
+
+
+class _FakeMaps:
+    """In-memory stand-in for the bpf(2) map calls of :class:`Dataplane`, logging each write."""
+
+    def __init__(self, fail_on: bytes | None = None) -> None:
+        self.maps: dict[int, dict[bytes, bytes]] = {}
+        self.log: list[tuple[str, int, bytes]] = []
+        self.fail_on = fail_on
+
+    def update(self, fd: int, key: Any, value: Any, flags: int = 0) -> None:
+        k = bytes(key)
+        m = self.maps.setdefault(fd, {})
+        if flags == 1 and k in m:
+            raise BpfError("exists", errno=errno.EEXIST)
+        if k == self.fail_on:
+            raise BpfError("map full", errno=errno.E2BIG)
+        m[k] = bytes(value)
+        self.log.append(("update", fd, k))
+
+    def lookup(self, fd: int, key: Any, size: int) -> bytes | None:
+        return self.maps.get(fd, {}).get(bytes(key))
+
+    def delete(self, fd: int, key: Any) -> bool:
+        self.log.append(("delete", fd, bytes(key)))
+        return self.maps.get(fd, {}).pop(bytes(key), None) is not None
+
+    def keys(self, fd: int, size: int, limit: int) -> list[bytes]:
+        return list(self.maps.get(fd, {}))[:limit]
+
+
+def _fake_dataplane(monkeypatch: pytest.MonkeyPatch, fake: _FakeMaps) -> Dataplane:
+    from bpf import maps as maps_mod
+
+    for name, fn in (("map_update", fake.update), ("map_lookup", fake.lookup),
+                     ("map_delete", fake.delete), ("map_keys", fake.keys)):
+        monkeypatch.setattr(maps_mod.syscall, name, fn)
+    dp = object.__new__(Dataplane)
+    dp._fds = {name: i for i, (name, *_) in enumerate(MAPS)}
+    dp._max = dict.fromkeys(dp._fds, 1024)
+    return dp
+
+
+def test_port_modes_are_written_before_the_pod_entry_and_never_half_applied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = _FakeMaps()
+    dp = _fake_dataplane(monkeypatch, fake)
+    pa_fd, port_fd = dp._fds["nm_peer_auth"], dp._fds["nm_peer_port"]
+
+    def ports() -> dict[int, int]:
+        return {port_from_map(PortKey.from_buffer_copy(k).port): int.from_bytes(v, "little")
+                for k, v in fake.maps.get(port_fd, {}).items()}
+
+    dp.set_peer_auth(POD, "STRICT", GW, ports=((8080, "PERMISSIVE"), (9090, "DISABLE")))
+    writes = [(op, fd) for op, fd, _ in fake.log if fd in (pa_fd, port_fd)]
+    assert writes == [("update", port_fd), ("update", port_fd), ("update", pa_fd)]
+    assert ports() == {8080: 1, 9090: 0}
+    # another set: the new modes first, the pod entry, then the one no longer wanted goes
+    fake.log.clear()
+    dp.set_peer_auth(POD, "PERMISSIVE", GW, ports=((9090, "STRICT"), (7070, "STRICT")))
+    assert [(op, fd) for op, fd, _ in fake.log if fd in (pa_fd, port_fd)] == [
+        ("update", port_fd), ("update", port_fd), ("update", pa_fd), ("delete", port_fd)]
+    assert ports() == {7070: 2, 9090: 2}
+    pod_before, ports_before = dict(fake.maps[pa_fd]), ports()
+    # a write that fails half-way (the port map full): the pod's modes are what they were
+    fake.fail_on = bytes(peerauth.port_key(ip4_to_map(POD), 9443))
+    with pytest.raises(BpfError, match="map full"):
+        dp.set_peer_auth(POD, "STRICT", GW,
+                         ports=((7070, "DISABLE"), (9090, "PERMISSIVE"), (9443, "DISABLE")))
+    assert fake.maps[pa_fd] == pod_before and ports() == ports_before
+    # the pod entry itself refused: the port modes written for it are taken back too
+    fake.fail_on = bytes(ctypes.c_uint32(ip4_to_map(POD)))
+    with pytest.raises(BpfError):
+        dp.set_peer_auth(POD, "STRICT", GW, ports=((7070, "DISABLE"), (1234, "DISABLE")))
+    assert fake.maps[pa_fd] == pod_before and ports() == ports_before
+    # no port modes any more: the pod entry first says so, then they go; the policy reads back
+    fake.fail_on = None
+    dp.set_peer_auth(POD, "STRICT", GW)
+    assert ports() == {} and dp.peer_auth(POD) == PeerAuthPolicy(POD, "STRICT", GW)
+    # entries an interrupted run left for a pod without port modes are dropped before new ones count
+    fake.maps[port_fd][bytes(peerauth.port_key(ip4_to_map(POD), 22))] = bytes(ctypes.c_uint32(1))
+    dp.set_peer_auth(POD, "STRICT", GW, ports=((80, "PERMISSIVE"),))
+    assert ports() == {80: 1}
+    assert dp.peer_auth(POD) == PeerAuthPolicy(POD, "STRICT", GW, ports=((80, "PERMISSIVE"),))
+    assert dp.remove_peer_auth(POD) and ports() == {} and pa_fd in fake.maps and not fake.maps[pa_fd]
