@@ -136,7 +136,10 @@ def worst(states: Iterable[Health]) -> Health:
 def endpoints(snapshot: Snapshot, service: Service, port: int) -> tuple[Endpoint, ...]:
     """All endpoints of ``service`` on service port ``port``, whatever their health."""
     if isinstance(service, EntryService):  # made when the snapshot was built
-        return service.by_port.get(port, ())
+        # a MESH_INTERNAL endpoint only while its workload is in this snapshot (the agent's
+        # screened one leaves out workloads at addresses it must never dial)
+        return tuple(e for e in service.by_port.get(port, ())
+                     if e.external or (e.namespace, e.workload) in snapshot.workloads)
     sp = next((p for p in service.ports if p.port == port), None)
     if sp is None:
         return ()

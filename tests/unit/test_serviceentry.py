@@ -22,13 +22,14 @@ from agent.control.apply import plan
 from agent.control.embedded import EmbeddedBackend
 from agent.control.errors import InputError
 from agent.control.model import Kind, Workload, resource_key
+from agent.control.screening import WorkloadGuard
 from agent.control.serviceentry import (
     EntryService,
     ServiceEntry,
     service_entry_doc,
     service_entry_from_doc,
 )
-from agent.control.snapshot import Snapshot, SnapshotBuilder
+from agent.control.snapshot import Snapshot, SnapshotBuilder, healthy_endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 from agent.dataplane.egress import DnsCache, Egress, EgressError, Resolver, a_query, capture_cidrs
 from agent.dataplane.http.routing import RouteTable
@@ -249,6 +250,12 @@ def test_compiled_services_endpoints_by_resolution_and_location() -> None:
     e4 = s4.entry_services["example.org"].by_port[80][0]
     assert (e4.workload, e4.namespace, e4.node, e4.service_account, e4.external) == (
         "db-1", "data", "n2", "db", False)
+    # an address no workload has, or one the agent's guard screens out: no endpoint (503 UH)
+    es4 = s4.entry_services["example.org"]
+    assert [e.workload for e in healthy_endpoints(s4, es4, 80)] == ["db-1"]
+    guard = WorkloadGuard.of({"proxy": "10.244.2.1"}, {"n2": "10.244.2.7"})
+    screened = Directory.build(s4, guard).snapshot
+    assert healthy_endpoints(screened, screened.entry_services["example.org"], 80) == ()
 
 
 def test_a_stored_entry_that_does_not_decode_is_skipped_and_the_rest_serve() -> None:
