@@ -217,6 +217,9 @@ class Lifecycle:
                 "workloads_on_node": sum(
                     1 for w in a.directory.current.snapshot.workloads.values() if w.node == cfg.node
                 ),
+                "outbound_traffic_policy": cfg.outbound_traffic_policy,
+                "service_entry_hosts": len(a.directory.current.snapshot.entry_services),
+                "capture_cidrs": list(a.capture[0]),  # agent.yaml's, 0.0.0.0/0 or entry addresses
             },
             "config": {
                 "path": self.config_path,

@@ -156,7 +156,9 @@ def _print_agent(doc: dict[str, Any]) -> None:
     for problem in doc.get("degraded", []):
         click.echo(f"  DEGRADED: {problem}")
     p = doc["proxy"]
-    click.echo(f"  proxy: {p['workloads_on_node']} local workloads, {p['tunnel_connections']} pooled tunnels")
+    click.echo(f"  proxy: {p['workloads_on_node']} local workloads, {p['tunnel_connections']} pooled tunnels"
+               + (f", outbound {p['outbound_traffic_policy']}, {p['service_entry_hosts']} ServiceEntry hosts"
+                  if "outbound_traffic_policy" in p else ""))
     if doc["certificates"]:
         click.echo(
             table(

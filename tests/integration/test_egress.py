@@ -13,6 +13,7 @@ destination_service = the host, and a VirtualService timeout bound to the host a
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -150,6 +151,10 @@ def test_registry_only_refuses_then_service_entry_reaches_with_metrics_and_timeo
         assert metric(text, "nodemesh_outbound_refused_total", reason="registry_only") == 3
         assert requests(text, response_code="502", response_flags="NR", destination_service="unknown") == 2
         assert "REGISTRY_ONLY" in bed.log_text(node.name) and "refused" in bed.log_text(node.name)
+        st = testbed.popen_in(node.netns, None, ["curl", "-sS", f"http://{node.fabric_address}:15021/status"],
+                              stdout=subprocess.PIPE)
+        proxy = json.loads(st.communicate(timeout=10)[0])["proxy"]
+        assert proxy["outbound_traffic_policy"] == "REGISTRY_ONLY" and "0.0.0.0/0" in proxy["capture_cidrs"]
 
         # a ServiceEntry makes it reachable by the entry's host, through the mesh DNS and proxy
         out = bed.apply(ENTRY)
