@@ -14,14 +14,17 @@ run directory — also after a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import yaml
 
@@ -29,6 +32,25 @@ from netns import cgroup, testbed
 from netns.topology import Node, Topology
 
 EXCLUDED_PORTS = (15000, 15001, 15008, 15020, 15021, 15053)
+
+# A service on a node itself (a "host service", README: Host services): HTTP on 0.0.0.0:8080 of
+# the node's netns, /health for the seed's Consul check; prints "ready" once listening.
+HOST_SERVICE = """
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = b"ok" if self.path == "/health" else b"my-service on the host"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
+print("ready", flush=True)
+s.serve_forever()
+"""
 NODEMESH = [sys.executable, "-m", "agent.cli.main"]
 
 
@@ -77,6 +99,23 @@ class MeshBed:
             "runtime_dir": self.run_dir,
             "drain_s": 5,
         }
+
+    def with_host_cgroups(self, node: Node, cgroups: list[str]) -> None:
+        """``node``'s agent (started next) enrolls these host cgroups (interception.host_cgroups)."""
+        interception = dict(self._base_config(node)["interception"])  # type: ignore[call-overload]
+        self.node_extra.setdefault(node.name, {})["interception"] = {**interception,
+                                                                     "host_cgroups": cgroups}
+
+    def start_host_service(self, node: Node, cgroup_rel: str) -> subprocess.Popen[bytes]:
+        """HOST_SERVICE in ``node``'s own netns, in cgroup ``cgroup_rel``, once it listens."""
+        proc = testbed.popen_in(node.netns, cgroup_rel, [sys.executable, "-c", HOST_SERVICE],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"ready\n":
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"the host service on {node.name} did not start")
+        return proc
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*NODEMESH, *args], capture_output=True, text=True, check=check)
@@ -168,6 +207,47 @@ class MeshBed:
                 if os.path.isdir(self.bpffs_root(node)):
                     os.rmdir(self.bpffs_root(node))
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class Prometheus:
+    """A real Prometheus (Debian's package) in the first node's netns, scraping every agent's
+    /metrics each second; asked through its HTTP API from the same netns. Stop it by PID."""
+
+    def __init__(self, topo: Topology, data_dir: str, port: int = 9090) -> None:
+        self.topo, self.data_dir, self.port = topo, data_dir, port
+        cfg = os.path.join(data_dir, "prometheus.yml")
+        with open(cfg, "w") as f:  # YAML is a superset of JSON
+            json.dump({"global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                       "scrape_configs": [{"job_name": "nodemesh", "static_configs": [
+                           {"targets": [f"{n.fabric_address}:15020" for n in topo.nodes]}]}]}, f)
+        with open(os.path.join(data_dir, "prometheus.log"), "ab") as log:
+            self.proc = testbed.popen_in(
+                topo.nodes[0].netns, None,
+                ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={data_dir}/tsdb",
+                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stdout=log, stderr=log)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?query={urllib.parse.quote(promql, safe='')}"
+        proc = testbed.popen_in(self.topo.nodes[0].netns, None, ["curl", "-sS", "--max-time", "5", url],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out = proc.communicate(timeout=10)[0]
+        doc = json.loads(out) if proc.returncode == 0 and out else {}
+        return list(doc["data"]["result"]) if doc.get("status") == "success" else []
+
+    def wait_scraping(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            up = self.query('sum(up{job="nodemesh"})')
+            if up and float(up[0]["value"][1]) == len(self.topo.nodes):
+                return
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus does not scrape every agent (see {self.data_dir})")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
 
 Role = tuple[str, dict[str, str], dict[str, int]] | tuple[str, dict[str, str], dict[str, int], int]

@@ -51,23 +51,6 @@ ROLES: dict[str, meshbed.Role] = {
     "n2-p2": ("client", {"app": "client"}, {}),
 }
 
-# The host service: HTTP on 0.0.0.0:8080 of the node's netns; /health for its Consul check.
-HOST_SERVER = textwrap.dedent("""
-    import http.server
-    class H(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        def do_GET(self):
-            body = b"ok" if self.path == "/health" else b"my-service on the host"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        def log_message(self, *a):
-            pass
-    s = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
-    print("ready", flush=True)
-    s.serve_forever()
-""")
 # Pod servers (pod_servers: argv = pod name, pod address): n2-p1 answers HTTP with its name,
 # n1-p1 answers each TCP connection with "<connections so far> <peer address>".
 POD_SERVER = textwrap.dedent("""
@@ -150,8 +133,7 @@ class HostBed:
         return p.returncode, out.decode(), err.decode()
 
     def start_host_service(self) -> None:
-        self.server = self.in_host_cgroup([sys.executable, "-c", HOST_SERVER])
-        assert self.server.stdout is not None and self.server.stdout.readline() == b"ready\n"
+        self.server = self.bed.start_host_service(self.n1, self.host_cg)
 
     def stop_host_service(self) -> None:
         if self.server is not None:
@@ -188,18 +170,13 @@ def bed() -> Iterator[meshbed.MeshBed]:
         testbed.down(prefix)  # the host cgroup lives below the testbed's cgroup: removed too
 
 
-def _with_host_cgroups(bed: meshbed.MeshBed, node: Node, paths: list[str]) -> None:
-    base = dict(bed.agent_config(node)["interception"])  # type: ignore[call-overload]
-    bed.node_extra[node.name] = {"interception": {**base, "host_cgroups": paths}}
-
-
 def test_agent_refuses_its_own_cgroup_and_its_ancestors(bed: meshbed.MeshBed) -> None:
     n1 = bed.topo.node("n1")
     assert n1 is not None
     own = hostcg.cgroup_of()  # the agents are started from this process's cgroup
     refused = [own] + ([os.path.dirname(own)] if own != cgroup.cgroup2_mount() else [])
     for path in refused:
-        _with_host_cgroups(bed, n1, [path])
+        bed.with_host_cgroups(n1, [path])
         proc = bed.spawn_agent(n1)
         assert proc.wait(timeout=120) != 0
         bed.agents.pop(n1.name)
@@ -220,7 +197,7 @@ def host(bed: meshbed.MeshBed) -> Iterator[HostBed]:
     assert n1 is not None
     rel = f"{os.path.dirname(n1.cgroup)}/hosts-n1/my-service.service"  # not below the pods' cgroup
     cgroup.create(rel)
-    _with_host_cgroups(bed, n1, [rel])
+    bed.with_host_cgroups(n1, [rel])
     hb = HostBed(bed, rel)
     for node in bed.topo.nodes:
         bed.start_agent(node)
