@@ -75,6 +75,17 @@ RELOADABLE = (
     "interception.enroll",
 )
 DRAIN_S = 10.0
+# /status "policies": kind -> the Snapshot table holding it
+POLICY_TABLES = (
+    ("VirtualService", "virtual_services"),
+    ("DestinationRule", "destination_rules"),
+    ("AuthorizationPolicy", "authorization_policies"),
+    ("RequestAuthentication", "request_authentications"),
+    ("PeerAuthentication", "peer_authentications"),
+    ("RateLimitPolicy", "rate_limit_policies"),
+    ("Gateway", "gateways"),
+    ("ServiceEntry", "service_entries"),
+)
 # the agent's own endpoints: they get the descriptor reserve, so readiness answers when none is left
 OWN_ENDPOINTS = ("admin", "metrics", "health")
 TCP_LISTENERS = ("outbound", "hbone", "dns_tcp", *OWN_ENDPOINTS)
@@ -220,6 +231,11 @@ class Lifecycle:
                 "outbound_traffic_policy": cfg.outbound_traffic_policy,
                 "service_entry_hosts": len(a.directory.current.snapshot.entry_services),
                 "capture_cidrs": list(a.capture[0]),  # agent.yaml's, 0.0.0.0/0 or entry addresses
+            },
+            # in force: the snapshot routing and authorization decide with (nodemesh dashboard)
+            "policies": {
+                kind: len(getattr(a.directory.current.snapshot, table))
+                for kind, table in POLICY_TABLES
             },
             "config": {
                 "path": self.config_path,
