@@ -168,7 +168,7 @@ def parse_jwks(text: str | bytes, *, strict: bool = True) -> tuple[Jwk, ...]:
 
     try:
         doc = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # (RecursionError: deep nesting)
         raise ValueError(f"is not JSON ({e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise ValueError('is not a JSON Web Key Set: expected an object {"keys": [...]}')

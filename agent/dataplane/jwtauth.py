@@ -69,6 +69,7 @@ RETRY_S = 10  # a failed fetch is tried again after this
 FETCH_TIMEOUT_S = reqauthn.DEFAULT_TIMEOUT_S  # a rule's ``timeout`` overrides it
 MAX_JWKS_BYTES = 256 * 1024
 MAX_REALM_CHARS = 256  # Envoy's MaximumUriLength
+MAX_QUERY_FIELDS = 100  # query parameters looked at for a token
 
 # Envoy's jwt_verify_lib texts (the 401 body and response code details)
 BAD_FORMAT = "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
@@ -186,7 +187,7 @@ def tokens(p: Plan, headers: Mapping[str, str], query: str) -> list[tuple[str, f
         if v:
             found.append((v, issuers, name))
     if p.params and query:
-        params = urllib.parse.parse_qs(query, max_num_fields=100)
+        params = query_params(query)
         for name, issuers in p.params:
             for v in params.get(name, ()):
                 if v.strip():
@@ -198,6 +199,17 @@ def tokens(p: Plan, headers: Mapping[str, str], query: str) -> list[tuple[str, f
             if v:
                 found.append((v, issuers, ""))
     return found
+
+
+def query_params(query: str, max_fields: int = MAX_QUERY_FIELDS) -> dict[str, list[str]]:
+    """The query's parameters, decoded as parse_qs does, from its first ``max_fields`` fields
+    (a longer query is read, not refused: a token further on is not looked for)."""
+    out: dict[str, list[str]] = {}
+    for field_ in query.split("&", max_fields)[:max_fields]:
+        name, eq, value = field_.partition("=")
+        if eq:
+            out.setdefault(urllib.parse.unquote_plus(name), []).append(urllib.parse.unquote_plus(value))
+    return out
 
 
 def cookies(header: str) -> dict[str, str]:
@@ -245,7 +257,7 @@ def _b64(segment: str) -> bytes:
 def _json_object(segment: str, why: str) -> dict[str, Any]:
     try:
         v = json.loads(_b64(segment))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):  # (deep nesting)
         raise JwtError(why) from None
     if not isinstance(v, dict):
         raise JwtError(why)

@@ -442,3 +442,20 @@ def test_agent_yaml_jwks_refresh_reaches_the_authorizers_cache() -> None:
         with pytest.raises(ConfigError) as e:
             from_mapping({**base, "http": {"jwks_refresh_s": bad}}, source="agent.yaml")
         assert "agent.yaml: http.jwks_refresh_s: expected a number between 1 and 86400" in str(e.value)
+
+
+def test_a_long_query_is_read_not_refused() -> None:
+    t = token()
+    many = "&".join(f"a{i}=1" for i in range(500))
+    assert run([rule()], {}, f"access_token={t}&{many}").identity is not None
+    assert run([rule()], {}, f"{many}&access_token={t}").identity is None  # (past the first 100)
+    assert jwtauth.query_params("a=1&b=%2F+x&a=2&c&=v") == {"a": ["1", "2"], "b": ["/ x"], "": ["v"]}
+
+
+def test_deeply_nested_json_is_a_bad_token_or_a_bad_key_set() -> None:
+    deep = base64.urlsafe_b64encode(b"[" * 30000).rstrip(b"=").decode()
+    h, p, s = token().split(".")
+    assert refused([rule()], bearer(f"{deep}.{p}.{s}")).reason == jwtauth.BAD_HEADER
+    assert refused([rule()], bearer(f"{h}.{deep}.{s}")).reason == jwtauth.BAD_PAYLOAD
+    with pytest.raises(ValueError, match="is not JSON"):
+        parse_jwks('{"keys": ' + "[" * 30000)
