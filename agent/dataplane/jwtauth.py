@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import http.client
 import json
 import logging
 import time
@@ -389,13 +390,17 @@ def reply(e: JwtError, authority: str, target: str) -> LocalReply:
 
 
 def fetch_url(uri: str, timeout_s: float = FETCH_TIMEOUT_S, max_bytes: int = MAX_JWKS_BYTES) -> bytes:
-    """GET ``uri`` (blocking: run it on a worker thread). No proxies from the environment."""
+    """GET ``uri`` (blocking: run it on a worker thread). No proxies from the environment.
+    Whatever goes wrong is an OSError (a server speaking something else than HTTP too)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     req = urllib.request.Request(uri, headers={"accept": "application/json"})
-    with opener.open(req, timeout=timeout_s) as resp:
-        if resp.status != 200:
-            raise OSError(f"HTTP {resp.status}")
-        body: bytes = resp.read(max_bytes + 1)
+    try:
+        with opener.open(req, timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise OSError(f"HTTP {resp.status}")
+            body: bytes = resp.read(max_bytes + 1)
+    except http.client.HTTPException as e:  # (BadStatusLine, IncompleteRead, ...: not OSErrors)
+        raise OSError(f"not an HTTP answer: {type(e).__name__} {e}") from None
     if len(body) > max_bytes:
         raise OSError(f"the JWKS is larger than {max_bytes} bytes")
     return body

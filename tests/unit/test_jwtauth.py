@@ -340,35 +340,41 @@ def test_output_claim_to_headers_copies_verified_claims_only() -> None:
     assert jwtauth.claim_value({"s": "é"}, "s") == "é"
 
 
-class _Slow(_Jwks):
-    delay_s = 0.0
+def test_a_rules_timeout_bounds_its_jwks_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[str, float]] = []
 
-    def do_GET(self) -> None:
-        import time
-        time.sleep(self.delay_s)
-        super().do_GET()
+    def fetch_url(uri: str, timeout_s: float = 0.0) -> bytes:
+        asked.append((uri, timeout_s))
+        return JWKS.encode()
+
+    monkeypatch.setattr(jwtauth, "fetch_url", fetch_url)
+
+    async def main() -> None:
+        cache = JwksCache()
+        cache.keys("https://a/jwks", 1.5)  # (as JwtAuthn.keys passes the rule's timeout)
+        cache.keys("https://b/jwks")
+        assert await cache.refresh("https://a/jwks") and await cache.refresh("https://b/jwks")
+        cache.close()
+
+    asyncio.run(main())
+    # (keys() in a running loop fetches in the background too: every fetch had its timeout)
+    assert set(asked) == {("https://a/jwks", 1.5), ("https://b/jwks", jwtauth.FETCH_TIMEOUT_S)}
+    authn = jwtauth.JwtAuthn(lambda: None, cache=JwksCache(fetch=lambda u: _value(b"")))  # type: ignore[arg-type,return-value]
+    authn.keys(rule(jwks="", jwks_uri="https://c/jwks", timeout_s=2.5))
+    assert authn.cache._timeout("https://c/jwks") == 2.5
 
 
-def test_a_rules_timeout_bounds_its_jwks_fetch() -> None:
-    _Slow.body, _Slow.delay_s = JWKS.encode(), 0.6
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
-    uri = f"http://127.0.0.1:{srv.server_address[1]}/jwks.json"
-    try:
-        async def main() -> None:
-            cache = JwksCache()
-            cache.keys(uri, 0.2)  # (no loop task yet: the timeout is remembered)
-            assert await cache.refresh(uri) is False and cache.keys(uri) is None
-            cache.keys(uri, 3.0)
-            assert await cache.refresh(uri) is True and cache.keys(uri) is not None
-            cache.close()
+def test_a_server_not_speaking_http_is_a_failed_fetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import http.client
+    import urllib.request
 
-        asyncio.run(main())
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        th.join(5)
+    class Opener:
+        def open(self, req: Any, timeout: float) -> Any:
+            raise http.client.BadStatusLine("SSH-2.0-OpenSSH")
+
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *a: Opener())
+    with pytest.raises(OSError, match="not an HTTP answer: BadStatusLine"):
+        jwtauth.fetch_url("http://127.0.0.1:1/jwks")
 
 
 # -- outcomes counted and logged -----------------------------------------------------------------
