@@ -127,6 +127,8 @@ class EntryService(Service):
     addresses: tuple[str, ...] = ()
     by_port: Mapping[int, tuple[Any, ...]] = field(default_factory=dict)  # port -> Endpoints
     entry: str = ""  # "namespace/name" of the ServiceEntry
+    # an endpoint's labels (entry endpoints' own; a DestinationRule subset selects by them)
+    labels_of: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # (a host, not a Service name)
         if not HOST_RE.match(self.name):
@@ -169,6 +171,7 @@ def compile_entries(
                 ports=tuple(_service_port(p) for p in se.ports), location=se.location,
                 resolution=se.resolution, addresses=addrs, by_port=MappingProxyType(by_port),
                 entry=f"{se.namespace}/{se.name}",
+                labels_of=MappingProxyType({e.address: dict(e.labels) for e in se.endpoints if e.labels}),
             )
             by_host[host] = svc
             for a in addrs:

@@ -32,7 +32,7 @@ from agent.control.serviceentry import (
 from agent.control.snapshot import Snapshot, SnapshotBuilder, healthy_endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 from agent.dataplane.egress import DnsCache, Egress, EgressError, Resolver, a_query, capture_cidrs
-from agent.dataplane.http.routing import RouteTable
+from agent.dataplane.http.routing import RouteTable, subset_endpoints
 from agent.dataplane.route import Directory, UnknownDestination, decide
 
 NET = parse_vip_range("10.96.0.0/16")
@@ -214,6 +214,23 @@ spec:
     es = snap.entry_services["example.org"]
     assert table.virtual_service(es) is not None and table.virtual_service(snap.entry_services[
         "api.example.com"]) is None
+
+
+def test_destination_rule_subsets_select_entry_endpoints_by_their_labels() -> None:
+    dr = """\
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ext, namespace: shop}
+spec:
+  host: api.example.com
+  subsets: [{name: a, labels: {zone: a}}, {name: b, labels: {zone: b}}]
+"""
+    snap = snapshot_of(dict(plan({}, parse(SE + "---\n" + dr), NET).puts))
+    table = RouteTable.build(snap)
+    es = snap.entry_services["api.example.com"]
+    assert [e.address for e in subset_endpoints(table, es, 80, "a")[0]] == ["192.0.2.10"]
+    assert subset_endpoints(table, es, 80, "b")[0] == ()
+    assert len(subset_endpoints(table, es, 80, "")[0]) == 2
 
 
 def test_compiled_services_endpoints_by_resolution_and_location() -> None:

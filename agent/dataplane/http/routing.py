@@ -46,7 +46,7 @@ from agent.control.istio import (
     host_matches,
 )
 from agent.control.model import Service, Workload
-from agent.control.serviceentry import route_names
+from agent.control.serviceentry import EntryService, route_names
 from agent.control.snapshot import Endpoint, Snapshot, healthy_endpoints
 from agent.dataplane.http.exchange import LocalReply
 from agent.dataplane.lb import Policy
@@ -366,10 +366,12 @@ def _compute_subset(
     if dr is None or sub is None:
         raise LocalReply(503, f"no subset {subset!r} of {service_fqdn(svc)} is defined", "NR")
     wl = table.snapshot.workloads
+    entry_labels = svc.labels_of if isinstance(svc, EntryService) else {}  # a ServiceEntry's endpoints
     keep = []
     for e in eps:
         w = wl.get((e.namespace, e.workload))
-        if w is not None and all(w.labels.get(k) == v for k, v in sub.labels):
+        labels = w.labels if w is not None else entry_labels.get(e.address)
+        if labels is not None and all(labels.get(k) == v for k, v in sub.labels):
             keep.append(e)
     return tuple(keep), dr.resolve(port, subset)
 
