@@ -163,12 +163,15 @@ def compile_entries(
             if host in by_host:
                 continue
             addrs = se.addresses_of(i)
+            # Envoy's round robin follows endpoint weights
+            lb = "WEIGHTED_ROUND_ROBIN" if any(e.weight != 1 for e in se.endpoints) else "ROUND_ROBIN"
             by_port: dict[int, tuple[Any, ...]] = {}
             for p in se.ports:
                 by_port[p.number] = tuple(_endpoints(se, host, p, addrs, workload_at, health, endpoint))
             svc = EntryService(
                 name=host, namespace=se.namespace, vip=addrs[0] if addrs else "",
                 ports=tuple(_service_port(p) for p in se.ports), location=se.location,
+                lb_policy=lb,
                 resolution=se.resolution, addresses=addrs, by_port=MappingProxyType(by_port),
                 entry=f"{se.namespace}/{se.name}",
                 labels_of=MappingProxyType({e.address: dict(e.labels) for e in se.endpoints if e.labels}),

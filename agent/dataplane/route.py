@@ -183,7 +183,7 @@ def _entry_route(snap: Snapshot, es: EntryService, dst_address: str, dst_port: i
     eps = healthy_endpoints(snap, es, dst_port)
     if es.resolution == "NONE":  # the address the app dialled, and no other
         eps = tuple(e for e in eps if e.address == dst_address)
-    return Route(es, dst_port, eps, Policy.ROUND_ROBIN, l7_protocol(sp))
+    return Route(es, dst_port, eps, policy_of(es), l7_protocol(sp))
 
 
 def identity_nodes(snapshot: Snapshot) -> Mapping[tuple[str, str], frozenset[str]]:

@@ -33,6 +33,7 @@ from agent.control.snapshot import Snapshot, SnapshotBuilder, healthy_endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
 from agent.dataplane.egress import DnsCache, Egress, EgressError, Resolver, a_query, capture_cidrs
 from agent.dataplane.http.routing import RouteTable, subset_endpoints
+from agent.dataplane.lb import Balancer
 from agent.dataplane.route import Directory, UnknownDestination, decide
 
 NET = parse_vip_range("10.96.0.0/16")
@@ -247,6 +248,10 @@ def test_compiled_services_endpoints_by_resolution_and_location() -> None:
     d = Directory.build(snap)
     r = decide(d, "10.96.0.1", 443)
     assert r.service is es and r.service_host == "api.example.com" and r.protocol is not None
+    assert r.policy.value == "WEIGHTED_ROUND_ROBIN"  # the endpoints' weights 3 and 1 count
+    b = Balancer()
+    picks = [b.pick("k", r.policy, r.endpoints).address for _ in range(8)]  # type: ignore[union-attr]
+    assert picks.count("192.0.2.10") == 6 and picks.count("192.0.2.11") == 2, picks
     with pytest.raises(UnknownDestination):
         decide(d, "192.0.2.99", 80)
     # DNS without endpoints: the host itself, resolved when dialled
