@@ -139,6 +139,7 @@ class Dataplane:
         self._max: dict[str, int] = {}
         self._ncpu = _possible_cpus()
         self.lookup_misses = 0  # proxy lookups that found no record (see counters())
+        self._ports_of: dict[int, set[bytes]] | None = None  # pod -> its nm_peer_port keys
         try:
             for name in MAP_NAMES:
                 fd = syscall.obj_get(pins.map_pin(pin_dir, name))
@@ -322,8 +323,9 @@ class Dataplane:
         had_ports = old is not None and PeerAuth.from_buffer_copy(old).ports != 0
         entries = [(as_buffer(k), as_buffer(ctypes.c_uint32(m))) for k, m in policy.port_entries()]
         keep = {bytes(k) for k, _ in entries}
+        have = self._pod_ports(policy.key())
         if entries and not had_ports:  # left by an interrupted run: unread until the pod entry says so
-            self._drop_ports(policy.key(), keep)
+            self._drop_ports(have, keep)
         fd = self._fd("nm_peer_port")
         before = [(k, syscall.map_lookup(fd, k, 4)) for k, _ in entries]
         done = 0
@@ -339,18 +341,26 @@ class Dataplane:
                 else:
                     syscall.map_update(fd, k, ctypes.create_string_buffer(was, len(was)))
             raise
+        have |= keep
         if had_ports:
-            self._drop_ports(policy.key(), keep)
+            self._drop_ports(have, keep)
 
-    def _port_keys(self, pod: int) -> list[bytes]:
-        size = ctypes.sizeof(PortKey)
-        return [raw for raw in syscall.map_keys(self._fd("nm_peer_port"), size, self._max["nm_peer_port"])
-                if PortKey.from_buffer_copy(raw).pod_ip4 == pod]
+    def _pod_ports(self, pod: int) -> set[bytes]:
+        """The ``nm_peer_port`` keys of ``pod``: the map is walked once, then this set follows
+        what this process writes (the agent is the map's one writer), so a pod's update costs
+        its own ports, not the whole map."""
+        if self._ports_of is None:
+            found: dict[int, set[bytes]] = {}
+            for raw in syscall.map_keys(self._fd("nm_peer_port"), ctypes.sizeof(PortKey),
+                                        self._max["nm_peer_port"]):
+                found.setdefault(PortKey.from_buffer_copy(raw).pod_ip4, set()).add(bytes(raw))
+            self._ports_of = found
+        return self._ports_of.setdefault(pod, set())
 
-    def _drop_ports(self, pod: int, keep: set[bytes]) -> None:
-        for raw in self._port_keys(pod):
-            if bytes(raw) not in keep:
-                syscall.map_delete(self._fd("nm_peer_port"), ctypes.create_string_buffer(raw, len(raw)))
+    def _drop_ports(self, have: set[bytes], keep: set[bytes]) -> None:
+        for raw in sorted(have - keep):
+            syscall.map_delete(self._fd("nm_peer_port"), ctypes.create_string_buffer(raw, len(raw)))
+            have.discard(raw)
 
     def peer_auth(self, pod_ip: str) -> peerauth.PeerAuthPolicy | None:
         key = peerauth.pod_key(pod_ip)
@@ -362,7 +372,7 @@ class Dataplane:
         modes = {n: m for m, n in PEER_AUTH_MODES.items()}
         udps = {n: u for u, n in PEER_AUTH_UDP.items()}
         ports: list[tuple[int, str]] = []
-        for k in self._port_keys(key) if v.ports else ():
+        for k in sorted(self._pod_ports(key)) if v.ports else ():
             m = syscall.map_lookup(self._fd("nm_peer_port"), ctypes.create_string_buffer(k, len(k)), 4)
             if m is not None:
                 ports.append((port_from_map(PortKey.from_buffer_copy(k).port),
@@ -377,7 +387,9 @@ class Dataplane:
         pod = peerauth.pod_key(pod_ip)
         key = as_buffer(ctypes.c_uint32(pod))
         had = syscall.map_delete(self._fd("nm_peer_auth"), key)
-        self._drop_ports(pod, set())
+        self._drop_ports(self._pod_ports(pod), set())
+        if self._ports_of is not None:
+            del self._ports_of[pod]
         return syscall.map_delete(self._fd("nm_peer_stats"), key) or had
 
     def peer_auth_counters(self, pod_ip: str) -> dict[str, int]:

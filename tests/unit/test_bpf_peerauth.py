@@ -222,6 +222,7 @@ class _FakeMaps:
         self.maps: dict[int, dict[bytes, bytes]] = {}
         self.log: list[tuple[str, int, bytes]] = []
         self.fail_on = fail_on
+        self.walks = 0
 
     def update(self, fd: int, key: Any, value: Any, flags: int = 0) -> None:
         k = bytes(key)
@@ -241,6 +242,7 @@ class _FakeMaps:
         return self.maps.get(fd, {}).pop(bytes(key), None) is not None
 
     def keys(self, fd: int, size: int, limit: int) -> list[bytes]:
+        self.walks += 1
         return list(self.maps.get(fd, {}))[:limit]
 
 
@@ -253,6 +255,7 @@ def _fake_dataplane(monkeypatch: pytest.MonkeyPatch, fake: _FakeMaps) -> Datapla
     dp = object.__new__(Dataplane)
     dp._fds = {name: i for i, (name, *_) in enumerate(MAPS)}
     dp._max = dict.fromkeys(dp._fds, 1024)
+    dp._ports_of = None
     return dp
 
 
@@ -293,9 +296,16 @@ def test_port_modes_are_written_before_the_pod_entry_and_never_half_applied(
     fake.fail_on = None
     dp.set_peer_auth(POD, "STRICT", GW)
     assert ports() == {} and dp.peer_auth(POD) == PeerAuthPolicy(POD, "STRICT", GW)
-    # entries an interrupted run left for a pod without port modes are dropped before new ones count
+    # entries an interrupted run left for a pod without port modes are dropped, by the next agent
+    # process, before new ones count
     fake.maps[port_fd][bytes(peerauth.port_key(ip4_to_map(POD), 22))] = bytes(ctypes.c_uint32(1))
+    dp._ports_of = None  # a new process: it reads the map once
     dp.set_peer_auth(POD, "STRICT", GW, ports=((80, "PERMISSIVE"),))
     assert ports() == {80: 1}
     assert dp.peer_auth(POD) == PeerAuthPolicy(POD, "STRICT", GW, ports=((80, "PERMISSIVE"),))
     assert dp.remove_peer_auth(POD) and ports() == {} and pa_fd in fake.maps and not fake.maps[pa_fd]
+    # the map is walked once per process, not once per pod update
+    for i in range(20):
+        dp.set_peer_auth(f"10.244.1.{10 + i}", "STRICT", GW, ports=((80 + i, "PERMISSIVE"),))
+        dp.set_peer_auth(f"10.244.1.{10 + i}", "STRICT", GW, ports=((90 + i, "PERMISSIVE"),))
+    assert fake.walks == 2 and len(fake.maps[port_fd]) == 20
