@@ -40,11 +40,8 @@ entries are removed, so a port mode is in place before the pod entry points
 to it. Filters carry the
 data path version in their name, so attaching again changes nothing, and
 after an upgrade they are replaced in place. Input is validated before any
-netlink or map operation (:class:`BpfConfigError` naming the field).
-
-Mesh-wide and per-workload settings are resolved here too, as a pure
-function (:func:`resolve_mode`), with Istio's precedence: workload over
-namespace over mesh, ``UNSET`` inherits.
+netlink or map operation (:class:`BpfConfigError` naming the field). Which
+mode a pod and port get is decided elsewhere (:mod:`agent.control.peerauthn`).
 """
 
 from __future__ import annotations
@@ -234,20 +231,6 @@ def source_keys(ifindex: int, sources: Sequence[object]) -> list[SrcKey]:
 def pod_key(pod_ip: object) -> int:
     """The map key of ``pod_ip`` (validated)."""
     return ip4_to_map(str(_ip4(pod_ip, "pod_ip")))
-
-
-def resolve_mode(mesh: str, namespace: str | None = None, workload: str | None = None) -> str:
-    """The effective mode of a workload: the most specific setting that is not UNSET.
-
-    ``mesh`` must be a mode; ``namespace`` and ``workload`` may be None or
-    ``"UNSET"`` (inherit).
-    """
-    result = _mode(mesh, "mesh")
-    for where, value in (("namespace", namespace), ("workload", workload)):
-        if value is None or (isinstance(value, str) and value.upper() == "UNSET"):
-            continue
-        result = _mode(value, where)
-    return result
 
 
 # --- the tc filter ------------------------------------------------------------

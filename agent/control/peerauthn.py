@@ -115,14 +115,6 @@ def decide(
     return PeerAuthDecision(mode, set_by, ports, workload.ref)
 
 
-def mode_for(
-    resources: Iterable[PeerAuthentication], namespace: str, labels: Mapping[str, str], default: str,
-    root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-) -> str:
-    """The workload's mode for ports without a portLevelMtls entry (see :func:`decide`)."""
-    return decide(resources, namespace, labels, default, root_namespace).mode
-
-
 # -- JSON documents ---------------------------------------------------------------------------
 
 

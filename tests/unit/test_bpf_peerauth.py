@@ -34,7 +34,7 @@ from bpf.layout import (
     port_from_map,
 )
 from bpf.maps import Dataplane
-from bpf.peerauth import PeerAuthPolicy, resolve_mode
+from bpf.peerauth import PeerAuthPolicy
 
 POD, GW = "10.244.1.2", "10.244.1.1"
 
@@ -80,19 +80,6 @@ def test_policy_parses_or_raises_our_error(pod: str, mode: str, src: str) -> Non
     except BpfConfigError:
         return
     assert p.mode in PEER_AUTH_MODES
-
-
-def test_resolve_mode_most_specific_wins() -> None:
-    assert resolve_mode("PERMISSIVE") == "PERMISSIVE"
-    assert resolve_mode("PERMISSIVE", "STRICT") == "STRICT"
-    assert resolve_mode("STRICT", None, "PERMISSIVE") == "PERMISSIVE"
-    assert resolve_mode("STRICT", "PERMISSIVE", "UNSET") == "PERMISSIVE"
-    assert resolve_mode("strict", "unset", None) == "STRICT"
-    assert resolve_mode("STRICT", "DISABLE") == "DISABLE"
-    with pytest.raises(BpfConfigError, match="mesh"):
-        resolve_mode("UNSET")
-    with pytest.raises(BpfConfigError, match="workload"):
-        resolve_mode("STRICT", None, "MUTUAL")
 
 
 def test_netns_and_ifname_validation() -> None:

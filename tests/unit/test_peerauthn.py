@@ -23,7 +23,7 @@ from agent.control.errors import InputError
 from agent.control.model import Kind, Workload, resource_key
 from agent.control.peerauthn import (
     PeerAuthentication,
-    mode_for,
+    decide,
     peer_authentication_doc,
     peer_authentication_from_doc,
 )
@@ -63,6 +63,12 @@ def pa(text: str = PA) -> PeerAuthentication:
 # -- which mode -------------------------------------------------------------------------------
 
 WEB = {"app": "web"}
+
+
+def mode_for(resources: list[PeerAuthentication], namespace: str, labels: dict[str, str], default: str,
+             root_namespace: str = "istio-system") -> str:
+    """The workload's mode for ports without a portLevelMtls entry."""
+    return decide(resources, namespace, labels, default, root_namespace).mode
 
 
 def test_precedence_workload_over_namespace_over_mesh_over_default() -> None:
