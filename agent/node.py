@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent import hostsvc
 from agent.config import AgentConfig, PeerAuthConfig
@@ -108,18 +108,25 @@ def install_datapath(cfg: AgentConfig) -> dict[str, object]:
 
 class PeerAuthCollector:
     """nodemesh_peer_auth_connections_total{workload, verdict}: new inbound TCP connections to
-    this node's pods as the tc filter judged them (proxied, plaintext, refused), read at scrape."""
+    this node's pods as the tc filter judged them (proxied, plaintext, refused); and
+    nodemesh_peer_auth_mode{workload, namespace, port, mode} = 1: the mode the filter holds for
+    each pod (port "*") and each of its port modes (portLevelMtls). Read from the maps at scrape."""
 
     def __init__(self, dp: Dataplane, directory: DirectoryRef, node: str) -> None:
         self.dp = dp
         self.directory = directory
         self.node = node
 
-    def collect(self) -> list[CounterMetricFamily]:
+    def collect(self) -> list[Metric]:
         fam = CounterMetricFamily(
             "nodemesh_peer_auth_connections",
             "New inbound TCP connections to local pods by peer-auth verdict",
             labels=("workload", "namespace", "verdict"),
+        )
+        modes = GaugeMetricFamily(
+            "nodemesh_peer_auth_mode",
+            "Inbound mode the tc filter enforces for a local pod (port *) and its port modes: 1",
+            labels=("workload", "namespace", "port", "mode"),
         )
         snap = self.directory.current.snapshot
         for w in snap.workloads.values():
@@ -127,11 +134,15 @@ class PeerAuthCollector:
                 continue
             try:
                 counters = self.dp.peer_auth_counters(w.address)
+                policy = self.dp.peer_auth(w.address)
             except Exception:
                 continue
             for verdict, n in counters.items():
                 fam.add_metric((w.name, w.namespace, verdict), n)
-        return [fam]
+            if policy is not None:
+                for port, mode in (("*", policy.mode), *((str(p), m) for p, m in policy.ports)):
+                    modes.add_metric((w.name, w.namespace, port, mode), 1)
+        return [fam, modes]
 
 
 class DirectoryRef:

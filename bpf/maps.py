@@ -372,7 +372,7 @@ class Dataplane:
         modes = {n: m for m, n in PEER_AUTH_MODES.items()}
         udps = {n: u for u, n in PEER_AUTH_UDP.items()}
         ports: list[tuple[int, str]] = []
-        for k in sorted(self._pod_ports(key)) if v.ports else ():
+        for k in sorted(self._pod_ports(key).copy()) if v.ports else ():  # (a scrape's thread too)
             m = syscall.map_lookup(self._fd("nm_peer_port"), ctypes.create_string_buffer(k, len(k)), 4)
             if m is not None:
                 ports.append((port_from_map(PortKey.from_buffer_copy(k).port),

@@ -161,6 +161,17 @@ class Mesh:
                 out[d["verdict"]] = float(value)
         return out
 
+    def modes(self, workload: str) -> dict[str, str]:
+        """What n2's tc filter holds for ``workload``: port ("*": the pod's) -> mode, as exported
+        in nodemesh_peer_auth_mode."""
+        pat = re.compile(r'^nodemesh_peer_auth_mode\{(.*)\} 1\.0$', re.M)
+        out: dict[str, str] = {}
+        for labels in pat.findall(node_metrics(self.topo, "n2")):
+            d = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if d.get("workload") == workload:
+                out[d["port"]] = d["mode"]
+        return out
+
     def delete(self, ns: str, name: str) -> None:
         r = self.bed.cli("delete", "pa", name, "-n", ns, "--registry-dir", self.bed.registry_dir, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -210,6 +221,7 @@ AGENT_YAML = {"api:8080": "hello", "api:9090": "hello", "old:8080": "timeout"}
 def test_mesh_wide_strict_port_level_exception_namespace_override_and_back_to_agent_yaml(mesh: Mesh) -> None:
     # no resource: agent.yaml's modes (PERMISSIVE; the legacy namespace STRICT)
     mesh.expect(AGENT_YAML, "agent.yaml's default")
+    assert (mesh.modes("n2-p1"), mesh.modes("n2-p2")) == ({"*": "PERMISSIVE"}, {"*": "STRICT"})
     before = mesh.counters("n2-p1")
 
     # mesh-wide STRICT in the configured root namespace; istio-system is an ordinary namespace here
@@ -224,6 +236,7 @@ def test_mesh_wide_strict_port_level_exception_namespace_override_and_back_to_ag
     mesh.bed.apply(doc("api-ports", "backend", "selector: {matchLabels: {app: api}}\nmtls: {mode: UNSET}\n"
                        "portLevelMtls:\n  9090: {mode: PERMISSIVE}\n"))
     mesh.expect({"api:8080": "timeout", "api:9090": "hello", "old:8080": "timeout"}, "portLevelMtls 9090")
+    assert mesh.modes("n2-p1") == {"*": "STRICT", "9090": "PERMISSIVE"}
     m = mesh.explain(f"http://{API_VIP}:90/")
     assert (m["port"], m["mode"], m["set_by"]) == (9090, "PERMISSIVE",
                                                    "PeerAuthentication backend/api-ports portLevelMtls 9090")
@@ -239,5 +252,6 @@ def test_mesh_wide_strict_port_level_exception_namespace_override_and_back_to_ag
                      ("istio-system", "default")):
         mesh.delete(ns, name)
     mesh.expect(AGENT_YAML, "back to agent.yaml's default")
+    assert (mesh.modes("n2-p1"), mesh.modes("n2-p2")) == ({"*": "PERMISSIVE"}, {"*": "STRICT"})
     m = mesh.explain(f"http://{OLD_VIP}/")
     assert (m["mode"], m["set_by"]) == ("STRICT", "agent.yaml peer_authentication.namespaces[legacy]")
