@@ -74,6 +74,20 @@ spec:
 """
 
 
+LEGACY_IP, LEGACY_HOST = "10.250.0.201", "legacy.external.test"  # an address no host has
+ENTRY_BY_ADDRESS = f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: legacy-api, namespace: default}}
+spec:
+  hosts: [{LEGACY_HOST}]
+  addresses: [{LEGACY_IP}]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: {EXTERNAL_PORT}}}]
+  resolution: STATIC
+  endpoints: [{{address: {EXTERNAL_IP}}}]
+"""
+
+
 @contextlib.contextmanager
 def external_server(topo: topology.Topology) -> Iterator[None]:
     """An HTTP server on a host outside the mesh (:func:`netns.testbed.external_host`)."""
@@ -136,6 +150,18 @@ def test_registry_only_refuses_then_service_entry_reaches_with_metrics_and_timeo
         text = node_metrics(topo, node.name)
         assert metric(text, "nodemesh_bpf_bypass_not_captured_total") > before
         assert requests(text, reporter="source") == 0
+        # an entry's own address outside capture_cidrs is captured (a /32 in the eBPF map), so the
+        # mesh applies to it; other external addresses stay uncaptured
+        out = bed.apply(ENTRY_BY_ADDRESS)
+        assert "ServiceEntry default/legacy-api created" in out, out
+        deadline = time.monotonic() + 10
+        status = ""
+        while time.monotonic() < deadline and status != "200":
+            code, status, body = curl(bed, pod, f"http://{LEGACY_IP}/legacy")
+            time.sleep(0.2)
+        assert status == "200" and body.startswith("external /legacy"), (status, body)
+        assert requests(node_metrics(topo, node.name), reporter="source", destination_service=LEGACY_HOST,
+                        response_code="200") == 1
         assert bed.stop_agent(node.name) == 0
 
         # REGISTRY_ONLY: captured and refused, counted, logged

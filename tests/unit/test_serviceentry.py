@@ -8,8 +8,11 @@ the egress DNS cache."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -413,3 +416,36 @@ def test_cli_apply_get_describe_delete_and_bad_input_applies_nothing(tmp_path: P
     assert code == 0 and "ServiceEntry shop/ext deleted" in out, out
     code, out = run(["get", "serviceentries", "-A", "-o", "json"], reg)
     assert code == 0 and json.loads(out) == [], out
+
+
+class _Maps:
+    """The capture map writes the agent makes (bpf.maps.Dataplane.set_capture)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.writes: list[tuple[str, ...]] = []
+        self.fail = fail
+
+    def set_capture(self, cfg: Any) -> None:
+        if self.fail:
+            raise OSError("map full")
+        self.writes.append(tuple(cfg.cidrs))
+
+
+def test_apply_capture_writes_what_the_snapshot_and_policy_ask_for_only_on_change() -> None:
+    from agent import node
+
+    cfg = from_mapping({"node": "n1", "addresses": {"proxy": "10.244.1.1"},
+                        "interception": {"capture_cidrs": ["10.96.0.0/16"]}})
+    snap = snapshot_of(dict(plan({}, parse(SE + "  addresses: [192.0.2.50]\n"), NET).puts))
+    maps = _Maps()
+    agent: Any = SimpleNamespace(dataplane=maps, cfg=cfg, capture=((), ()),
+                                 directory=SimpleNamespace(current=Directory.build(snap)))
+    node.apply_capture(agent)
+    node.apply_capture(agent)  # nothing changed: nothing written
+    assert maps.writes == [("10.96.0.0/16", "192.0.2.50/32")]
+    node.apply_capture(agent, dataclasses.replace(cfg, outbound_traffic_policy="REGISTRY_ONLY"))
+    assert maps.writes[-1] == ("10.96.0.0/16", "0.0.0.0/0")
+    # a write the kernel refuses leaves the last one in force and is tried again next time
+    agent.dataplane = _Maps(fail=True)
+    node.apply_capture(agent)
+    assert agent.capture[0] == ("10.96.0.0/16", "0.0.0.0/0")
