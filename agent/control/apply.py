@@ -230,6 +230,7 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
     _check_rate_limit_targets(items, resources)
     _check_gateway_refs(items, resources)
     _check_entry_hosts(entries, resources)
+    _check_entry_workloads(entries, addr_owner, resources)
     # Second pass: allocate after every explicit VIP of this input is known.
     free = (a for a in _hosts(vip_range) if a not in vip_owner)
     puts: dict[str, str] = {}
@@ -290,6 +291,38 @@ def _claim_entry_addresses(vip_owner: dict[str, str], key: str, r: ServiceEntry,
             raise loc.fail(f"spec.addresses[{j}]", f"address {a} is already taken by {who}",
                            hint="an address reaches one service; leave spec.addresses out to get a VIP")
         vip_owner[a] = key
+
+
+def _check_entry_workloads(stored: Mapping[str, ServiceEntry], workloads: _AddressOwners,
+                           resources: Sequence[Located]) -> None:
+    """A ServiceEntry's address is no workload's (it would take the traffic meant for the pod),
+    and a MESH_EXTERNAL endpoint is no workload (dialled in plaintext from the node, it would
+    skip the workload's mTLS and authorization: such endpoints are MESH_INTERNAL)."""
+    incoming = {_key(r): (loc, r) for loc in resources if isinstance(r := loc.resource, ServiceEntry)}
+    for loc, r in incoming.values():
+        fields = [(f"spec.addresses[{j}]", a) for j, a in enumerate(r.addresses)]
+        if r.location == "MESH_EXTERNAL":
+            fields += [(f"spec.endpoints[{j}].address", e.address) for j, e in enumerate(r.endpoints)]
+        for path, a in fields:
+            try:
+                owner = workloads.get(address_key(a))
+            except ValueError:
+                continue  # a host name (resolution DNS)
+            if owner is not None:
+                o = split_key(owner[0])
+                raise loc.fail(path, f"{a} is the address of Workload {o[1]}/{o[2]}" if o else a,
+                               hint="a mesh workload is reached as one: name it in a MESH_INTERNAL "
+                                    "ServiceEntry's endpoints, or address its Service")
+    entry_addresses = {address_key(a): k for k, se in stored.items() if k not in incoming
+                       for a in se.addresses}
+    entry_addresses.update((address_key(a), k) for k, (_, r) in incoming.items() for a in r.addresses)
+    for loc in resources:
+        w = loc.resource
+        if isinstance(w, Workload) and address_key(w.address) in entry_addresses:
+            o = split_key(entry_addresses[address_key(w.address)])
+            raise loc.fail(loc.address_path, f"address {w.address} is an address of ServiceEntry "
+                           f"{o[1]}/{o[2]}" if o else w.address,
+                           hint="give the workload its own address, or change the ServiceEntry's")
 
 
 def _check_entry_hosts(stored: Mapping[str, ServiceEntry], resources: Sequence[Located]) -> None:

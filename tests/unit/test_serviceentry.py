@@ -198,6 +198,26 @@ def test_apply_allocates_one_vip_per_host_keeps_them_and_refuses_clashes() -> No
     assert ei.value.path == "spec.addresses[0]" and "already taken by Service shop/web" in str(ei.value)
 
 
+def test_entry_addresses_and_external_endpoints_are_no_workload_addresses() -> None:
+    wl = parse("apiVersion: nodemesh.io/v1\nkind: Workload\nmetadata: {name: db-1, namespace: shop}\n"
+               "spec: {address: 192.0.2.11, node: n2}\n")
+    stored = plan({}, wl, NET).puts
+    with pytest.raises(InputError) as ei:  # an external endpoint at a pod: it would skip its mTLS
+        plan(stored, parse(SE), NET)
+    assert ei.value.path == "spec.endpoints[1].address" and "Workload shop/db-1" in str(ei.value)
+    assert plan(stored, parse(SE.replace("MESH_EXTERNAL", "MESH_INTERNAL")), NET).created  # as it should be
+    with pytest.raises(InputError) as ei:  # an entry address at a pod: it would take the pod's traffic
+        plan(stored, parse(SE.replace("192.0.2.11", "192.0.2.12") + "  addresses: [192.0.2.11]\n"), NET)
+    assert ei.value.path == "spec.addresses[0]"
+    # and the other way round: a workload at an entry's address, stored or in the same input
+    entry_stored = plan({}, parse(SE + "  addresses: [192.0.2.77]\n"), NET).puts
+    with pytest.raises(InputError) as ei:
+        plan(entry_stored, parse("apiVersion: nodemesh.io/v1\nkind: Workload\n"
+                                 "metadata: {name: db-2, namespace: shop}\n"
+                                 "spec: {address: 192.0.2.77}\n"), NET)
+    assert ei.value.path == "spec.address" and "ServiceEntry shop/ext" in str(ei.value)
+
+
 def test_virtual_service_may_route_to_an_entry_host_and_applies_to_it() -> None:
     vs = """\
 apiVersion: networking.istio.io/v1
