@@ -13,7 +13,7 @@ the workload's RequestAuthentications (none here: one dict lookup) and Authoriza
 looked up, and, if any policy applies, the connection's reduced policies
 (:meth:`Authorizer.decider`, made once per snapshot and connection facts), the request's
 :class:`agent.control.authz.Facts` (headers as HTTP/1.1 parses them: bytes, joined only if a
-condition reads them), the decision (:meth:`agent.control.authz.Decider.decide`) and its
+condition reads them), the decision (:meth:`agent.control.authz_decider.Decider.decide`) and its
 counter. Also timed alone: ``Decider.decide`` and ``authz.evaluate`` (the whole evaluation,
 which TCP connections and the per-connection reduction use) over the same policies, and
 building the request's Facts (with normalisation).

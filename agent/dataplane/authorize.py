@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.control import authz
+from agent.control.authz_decider import Decider, decider
 from agent.control.model import Workload
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.normalize import (
@@ -115,8 +116,8 @@ class Authorizer:
         self._policies: tuple[authz.AuthorizationPolicy, ...] = ()
         self._per: dict[tuple[str, str], list[authz.AuthorizationPolicy]] = {}
         # per (workload, a connection's L4 facts): its policies reduced for HTTP requests
-        self._deciders: dict[tuple[object, ...], authz.Decider] = {}
-        self._last: tuple[authz.Facts, Workload, authz.Decider] | None = None  # (the last one asked for)
+        self._deciders: dict[tuple[object, ...], Decider] = {}
+        self._last: tuple[authz.Facts, Workload, Decider] | None = None  # (the last one asked for)
         self._open: dict[int, _Open] = {}
         self._counters: dict[tuple[str, str, bool], Any] = {}
         self._next = 0
@@ -148,9 +149,9 @@ class Authorizer:
             return None
         return self._record(w, facts, authz.evaluate(policies, facts))
 
-    def decider(self, w: Workload, conn: authz.Facts) -> authz.Decider:
+    def decider(self, w: Workload, conn: authz.Facts) -> Decider:
         """``w``'s policies reduced for the HTTP requests of a connection with the L4 facts of
-        ``conn`` (:func:`agent.control.authz.decider`), made once per snapshot and connection
+        ``conn`` (:func:`agent.control.authz_decider.decider`), made once per snapshot and connection
         facts: a request then runs only the checks its L4 facts leave."""
         last = self._last
         if last is not None and last[0] is conn and last[1] is w:  # (the same connection again)
@@ -161,7 +162,7 @@ class Authorizer:
         if d is None:
             if len(self._deciders) >= _MAX_DECIDERS:
                 self._deciders.clear()
-            d = self._deciders[key] = authz.decider(self.policies(w), conn)
+            d = self._deciders[key] = decider(self.policies(w), conn)
         self._last = (conn, w, d)
         return d
 
@@ -214,14 +215,14 @@ class Authorizer:
                 self.limits.judge_request(w, conn, ex, headers, target)
             return
         f = conn()
-        decider = self.decider(w, f)  # (after policies(w): the snapshot is current)
+        reduced = self.decider(w, f)  # (after policies(w): the snapshot is current)
         i = jwt.identity if jwt is not None else None
         facts = authz.Facts(  # (built directly: dataclasses.replace costs twice as much)
             f.principal, f.namespace, f.source_ip, f.remote_ip, f.destination_ip, f.destination_port,
             f.sni, True, ex.method, target.partition("?")[0], ex.authority, LazyHeaders(headers),
             *((i.principal, i.audiences, i.presenter, i.claims) if i is not None else ()),
         )
-        if not self._record(w, facts, decider.decide(facts)).allowed:
+        if not self._record(w, facts, reduced.decide(facts)).allowed:
             raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
         if self.limits is not None:  # (429 RL)
             self.limits.judge_request(w, conn, ex, headers, target)

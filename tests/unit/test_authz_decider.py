@@ -1,4 +1,4 @@
-"""The per-connection reduction of AuthorizationPolicies (:func:`agent.control.authz.decider`)
+"""The per-connection reduction of AuthorizationPolicies (:func:`agent.control.authz_decider.decider`)
 gives the verdicts :func:`agent.control.authz.evaluate` gives: for random policies and random
 HTTP requests on random connections (the L4 facts the decider was made for, the L7 facts of
 each request), and for the cases that decide by L4 facts alone."""
@@ -14,9 +14,9 @@ from agent.control.authz import (
     Operation,
     Rule,
     Source,
-    decider,
     evaluate,
 )
+from agent.control.authz_decider import decider
 
 PRINCIPALS = ("cluster.local/ns/a/sa/x", "cluster.local/ns/b/sa/y", "")
 NAMESPACES = ("a", "b", "")
@@ -57,7 +57,8 @@ def maybe(rng: random.Random, values: tuple[str, ...]) -> tuple[str, ...]:
 def source(rng: random.Random) -> Source:
     return Source(
         principals=maybe(rng, PRINCIPALS), not_principals=maybe(rng, PRINCIPALS),
-        request_principals=maybe(rng, REQUEST_PRINCIPALS), not_request_principals=maybe(rng, REQUEST_PRINCIPALS),
+        request_principals=maybe(rng, REQUEST_PRINCIPALS),
+        not_request_principals=maybe(rng, REQUEST_PRINCIPALS),
         namespaces=maybe(rng, NAMESPACES), not_namespaces=maybe(rng, NAMESPACES),
         ip_blocks=("10.244.1.0/24",) if rng.random() < 0.2 else (),
         not_ip_blocks=("10.244.2.7",) if rng.random() < 0.1 else (),
