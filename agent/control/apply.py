@@ -215,8 +215,9 @@ def plan(items: Mapping[str, str], resources: Sequence[Located], vip_range: IpNe
             owner = vip_owner.get(r.vip)
             if owner is not None and owner != key:
                 o = split_key(owner)
-                who = f"{o[1]}/{o[2]}" if o else owner
-                raise InputError(f"VIP {r.vip} is already taken by Service {who}",
+                kind = "ServiceEntry" if o and o[0] == "serviceentry" else "Service"
+                who = f"{kind} {o[1]}/{o[2]}" if o else owner
+                raise InputError(f"VIP {r.vip} is already taken by {who}",
                                  file=loc.file, line=loc.line, path="spec.vip",
                                  hint="leave spec.vip out to get a free one allocated")
             vip_owner[r.vip] = key

@@ -181,6 +181,11 @@ def test_apply_allocates_one_vip_per_host_keeps_them_and_refuses_clashes() -> No
                 "spec: {ports: [{name: http, port: 80}]}\n")
     p2 = plan(p.puts, svc, NET)
     assert json.loads(p2.puts[resource_key(Kind.SERVICE, "shop", "web")])["vip"] == "10.96.0.3"
+    with pytest.raises(InputError) as ei:  # and never one explicitly
+        plan(p.puts, parse("apiVersion: nodemesh.io/v1\nkind: Service\n"
+                           "metadata: {name: db, namespace: shop}\n"
+                           "spec: {vip: 10.96.0.2, ports: [{name: tcp, port: 5432}]}\n"), NET)
+    assert "VIP 10.96.0.2 is already taken by ServiceEntry shop/ext" in str(ei.value)
     # a host drops out, one is added: the kept host keeps its VIP
     (moved,) = parse(SE.replace("example.org", "example.net"))
     p3 = plan(p.puts, [moved], NET)
