@@ -189,6 +189,7 @@ class GatewayHttp(OutboundHttp):
         self.forwarded_for = client_ip
         self.port = port
         self.scheme = scheme
+        self._proto = scheme.encode("ascii")
         self._none = Route(None, port, (), Policy.ROUND_ROBIN)
 
     def _decide(self) -> Route:
@@ -196,6 +197,13 @@ class GatewayHttp(OutboundHttp):
 
     async def open(self, head: RequestHead, ex: Exchange, *, fresh: bool) -> Upstream:
         return await self._open(ex, fresh, "h1", head.headers, self.scheme)  # type: ignore[return-value]
+
+    def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
+        """The outbound's forwarding headers, and ``x-forwarded-proto`` as the gateway received
+        the request (what a client sent under that name is replaced, as Envoy's edge does)."""
+        out = [(k, v) for k, v in super()._rewrite(h, ex) if k != b"x-forwarded-proto"]
+        out.append((b"x-forwarded-proto", self._proto))
+        return out
 
     def _plan(self, route: Route, ex: Exchange, headers: list[Header], scheme: str) -> routing.Decision:
         table = self.gw.table()

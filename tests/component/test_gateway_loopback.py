@@ -32,7 +32,7 @@ from agent.control import apply as apply_mod
 from agent.control.model import Kind, Service, Workload, resource_key
 from agent.control.snapshot import SnapshotBuilder
 from agent.control.validate import parse_yaml
-from agent.dataplane.gateway import IngressGateway
+from agent.dataplane.gateway import Credentials, IngressGateway
 from tests.component.harness import Mesh, echo_server, http_pod, metric, run, two_node_mesh
 
 GW = "127.0.0.50"
@@ -316,6 +316,7 @@ def test_http_routed_by_host_through_hbone_with_the_gateway_identity() -> None:
             assert seen["headers"]["x-via"] == "gateway"  # the route's header operation
             # the destination node verified the gateway's own identity on the HBONE tunnel
             assert f"URI={GW_ID}" in seen["headers"]["x-forwarded-client-cert"]
+            assert seen["headers"]["x-forwarded-proto"] == "http"
             rc, out, _ = await sh(*curl("-H", "Host: my-service:20580", f"http://{GW}:20580/teapot"))
             assert out.rsplit("\n", 1) == ["short and stout\n", "418"]
             # an unknown host: 404 NR, answered by the gateway
@@ -374,7 +375,8 @@ def test_https_simple_and_mutual_with_curl_and_openssl() -> None:
             resolve = ["--resolve", f"secure.example.com:20543:{GW}", "--cacert", ca]
             rc, out, err = await sh(*curl(*resolve, "https://secure.example.com:20543/s"))
             assert rc == 0 and out.endswith("\n200"), err
-            assert json.loads(out.rsplit("\n", 1)[0])["path"] == "/s"
+            seen = json.loads(out.rsplit("\n", 1)[0])
+            assert seen["path"] == "/s" and seen["headers"]["x-forwarded-proto"] == "https"
             # (ALPN offers http/1.1 only: requests keep their protocol upstream, and this pod is 1.1)
             rc, out, err = await sh(*curl("--http2", "-v", *resolve, "https://secure.example.com:20543/s2"))
             assert rc == 0 and out.endswith("\n200") and "ALPN: server accepted http/1.1" in err, err
@@ -424,9 +426,15 @@ def test_https_simple_and_mutual_with_curl_and_openssl() -> None:
                 stdin=req,
             )
             assert out.startswith("HTTP/1.1 200"), out + err
-            # a credential whose files are missing: the server takes no connection, the others do
+            # the key file gone: the last good certificate keeps serving
             os.rename(os.path.join(bed.creds, "mutual-cred.key"), os.path.join(bed.creds, "gone.key"))
-            bed.gateway.credentials._cache.clear()
+            await asyncio.sleep(0.6)  # (past the files' recheck interval)
+            rc, out, err = await sh(
+                *curl(*mres, "--cert", cf, "--key", kf, "https://mtls.example.com:20544/m")
+            )
+            assert rc == 0 and out.endswith("\n200"), err
+            # ... but a credential that never loaded (a restarted gateway) takes no connection
+            bed.gateway.credentials = Credentials(bed.creds)
             rc, out, err = await sh(
                 *curl(*mres, "--cert", cf, "--key", kf, "https://mtls.example.com:20544/m")
             )
@@ -541,7 +549,14 @@ def test_tcp_server_routed_by_the_bound_tcp_route() -> None:
             w.write_eof()
             assert await r.read() == b"echo:ping"  # the pod on n2, over HBONE
             w.close()
-            assert metric(bed.mesh.nodes["n2"], "istio_tcp_connections_opened_total", reporter="destination",
-                          source_principal=GW_ID) >= 1
+            assert (
+                metric(
+                    bed.mesh.nodes["n2"],
+                    "istio_tcp_connections_opened_total",
+                    reporter="destination",
+                    source_principal=GW_ID,
+                )
+                >= 1
+            )
 
     run(main())
