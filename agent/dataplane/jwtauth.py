@@ -42,6 +42,7 @@ import binascii
 import http.client
 import json
 import logging
+import math
 import time
 import urllib.parse
 import urllib.request
@@ -266,7 +267,8 @@ def _json_object(segment: str, why: str) -> dict[str, Any]:
 
 
 def _number(v: Any, why: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
+    """A NumericDate: a finite number (NaN or Infinity, which Python's JSON reads, never)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         raise JwtError(why)
     return float(v)
 

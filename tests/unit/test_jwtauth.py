@@ -16,6 +16,8 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from agent.control.reqauthn import HeaderLocation, Jwk, JwtRule, parse_jwks
@@ -106,6 +108,8 @@ def test_invalid_tokens_are_refused_with_envoys_reason() -> None:
         "malformed": ("abc.def", jwtauth.BAD_FORMAT, 401),
         "not base64": ("!!!.???.***", jwtauth.BAD_HEADER, 401),
         "exp not a number": (token({"exp": "tomorrow"}), jwtauth.BAD_EXP, 401),
+        "exp NaN (never expiring)": (token({"exp": float("nan")}), jwtauth.BAD_EXP, 401),
+        "nbf -Infinity": (token({"nbf": float("-inf")}), jwtauth.BAD_NBF, 401),
     }
     for name, (t, reason, status) in cases.items():
         e = refused(r, bearer(t))
@@ -465,3 +469,34 @@ def test_deeply_nested_json_is_a_bad_token_or_a_bad_key_set() -> None:
     assert refused([rule()], bearer(f"{h}.{deep}.{s}")).reason == jwtauth.BAD_PAYLOAD
     with pytest.raises(ValueError, match="is not JSON"):
         parse_jwks('{"keys": ' + "[" * 30000)
+
+
+# -- hostile input: a verdict or JwtError, nothing else ------------------------------------------
+
+_SEGMENT = st.one_of(
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/.", max_size=40),
+    st.builds(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode(), st.binary(max_size=60)),
+    st.builds(lambda d: base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode(),
+              st.dictionaries(st.sampled_from(["alg", "kid", "iss", "exp", "nbf", "aud", "sub"]),
+                              st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                                        st.text(max_size=8), st.sampled_from(["RS256", "ES256", "none", ISS]),
+                                        st.lists(st.text(max_size=4), max_size=3)), max_size=6)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(_SEGMENT, min_size=1, max_size=4), query=st.text(max_size=60),
+       cookie=st.text(max_size=60))
+def test_any_token_query_or_cookie_gives_an_outcome_or_a_jwt_error(parts: list[str], query: str,
+                                                                    cookie: str) -> None:
+    r = rule(from_params=("t",), from_headers=(HeaderLocation("authorization", "Bearer "),),
+             from_cookies=("c",), output_claim_to_headers=(("x-sub", "sub"),))
+    t = ".".join(parts)
+    for headers, q in (({"authorization": f"Bearer {t}"}, query), ({"cookie": f"c={t}; {cookie}"}, ""),
+                       ({}, f"t={t}&{query}")):
+        try:
+            o = run([r], headers, q)
+        except JwtError as e:
+            assert e.status in (401, 403) and e.reason in jwtauth.REASON_CODES
+        else:
+            assert isinstance(o, Outcome)
