@@ -9,7 +9,7 @@ the node's own address, which names no pod: :class:`HostSources` reads the
 cgroup id the programs recorded with the original destination and answers the
 host workload of that name on this node (``my-service.service`` is workload
 ``my-service``, as a Consul definition registered it), whose identity the
-connection then carries.
+connection then carries. The list can change on a reload (:func:`reload`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from agent.control.model import Workload
 from agent.dataplane.route import Directory
 from bpf import hostcg
 from bpf.config import RedirectTarget
-from bpf.errors import BpfConfigError
+from bpf.errors import BpfConfigError, BpfError
 from bpf.loader import resolve_cgroup
 from bpf.maps import Dataplane, OriginalDst
 
@@ -54,6 +54,21 @@ def enroll(cfg: AgentConfig, dp: Dataplane, target: RedirectTarget) -> Mapping[i
         hostcg.detach(dp.pin_dir, cg_id)
         log.info("host service cgroup id %d is no longer enrolled", cg_id)
     return MappingProxyType(names)
+
+
+def reload(cfg: AgentConfig, dp: Dataplane, target: RedirectTarget, source: object,
+           running: AgentConfig) -> tuple[str, ...]:
+    """``interception.host_cgroups`` changed on a reload: enroll the new list (cgroups no longer
+    listed are detached) and name its workloads; returns the list now in force. A refused list
+    (the agent's own cgroup, an ancestor, a cgroup that does not exist) changes nothing."""
+    try:
+        names = enroll(cfg, dp, target)
+    except BpfError as e:
+        log.error("reload: interception.host_cgroups refused, the running ones stay: %s", e.message)
+        return running.interception.host_cgroups
+    if isinstance(source, HostSources):
+        source.names = names
+    return cfg.interception.host_cgroups
 
 
 class HostSources:

@@ -41,7 +41,7 @@ from typing import Any
 from prometheus_client import generate_latest
 
 from agent import config as config_mod
-from agent import handoff
+from agent import handoff, hostsvc
 from agent.admin import HttpEndpoints, Request, Response, listen_tcp
 from agent.config import AgentConfig
 from agent.control.health import HealthMonitor
@@ -73,6 +73,7 @@ RELOADABLE = (
     "interception.capture_cidrs",
     "interception.excluded_ports",
     "interception.enroll",
+    "interception.host_cgroups",
 )
 DRAIN_S = 10.0
 # /status "policies": kind -> the Snapshot table holding it
@@ -322,6 +323,7 @@ class Lifecycle:
         live = [k for k in changed if any(k == r or k.startswith(r + ".") for r in RELOADABLE)]
         restart = [k for k in changed if k not in live]
         dp = self.agent.dataplane
+        host_cgroups = old.interception.host_cgroups
         if dp is not None:
             if new.interception.capture_cidrs != old.interception.capture_cidrs or (
                 new.interception.excluded_ports != old.interception.excluded_ports
@@ -335,6 +337,8 @@ class Lifecycle:
             for ns in set(old.interception.enroll) - set(new.interception.enroll):
                 with contextlib.suppress(Exception):
                     dp.unenroll(ns)
+            if new.interception.host_cgroups != old.interception.host_cgroups:
+                host_cgroups = hostsvc.reload(new, dp, target, self.agent.outbound.host_source, old)
         # fields that need a restart keep their running values
         kept = {
             f.name: getattr(old, f.name)
@@ -346,6 +350,7 @@ class Lifecycle:
             capture_cidrs=new.interception.capture_cidrs,
             excluded_ports=new.interception.excluded_ports,
             enroll=new.interception.enroll,
+            host_cgroups=host_cgroups,
         )
         self.agent.cfg = AgentConfig(
             **kept,

@@ -61,6 +61,7 @@ class MeshBed:
     extra: dict[str, object] = field(default_factory=dict)  # top-level keys merged into every agent config
     node_extra: dict[str, dict[str, object]] = field(default_factory=dict)  # node name -> more keys
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    agent_cgroups: dict[str, str] = field(default_factory=dict)  # node name -> cgroup its agent runs in
     logs: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -135,7 +136,7 @@ class MeshBed:
         with open(log_path, "ab") as log:  # the child keeps its own descriptor
             proc = testbed.popen_in(
                 node.netns,
-                None,
+                self.agent_cgroups.get(node.name),
                 [*NODEMESH, "agent", "-c", self.config_path(node)],
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -483,6 +483,7 @@ def datapath_status(bpffs_root: str) -> dict[str, Any]:
     hooks = pins.hook_states(pin_dir)
     with Dataplane(pin_dir) as dp:
         enrolled = len(dp.enrolled())
+        host_cgroups = [pins.cgroup_path_of_id(i) or f"(removed, id {i})" for i in dp.host_cgroups()]
         fill = {name: {"entries": f.entries, "max_entries": f.max_entries} for name, f in dp.fill().items()}
         counters = dp.counters()
     counters.pop("lookup_miss", None)  # a proxy-side count: not known here
@@ -502,6 +503,7 @@ def datapath_status(bpffs_root: str) -> dict[str, Any]:
             for h in hooks
         ],
         "enrolled": enrolled,
+        "host_cgroups": host_cgroups,  # host services enrolled by cgroup (bpf/hostcg.py)
         "maps": fill,
         "counters": counters,
     }

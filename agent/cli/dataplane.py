@@ -146,6 +146,7 @@ def _print_agent(doc: dict[str, Any]) -> None:
             f"  interception: {'ok' if ic['ok'] else 'NOT IN PLACE'}  {attached}/{len(hooks)} hooks on "
             f"{hooks[0]['cgroup'] if hooks else '-'}, {ic['enrolled']} pods enrolled, "
             f"captured {ic['counters'].get('captured', 0)}"
+            + (f"; host cgroups: {', '.join(ic['host_cgroups'])}" if ic.get("host_cgroups") else "")
         )
     else:
         click.echo(f"  interception: NOT IN PLACE ({ic.get('error', '')})")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,9 +15,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import yaml
 
 from agent import meshbed
-from bpf import hostcg
 from bpf.maps import Dataplane
 from netns import cgroup, testbed, topology
 from netns.topology import Node
@@ -159,12 +160,17 @@ class HostBed:
 
 @pytest.fixture(scope="module")
 def bed() -> Iterator[meshbed.MeshBed]:
-    """The testbed, registry and CA; agents not started yet."""
+    """The testbed, registry and CA; agents not started yet. Node 1's agent will run in a cgroup
+    *below* the one its capture programs are attached to, so they run for its own sockets too."""
     prefix = run_prefix("h")
     topo = testbed.up(topology.plan(topology.default_spec(prefix, 2, 2)))
     try:
         with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES),
                              start_agents=False) as b:
+            n1 = topo.node("n1")
+            assert n1 is not None
+            b.agent_cgroups["n1"] = f"{n1.cgroup}/agent"
+            cgroup.create(b.agent_cgroups["n1"])
             yield b
     finally:
         testbed.down(prefix)  # the host cgroup lives below the testbed's cgroup: removed too
@@ -173,9 +179,9 @@ def bed() -> Iterator[meshbed.MeshBed]:
 def test_agent_refuses_its_own_cgroup_and_its_ancestors(bed: meshbed.MeshBed) -> None:
     n1 = bed.topo.node("n1")
     assert n1 is not None
-    own = hostcg.cgroup_of()  # the agents are started from this process's cgroup
-    refused = [own] + ([os.path.dirname(own)] if own != cgroup.cgroup2_mount() else [])
-    for path in refused:
+    own = cgroup.cgroup_path(bed.agent_cgroups["n1"])
+    # its own, its parent (the interception cgroup, the pods' parent) and the root cgroup
+    for path in (own, os.path.dirname(own), cgroup.cgroup2_mount()):
         bed.with_host_cgroups(n1, [path])
         proc = bed.spawn_agent(n1)
         assert proc.wait(timeout=120) != 0
@@ -256,9 +262,12 @@ def test_host_service_reaches_a_pod_service_by_name_and_unenrolled_processes_do_
 def test_agent_connections_are_never_captured_under_load(host: HostBed) -> None:
     """2000 connections from the host service to a pod on the same node: each is captured
     once (the kernel counter moves by exactly that), and each is carried by exactly one
-    agent connection to the pod (its counter says so): none of the agent's own dials to pod
-    addresses, which are in the capture CIDRs, loops back into the proxy."""
+    agent connection to the pod (its counter says so). The agent runs below the cgroup the
+    programs are attached to, so they see each of its dials to the pod (an address in the
+    capture CIDRs) and let it pass as not enrolled: none loops back into the proxy."""
     n1 = host.n1
+    r = host.bed.cli("status", "--netns", n1.netns, check=False)
+    assert f"host cgroups: {cgroup.cgroup_path(host.host_cg)}" in r.stdout, r.stdout + r.stderr
     with Dataplane.open(host.bed.bpffs_root(n1)) as dp:
         assert len(dp.host_cgroups()) == 1
         before = dp.counters()
@@ -273,6 +282,7 @@ def test_agent_connections_are_never_captured_under_load(host: HostBed) -> None:
     assert peer == n1.gateway  # the pod saw the node proxy, not the host service
     assert int(count) == LOAD_CONNECTIONS  # one agent connection per client connection
     assert after["captured"] - before["captured"] == LOAD_CONNECTIONS, (before, after)
+    assert after["bypass_not_enrolled"] - before["bypass_not_enrolled"] >= LOAD_CONNECTIONS, (before, after)
     assert after["record_miss"] == before["record_miss"]
     m = node_metrics(host.bed.topo, "n1")
     assert series(m, "istio_tcp_connections_opened_total", reporter="source",
@@ -280,4 +290,43 @@ def test_agent_connections_are_never_captured_under_load(host: HostBed) -> None:
     assert series(m, "nodemesh_outbound_failures_total") == 0, m
     # the agent's own traffic kept working: its check still passes and reaches the registry
     assert host.health() == "passing"
-    print(f"{LOAD_CONNECTIONS} host-service connections through the proxy in {took:.1f}s")
+    print(f"{LOAD_CONNECTIONS} host-service connections through the proxy in {took:.1f}s; counters: "
+          f"captured +{after['captured'] - before['captured']}, "
+          f"bypass_not_enrolled +{after['bypass_not_enrolled'] - before['bypass_not_enrolled']}")
+
+
+def test_host_cgroups_follow_a_reload(host: HostBed) -> None:
+    """interception.host_cgroups changes live (SIGHUP): a cgroup taken out of the list is
+    detached (its processes reach VIPs no more), put back it is captured again; the agent's own
+    cgroup is refused on reload too, and the running list stays."""
+    n1 = host.n1
+    bed = host.bed
+
+    def reload_with(cgroups: list[str]) -> None:
+        bed.with_host_cgroups(n1, cgroups)
+        with open(bed.config_path(n1), "w") as f:
+            yaml.safe_dump(bed.agent_config(n1), f)
+        bed.agents["n1"].send_signal(signal.SIGHUP)
+
+    def enrolled(want: int) -> None:
+        deadline = time.monotonic() + 10
+        with Dataplane.open(bed.bpffs_root(n1)) as dp:
+            while len(dp.host_cgroups()) != want:
+                assert time.monotonic() < deadline, (dp.host_cgroups(), bed.log_text("n1"))
+                time.sleep(0.1)
+
+    curl_web = ["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", f"http://{WEB_VIP}/"]
+    try:
+        reload_with([])
+        enrolled(0)
+        code, out, err = host.run_on_host(curl_web)
+        assert code == 7, (code, out, err)  # not captured: the VIP is routed nowhere
+        reload_with([bed.agent_cgroups["n1"]])  # the agent's own: refused, nothing changes
+        time.sleep(1.5)
+        enrolled(0)
+        assert "interception.host_cgroups refused" in bed.log_text("n1")
+    finally:
+        reload_with([host.host_cg])
+    enrolled(1)
+    code, out, err = host.run_on_host(curl_web)
+    assert (code, out) == (0, "200"), (code, out, err)
