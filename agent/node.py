@@ -30,7 +30,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -408,39 +408,68 @@ def peer_auth_decision(policies: Iterable[PeerAuthentication], w: Workload | Non
     return decide(policies, w.namespace, w.labels, default, root_namespace, set_by)
 
 
+@dataclass(frozen=True, slots=True)
+class PodPeerAuth:
+    """What the filters of one interface of an enrolled pod are to hold."""
+
+    link: peerauth.PodLink
+    pod_ip: str  # the address the filters key on: the workload's, else the interface's first
+    decision: PeerAuthDecision
+
+
+def plan_peer_auth(links: Mapping[str, Sequence[peerauth.PodLink]], directory: Directory,
+                   pa: PeerAuthConfig, root_namespace: str) -> dict[str, list[PodPeerAuth]]:
+    """Pure: for each enrolled pod (netns -> its interfaces) what its filters are to hold
+    (:func:`peer_auth_decision` for the workload at its address); interfaces without IPv4 have
+    nothing to bind."""
+    policies = tuple(directory.snapshot.peer_authentications.values())
+    plan: dict[str, list[PodPeerAuth]] = {}
+    for ns, ifaces in links.items():
+        plan[ns] = []
+        for link in ifaces:
+            if not link.ip4:
+                continue
+            pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
+            plan[ns].append(PodPeerAuth(link, pod_ip, peer_auth_decision(
+                policies, directory.workload_at(pod_ip), pa, root_namespace)))
+    return plan
+
+
 def apply_peer_auth(agent: Agent) -> None:
-    """Set each enrolled pod's inbound modes (:func:`peer_auth_decision`) and make sure the
-    filters on its host-side veth are attached, knowing every address the pod has now.
-    Idempotent: run at start and on every snapshot, off the event loop (it opens netns sockets
-    and writes maps), one run at a time. DISABLE is the filter's own mode (everything passes,
-    uncounted)."""
+    """Read each enrolled pod's interfaces, plan what its filters hold (:func:`plan_peer_auth`),
+    then write it: every address's modes, the filters on its host-side veth (knowing every
+    address the pod has now), and forget addresses the pod lost. Idempotent: run at start and on
+    every snapshot, off the event loop (it opens netns sockets and writes maps), one run at a
+    time. DISABLE is the filter's own mode (everything passes, uncounted)."""
     dp = agent.dataplane
     if dp is None:
         return
     with agent.peer_auth_lock:
-        directory = agent.directory.current
-        policies = tuple(directory.snapshot.peer_authentications.values())
-        pa, root = agent.cfg.peer_authentication, agent.cfg.mesh.root_namespace
+        cfg = agent.cfg
+        pa = cfg.peer_authentication
         agent.peer_auth_errors.clear()
-        enrolled = set(agent.cfg.interception.enroll)
+        enrolled = set(cfg.interception.enroll)
         for ns in [n for n in agent.peer_auth_addresses if n not in enrolled]:  # no longer enrolled
             for address in agent.peer_auth_addresses.pop(ns):
                 dp.remove_peer_auth(address)
-        for ns in agent.cfg.interception.enroll:
+        links: dict[str, list[peerauth.PodLink]] = {}
+        for ns in cfg.interception.enroll:
             try:
-                now: set[str] = set()
-                for link in pod_interfaces(ns):
-                    now.update(link.ip4)
-                    if not link.ip4:
-                        continue
-                    pod_ip = next((a for a in link.ip4 if directory.workload_at(a) is not None), link.ip4[0])
-                    d = peer_auth_decision(policies, directory.workload_at(pod_ip), pa, root)
-                    for address in link.ip4:
-                        dp.set_peer_auth(address, d.mode, agent.cfg.addresses.proxy, proxy_mark=pa.proxy_mark,
-                                         udp=pa.udp, dns_port=agent.cfg.ports.dns, ports=d.ports)
-                    host_if = peerauth.host_peer(HOST_NETNS, ns, link)
-                    dp.attach_pod_filters(HOST_NETNS, host_if, pod_ip, [*link.ip4, *link.ip6])
-                    peerauth.remove_pod_side_filter(ns, link.ifname)  # left by an older release
+                links[ns] = pod_interfaces(ns)
+            except Exception as e:  # a pod that went away must not stop the others; status shows it
+                agent.peer_auth_errors[ns] = str(e)
+                log.error("peer authentication NOT enforced for %s: %s", ns, e)
+        for ns, pods in plan_peer_auth(links, agent.directory.current, pa, cfg.mesh.root_namespace).items():
+            try:
+                now = {a for link in links[ns] for a in link.ip4}
+                for p in pods:
+                    for address in p.link.ip4:
+                        dp.set_peer_auth(address, p.decision.mode, cfg.addresses.proxy,
+                                         proxy_mark=pa.proxy_mark, udp=pa.udp, dns_port=cfg.ports.dns,
+                                         ports=p.decision.ports)
+                    host_if = peerauth.host_peer(HOST_NETNS, ns, p.link)
+                    dp.attach_pod_filters(HOST_NETNS, host_if, p.pod_ip, [*p.link.ip4, *p.link.ip6])
+                    peerauth.remove_pod_side_filter(ns, p.link.ifname)  # left by an older release
                 for address in agent.peer_auth_addresses.get(ns, set()) - now:  # the pod lost it
                     dp.remove_peer_auth(address)
                 agent.peer_auth_addresses[ns] = now

@@ -279,3 +279,21 @@ def test_apply_refuses_a_selector_in_the_root_namespace_it_is_given(tmp_path: Pa
     # with istio-system the root (the default), mesh-root is an ordinary namespace
     r = CliRunner().invoke(cli, ["apply", "-f", str(f)], env=env)
     assert r.exit_code == 0 and "PeerAuthentication mesh-root/web-ports created" in r.output, r.output
+
+
+def test_the_plan_of_each_pod_interface_is_pure() -> None:
+    web = Workload("web", "shop", "10.244.1.12", labels=WEB)
+    wl = PeerAuthentication("web", "shop", (("app", "web"),), "STRICT", ports=((8080, "PERMISSIVE"),))
+    d = Directory.build(Snapshot(1, workloads={("shop", "web"): web},
+                                 peer_authentications={("shop", "web"): wl}))
+    links = {"/run/netns/web": [peerauth.PodLink("eth0", 7, ("10.244.1.2", "10.244.1.12"), ("fe80::1",)),
+                                peerauth.PodLink("eth1", 8, (), ("fe80::2",))],  # nothing to bind
+             "/run/netns/x": [peerauth.PodLink("eth0", 9, ("10.244.1.9",), ())]}
+    plan = node.plan_peer_auth(links, d, PeerAuthConfig(mode="DISABLE"), "istio-system")
+    [web_if] = plan["/run/netns/web"]
+    # the filters key on the workload's address, not the interface's first
+    assert (web_if.link.ifname, web_if.pod_ip) == ("eth0", "10.244.1.12")
+    assert (web_if.decision.mode, web_if.decision.ports) == ("STRICT", ((8080, "PERMISSIVE"),))
+    [x] = plan["/run/netns/x"]
+    assert (x.pod_ip, x.decision.mode, x.decision.ports) == ("10.244.1.9", "DISABLE", ())
+    assert node.plan_peer_auth({}, d, PeerAuthConfig(), "istio-system") == {}
