@@ -210,6 +210,8 @@ class Lifecycle:
                 listeners[name] = f"{s.getsockname()[0]}:{s.getsockname()[1]}"
         accepting = {name: lst.health() for name, lst in self.accept.items()}
         problems = [p for h in accepting.values() if (p := h.problem()) is not None]
+        if a.gateway is not None:  # a gateway port it cannot listen on
+            problems += a.gateway.problem_lines()
         doc = {
             "node": cfg.node,
             "pid": os.getpid(),
@@ -270,7 +272,9 @@ class Lifecycle:
         return Response.json(self.rate_limits())
 
     def listener_problems(self) -> list[str]:
-        return [p for lst in self.accept.values() if (p := lst.health().problem()) is not None]
+        gw = self.agent.gateway
+        return [p for lst in self.accept.values() if (p := lst.health().problem()) is not None] + (
+            gw.problem_lines() if gw is not None else [])
 
     async def _ready(self, _r: Request) -> Response:
         if not self.ready or self.stop.is_set():

@@ -112,7 +112,7 @@ class Credentials:
                 return entry.context
             ctx = server_context(tls, paths)
         except (OSError, ssl.SSLError) as e:
-            reason = getattr(e, "strerror", None) or e
+            reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
             why = f"credential {tls.credential_name!r} in {self.directory}: {reason}"
             if entry is None:
                 raise CredentialError(why) from None
@@ -271,6 +271,10 @@ class IngressGateway:
                 "ports": {str(p): t.ports[p].kind for p in sorted(self.ports) if p in t.ports},
                 "problems": {str(p): why for p, why in sorted(self.problems.items())},
                 "refused": list(t.refused), "credential_reloads": self.credentials.reloads}
+
+    def problem_lines(self) -> list[str]:
+        """What readiness and status report: each port the gateway should serve and cannot."""
+        return [f"gateway port {p}: {why}" for p, why in sorted(self.problems.items())]
 
     # -- listeners -----------------------------------------------------------------------------
 

@@ -236,7 +236,8 @@ async def _tls_pod(host: str, port: int, name: str, pki: Pki, work: str) -> asyn
 
 
 @contextlib.asynccontextmanager
-async def gateway_bed() -> AsyncIterator[Bed]:
+async def gateway_bed(ports: int = 6) -> AsyncIterator[Bed]:
+    """The mesh, the pods and a running gateway; ``ports``: how many it must be listening on."""
     work = tempfile.mkdtemp(prefix="nm-gw-")
     creds = os.path.join(work, "creds")
     os.makedirs(creds)
@@ -274,10 +275,10 @@ async def gateway_bed() -> AsyncIterator[Bed]:
             )
             task = asyncio.create_task(gw.run(stop, 0.5))
             for _ in range(100):
-                if len(gw.ports) == 6:
+                if len(gw.ports) == ports:
                     break
                 await asyncio.sleep(0.02)
-            assert sorted(gw.ports) == [20543, 20544, 20545, 20546, 20580, 20581], gw.problems
+            assert len(gw.ports) == ports, gw.problems
             try:
                 yield Bed(mesh, gw, pki, creds, simple_serial)
             finally:
@@ -558,5 +559,27 @@ def test_tcp_server_routed_by_the_bound_tcp_route() -> None:
                 )
                 >= 1
             )
+
+    run(main())
+
+
+def test_a_port_it_cannot_listen_on_is_reported_and_taken_once_free() -> None:
+    async def main() -> None:
+        blocker = socket.create_server((GW, 20580))  # (as a predecessor still draining would)
+        try:
+            async with gateway_bed(ports=5) as bed:
+                assert 20580 not in bed.gateway.ports
+                (line,) = bed.gateway.problem_lines()
+                assert line.startswith("gateway port 20580: cannot listen on 127.0.0.50:20580")
+                blocker.close()
+                for _ in range(100):  # retried each second
+                    if 20580 in bed.gateway.ports:
+                        break
+                    await asyncio.sleep(0.05)
+                assert bed.gateway.problem_lines() == []
+                _, out, _ = await sh(*curl("-H", "Host: my-service", f"http://{GW}:20580/"))
+                assert out.endswith("\n200")
+        finally:
+            blocker.close()
 
     run(main())

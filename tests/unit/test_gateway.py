@@ -414,3 +414,70 @@ def test_agent_config_gateway_section() -> None:
         with pytest.raises(config_mod.ConfigError) as e:
             config_mod.from_mapping({**base, "gateway": bad})
         assert where in str(e.value)
+
+
+def _self_signed(cn: str) -> tuple[bytes, bytes]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    k = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(k.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(k, hashes.SHA256())
+    )
+    key = k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key
+
+
+def test_credentials_reload_on_change_keep_the_last_good_and_take_time_as_input(tmp_path: object) -> None:
+    import os
+
+    from agent.control.gateway import ServerTls
+    from agent.dataplane.gateway import CREDENTIAL_RECHECK_S, CredentialError, Credentials
+
+    d = str(tmp_path)
+    now = [100.0]
+
+    def write(cert: bytes, key: bytes) -> None:
+        for name, data in (("c.crt", cert), ("c.key", key)):
+            with open(os.path.join(d, f".{name}"), "wb") as f:
+                f.write(data)
+            os.replace(os.path.join(d, f".{name}"), os.path.join(d, name))
+
+    tls = ServerTls("SIMPLE", "c")
+    creds = Credentials(d, clock=lambda: now[0])
+    with pytest.raises(CredentialError, match="credential 'c'"):
+        creds.context(tls)
+    write(*_self_signed("one"))
+    first = creds.context(tls)
+    write(*_self_signed("two"))
+    assert creds.context(tls) is first  # not looked at again yet
+    now[0] += CREDENTIAL_RECHECK_S
+    second = creds.context(tls)
+    assert second is not first and creds.reloads == 1
+    cert3, _ = _self_signed("three")
+    write(cert3, _self_signed("other")[1])  # a key that does not match: the last good one stays
+    now[0] += CREDENTIAL_RECHECK_S
+    assert creds.context(tls) is second
+    os.remove(os.path.join(d, "c.key"))
+    now[0] += CREDENTIAL_RECHECK_S
+    assert creds.context(tls) is second
+    with pytest.raises(CredentialError, match="No such file"):
+        Credentials(d).context(tls)
+    with pytest.raises(CredentialError, match=r"c-ca\.crt"):  # MUTUAL needs its CA file too
+        write(*_self_signed("four"))
+        Credentials(d).context(ServerTls("MUTUAL", "c"))
