@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -88,18 +89,55 @@ spec:
 """
 
 
+# The upstream resolver: backend.external.test is EXTERNAL_IP (TTL 30 s), other names NXDOMAIN;
+# prints a line per query (the test counts them)
+DNS_SERVER = textwrap.dedent(
+    """
+    import socket, sys
+    from agent.control import dns_wire as w
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((sys.argv[1], 53))
+    print("ready", flush=True)
+    while True:
+        data, addr = s.recvfrom(512)
+        q = w.decode(data)
+        name = q.questions[0].name
+        ok = name == "backend.external.test"
+        ans = (w.Record(name, w.A, w.CLASS_IN, 30, sys.argv[1]),) if ok else ()
+        s.sendto(w.encode(w.Message(id=q.id, qr=True, rd=q.rd, ra=True, questions=q.questions,
+                                    rcode=w.NOERROR if ok else w.NXDOMAIN, answers=ans)), addr)
+    """
+)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENTRY_DNS = f"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: dns-api, namespace: default}}
+spec:
+  hosts: [dns.external.test]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: DNS
+  endpoints: [{{address: backend.external.test, ports: {{http: {EXTERNAL_PORT}}}}}]
+"""
+
+
 @contextlib.contextmanager
 def external_server(topo: topology.Topology) -> Iterator[None]:
-    """An HTTP server on a host outside the mesh (:func:`netns.testbed.external_host`)."""
+    """An HTTP server and a DNS server (the agent's dns_upstream) on a host outside the mesh
+    (:func:`netns.testbed.external_host`)."""
     with testbed.external_host(topo, EXTERNAL_IP) as ns:
-        proc = testbed.popen_in(ns, None, [sys.executable, "-c", SERVER, str(EXTERNAL_PORT)],
-                                stdout=subprocess.PIPE)
+        procs = []
         try:
-            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+            for script, arg in ((SERVER, str(EXTERNAL_PORT)), (DNS_SERVER, EXTERNAL_IP)):
+                p = testbed.popen_in(ns, None, [sys.executable, "-c", script, arg], stdout=subprocess.PIPE,
+                                     env={**os.environ, "PYTHONPATH": ROOT})
+                procs.append(p)
+                assert p.stdout is not None and p.stdout.readline() == b"ready\n"
             yield
         finally:
-            proc.kill()
-            proc.wait()
+            for p in procs:
+                p.kill()
+                p.wait()
 
 
 def curl(bed: meshbed.MeshBed, pod: str, url: str, *extra: str) -> tuple[int, str, str]:
@@ -166,6 +204,7 @@ def test_registry_only_refuses_then_service_entry_reaches_with_metrics_and_timeo
 
         # REGISTRY_ONLY: captured and refused, counted, logged
         bed.extra["outbound_traffic_policy"] = {"mode": "REGISTRY_ONLY"}
+        bed.extra["dns_upstream"] = f"{EXTERNAL_IP}:53"  # non-mesh names, and DNS endpoints
         bed.start_agent(node)
         code, status, body = curl(bed, pod, direct, "-f")
         assert code == 22 and status == "502", (code, status, body)  # curl -f: the server said 502
@@ -212,3 +251,20 @@ def test_registry_only_refuses_then_service_entry_reaches_with_metrics_and_timeo
         assert status == "502"
         assert metric(node_metrics(topo, node.name), "nodemesh_outbound_refused_total",
                       reason="registry_only") == 4
+        # resolution DNS: the endpoint's name is resolved by the agent through dns_upstream
+        out = bed.apply(ENTRY_DNS)
+        assert "ServiceEntry default/dns-api created" in out, out
+        deadline, vip2 = time.monotonic() + 10, ""
+        while time.monotonic() < deadline and not vip2:
+            r = bed.exec(pod, ["dig", "@10.96.0.53", "dns.external.test", "+short", "+tries=1"])
+            vip2 = r.stdout.strip()
+            time.sleep(0 if vip2 else 0.2)
+        for i in range(2):
+            code, status, body = curl(bed, pod, f"http://dns.external.test/d{i}", "--resolve",
+                                      f"dns.external.test:80:{vip2}")
+            assert status == "200" and body.startswith(f"external /d{i}"), (vip2, status, body)
+        assert requests(node_metrics(topo, node.name), destination_service="dns.external.test",
+                        response_code="200") == 2
+        # a name outside the mesh is forwarded to the same upstream
+        r = bed.exec(pod, ["dig", "@10.96.0.53", "backend.external.test", "+short", "+tries=1"])
+        assert r.stdout.strip() == EXTERNAL_IP, (r.stdout, r.stderr)
