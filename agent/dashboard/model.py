@@ -121,40 +121,58 @@ def _key(labels: Mapping[str, str], protocol: str) -> EdgeKey:
 def node_scrape(node: str, at_s: float, samples: Iterable[Sample], skipped_lines: int = 0) -> NodeScrape:
     edges: dict[EdgeKey, Counters] = {}
     gauges: dict[str, float] = {}
+    # what a label set means, worked out once per set (a histogram's buckets share theirs)
+    meaning: dict[tuple[int, str | None], tuple[Counters, bool, bool] | None] = {}
 
-    def counters(key: EdgeKey) -> Counters:
-        c = edges.get(key)
-        if c is None:
-            c = edges[key] = Counters()
-        return c
+    def counters(labels: Mapping[str, str], protocol: str | None) -> tuple[Counters, bool, bool] | None:
+        m = meaning.get((id(labels), protocol), False)
+        if m is not False:
+            return m  # type: ignore[return-value]
+        if not _counted(labels):
+            got = None
+        else:
+            key = _key(labels, protocol or labels.get("request_protocol", "http") or "http")
+            c = edges.get(key)
+            if c is None:
+                c = edges[key] = Counters()
+            got = (c, _failed(labels), labels.get("connection_security_policy") == "mutual_tls")
+        meaning[(id(labels), protocol)] = got
+        return got
 
     for s in samples:
         if s.name.startswith(GAUGE_PREFIX):
             gauges[s.name] = s.value
             continue
         lb = s.labels
-        if not _counted(lb):
-            continue
         if s.name == REQUESTS:
-            c = counters(_key(lb, lb.get("request_protocol", "http") or "http"))
-            c.requests += s.value
-            if _failed(lb):
-                c.errors += s.value
-            if lb.get("connection_security_policy") == "mutual_tls":
-                c.mtls += s.value
+            got = counters(lb, None)
+            if got is not None:
+                c, failed, mtls = got
+                c.requests += s.value
+                if failed:
+                    c.errors += s.value
+                if mtls:
+                    c.mtls += s.value
         elif s.name == DURATION:
-            try:
-                le = float(lb.get("le", ""))
-            except ValueError:
-                continue
-            c = counters(_key(lb, lb.get("request_protocol", "http") or "http"))
-            c.buckets[le] = c.buckets.get(le, 0.0) + s.value
+            le = s.le
+            if le is None:  # (Prometheus' API keeps it among the labels)
+                try:
+                    le = float(lb.get("le", ""))
+                except ValueError:
+                    continue
+                lb = {k: v for k, v in lb.items() if k != "le"}
+                meaning.pop((id(lb), None), None)  # (a fresh dict: its id may be an old one's)
+            got = counters(lb, None)
+            if got is not None:
+                got[0].buckets[le] = got[0].buckets.get(le, 0.0) + s.value
         elif s.name in TCP_FIELDS:
-            c = counters(_key(lb, "tcp"))
-            attr = TCP_FIELDS[s.name]
-            setattr(c, attr, getattr(c, attr) + s.value)
-            if attr == "opened" and lb.get("connection_security_policy") == "mutual_tls":
-                c.mtls += s.value
+            got = counters(lb, "tcp")
+            if got is not None:
+                c, _, mtls = got
+                attr = TCP_FIELDS[s.name]
+                setattr(c, attr, getattr(c, attr) + s.value)
+                if attr == "opened" and mtls:
+                    c.mtls += s.value
     return NodeScrape(node, at_s, edges, gauges, skipped_lines)
 
 

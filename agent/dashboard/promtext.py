@@ -15,10 +15,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 _LABEL = re.compile(r'\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?', re.ASCII)
-_NAME = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*", re.ASCII)
 _UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
 
 
@@ -27,6 +27,7 @@ class Sample:
     name: str
     labels: Mapping[str, str]
     value: float
+    le: float | None = None  # a histogram bucket's upper bound (not among ``labels``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,67 +48,107 @@ def _value(text: str) -> float | None:
     return None if math.isnan(v) else v
 
 
-def parse(text: str, wanted: Iterable[str]) -> Parsed:
+LabelCache = dict[str, Mapping[str, str]]
+MAX_CACHED_LABEL_SETS = 50_000
+
+
+def parse(text: str, wanted: Iterable[str], cache: LabelCache | None = None) -> Parsed:
+    return parse_lines(text.splitlines(), wanted, cache)
+
+
+def parse_lines(lines: Iterable[str], wanted: Iterable[str], cache: LabelCache | None = None) -> Parsed:
     """Samples of the families named in ``wanted`` (full sample names, e.g.
     ``istio_requests_total``, ``istio_request_duration_milliseconds_bucket``); a name
-    ending in ``*`` keeps every sample with that prefix."""
+    ending in ``*`` keeps every sample with that prefix.
+
+    ``cache`` (label text -> labels), kept by the caller from one read of an agent to the
+    next, makes a series' labels parsed once: samples with the same label text share one
+    read-only mapping (the buckets of a histogram too: their ``le`` goes to ``Sample.le``).
+    An agent's series are bounded, and so is the cache (emptied past MAX_CACHED_LABEL_SETS).
+    """
+    wanted = tuple(wanted)
     exact = {w for w in wanted if not w.endswith("*")}
+    starts = tuple(w[:-1] if w.endswith("*") else w for w in wanted)
     prefixes = tuple(w[:-1] for w in wanted if w.endswith("*"))
+    if cache is None:
+        cache = {}
+    elif len(cache) > MAX_CACHED_LABEL_SETS:
+        cache.clear()
     out: list[Sample] = []
     skipped = 0
-    for line in text.splitlines():
-        if not line or line[0] == "#":
+    for line in lines:
+        if not line.startswith(starts):  # (C speed: most lines are other families)
             continue
-        m = _NAME.match(line)
-        if m is None:
-            continue
-        name = m.group(0)
-        if name not in exact and not name.startswith(prefixes or ("\0",)):
-            continue
-        rest = line[m.end():]
-        labels: dict[str, str] = {}
-        if rest.startswith("{"):
-            end = _labels_end(rest)
+        brace = line.find("{")
+        space = line.find(" ")
+        if brace < 0 or (0 <= space < brace):
+            name, rest = (line[:space], line[space:]) if space > 0 else (line, "")
+            labels: Mapping[str, str] = _EMPTY
+            le = None
+        else:
+            name, rest = line[:brace], line[brace:]
+            end = rest.rfind("}")  # (a value and timestamp never hold one; _parse_labels checks the rest)
             if end < 0:
                 skipped += 1
                 continue
             body, rest = rest[1:end], rest[end + 1:]
-            pos = 0
-            while pos < len(body):
-                lm = _LABEL.match(body, pos)
-                if lm is None or lm.end() == pos:
-                    break
-                labels[lm.group(1)] = _unescape(lm.group(2))
-                pos = lm.end()
-            if body[pos:].strip():
-                skipped += 1
-                continue
+            le = None
+            if name.endswith("_bucket"):
+                le, body = _split_le(body)
+            got = cache.get(body)
+            if got is None:
+                parsed = _parse_labels(body)
+                if parsed is None:
+                    skipped += 1
+                    continue
+                got = cache[body] = MappingProxyType(parsed)
+            labels = got
+        if name not in exact and not name.startswith(prefixes or ("\0",)):
+            continue
         parts = rest.split()
         v = _value(parts[0]) if parts else None
         if v is None:
             skipped += 1
             continue
-        out.append(Sample(name, labels, v))
+        if le is not None:
+            bound = _value(le)
+            if bound is None:
+                skipped += 1
+                continue
+            out.append(Sample(name, labels, v, bound))
+        else:
+            out.append(Sample(name, labels, v))
     return Parsed(tuple(out), skipped)
 
 
-def _labels_end(rest: str) -> int:
-    """Index of the ``}`` closing the label set (quotes and escapes respected), or -1."""
-    quoted = False
-    i = 1
-    while i < len(rest):
-        c = rest[i]
-        if quoted:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                quoted = False
-        elif c == '"':
-            quoted = True
-        elif c == "}":
-            return i
-        i += 1
-    return -1
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _split_le(body: str) -> tuple[str | None, str]:
+    """A bucket's ``le`` apart from its other labels (wherever it stands: prometheus_client
+    sorts labels by name), so every bucket of a series shares one label text."""
+    i = body.find('le="')
+    while i > 0 and body[i - 1] not in ", ":
+        i = body.find('le="', i + 1)
+    if i < 0:
+        return None, body
+    j = body.find('"', i + 4)
+    if j < 0:
+        return None, body
+    head, tail = body[:i].rstrip(" ,"), body[j + 1:].lstrip(" ,")
+    return body[i + 4:j], f"{head},{tail}" if head and tail else head or tail
+
+
+def _parse_labels(body: str) -> dict[str, str] | None:
+    labels: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        lm = _LABEL.match(body, pos)
+        if lm is None or lm.end() == pos:
+            break
+        labels[lm.group(1)] = _unescape(lm.group(2))
+        pos = lm.end()
+    return None if body[pos:].strip() else labels
 
 
 def from_prometheus_api(doc: Any, instance_label: str = "instance") -> dict[str, tuple[float, list[Sample]]]:

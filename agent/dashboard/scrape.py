@@ -19,18 +19,19 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from agent.dashboard.model import WANTED, node_scrape
-from agent.dashboard.promtext import from_prometheus_api, parse
+from agent.dashboard.promtext import LabelCache, from_prometheus_api, parse_lines
 from agent.dashboard.state import MeshState
 
 MAX_BODY_BYTES = 64 << 20
 METRICS_PORT = 15020
 STATUS_PORT = 15021
+_STARTS = tuple(w.rstrip("*").encode() for w in WANTED)
 _HOSTPORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+))(?::(\d{1,5}))?", re.ASCII)
 
 
@@ -81,8 +82,11 @@ def testbed_targets(
     return [Target(n.name, n.fabric_address, metrics_port, status_port, n.netns) for n in topo.nodes]
 
 
-def http_get(host: str, port: int, path: str, timeout_s: float, netns: str | None = None) -> bytes:
-    """GET over HTTP/1.0 (no chunking), the whole body or an error, within ``timeout_s``."""
+def http_stream(
+    host: str, port: int, path: str, timeout_s: float, netns: str | None = None
+) -> Iterator[bytes]:
+    """GET over HTTP/1.0 (no chunking): the body in pieces as they arrive, so a large answer
+    is never held whole; the whole exchange within ``timeout_s`` and ``MAX_BODY_BYTES``."""
     deadline = time.monotonic() + timeout_s
 
     def connect() -> socket.socket:
@@ -94,8 +98,8 @@ def http_get(host: str, port: int, path: str, timeout_s: float, netns: str | Non
         sock = kernel.run_in_netns(netns, connect)
     else:
         sock = connect()
-    chunks: list[bytes] = []
     size = 0
+    head: bytes | None = b""
     with sock:
         sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode())
         while True:
@@ -108,17 +112,45 @@ def http_get(host: str, port: int, path: str, timeout_s: float, netns: str | Non
             except TimeoutError:
                 raise TimeoutError(f"no full answer in {timeout_s:g} s") from None
             if not chunk:
-                break
+                if head is not None:
+                    raise OSError("closed before the end of the answer's head")
+                return
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 raise OSError(f"answer larger than {MAX_BODY_BYTES >> 20} MiB")
-            chunks.append(chunk)
-    data = b"".join(chunks)
-    head, sep, body = data.partition(b"\r\n\r\n")
-    first = head.split(b"\r\n", 1)[0]
-    if not sep or not re.match(rb"HTTP/1\.[01] 200 ", first + b" "):
-        raise OSError(f"answered {first[:80].decode('latin-1')!r}")
-    return body
+            if head is None:
+                yield chunk
+                continue
+            head += chunk
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(head) > 16384:
+                    raise OSError("answer's head larger than 16 KiB")
+                continue
+            first = head.split(b"\r\n", 1)[0]
+            if not re.match(rb"HTTP/1\.[01] 200 ", first + b" "):
+                raise OSError(f"answered {first[:80].decode('latin-1')!r}")
+            body, head = head[end + 4:], None
+            if body:
+                yield body
+
+
+def http_get(host: str, port: int, path: str, timeout_s: float, netns: str | None = None) -> bytes:
+    """The whole body of a small answer (see :func:`http_stream`)."""
+    return b"".join(http_stream(host, port, path, timeout_s, netns))
+
+
+def lines_of(chunks: Iterable[bytes], starts: tuple[bytes, ...]) -> Iterator[str]:
+    """The lines that begin with one of ``starts``, decoded, from body pieces."""
+    rest = b""
+    for chunk in chunks:
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        for line in parts:
+            if line.startswith(starts):
+                yield line.decode("utf-8", "replace")
+    if rest.startswith(starts):
+        yield rest.decode("utf-8", "replace")
 
 
 def _describe(e: BaseException) -> str:
@@ -129,11 +161,13 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if not isinstance(e, OSError) or not e.strerror else e.strerror
 
 
-def _read_agent(t: Target, timeout_s: float, clock: Callable[[], float]) -> tuple[Any, ...]:
+def _read_agent(
+    t: Target, timeout_s: float, clock: Callable[[], float], cache: LabelCache
+) -> tuple[Any, ...]:
     try:
-        body = http_get(t.host, t.metrics_port, "/metrics", timeout_s, t.netns)
+        chunks = http_stream(t.host, t.metrics_port, "/metrics", timeout_s, t.netns)
+        parsed = parse_lines(lines_of(chunks, _STARTS), WANTED, cache)
         at = clock()
-        parsed = parse(body.decode("utf-8", "replace"), WANTED)
     except Exception as e:  # an agent's failure is data for the view, not an error of ours
         return (None, _describe(e), None, None)
     status: dict[str, Any] | None = None
@@ -166,6 +200,7 @@ class Poller:
         self.clock = clock
         self._pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(self.targets))),
                                         thread_name_prefix="scrape")
+        self._labels: dict[str, LabelCache] = {t.name: {} for t in self.targets}  # per agent
         for t in self.targets:
             state.target(t.name, t.address)
 
@@ -173,7 +208,8 @@ class Poller:
         if self.prometheus:
             self._prometheus_round()
         else:
-            answers = list(self._pool.map(lambda t: _read_agent(t, self.timeout_s, self.clock), self.targets))
+            answers = list(self._pool.map(
+                lambda t: _read_agent(t, self.timeout_s, self.clock, self._labels[t.name]), self.targets))
             now = self.clock()
             for t, (scrape, error, status, status_error) in zip(self.targets, answers, strict=True):
                 self.state.observe(t.name, now, scrape, error, status, status_error)

@@ -10,6 +10,7 @@ and never answer (an agent that stopped answering).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -82,7 +83,8 @@ class SimAgent:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                with contextlib.suppress(ConnectionError):  # a reader that gave up
+                    self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass

@@ -8,6 +8,7 @@ import pytest
 
 from agent.dashboard import graph, model, promtext, scrape, state
 from agent.dashboard.model import EdgeKey
+from agent.metrics.istio import MeshMetrics
 
 BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000)
 
@@ -87,6 +88,48 @@ def test_parse_keeps_wanted_families_and_unescapes_label_values() -> None:
     ]
     assert p.samples[0].labels == {"a": 'x"y', "b": "back\\slash", "c": "line\nbreak", "d": "{}, ="}
     assert p.skipped_lines == 3
+
+
+def test_a_series_labels_are_parsed_once_and_shared_by_its_buckets() -> None:
+    text = request_lines(3, {1: 2, 5: 3})
+    cache: promtext.LabelCache = {}
+    p = promtext.parse(text, model.WANTED, cache)
+    req, *buckets = p.samples
+    assert req.name == "istio_requests_total" and len(buckets) == len(BUCKETS) + 1
+    assert all(b.labels is req.labels for b in buckets) and "le" not in req.labels
+    assert [b.le for b in buckets] == [*map(float, BUCKETS), math.inf]
+    again = promtext.parse(text, model.WANTED, cache)
+    assert again.samples[0].labels is req.labels and len(cache) == 1
+
+
+def test_the_agents_own_exposition_is_read_whole() -> None:
+    """What MeshMetrics exports (prometheus_client sorts labels by name: ``le`` in the middle)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tests.component.dashboard_sim import request_labels
+
+    reg = CollectorRegistry()
+    m = MeshMetrics(reg)
+    for ms in (0.7, 3.0, 3.0, 7.0):
+        m.request(request_labels("client", "web", "web-1"), "http", 200, "", "-", ms, 10, 20)
+    m.request(request_labels("client", "web", "web-1"), "http", 503, "", "-", 30.0, 10, 20)
+    text = generate_latest(reg).decode()
+    assert ',le="0.5",' in text  # (not last)
+    p = promtext.parse(text, model.WANTED)
+    assert p.skipped_lines == 0
+    ns = model.node_scrape("n1", 0, p.samples)
+    (c,) = ns.edges.values()
+    assert (c.requests, c.errors, c.mtls) == (5, 1, 5)
+    assert c.buckets[1.0] == 1 and c.buckets[5.0] == 3 and c.buckets[10.0] == 4 and c.buckets[math.inf] == 5
+
+
+def test_prometheus_api_buckets_keep_le_among_labels_and_count_the_same() -> None:
+    text = request_lines(4, {1: 1, 5: 4})
+    direct = scrape_of(text, 0)
+    samples = promtext.parse(text, model.WANTED).samples
+    api = [promtext.Sample(s.name, {**s.labels, **({"le": str(s.le)} if s.le is not None else {})}, s.value)
+           for s in samples]
+    assert model.node_scrape("n1", 0, api).edges == direct.edges
 
 
 def test_prometheus_api_answer_becomes_samples_per_instance() -> None:
@@ -305,6 +348,18 @@ def test_targets() -> None:
     for bad in ("", "http://x", "a b", "host:99999", "ftp://x:1"):
         with pytest.raises(scrape.TargetError):
             scrape.parse_target(bad)
+
+
+def test_lines_of_body_pieces_split_anywhere() -> None:
+    text = request_lines(7, {1: 3, 5: 7}) + "# HELP other\nother_total 1\n" + tcp_lines(2, 1, 10, 20)
+    body = text.encode()
+    starts = tuple(w.rstrip("*").encode() for w in model.WANTED)
+    whole = promtext.parse(text, model.WANTED)
+    for size in (1, 7, 100, len(body)):
+        pieces = [body[i:i + size] for i in range(0, len(body), size)]
+        got = promtext.parse_lines(scrape.lines_of(pieces, starts), model.WANTED)
+        assert got == whole, size
+    assert list(scrape.lines_of([b"istio_requests_total 1"], starts)) == ["istio_requests_total 1"]
 
 
 def test_edge_keys_sort_and_name_workloads_with_their_namespace() -> None:

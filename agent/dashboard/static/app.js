@@ -4,7 +4,7 @@
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (sel) => document.querySelector(sel);
-  const state = { view: null, sortKey: "rps", sortAsc: false, filter: "", lastOk: 0 };
+  const state = { view: null, sortKey: "rps", sortAsc: false, filter: "", lastOk: 0, hover: null };
   window.nmRender = { count: 0, lastMs: 0, maxMs: 0 };
 
   const fmt = {
@@ -176,6 +176,8 @@
     }
     for (const n of g.nodes) {
       const grp = s("g", { class: "node " + n.kind, "data-id": n.id, transform: `translate(${n.x},${n.y})` });
+      grp.addEventListener("mouseenter", () => { state.hover = n.id; highlight(); });
+      grp.addEventListener("mouseleave", () => { state.hover = null; highlight(); });
       if (!matches(n.name)) grp.classList.add("faded");
       grp.appendChild(s("rect", { width: nw, height: nh }));
       const label = n.name.length > 30 ? "…" + n.name.slice(-29) : n.name;
@@ -185,6 +187,20 @@
     }
     svg.appendChild(edges);
     svg.appendChild(nodes);
+    highlight();
+  }
+
+  // hovering a box keeps its own hops and neighbours in view and fades the rest
+  function highlight() {
+    const svg = $("#graph"), id = state.hover;
+    svg.classList.toggle("focus", id !== null);
+    const near = new Set([id]);
+    for (const e of svg.querySelectorAll(".edge")) {
+      const on = id !== null && (e.dataset.source === id || e.dataset.target === id);
+      e.classList.toggle("hl", on);
+      if (on) { near.add(e.dataset.source); near.add(e.dataset.target); }
+    }
+    for (const n of svg.querySelectorAll(".node")) n.classList.toggle("hl", near.has(n.dataset.id));
   }
 
   function sortRows(rows) {
@@ -256,6 +272,7 @@
     const ms = performance.now() - t0;
     const r = window.nmRender;
     r.count += 1; r.lastMs = ms; r.maxMs = Math.max(r.maxMs, ms); r.round = v.round;
+    if (r.count === 1) r.firstDrawnAt = performance.now();  // ms since navigation started
   }
 
   async function tick() {
