@@ -110,8 +110,8 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump([{"case": name, "us_per_request": round(us, 2)} for name, us in rows], f, indent=1)
         benchplot.bars(benchplot.png_next_to(a.json), "route matching per request",
-                       [name.split(" (")[0] for name, _ in rows], [us for _, us in rows], "µs per request (log)",
-                       rotate=20, log=True)
+                       [name.split(" (")[0] for name, _ in rows], [us for _, us in rows],
+                       "µs per request (log)", rotate=20, log=True)
 
 
 if __name__ == "__main__":
