@@ -80,9 +80,11 @@ class Bucket:
 
 
 def scaled(rate: Rate, share: float) -> tuple[float, float]:
-    """(tokens/s, burst) of ``rate`` for a node holding ``share`` (0-1] of a service's limit;
-    the burst never below one token (a bucket that can never hold one admits nothing)."""
-    return max(rate.per_s * share, 1e-3), max(rate.burst * share, 1.0)
+    """(tokens/s, burst) of ``rate`` for a node holding ``share`` (0-1] of a service's limit.
+    The burst is scaled too, but kept at two tokens (one if that is the configured burst): a
+    bucket of one token loses what a late request would have used, and admits nothing if it
+    can never hold one."""
+    return max(rate.per_s * share, 1e-3), max(rate.burst * share, min(float(rate.burst), 2.0))
 
 
 @dataclass(slots=True)

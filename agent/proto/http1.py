@@ -420,6 +420,7 @@ REASONS = {
     404: b"Not Found",
     413: b"Payload Too Large",
     414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     502: b"Bad Gateway",
