@@ -584,6 +584,18 @@ def test_port_modes_override_the_pod_mode_per_destination_port(env: Env) -> None
         env.pod.address, "PERMISSIVE", env.pod.gateway, MARK)
 
 
+def test_udp_to_a_strict_pod_follows_its_port_mode(env: Env) -> None:
+    """udp: deny drops UDP to a STRICT pod, but a port the pod has PERMISSIVE takes it."""
+    try:
+        strict(env, udp="deny", ports=((PORT, "PERMISSIVE"),))
+        assert _udp_arrives(env, env.other.netns, env.pod.address)
+        assert _udp_arrives(env, env.node.netns, env.pod_ll, scope=env.node.bridge)
+        strict(env, udp="deny", ports=((PORT + 1, "PERMISSIVE"),))
+        assert not _udp_arrives(env, env.other.netns, env.pod.address)
+    finally:
+        permissive(env)
+
+
 def _port_entries(env: Env) -> list[bytes]:
     from bpf.layout import PortKey, ip4_to_map
 
