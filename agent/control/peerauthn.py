@@ -45,6 +45,8 @@ class PeerAuthentication:
                 raise ValueError(f"portLevelMtls port {port!r} is not a port number")
             if mode not in MODES:
                 raise ValueError(f"unknown mTLS mode {mode!r} for port {port}")
+        if len(self.ports) > MAX_PORTS:
+            raise ValueError(f"{len(self.ports)} portLevelMtls ports: at most {MAX_PORTS}")
         if len({p for p, _ in self.ports}) != len(self.ports):
             raise ValueError("a portLevelMtls port is given twice")
         if self.ports and not self.selector:

@@ -109,9 +109,12 @@ def test_ports_are_stored_and_read_back_through_apply_and_snapshots() -> None:
     b = SnapshotBuilder()
     b.reset(p.puts)
     assert b.build(1).peer_authentications[("shop", "web-ports")] == loc.resource
-    # a stored value written by someone else with ports and no selector is skipped, not served
+    # a stored value written by someone else with ports and no selector, or more ports than the
+    # filter holds, is skipped, not served
     bad = dict(doc, selector=None)
-    b.apply({"/nodemesh/registry/peerauthentication/shop/bad": json.dumps(bad)}, ())
+    many = dict(doc, name="many", portLevelMtls={str(p): {"mode": "STRICT"} for p in range(1, 34)})
+    b.apply({"/nodemesh/registry/peerauthentication/shop/bad": json.dumps(bad),
+             "/nodemesh/registry/peerauthentication/shop/many": json.dumps(many)}, ())
     assert list(b.build(2).peer_authentications) == [("shop", "web-ports")]
 
 
