@@ -479,6 +479,9 @@ class Lifecycle:
         ]
         if a.gateway is not None:  # (after the handoff: its ports are opened, not taken over)
             tasks.append(asyncio.create_task(a.gateway.run(self.stop, drain_s), name="gateway"))
+        hosts = getattr(a.outbound.host_source, "names", None)
+        if isinstance(hosts, hostsvc.HostCgroups):  # host cgroups (re)appearing are enrolled
+            tasks.append(asyncio.create_task(hostsvc.watch(hosts, self.stop), name="host cgroups"))
         if ctl is not None:
             await asyncio.to_thread(handoff.confirm, ctl)  # the old agent drains from here on
         hs = handoff.HandoffServer(ctl_path, lambda: self.listeners, self._handed_off)

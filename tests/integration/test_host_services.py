@@ -336,3 +336,33 @@ def test_host_cgroups_follow_a_reload(host: HostBed) -> None:
     enrolled(1)
     code, out, err = host.run_on_host(curl_web)
     assert (code, out) == (0, "200"), (code, out, err)
+
+
+def test_a_host_cgroup_made_again_is_enrolled_again(host: HostBed) -> None:
+    """systemd removes a unit's cgroup when it stops and makes a new one (a new id) when it
+    starts: the agent forgets the old id and enrolls the new cgroup within about a second."""
+    n1 = host.n1
+    path = cgroup.cgroup_path(host.host_cg)
+    curl_web = ["curl", "-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", f"http://{WEB_VIP}/"]
+
+    def enrolled_ids(want: int) -> list[int]:
+        deadline = time.monotonic() + 10
+        with Dataplane.open(host.bed.bpffs_root(n1)) as dp:
+            while len(ids := dp.host_cgroups()) != want:
+                assert time.monotonic() < deadline, (ids, host.bed.log_text("n1"))
+                time.sleep(0.1)
+        return ids
+
+    (old_id,) = enrolled_ids(1)
+    host.stop_host_service()  # "systemctl stop": the unit's cgroup goes
+    cgroup.remove_tree(path)
+    enrolled_ids(0)
+    cgroup.create(host.host_cg)  # "systemctl start": a new cgroup of the same name
+    start = time.monotonic()
+    (new_id,) = enrolled_ids(1)
+    took = time.monotonic() - start
+    assert new_id == os.stat(path).st_ino != old_id
+    host.start_host_service()
+    code, out, err = host.run_on_host(curl_web)
+    assert (code, out) == (0, "200"), (code, out, err)
+    print(f"host cgroup made again: enrolled after {took:.2f}s")

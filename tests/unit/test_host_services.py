@@ -210,3 +210,24 @@ def test_host_sources_name_the_workload_of_the_recorded_cgroup() -> None:
     assert hs(("10.244.1.1", 40002), ("10.244.1.1", 15001)) is None  # a pod's record
     calls.clear()
     assert hs(("10.244.1.7", 40000), ("10.244.1.1", 15001)) is None and calls == []  # a pod: no lookup
+
+
+def test_host_cgroups_configure_refuses_before_touching_anything() -> None:
+    from agent.hostsvc import HostCgroups
+    from bpf.errors import BpfConfigError
+    from bpf.pins import cgroup2_mount
+
+    mount = cgroup2_mount()
+    agent = f"{mount}/system.slice/nodemesh.service"
+    hc = HostCgroups(None, None, f"{mount}/nodemesh", agent)  # type: ignore[arg-type]
+    for bad, why in (("system.slice", "an ancestor"), ("system.slice/nodemesh.service", "own cgroup"),
+                     ("/somewhere/else", "not inside the cgroup v2 mount")):
+        with pytest.raises(BpfConfigError) as ei:
+            hc.configure(("system.slice/my-service.service", bad))
+        assert why in ei.value.message and "interception.host_cgroups" in ei.value.message
+        assert hc.hosts == []  # the whole list refused, nothing taken
+    hc.configure(("system.slice/my-service.service", "x.slice/web.scope"))
+    assert [(h.name, h.path, h.cg_id) for h in hc.hosts] == [
+        ("my-service", f"{mount}/system.slice/my-service.service", 0),
+        ("web", f"{mount}/x.slice/web.scope", 0)]
+    assert dict(hc) == {} and not hc  # nothing enrolled before a sync finds the cgroups
