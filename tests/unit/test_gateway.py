@@ -481,3 +481,13 @@ def test_credentials_reload_on_change_keep_the_last_good_and_take_time_as_input(
     with pytest.raises(CredentialError, match=r"c-ca\.crt"):  # MUTUAL needs its CA file too
         write(*_self_signed("four"))
         Credentials(d).context(ServerTls("MUTUAL", "c"))
+
+
+def test_mesh_in_gateways_keeps_a_bound_virtualservice_for_mesh_traffic_too() -> None:
+    from agent.dataplane.http import routing
+
+    for gateways, mesh in (("gw", False), ("gw, mesh", True)):
+        t = _table(gw_yaml(HTTP80), _vs("web", "default", "web", gateways))
+        assert [v.name for v in t.bound_vs[("default", "gw")]] == ["web"]  # the gateway's, either way
+        svc = t.snapshot.services[("default", "web")]
+        assert (routing.RouteTable.build(t.snapshot).virtual_service(svc) is not None) is mesh
