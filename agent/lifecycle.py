@@ -365,6 +365,8 @@ class Lifecycle:
             interception=interception,
         )
         self.agent.outbound.node_address = self.agent.cfg.peers.get
+        a = self.agent.cfg.addresses  # ServiceEntry endpoints never at this node's or a peer's address
+        self.agent.outbound.egress.reserved = frozenset({a.proxy, a.hbone, a.metrics, *new.peers.values()})
         logging.getLogger().setLevel(new.log_level.upper())
         self.reloads += 1
         self.restart_needed = sorted(set(self.restart_needed) | set(restart))

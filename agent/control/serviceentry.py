@@ -189,7 +189,7 @@ def _endpoints(se: ServiceEntry, host: str, p: EntryPort, addrs: tuple[str, ...]
     external = se.location == "MESH_EXTERNAL"
     if se.resolution == "NONE":  # the original destination: one per address
         for a in addrs:
-            yield endpoint(se.namespace, a, a, target, 1, "", "", "", Health.PASSING, external=True)
+            yield endpoint(se.namespace, a, a, target, 1, "", "", "default", Health.PASSING, external=True)
         return
     eps = se.endpoints or ((EntryEndpoint(host),) if se.resolution != "STATIC" else ())
     for e in eps:

@@ -229,3 +229,30 @@ def test_mesh_internal_endpoints_are_mesh_workloads_reached_over_hbone() -> None
     finally:
         pod.shutdown()
         pod.server_close()
+
+
+NONE_ADDR = "127.0.0.75"
+PASSTHROUGH = ServiceEntry("legacy-db", "default", ("db.legacy.test",), (EntryPort(20705, "tcp-db", "TCP"),),
+                           "MESH_EXTERNAL", "NONE", (NONE_ADDR,))
+
+
+def test_resolution_none_dials_the_address_the_app_dialled() -> None:
+    async def go() -> None:
+        srv = await echo_server(NONE_ADDR, 20705, "legacy")
+        try:
+            async with two_node_mesh([], []) as mesh:
+                _mesh_with(mesh, entries(PASSTHROUGH))
+                n1 = mesh.nodes["n1"]
+                mesh.original_dst[(CLIENT, 0)] = (NONE_ADDR, 20705)
+                r, wr = await asyncio.open_connection("127.0.0.1", n1.outbound_port, local_addr=(CLIENT, 0))
+                wr.write(b"hi")
+                wr.write_eof()
+                assert await asyncio.wait_for(r.read(), 5) == b"legacy:hi"
+                wr.close()
+                await asyncio.sleep(0.1)
+                assert metric(n1, "istio_tcp_connections_closed_total",
+                              destination_service="db.legacy.test") == 1
+        finally:
+            srv.close()
+
+    run(go())
