@@ -39,6 +39,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchplot  # (scripts/, this script's own directory)
+
 from bpf import loader, peerauth, pins, syscall
 from bpf.layout import INBOUND_TC
 from bpf.maps import Dataplane
@@ -158,6 +160,9 @@ def main() -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(doc, f, indent=2)
+            benchplot.bars(benchplot.png_next_to(args.json), "inbound_tc per packet (BPF_PROG_TEST_RUN)",
+                           list(results), [statistics.median(v) for v in results.values()], "ns",
+                           rotate=30)
         return 0
     finally:
         if dp is not None:
