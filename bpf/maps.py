@@ -140,6 +140,7 @@ class Dataplane:
         self._ncpu = _possible_cpus()
         self.lookup_misses = 0  # proxy lookups that found no record (see counters())
         self._ports_of: dict[int, set[bytes]] | None = None  # pod -> its nm_peer_port keys
+        self._ports_read = threading.Lock()  # the one walk: a scrape may race apply_peer_auth to it
         try:
             for name in MAP_NAMES:
                 fd = syscall.obj_get(pins.map_pin(pin_dir, name))
@@ -349,13 +350,14 @@ class Dataplane:
         """The ``nm_peer_port`` keys of ``pod``: the map is walked once, then this set follows
         what this process writes (the agent is the map's one writer), so a pod's update costs
         its own ports, not the whole map."""
-        if self._ports_of is None:
-            found: dict[int, set[bytes]] = {}
-            for raw in syscall.map_keys(self._fd("nm_peer_port"), ctypes.sizeof(PortKey),
-                                        self._max["nm_peer_port"]):
-                found.setdefault(PortKey.from_buffer_copy(raw).pod_ip4, set()).add(bytes(raw))
-            self._ports_of = found
-        return self._ports_of.setdefault(pod, set())
+        with self._ports_read:
+            if self._ports_of is None:
+                found: dict[int, set[bytes]] = {}
+                for raw in syscall.map_keys(self._fd("nm_peer_port"), ctypes.sizeof(PortKey),
+                                            self._max["nm_peer_port"]):
+                    found.setdefault(PortKey.from_buffer_copy(raw).pod_ip4, set()).add(bytes(raw))
+                self._ports_of = found
+            return self._ports_of.setdefault(pod, set())
 
     def _drop_ports(self, have: set[bytes], keep: set[bytes]) -> None:
         for raw in sorted(have - keep):

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import socket
+import threading
 from typing import Any
 
 import pytest
@@ -243,6 +244,7 @@ def _fake_dataplane(monkeypatch: pytest.MonkeyPatch, fake: _FakeMaps) -> Datapla
     dp._fds = {name: i for i, (name, *_) in enumerate(MAPS)}
     dp._max = dict.fromkeys(dp._fds, 1024)
     dp._ports_of = None
+    dp._ports_read = threading.Lock()
     return dp
 
 
