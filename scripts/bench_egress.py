@@ -67,8 +67,9 @@ spec:
 """
 
 
-def wrk(bed: meshbed.MeshBed, pod: str, url: str, seconds: float, host: str | None) -> dict[str, Any]:
-    argv = ["wrk", "-t1", "-c16", f"-d{round(seconds)}s", "--timeout", "5s", "--latency"]
+def wrk(bed: meshbed.MeshBed, pod: str, url: str, seconds: float, host: str | None, conns: int = 16,
+        ) -> dict[str, Any]:
+    argv = ["wrk", "-t1", f"-c{conns}", f"-d{round(seconds)}s", "--timeout", "5s", "--latency"]
     if host:
         argv += ["-H", f"Host: {host}"]
     r = bed.exec(pod, [*argv, url], timeout_s=seconds + 30)

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import secrets
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from cryptography.x509.oid import NameOID
 
 from agent import meshbed
 from netns import testbed, topology
+from scripts.bench_egress import wrk
 
 HOST = "my-service"
 HA_HOP_PORT = 16443  # the HAProxy hop on n2's fabric address
@@ -172,19 +172,6 @@ def pki(work: str, creds: str) -> None:
         os.chmod(path, 0o600)
 
 
-def wrk(bed: meshbed.MeshBed, pod: str, url: str, seconds: float, conns: int = 16) -> dict[str, Any]:
-    argv = ["wrk", "-t1", f"-c{conns}", f"-d{round(seconds)}s", "--timeout", "5s", "--latency",
-            "-H", f"Host: {HOST}"]
-    r = bed.exec(pod, [*argv, url], timeout_s=seconds + 30)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", r.stdout)
-    p50 = re.search(r"^\s+50%\s+([\d.]+)(us|ms|s)\s*$", r.stdout, re.M)
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", r.stdout)
-    if r.returncode != 0 or rps is None or p50 is None or bad is not None:
-        raise RuntimeError(f"wrk {url} failed: {r.stdout[-600:]} {r.stderr[-300:]}")
-    scale = {"us": 1.0, "ms": 1000.0, "s": 1e6}[p50.group(2)]
-    return {"rps": float(rps.group(1)), "p50_us": float(p50.group(1)) * scale}
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -247,9 +234,9 @@ def main() -> int:
             order = list(urls)
             for r in range(a.rounds):
                 for path in (order if r % 2 == 0 else order[::-1]):
-                    one = wrk(bed, client.name, urls[path], a.seconds)
+                    one = wrk(bed, client.name, urls[path], a.seconds, HOST)
                     # latency alone: one connection, so no request waits behind another
-                    one["p50_us"] = wrk(bed, client.name, urls[path], a.seconds, conns=1)["p50_us"]
+                    one["p50_us"] = wrk(bed, client.name, urls[path], a.seconds, HOST, conns=1)["p50_us"]
                     runs[path].append(one)
                     print(f"round {r + 1} {path}: {runs[path][-1]}", file=sys.stderr)
     finally:
