@@ -96,6 +96,9 @@ class Decider:
     audits: tuple[tuple[_Match | None, str], ...]
     allows: tuple[tuple[_Match | None, Verdict], ...]
     otherwise: Verdict  # when no DENY and no ALLOW matches
+    # the verdict of every request on this connection when no check is left to run on it
+    # (policies reading only L4 facts, as most do): None if requests differ
+    fixed: Verdict | None = None
 
     def decide(self, f: Facts) -> Verdict:
         """The verdict for request ``f`` on the connection this was made for."""
@@ -132,4 +135,16 @@ def decider(policies: Sequence[AuthorizationPolicy], conn: Facts) -> Decider:
             audits.append((left, c.name))
     otherwise = (Verdict(False, "", "ALLOW", (), f"no ALLOW policy matched ({', '.join(allow_names)})")
                  if allow_names else Verdict(True, "", "", (), "no ALLOW policy applies"))
-    return Decider(tuple(denies), tuple(audits), tuple(allows), otherwise)
+    d = Decider(tuple(denies), tuple(audits), tuple(allows), otherwise)
+    return Decider(d.denies, d.audits, d.allows, otherwise, _fixed(d))
+
+
+def _fixed(d: Decider) -> Verdict | None:
+    """``d``'s verdict when it runs no check: the first entry it would try decides outright."""
+    if any(m is not None for m, _ in d.audits):
+        return None
+    audited = [name for _, name in d.audits]
+    first = d.denies[0] if d.denies else d.allows[0] if d.allows else (None, d.otherwise)
+    if first[0] is not None:
+        return None
+    return _with_audited(first[1], audited)

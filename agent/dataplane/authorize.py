@@ -168,14 +168,7 @@ class Authorizer:
 
     def _record(self, w: Workload, facts: authz.Facts, v: authz.Verdict) -> authz.Verdict:
         """Count verdict ``v``; log a denial (rate limited) and AUDIT matches."""
-        key = (v.policy, v.action, v.allowed)
-        counter = self._counters.get(key)
-        if counter is None:  # (a labelled child is looked up once, not per decision)
-            if len(self._counters) > 4096:
-                self._counters.clear()
-            counter = self._counters[key] = self.metrics.authz_decisions.labels(
-                v.policy or "-", v.action or "-", "allowed" if v.allowed else "denied")
-        counter.inc()
+        self._count(v)
         for name in v.audited:
             log.info("authz: AUDIT %s matched %s %s at %s/%s", name, facts.principal or facts.source_ip,
                      f"{facts.method} {facts.path}" if facts.http else f"port {facts.destination_port}",
@@ -186,6 +179,16 @@ class Authorizer:
                            f"{facts.method} {facts.path}" if facts.http else f"port {facts.destination_port}",
                            v.why)
         return v
+
+    def _count(self, v: authz.Verdict) -> None:
+        key = (v.policy, v.action, v.allowed)
+        counter = self._counters.get(key)
+        if counter is None:  # (a labelled child is looked up once, not per decision)
+            if len(self._counters) > 4096:
+                self._counters.clear()
+            counter = self._counters[key] = self.metrics.authz_decisions.labels(
+                v.policy or "-", v.action or "-", "allowed" if v.allowed else "denied")
+        counter.inc()
 
     def judge_request(
         self, w: Workload | None, conn: Callable[[], authz.Facts], ex: Exchange,
@@ -216,14 +219,18 @@ class Authorizer:
             return
         f = conn()
         reduced = self.decider(w, f)  # (after policies(w): the snapshot is current)
-        i = jwt.identity if jwt is not None else None
-        facts = authz.Facts(  # (built directly: dataclasses.replace costs twice as much)
-            f.principal, f.namespace, f.source_ip, f.remote_ip, f.destination_ip, f.destination_port,
-            f.sni, True, ex.method, target.partition("?")[0], ex.authority, LazyHeaders(headers),
-            *((i.principal, i.audiences, i.presenter, i.claims) if i is not None else ()),
-        )
-        if not self._record(w, facts, reduced.decide(facts)).allowed:
-            raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
+        v = reduced.fixed
+        if v is not None and v.allowed and not v.audited:  # (the connection decides; nothing to log)
+            self._count(v)
+        else:
+            i = jwt.identity if jwt is not None else None
+            facts = authz.Facts(  # (built directly: dataclasses.replace costs twice as much)
+                f.principal, f.namespace, f.source_ip, f.remote_ip, f.destination_ip, f.destination_port,
+                f.sni, True, ex.method, target.partition("?")[0], ex.authority, LazyHeaders(headers),
+                *((i.principal, i.audiences, i.presenter, i.claims) if i is not None else ()),
+            )
+            if not self._record(w, facts, v or reduced.decide(facts)).allowed:
+                raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
         if self.limits is not None:  # (429 RL)
             self.limits.judge_request(w, conn, ex, headers, target)
 

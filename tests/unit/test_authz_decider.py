@@ -116,6 +116,7 @@ def request(rng: random.Random, conn: Facts) -> Facts:
 def test_the_decider_agrees_with_evaluate_on_random_policies_and_requests() -> None:
     rng = random.Random(13)
     decided: set[tuple[bool, str]] = set()
+    fixed = 0
     for _ in range(3000):
         ps = policies(rng)
         conn = connection(rng)
@@ -124,10 +125,13 @@ def test_the_decider_agrees_with_evaluate_on_random_policies_and_requests() -> N
             f = request(rng, conn)
             want = evaluate(ps, f)
             assert d.decide(f) == want, (ps, f)
+            assert d.fixed is None or d.fixed == want, (ps, f)  # (the verdict of every request)
             decided.add((want.allowed, want.action))
+        fixed += d.fixed is not None
     # every kind of outcome was met: allowed by an ALLOW, denied by a DENY, no ALLOW matched,
     # no ALLOW policy at all
     assert decided == {(True, "ALLOW"), (False, "DENY"), (False, "ALLOW"), (True, "")}
+    assert 300 < fixed < 2700, fixed  # (connections the L4 facts decide, and others)
 
 
 def test_a_connection_the_l4_fields_decide_for_needs_no_request_check() -> None:
@@ -143,11 +147,13 @@ def test_a_connection_the_l4_fields_decide_for_needs_no_request_check() -> None:
     # deny-ip and get-only can never match this connection: gone; allow-x always matches
     assert d.denies == () and len(d.allows) == 1 and d.allows[0][0] is None
     assert d.decide(request(random.Random(1), conn)).policy == "a/allow-x"
+    assert d.fixed is not None and d.fixed.policy == "a/allow-x"  # (no request facts needed)
     # another peer: get-only's method check is all that is left
     conn_y = Facts(principal=PRINCIPALS[1], source_ip="10.244.2.7")
     d = decider([deny_ip, allow_x, get_only], conn_y)
     assert d.denies[0][0] is None  # denied by address whatever the request
     assert d.decide(request(random.Random(1), conn_y)).policy == "a/deny-ip"
+    assert d.fixed is not None and not d.fixed.allowed
     d = decider([allow_x, get_only], conn_y)
-    assert [v.policy for _, v in d.allows] == ["a/get-only"]
+    assert [v.policy for _, v in d.allows] == ["a/get-only"] and d.fixed is None
     assert d.otherwise.why == "no ALLOW policy matched (a/allow-x, a/get-only)"
