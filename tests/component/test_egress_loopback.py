@@ -256,3 +256,29 @@ def test_resolution_none_dials_the_address_the_app_dialled() -> None:
             srv.close()
 
     run(go())
+
+
+MISSING = ServiceEntry("ext-missing", "default", ("missing.external.test",), (EntryPort(80, "http", "HTTP"),),
+                       "MESH_EXTERNAL", "DNS", ("10.96.7.6",))  # the host itself: NXDOMAIN upstream
+
+
+def test_a_name_that_does_not_resolve_is_503_uf_and_the_failure_is_cached() -> None:
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        dns_tr, dns = await loop.create_datagram_endpoint(_Dns, local_addr=DNS)
+        try:
+            async with two_node_mesh([], []) as mesh:
+                _mesh_with(mesh, entries(MISSING))
+                n1 = mesh.nodes["n1"]
+                mesh.original_dst[(CLIENT, 0)] = ("10.96.7.6", 80)
+                for _ in range(2):
+                    status, body = await asyncio.to_thread(get, n1.outbound_port, "/",
+                                                           "missing.external.test")
+                    assert status == 503 and "cannot resolve missing.external.test" in body, body
+                assert dns.queries == 1  # (the second within the 2 s a failure is kept)
+                assert metric(n1, "istio_requests_total", destination_service="missing.external.test",
+                              response_code="503", response_flags="UF") == 2
+        finally:
+            dns_tr.close()
+
+    run(go())
