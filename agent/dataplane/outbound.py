@@ -873,6 +873,8 @@ class OutboundHttp:
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
         h, ex.request_id, ex.trace_id = hdrs.tracing(h, self.out.rng)
         c = ex.state
+        if isinstance(c, _Choice) and c.endpoint.external:  # outside the mesh (a ServiceEntry): the
+            return h  # app's headers as it sent them, no pod address or identity added (as Envoy's egress)
         same_node = isinstance(c, _Choice) and c.same_node is not None
         if same_node and ex.header_edit is not None:  # the destination's RequestAuthentication
             h = ex.header_edit(h)

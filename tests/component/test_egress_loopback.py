@@ -114,6 +114,9 @@ def test_service_entry_static_and_dns_endpoints_with_timeout_and_metrics() -> No
                 mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
                 status, body = await asyncio.to_thread(get, port, "/hello")
                 assert status == 200 and json.loads(body)["path"] == "/hello"
+                seen = json.loads(body)["headers"]  # nothing about the pod leaves the mesh
+                assert "x-request-id" in seen and not {"x-forwarded-for", "forwarded",
+                                                       "x-forwarded-client-cert"} & set(seen), seen
                 # the VirtualService bound to the entry's host: its timeout applies
                 status, body = await asyncio.to_thread(get, port, "/slow")
                 assert status == 504, body
