@@ -52,6 +52,7 @@ WORKLOADS = [  # (loopback addresses: made here, as the other component tests do
     Workload("tls-a", "default", "127.0.0.53", "n2", labels={"app": "tls-a"}),
     Workload("tls-b", "default", "127.0.0.54", "n1", labels={"app": "tls-b"}),
     Workload("echo", "default", "127.0.0.55", "n2", labels={"app": "echo"}),
+    Workload("grpc-1", "default", "127.0.0.56", "n2", labels={"app": "grpc"}),
 ]
 REGISTRY = """
 apiVersion: nodemesh.io/v1
@@ -91,6 +92,25 @@ spec:
     tls: {mode: PASSTHROUGH}
   - port: {number: 20546, name: tcp, protocol: TCP}
     hosts: ["*"]
+  - port: {number: 20582, name: http-grpc, protocol: HTTP}
+    hosts: [grpc.example.com]
+---
+apiVersion: nodemesh.io/v1
+kind: Service
+metadata: {name: grpc}
+spec: {ports: [{port: 20556, protocol: grpc}], selector: {app: grpc}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: grpc}
+spec:
+  hosts: [grpc.example.com]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /echo.Echo/Missing}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: grpc}}]
+  - route: [{destination: {host: grpc}}]
 ---
 apiVersion: nodemesh.io/v1
 kind: Service
@@ -236,7 +256,7 @@ async def _tls_pod(host: str, port: int, name: str, pki: Pki, work: str) -> asyn
 
 
 @contextlib.asynccontextmanager
-async def gateway_bed(ports: int = 6) -> AsyncIterator[Bed]:
+async def gateway_bed(ports: int = 7) -> AsyncIterator[Bed]:
     """The mesh, the pods and a running gateway; ``ports``: how many it must be listening on."""
     work = tempfile.mkdtemp(prefix="nm-gw-")
     creds = os.path.join(work, "creds")
@@ -567,7 +587,7 @@ def test_a_port_it_cannot_listen_on_is_reported_and_taken_once_free() -> None:
     async def main() -> None:
         blocker = socket.create_server((GW, 20580))  # (as a predecessor still draining would)
         try:
-            async with gateway_bed(ports=5) as bed:
+            async with gateway_bed(ports=6) as bed:
                 assert 20580 not in bed.gateway.ports
                 (line,) = bed.gateway.problem_lines()
                 assert line.startswith("gateway port 20580: cannot listen on 127.0.0.50:20580")
@@ -583,3 +603,55 @@ def test_a_port_it_cannot_listen_on_is_reported_and_taken_once_free() -> None:
             blocker.close()
 
     run(main())
+
+
+def test_grpc_by_http2_prior_knowledge_through_the_gateway() -> None:
+    from concurrent import futures
+
+    import grpc
+
+    def say(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return b"grpc-1:" + request
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    srv.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "echo.Echo", {"Say": grpc.unary_unary_rpc_method_handler(say)}
+            ),
+        )
+    )
+    srv.add_insecure_port("127.0.0.56:20556")
+    srv.start()
+
+    def calls() -> tuple[list[bytes], grpc.StatusCode]:
+        opts = [("grpc.default_authority", "grpc.example.com")]
+        with grpc.insecure_channel(f"{GW}:20582", options=opts) as ch:
+            got = [ch.unary_unary("/echo.Echo/Say")(b"hi%d" % i, timeout=10) for i in range(5)]
+            try:
+                ch.unary_unary("/echo.Echo/Missing")(b"x", timeout=10)
+            except grpc.RpcError as e:
+                return got, e.code()
+        raise AssertionError("the fault did not abort the call")
+
+    async def main() -> None:
+        async with gateway_bed() as bed:
+            got, code = await asyncio.to_thread(calls)
+            assert got == [b"grpc-1:hi%d" % i for i in range(5)]
+            assert code == grpc.StatusCode.UNAVAILABLE  # the route's fault, as a gRPC status
+            assert (
+                metric(
+                    bed.mesh.nodes["n2"],
+                    "istio_requests_total",
+                    reporter="destination",
+                    source_principal=GW_ID,
+                    request_protocol="grpc",
+                    grpc_response_status="0",
+                )
+                == 5
+            )
+
+    try:
+        run(main())
+    finally:
+        srv.stop(None)
