@@ -201,6 +201,7 @@ class Poller:
         self._pool = ThreadPoolExecutor(max_workers=min(32, max(1, len(self.targets))),
                                         thread_name_prefix="scrape")
         self._labels: dict[str, LabelCache] = {t.name: {} for t in self.targets}  # per agent
+        self._jobs: set[str] = set()  # Prometheus jobs that scrape agents
         for t in self.targets:
             state.target(t.name, t.address)
 
@@ -230,8 +231,13 @@ class Poller:
             for name in list(self.state.nodes) or [self.prometheus or "prometheus"]:
                 self.state.observe(name, now, None, f"Prometheus: {_describe(e)}")
             return
-        up_now = {inst: any(s.value == 1 for s in samples) for inst, (_, samples) in up.items()}
-        for inst in sorted(set(by_instance) | {i for i in up_now if i in self.state.nodes}):
+        # the agents: instances of the scrape jobs that carry our series (other targets of the
+        # same Prometheus are not agents); a job stays known when all its agents are down
+        for _, samples in by_instance.values():
+            self._jobs.update(s.labels["job"] for s in samples if "job" in s.labels)
+        up_now = {inst: any(s.value == 1 for s in samples) for inst, (_, samples) in up.items()
+                  if any(s.labels.get("job") in self._jobs for s in samples)}
+        for inst in sorted(set(by_instance) | set(up_now)):
             at, samples = by_instance.get(inst, (now, []))
             if not up_now.get(inst, True):
                 self.state.observe(inst, now, None, "down in Prometheus (up == 0)")

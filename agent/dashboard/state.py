@@ -81,10 +81,29 @@ def node_summary(doc: Mapping[str, Any] | None) -> dict[str, Any]:
         },
         "degraded": list(doc.get("degraded") or []),
     }
-    for key in ("policies", "rate_limits", "peer_authentication"):  # what the agent reports of them
-        if key in doc:
-            out[key] = doc[key]
+    if isinstance(doc.get("policies"), dict):  # kind -> count in force
+        out["policies"] = {k: v for k, v in doc["policies"].items() if v}
+    limits = doc.get("rate_limits")
+    if isinstance(limits, list):  # RateLimitPolicy in force on the node (issue 15's status)
+        out["rate_limits"] = [_rate_limit(r) for r in limits[:MAX_SHOWN_LIMITS] if isinstance(r, dict)]
     return out
+
+
+MAX_SHOWN_LIMITS = 20
+
+
+def _rate_limit(r: Mapping[str, Any]) -> str:
+    rate = r.get("local_per_s")
+    if rate is None and r.get("buckets"):
+        rate = r["buckets"][0].get("rate_per_s")
+    text = f"{r.get('policy', '?')} on {r.get('service', '?')}:{r.get('port', '?')}"
+    if rate is not None:
+        text += f" {rate:g}/s here"
+    if isinstance(r.get("share"), int | float) and r.get("scope") == "service":
+        text += f" ({r['share']:.0%} of {r.get('total_per_s', '?')}/s, {r.get('sharing', '?')})"
+    if r.get("limited"):
+        text += f", {r['limited']} limited"
+    return text
 
 
 class MeshState:

@@ -5,10 +5,13 @@ agent shows as down, the page and its assets are served from the package."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -104,7 +107,7 @@ def test_dashboard_serves_page_assets_and_view_and_a_silent_agent_is_down(
         dash.poll_once()
         view = json.loads(get("/api/view")[2])
         assert [n["up"] for n in view["nodes"]] == [True, True]
-        assert view["nodes"][0]["status"]["policies"] == {"AuthorizationPolicy": 1, "VirtualService": 0}
+        assert view["nodes"][0]["status"]["policies"] == {"AuthorizationPolicy": 1}  # (none: left out)
         edges = {(e["source"], e["target"]) for e in view["graph"]["edges"]}
         assert ("w:default/other", "s:api.default.svc.cluster.local") in edges
         n2.freeze()
@@ -119,3 +122,72 @@ def test_dashboard_serves_page_assets_and_view_and_a_silent_agent_is_down(
     finally:
         dash.httpd.shutdown()
         dash.close()
+
+
+PROM = "127.0.0.93"
+
+
+@pytest.fixture
+def prometheus(agents: tuple[SimAgent, SimAgent], tmp_path: Any) -> Iterator[str]:
+    """A real Prometheus on loopback scraping the two simulated agents every second."""
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text(json.dumps({  # (YAML is a superset of JSON)
+        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms"},
+        "scrape_configs": [{"job_name": "nodemesh", "static_configs": [
+            {"targets": [f"{HOST}:20901", f"{SILENT}:20902"]}]}],
+    }))
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 (the child keeps it)
+    proc = subprocess.Popen(
+        ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path}/tsdb",
+         f"--web.listen-address={PROM}:20903", "--log.level=warn"], stdout=log, stderr=log)
+    log.close()
+    url = f"http://{PROM}:20903"
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # both targets scraped at least twice
+            try:
+                q = urllib.parse.urlencode({"query": "count_over_time(up[10s])"})
+                with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=2) as r:
+                    result = json.loads(r.read())["data"]["result"]
+                if len(result) == 2 and all(float(x["value"][1]) >= 3 for x in result):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "prometheus did not scrape the agents"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.kill()  # by PID: the one this fixture started
+        proc.wait()
+
+
+def test_top_through_a_real_prometheus_and_a_target_it_cannot_scrape(
+    agents: tuple[SimAgent, SimAgent], prometheus: str
+) -> None:
+    def top(interval: str) -> dict[str, Any]:
+        r = CliRunner().invoke(cli, ["top", "--once", "-o", "json", "--interval", interval,
+                                     "--prometheus", prometheus])
+        assert r.exit_code == 0, r.output
+        doc: dict[str, Any] = json.loads(r.output)
+        return doc
+
+    doc = top("2.5")
+    assert {a["name"]: a["up"] for a in doc["agents"]} == {f"{HOST}:20901": True, f"{SILENT}:20902": True}
+    rows = {(x["source"], x["service"], x["destination"]): x for x in doc["rows"]}
+    web = rows[("default/client", "web.default.svc.cluster.local", "default/web-1")]
+    assert web["rps"] == pytest.approx(60, rel=0.25) and web["success"] == pytest.approx(50 / 60, abs=0.06)
+    assert 1 < web["p50_ms"] <= 5 and web["mtls"] == 1.0
+    assert rows[("default/other", "api.default.svc.cluster.local", "default/api-1")]["mtls"] == 0.0
+
+    agents[1].freeze()  # Prometheus' scrapes of it time out: up == 0
+    deadline = time.monotonic() + 10
+    while True:
+        doc = top("0.3")
+        state = {a["name"]: a for a in doc["agents"]}
+        if not state[f"{SILENT}:20902"]["up"]:
+            break
+        assert time.monotonic() < deadline, state
+    assert state[f"{SILENT}:20902"]["error"] == "down in Prometheus (up == 0)"
+    assert state[f"{HOST}:20901"]["up"]
+    assert all(r["source"] != "default/other" for r in doc["rows"])

@@ -327,12 +327,22 @@ def test_node_summary_reads_the_agents_status_document() -> None:
         "interception": {"ok": True, "hooks": [{"attached": True}, {"attached": False}], "enrolled": 3},
         "certificates": [{"spiffe_id": "spiffe://x/ns/a/sa/b", "expires_in_s": 900}, {"expires_in_s": 50}],
         "registry": {"backend": "embedded", "revision": 12, "stale": True, "stale_for_s": 3.5},
-        "degraded": ["listener hbone cannot accept"], "policies": {"AuthorizationPolicy": 2},
+        "degraded": ["listener hbone cannot accept"], "policies": {"AuthorizationPolicy": 2, "Gateway": 0},
     }
     s = state.node_summary(doc)
     assert s["interception"] == {"ok": True, "hooks_attached": 1, "hooks": 2, "enrolled": 3, "error": None}
     assert s["first_expiry_s"] == 50 and s["registry"]["stale"] and s["registry"]["revision"] == 12
     assert s["policies"] == {"AuthorizationPolicy": 2} and s["degraded"] == ["listener hbone cannot accept"]
+    doc["rate_limits"] = [
+        {"policy": "shop/per-node", "service": "cart", "port": 80, "scope": "node",
+         "buckets": [{"rate_per_s": 10.0}], "limited": 3},
+        {"policy": "shop/shared", "service": "cart", "port": 80, "scope": "service", "share": 0.25,
+         "total_per_s": 100.0, "local_per_s": 25.0, "sharing": "by demand", "limited": 0},
+    ]
+    assert state.node_summary(doc)["rate_limits"] == [
+        "shop/per-node on cart:80 10/s here, 3 limited",
+        "shop/shared on cart:80 25/s here (25% of 100.0/s, by demand)",
+    ]
 
 
 # -- targets -------------------------------------------------------------------------------------

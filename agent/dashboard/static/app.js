@@ -118,14 +118,13 @@
         const g = n.registry_gauges || {};
         cell(tr, "rev " + (g.nodemesh_registry_revision ?? "–") + (g.nodemesh_registry_stale ? ", STALE" : ""));
       }
-      const parts = [];
-      for (const key of ["policies", "rate_limits"]) {
-        const p = st[key];
-        if (p && typeof p === "object") {
-          for (const [k, v] of Object.entries(p)) if (v) parts.push(`${k} ${typeof v === "object" ? JSON.stringify(v) : v}`);
-        }
+      const parts = Object.entries(st.policies || {}).map(([k, v]) => `${k} ${v}`);
+      const limits = st.rate_limits || [];
+      const td = cell(tr, parts.length ? parts.join(", ") : "none", "policies");
+      if (limits.length) {
+        td.appendChild(h("br"));
+        td.appendChild(h("span", { class: "muted small rate-limits" }, "rate limits: " + limits.join("; ")));
       }
-      cell(tr, parts.length ? parts.join(", ") : "none", "policies");
       tb.appendChild(tr);
     }
   }
