@@ -96,6 +96,9 @@ class ServiceEntry:
         for p in self.ports:
             if not (1 <= p.number <= 65535 and 0 <= p.target_port <= 65535):
                 raise ValueError(f"port {p.number} (targetPort {p.target_port}) out of range")
+        for e in self.endpoints:
+            if not (1 <= e.weight <= 10000 and all(0 < n <= 65535 for _, n in e.ports)):
+                raise ValueError(f"endpoint {e.address}: weight {e.weight} or ports {e.ports} out of range")
         for a in (*self.addresses, *self.auto_addresses):
             ipaddress.ip_address(a)
         if self.auto_addresses and len(self.auto_addresses) != len(self.hosts):

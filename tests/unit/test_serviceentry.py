@@ -313,6 +313,11 @@ def test_a_stored_entry_that_does_not_decode_is_skipped_and_the_rest_serve() -> 
     bad = service_entry_doc(entry())
     bad.update(name="bad", hosts=["no_such host"], autoAddresses=["10.96.5.5"])
     puts[resource_key(Kind.SERVICE_ENTRY, "shop", "bad")] = json.dumps(bad)
+    zero = service_entry_doc(entry())
+    zero.update(name="zero", hosts=["zero.example"], autoAddresses=["10.96.5.6"])
+    zero["endpoints"][0]["weight"] = 0
+    puts[resource_key(Kind.SERVICE_ENTRY, "shop", "zero")] = json.dumps(zero)
+    puts[resource_key(Kind.SERVICE_ENTRY, "shop", "junk")] = "{not json"
     snap = snapshot_of(puts)
     assert list(snap.service_entries) == [("shop", "ext")]
     assert sorted(snap.entry_services) == ["api.example.com", "example.org"]
