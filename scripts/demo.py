@@ -78,18 +78,33 @@ spec:
 """
 
 
-def health(bed: meshbed.MeshBed) -> str:
+def health(bed: meshbed.MeshBed) -> tuple[str, int]:
+    """my-service's health in the registry, and the registry revision it was read at."""
     r = bed.cli("describe", "workload", "my-service", "-o", "json", "--registry-dir", bed.registry_dir)
-    return str(json.loads(r.stdout)["effectiveHealth"])
+    doc = json.loads(r.stdout)
+    return str(doc["effectiveHealth"]), int(doc["revision"])
 
 
-def wait_health(bed: meshbed.MeshBed, want: str, timeout_s: float = 30.0) -> None:
+def wait_health(bed: meshbed.MeshBed, want: str, gateway: topology.Node, timeout_s: float = 30.0) -> None:
+    """Until my-service is ``want`` in the registry and the gateway's data path routes by it."""
     start = time.monotonic()
-    while health(bed) != want:
+    while (got := health(bed))[0] != want:
         if time.monotonic() - start > timeout_s:
             raise RuntimeError(f"my-service did not become {want} within {timeout_s:.0f}s")
         time.sleep(0.3)
     print(f"my-service is {want} (after {time.monotonic() - start:.1f}s)")
+    while dataplane_revision(gateway) < got[1]:
+        if time.monotonic() - start > timeout_s:
+            raise RuntimeError(f"the gateway's agent did not reach registry revision {got[1]}")
+        time.sleep(0.1)
+
+
+def dataplane_revision(node: topology.Node) -> int:
+    """The registry revision ``node``'s data path decides with (its metric)."""
+    for line in node_metrics(node).splitlines():
+        if line.startswith("nodemesh_registry_dataplane_revision "):
+            return int(float(line.split()[1]))
+    return -1
 
 
 def call_gateway(gw: topology.Node, client: topology.Node) -> str:
@@ -119,7 +134,7 @@ def seed_story(bed: meshbed.MeshBed, n1: topology.Node, n2: topology.Node) -> No
                  bed.cli("apply", "-f", os.path.join(SEED, name), "--registry-dir", bed.registry_dir,
                          check=False))
         print("(n1's agent runs the check from n1's own namespace: 127.0.0.1 is n1's loopback)")
-        wait_health(bed, "passing")
+        wait_health(bed, "passing", n2)
         show(["nodemesh", "get", "workloads"], bed.cli("get", "workloads", "-A", "--registry-dir",
                                                        bed.registry_dir))
         say(f"a client outside the mesh (n1's host, no enrolled cgroup) calls the gateway on n2 "
@@ -133,11 +148,11 @@ def seed_story(bed: meshbed.MeshBed, n1: topology.Node, n2: topology.Node) -> No
         say("my-service stops: its check (every 10s) goes critical, the gateway has no endpoint")
         service.kill()
         service.wait()
-        wait_health(bed, "critical")
+        wait_health(bed, "critical", n2)
         call_gateway(n2, n1)
         say("my-service starts again")
         service = bed.start_host_service(n1, HOST_CGROUP)
-        wait_health(bed, "passing")
+        wait_health(bed, "passing", n2)
         call_gateway(n2, n1)
         say("a real Prometheus (in n1's netns) scrapes both agents: the gateway's requests by code")
         prom = meshbed.Prometheus(bed.topo, data)

@@ -104,7 +104,8 @@ LOAD_CLIENT = textwrap.dedent("""
 def series(text: str, name: str, **labels: str) -> float:
     """The sum of metric ``name`` over the series that carry ``labels``."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+               if line.startswith((name + "{", name + " "))
+               and all(f'{k}="{v}"' in line for k, v in labels.items()))
 
 
 class HostBed:
@@ -143,19 +144,32 @@ class HostBed:
             self.server = None
 
     def health(self) -> str:
+        return self._health()[0]
+
+    def _health(self) -> tuple[str, int]:
         r = self.bed.cli("describe", "workload", "my-service", "-o", "json",
                          "--registry-dir", self.bed.registry_dir)
-        return str(json.loads(r.stdout)["effectiveHealth"])
+        doc = json.loads(r.stdout)
+        return str(doc["effectiveHealth"]), int(doc["revision"])
 
     def wait_health(self, want: str, timeout_s: float = 25) -> float:
+        """Until my-service is ``want`` in the registry (returns how long that took) and both
+        agents' data paths route by that revision."""
         start = time.monotonic()
-        seen = ""
+        seen = ("", 0)
         while time.monotonic() - start < timeout_s:
-            seen = self.health()
-            if seen == want:
-                return time.monotonic() - start
+            seen = self._health()
+            if seen[0] == want:
+                break
             time.sleep(0.3)
-        raise AssertionError(f"my-service stayed {seen!r}, not {want!r}, for {timeout_s}s")
+        else:
+            raise AssertionError(f"my-service stayed {seen[0]!r}, not {want!r}, for {timeout_s}s")
+        took = time.monotonic() - start
+        for node in ("n1", "n2"):
+            while series(node_metrics(self.bed.topo, node), "nodemesh_registry_dataplane_revision") < seen[1]:
+                assert time.monotonic() - start < timeout_s + 5, f"{node} did not reach revision {seen[1]}"
+                time.sleep(0.1)
+        return took
 
 
 @pytest.fixture(scope="module")
