@@ -84,6 +84,9 @@ spec:
   - port: {number: 20543, name: https, protocol: HTTPS}
     hosts: [secure.example.com]
     tls: {mode: SIMPLE, credentialName: simple-cred}
+  - port: {number: 20543, name: https-other, protocol: HTTPS}
+    hosts: ["*.other.example.com"]
+    tls: {mode: SIMPLE, credentialName: other-cred, minProtocolVersion: TLSV1_3}
   - port: {number: 20544, name: https-mtls, protocol: HTTPS}
     hosts: [mtls.example.com]
     tls: {mode: MUTUAL, credentialName: mutual-cred}
@@ -131,7 +134,7 @@ apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata: {name: my-service}
 spec:
-  hosts: [my-service, secure.example.com, mtls.example.com]
+  hosts: [my-service, secure.example.com, mtls.example.com, "*.other.example.com"]
   gateways: [gw]
   http:
   - match: [{uri: {prefix: /teapot}}]
@@ -264,6 +267,7 @@ async def gateway_bed(ports: int = 7) -> AsyncIterator[Bed]:
     pki = make_pki(creds)
     simple_serial = pki.credential("simple-cred", "secure.example.com")
     pki.credential("mutual-cred", "mtls.example.com", mutual=True)
+    pki.credential("other-cred", "*.other.example.com")
     located = parse_yaml(REGISTRY, "gateway-test.yaml", NET)
     b = SnapshotBuilder()
     b.apply(
@@ -415,6 +419,43 @@ def test_https_simple_and_mutual_with_curl_and_openssl() -> None:
                 stdin=b"",
             )
             assert "Verification: OK" in out + _ and "secure.example.com" in out + _
+            # one port, two servers: the SNI picks the server, so its certificate and its TLS floor
+            _, out, err = await sh(
+                "openssl",
+                "s_client",
+                "-connect",
+                f"{GW}:20543",
+                "-servername",
+                "a.other.example.com",
+                "-CAfile",
+                ca,
+                "-verify_return_error",
+                "-brief",
+                stdin=b"",
+            )
+            assert "Verification: OK" in out + err and "*.other.example.com" in out + err, out + err
+            rc, _, err = await sh(
+                "openssl",
+                "s_client",
+                "-connect",
+                f"{GW}:20543",
+                "-servername",
+                "a.other.example.com",
+                "-tls1_2",
+                "-brief",
+                stdin=b"",
+            )
+            assert rc != 0 and "Verification" not in err, err  # minProtocolVersion: TLSV1_3 refuses 1.2
+            rc, out, err = await sh(
+                *curl(
+                    "--resolve",
+                    f"a.other.example.com:20543:{GW}",
+                    "--cacert",
+                    ca,
+                    "https://a.other.example.com:20543/o",
+                )
+            )
+            assert rc == 0 and out.endswith("\n200"), err
             # MUTUAL: without a client certificate refused, with one served
             mres = ["--resolve", f"mtls.example.com:20544:{GW}", "--cacert", ca]
             rc, out, err = await sh(*curl(*mres, "https://mtls.example.com:20544/"))
