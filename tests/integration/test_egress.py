@@ -210,10 +210,11 @@ def test_registry_only_refuses_then_service_entry_reaches_with_metrics_and_timeo
         assert code == 22 and status == "502", (code, status, body)  # curl -f: the server said 502
         code, status, body = curl(bed, pod, direct)
         assert status == "502" and "REGISTRY_ONLY" in body, body
-        r = bed.exec(pod, [sys.executable, "-c", RAW_TCP, EXTERNAL_IP, str(EXTERNAL_PORT)])
-        assert r.stdout.strip() == "reset", (r.stdout, r.stderr)
+        for dst in (EXTERNAL_IP, f"::ffff:{EXTERNAL_IP}"):  # IPv4, and a dual-stack socket (connect6)
+            r = bed.exec(pod, [sys.executable, "-c", RAW_TCP, dst, str(EXTERNAL_PORT)])
+            assert r.stdout.strip() == "reset", (dst, r.stdout, r.stderr)
         text = node_metrics(topo, node.name)
-        assert metric(text, "nodemesh_outbound_refused_total", reason="registry_only") == 3
+        assert metric(text, "nodemesh_outbound_refused_total", reason="registry_only") == 4
         assert requests(text, response_code="502", response_flags="NR", destination_service="unknown") == 2
         assert "REGISTRY_ONLY" in bed.log_text(node.name) and "refused" in bed.log_text(node.name)
         st = testbed.popen_in(node.netns, None, ["curl", "-sS", f"http://{node.fabric_address}:15021/status"],
@@ -250,7 +251,7 @@ def test_registry_only_refuses_then_service_entry_reaches_with_metrics_and_timeo
         code, status, body = curl(bed, pod, direct)
         assert status == "502"
         assert metric(node_metrics(topo, node.name), "nodemesh_outbound_refused_total",
-                      reason="registry_only") == 4
+                      reason="registry_only") == 5
         # resolution DNS: the endpoint's name is resolved by the agent through dns_upstream
         out = bed.apply(ENTRY_DNS)
         assert "ServiceEntry default/dns-api created" in out, out
