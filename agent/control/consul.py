@@ -141,7 +141,8 @@ def _one(doc: _TextDoc, m: dict[str, Any], path: str,
         proto = Protocol(proto_s)
     except ValueError:
         raise doc.fail(f"{path}.meta.protocol", f"unknown protocol {proto_s!r}") from None
-    labels = {**meta, SERVICE_LABEL: name, **({} if given else {HOST_LABEL: "true"})}
+    host = not given or address == node_address  # on the node itself (its address written out)
+    labels = {**meta, SERVICE_LABEL: name, **({HOST_LABEL: "true"} if host else {})}
     w = Workload(name=wid, namespace=ns, address=address, node=node, labels=labels,
                  ports={"port": port}, checks=checks)
     out = [Located(w, doc.file, 1, doc, f"{path}.address")]

@@ -52,11 +52,18 @@ def test_definition_without_address_and_unknown_node_address_is_refused() -> Non
     assert "address of node 'n9' is unknown" in e.reason and e.hint and "--node-address" in e.hint
 
 
+def test_the_node_address_written_out_is_a_host_service_too() -> None:
+    text = SEED.read_text().replace("port = 8080", 'port = 8080\n  address = "10.250.0.1"')
+    (wl, _) = (x.resource for x in parse_consul(text, "f.hcl", existing_services={}, node="n1",
+                                                vip_range=NET, node_address="10.250.0.1"))
+    assert wl.labels.get("nodemesh.io/host") == "true"  # type: ignore[union-attr]
+
+
 def test_an_explicit_address_still_wins() -> None:
     text = SEED.read_text().replace("port = 8080", 'port = 8080\n  address = "10.244.1.5"')
     (wl, _) = (x.resource for x in parse_consul(text, "f.hcl", existing_services={}, node="n1",
                                                 vip_range=NET, node_address="10.250.0.1"))
-    assert wl.address == "10.244.1.5"  # type: ignore[union-attr]
+    assert wl.address == "10.244.1.5" and "nodemesh.io/host" not in wl.labels  # type: ignore[union-attr]
 
 
 def _cli(args: list[str], reg: Path) -> tuple[int, str]:
