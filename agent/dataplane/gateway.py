@@ -17,8 +17,9 @@ connection is served by its port's kind, looked up when it is accepted:
   the server and so its ``credentialName``; TLS is then terminated on the socket
   with that server's context (:class:`Credentials`: ``<dir>/<name>.crt``,
   ``<name>.key``, for MUTUAL ``<name>-ca.crt``, read again when the files change;
-  connections already open keep their handshake); ALPN offers HTTP/1.1 (requests keep
-  their protocol upstream, and most backends behind an ingress speak 1.1).
+  connections already open keep their handshake); ALPN offers HTTP/1.1, and HTTP/2 too
+  where every route of the server leads to a port declared ``http2`` or ``grpc``
+  (requests keep their protocol upstream).
 - ``tls`` (PASSTHROUGH): the peeked SNI picks a VirtualService ``tls`` route; the
   bytes, ClientHello included, are relayed to the endpoint untouched.
 - ``tcp``: the bound VirtualServices' ``tcp`` routes.
@@ -90,7 +91,7 @@ class Credentials:
     def __init__(self, directory: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.clock = clock
-        self._cache: dict[tuple[str, str, str], _Loaded] = {}
+        self._cache: dict[tuple[str, str, str, bool], _Loaded] = {}
         self.reloads = 0
         self.rlog = RateLimitedLog(log)
 
@@ -98,8 +99,9 @@ class Credentials:
         base = os.path.join(self.directory, tls.credential_name)
         return (f"{base}.crt", f"{base}.key") + ((f"{base}-ca.crt",) if tls.mode == "MUTUAL" else ())
 
-    def context(self, tls: ServerTls) -> ssl.SSLContext:
-        key = (tls.credential_name, tls.mode, tls.min_protocol_version)
+    def context(self, tls: ServerTls, h2: bool = False) -> ssl.SSLContext:
+        """The server context for ``tls``'s credential; ``h2``: ALPN offers HTTP/2 too."""
+        key = (tls.credential_name, tls.mode, tls.min_protocol_version, h2)
         entry = self._cache.get(key)
         now = self.clock()
         if entry is not None and now - entry.checked_s < CREDENTIAL_RECHECK_S:
@@ -110,7 +112,7 @@ class Credentials:
             if entry is not None and entry.signature == sig:
                 entry.checked_s = now
                 return entry.context
-            ctx = server_context(tls, paths)
+            ctx = server_context(tls, paths, h2)
         except (OSError, ssl.SSLError) as e:
             reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
             why = f"credential {tls.credential_name!r} in {self.directory}: {reason}"
@@ -127,7 +129,7 @@ class Credentials:
         return ctx
 
 
-def server_context(tls: ServerTls, paths: tuple[str, ...]) -> ssl.SSLContext:
+def server_context(tls: ServerTls, paths: tuple[str, ...], h2: bool = False) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_protocol_version == "TLSV1_3" \
         else ssl.TLSVersion.TLSv1_2
@@ -135,9 +137,9 @@ def server_context(tls: ServerTls, paths: tuple[str, ...]) -> ssl.SSLContext:
     if tls.mode == "MUTUAL":
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(paths[2])
-    # HTTP/1.1 only: a request keeps its protocol upstream (useClientProtocol), and most
-    # backends behind an ingress speak 1.1; HTTP/2 (gRPC) comes in by prior knowledge on HTTP ports
-    ctx.set_alpn_protocols(["http/1.1"])
+    # a request keeps its protocol upstream (useClientProtocol): HTTP/2 is offered only where
+    # every route leads to a port declared http2 or grpc (gatewayplan.h2_upstream)
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
     return ctx
 
 
@@ -366,7 +368,7 @@ class IngressGateway:
         sv = gatewayplan.server_for(plan.servers, sni) or plan.servers[0]
         tls = sv.server.tls or ServerTls()  # (an HTTPS server always has its tls: validated)
         try:
-            ctx = self.credentials.context(tls)
+            ctx = self.credentials.context(tls, gatewayplan.h2_upstream(self.table(), sv))
         except CredentialError as e:
             self._rlog.warning(f"cred {tls.credential_name}", "gateway: port %d: not served: %s", port, e)
             return conn.close()

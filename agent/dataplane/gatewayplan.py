@@ -18,6 +18,9 @@ namespace and name. Then, per request or connection:
   take it.
 - :func:`tcp_target`: a TCP port's connection: the first bound VirtualService
   with a ``tcp`` route taking it.
+- :func:`h2_upstream`: whether an HTTPS server may offer HTTP/2 in ALPN: only when
+  every route its VirtualServices have leads to a service port declared ``http2``
+  or ``grpc`` (requests keep their protocol upstream; nodemesh does not translate).
 
 The route's own decision (matches, weights, subsets, policies) is
 :mod:`agent.dataplane.http.routing`'s, the same as for mesh traffic.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from agent.control.gateway import (
@@ -40,8 +43,8 @@ from agent.control.gateway import (
     namespace_allows,
     selects,
 )
-from agent.control.istio import VirtualService
-from agent.control.model import Workload
+from agent.control.istio import VirtualService, host_fqdn
+from agent.control.model import Protocol, Workload, l7_protocol
 from agent.control.snapshot import Snapshot
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import LocalReply
@@ -81,6 +84,7 @@ class GatewayTable:
     bound_vs: Mapping[tuple[str, str], tuple[VirtualService, ...]]  # Gateway (ns, name) -> its VSs
     refused: tuple[str, ...] = ()  # servers left out, and why (logged once per table)
     routes: routing.RouteTable | None = None
+    h2: dict[int, bool] = field(default_factory=dict)  # id(Served) -> h2_upstream (this table's)
 
     @classmethod
     def build(cls, snapshot: Snapshot, labels: Mapping[str, str],
@@ -183,6 +187,33 @@ def tls_target(table: GatewayTable, port: int, sni: str, rng: random.Random) -> 
                 return routing.connection_decision(table.route_table(), vs, i, r.route, port, rng)
     raise LocalReply(404, f"no tls route of a VirtualService bound to Gateway {sv.gateway.namespace}/"
                      f"{sv.gateway.name} takes SNI {sni!r}", "NR")
+
+
+def h2_upstream(table: GatewayTable, sv: Served) -> bool:
+    """May the HTTPS server ``sv`` offer HTTP/2 (ALPN h2)? Yes when it has bound VirtualServices
+    and every destination of their http routes is a service port declared http2 or grpc."""
+    hit = table.h2.get(id(sv))
+    if hit is not None:
+        return hit
+    g, rt = sv.gateway, table.route_table()
+    ok = False
+    for vs in table.bound_vs.get((g.namespace, g.name), ()):
+        if not any(namespace_allows(h, g.namespace, vs.namespace)
+                   and any(name_match(h.host, p.lower()) or name_match(p.lower(), h.host) for p in vs.hosts)
+                   for h in sv.server.hosts):
+            continue
+        for r in vs.http:
+            for d in r.route:
+                svc = rt.service_of.get(host_fqdn(d.destination.host, vs.namespace))
+                ports = [p for p in svc.ports if p.port == d.destination.port] if svc is not None else []
+                if svc is not None and not d.destination.port and len(svc.ports) == 1:
+                    ports = list(svc.ports)
+                if len(ports) != 1 or l7_protocol(ports[0]) not in (Protocol.HTTP2, Protocol.GRPC):
+                    table.h2[id(sv)] = False
+                    return False
+            ok = ok or bool(r.route)
+    table.h2[id(sv)] = ok
+    return ok
 
 
 def tcp_target(table: GatewayTable, port: int, source: Workload, rng: random.Random) -> routing.Decision:

@@ -97,6 +97,9 @@ spec:
     hosts: ["*"]
   - port: {number: 20582, name: http-grpc, protocol: HTTP}
     hosts: [grpc.example.com]
+  - port: {number: 20547, name: https-grpc, protocol: HTTPS}
+    hosts: [grpc.example.com]
+    tls: {mode: SIMPLE, credentialName: grpc-cred}
 ---
 apiVersion: nodemesh.io/v1
 kind: Service
@@ -259,7 +262,7 @@ async def _tls_pod(host: str, port: int, name: str, pki: Pki, work: str) -> asyn
 
 
 @contextlib.asynccontextmanager
-async def gateway_bed(ports: int = 7) -> AsyncIterator[Bed]:
+async def gateway_bed(ports: int = 8) -> AsyncIterator[Bed]:
     """The mesh, the pods and a running gateway; ``ports``: how many it must be listening on."""
     work = tempfile.mkdtemp(prefix="nm-gw-")
     creds = os.path.join(work, "creds")
@@ -268,6 +271,7 @@ async def gateway_bed(ports: int = 7) -> AsyncIterator[Bed]:
     simple_serial = pki.credential("simple-cred", "secure.example.com")
     pki.credential("mutual-cred", "mtls.example.com", mutual=True)
     pki.credential("other-cred", "*.other.example.com")
+    pki.credential("grpc-cred", "grpc.example.com")
     located = parse_yaml(REGISTRY, "gateway-test.yaml", NET)
     b = SnapshotBuilder()
     b.apply(
@@ -628,7 +632,7 @@ def test_a_port_it_cannot_listen_on_is_reported_and_taken_once_free() -> None:
     async def main() -> None:
         blocker = socket.create_server((GW, 20580))  # (as a predecessor still draining would)
         try:
-            async with gateway_bed(ports=6) as bed:
+            async with gateway_bed(ports=7) as bed:
                 assert 20580 not in bed.gateway.ports
                 (line,) = bed.gateway.problem_lines()
                 assert line.startswith("gateway port 20580: cannot listen on 127.0.0.50:20580")
@@ -665,9 +669,14 @@ def test_grpc_by_http2_prior_knowledge_through_the_gateway() -> None:
     srv.add_insecure_port("127.0.0.56:20556")
     srv.start()
 
-    def calls() -> tuple[list[bytes], grpc.StatusCode]:
+    def calls(ca: bytes | None = None) -> tuple[list[bytes], grpc.StatusCode]:
         opts = [("grpc.default_authority", "grpc.example.com")]
-        with grpc.insecure_channel(f"{GW}:20582", options=opts) as ch:
+        if ca is None:
+            ch = grpc.insecure_channel(f"{GW}:20582", options=opts)
+        else:  # over TLS: ALPN h2, offered since every route of that server leads to a grpc port
+            opts.append(("grpc.ssl_target_name_override", "grpc.example.com"))
+            ch = grpc.secure_channel(f"{GW}:20547", grpc.ssl_channel_credentials(root_certificates=ca), opts)
+        with ch:
             got = [ch.unary_unary("/echo.Echo/Say")(b"hi%d" % i, timeout=10) for i in range(5)]
             try:
                 ch.unary_unary("/echo.Echo/Missing")(b"x", timeout=10)
@@ -677,9 +686,12 @@ def test_grpc_by_http2_prior_knowledge_through_the_gateway() -> None:
 
     async def main() -> None:
         async with gateway_bed() as bed:
-            got, code = await asyncio.to_thread(calls)
-            assert got == [b"grpc-1:hi%d" % i for i in range(5)]
-            assert code == grpc.StatusCode.UNAVAILABLE  # the route's fault, as a gRPC status
+            with open(bed.pki.ca_file, "rb") as f:
+                ca = f.read()
+            for tls in (None, ca):
+                got, code = await asyncio.to_thread(calls, tls)
+                assert got == [b"grpc-1:hi%d" % i for i in range(5)]
+                assert code == grpc.StatusCode.UNAVAILABLE  # the route's fault, as a gRPC status
             assert (
                 metric(
                     bed.mesh.nodes["n2"],
@@ -689,7 +701,7 @@ def test_grpc_by_http2_prior_knowledge_through_the_gateway() -> None:
                     request_protocol="grpc",
                     grpc_response_status="0",
                 )
-                == 5
+                == 10
             )
 
     try:

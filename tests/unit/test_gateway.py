@@ -491,3 +491,20 @@ def test_mesh_in_gateways_keeps_a_bound_virtualservice_for_mesh_traffic_too() ->
         assert [v.name for v in t.bound_vs[("default", "gw")]] == ["web"]  # the gateway's, either way
         svc = t.snapshot.services[("default", "web")]
         assert (routing.RouteTable.build(t.snapshot).virtual_service(svc) is not None) is mesh
+
+
+def test_https_offers_h2_only_where_every_route_leads_to_an_http2_or_grpc_port() -> None:
+    grpc_svc = (
+        "apiVersion: nodemesh.io/v1\nkind: Service\nmetadata: {name: api}\n"
+        "spec: {ports: [{port: 9000, protocol: grpc}], selector: {app: api}}\n---\n"
+    )
+    https = (
+        "  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*.example.com']\n"
+        "    tls: {mode: SIMPLE, credentialName: c}\n"
+    )
+    to_api = _vs("a", "default", "a.example.com", "gw").replace("web.default.svc.cluster.local", "api")
+    to_web = _vs("b", "default", "b.example.com", "gw")
+    for vss, h2 in ((grpc_svc + to_api, True), (grpc_svc + to_api + to_web, False), (grpc_svc, False)):
+        t = _table(gw_yaml(https), vss)
+        (sv,) = t.ports[443].servers
+        assert gatewayplan.h2_upstream(t, sv) is h2
