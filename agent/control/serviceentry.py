@@ -125,11 +125,9 @@ class EntryService(Service):
     """One host of a ServiceEntry, as the data path sees a service: ``name`` is the host,
     ``vip`` its first address."""
 
-    location: str = "MESH_EXTERNAL"
     resolution: str = "NONE"
-    addresses: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()  # every address that reaches it (the DNS answer)
     by_port: Mapping[int, tuple[Any, ...]] = field(default_factory=dict)  # port -> Endpoints
-    entry: str = ""  # "namespace/name" of the ServiceEntry
     # an endpoint's labels (entry endpoints' own; a DestinationRule subset selects by them)
     labels_of: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
@@ -140,10 +138,6 @@ class EntryService(Service):
     @property
     def fqdn(self) -> str:
         return self.name
-
-    @property
-    def external(self) -> bool:
-        return self.location == "MESH_EXTERNAL"
 
 
 def _service_port(p: EntryPort) -> ServicePort:
@@ -173,10 +167,8 @@ def compile_entries(
                 by_port[p.number] = tuple(_endpoints(se, host, p, addrs, workload_at, health, endpoint))
             svc = EntryService(
                 name=host, namespace=se.namespace, vip=addrs[0] if addrs else "",
-                ports=tuple(_service_port(p) for p in se.ports), location=se.location,
-                lb_policy=lb,
+                ports=tuple(_service_port(p) for p in se.ports), lb_policy=lb,
                 resolution=se.resolution, addresses=addrs, by_port=MappingProxyType(by_port),
-                entry=f"{se.namespace}/{se.name}",
                 labels_of=MappingProxyType({e.address: dict(e.labels) for e in se.endpoints if e.labels}),
             )
             by_host[host] = svc
