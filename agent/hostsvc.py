@@ -149,6 +149,9 @@ def enroll(cfg: AgentConfig, dp: Dataplane, target: RedirectTarget) -> HostCgrou
                      hostcg.cgroup_of())
     hc.configure(cfg.interception.host_cgroups)
     hc.sync()
+    for h in hc.hosts:
+        if not h.cg_id:
+            log.warning("host service cgroup %s does not exist yet: enrolled when it appears", h.path)
     return hc
 
 
