@@ -13,6 +13,12 @@ over them; nodemesh rotates, per name). Addresses the proxy must never dial
 (loopback, link-local, multicast, unspecified, this node's and its peers')
 are refused whatever the registry or the DNS says.
 
+Which destinations reach the proxy at all is :func:`capture_cidrs` (pure): agent.yaml's
+``capture_cidrs`` plus, under ``outbound_traffic_policy`` ALLOW_ANY, each ServiceEntry
+address outside them, or under REGISTRY_ONLY every IPv4 destination (the outbound then
+refuses what the registry does not know). The agent writes it to the eBPF capture map
+(``agent.node.apply_capture``) at start and on every snapshot.
+
 The cache bookkeeping (:class:`DnsCache`) is pure, time an input; the query and
 the connect are the only I/O.
 """
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,8 +37,6 @@ from agent.control.dns import udp_exchange
 from agent.control.screening import address_problem
 from agent.control.snapshot import Endpoint, Snapshot
 from agent.dataplane.tcp import SOCKET_READ_LIMIT, SocketEnd
-
-log = logging.getLogger(__name__)
 
 MIN_TTL_S = 1.0
 MAX_TTL_S = 300.0
