@@ -1,12 +1,16 @@
 """Reading the Prometheus text format: the few families the dashboard needs, nothing else.
 
-How this works: :func:`parse` walks the text line by line and keeps only
-samples whose metric name is in ``wanted`` (comments, other families and
-lines it cannot read are skipped and counted, never raised: one agent with a
-bad line must not blank the whole view). Label values are unescaped as the
-format says (``\\\\``, ``\\"``, ``\\n``). :func:`from_prometheus_api` turns an
-instant-vector answer of Prometheus' HTTP API into the same samples, grouped
-by the ``instance`` label, so both sources feed one model. Sans-I/O.
+How this works: :func:`parse_lines` walks the lines (of a text, or streamed from
+an agent by :func:`agent.dashboard.scrape.lines_of`) and keeps only samples
+whose metric name is in ``wanted``: other families cost one ``startswith``;
+lines it cannot read are skipped and counted, never raised (one agent with a
+bad line must not blank the whole view). A series' label text is parsed once
+and kept in the caller's cache (a histogram's buckets share it: ``le`` is cut
+out), since an agent's text repeats the same series every read. Label values
+are unescaped as the format says (``\\\\``, ``\\"``, ``\\n``).
+:func:`from_prometheus_api` turns an instant-vector answer of Prometheus' HTTP
+API into the same samples, grouped by the ``instance`` label, so both sources
+feed one model. Sans-I/O.
 """
 
 from __future__ import annotations

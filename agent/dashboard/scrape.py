@@ -4,11 +4,12 @@ How this works: a :class:`Target` says where one agent's ``/metrics`` and
 ``/status`` are (``HOST`` uses the agents' ports 15020 and 15021; ``HOST:PORT``
 names the metrics port; ``http://HOST:PORT`` serves both paths, as a proxy in
 front of an agent would; a testbed node is asked from inside its netns).
-:func:`read_round` asks every target at once (a thread each, every read under
-a deadline and a size cap) and feeds the answers to a
-:class:`~agent.dashboard.state.MeshState`. With ``--prometheus URL`` one
-instant query returns every agent's counters (grouped by ``instance``) and
-``up`` says which answered Prometheus' last scrape.
+:meth:`Poller.round` asks every target at once (a thread each, every read
+under one deadline and a size cap, the body parsed as it streams in, never
+held whole) and feeds the answers to a :class:`~agent.dashboard.state.MeshState`.
+With ``--prometheus URL`` one instant query returns every agent's counters
+(grouped by ``instance``) and ``up`` says which answered Prometheus' last
+scrape; the agents are the instances of the jobs that carry our series.
 """
 
 from __future__ import annotations
