@@ -43,6 +43,7 @@ from agent.control.reqauthn import RequestAuthentication, request_authentication
 from agent.control.serviceentry import ServiceEntry, service_entry_doc
 from agent.control.snapshot import Snapshot, endpoints
 from agent.control.validate import Located, parse_vip_range, parse_yaml
+from agent.control.validate_gateway import check_credentials
 
 DEFAULT_REGISTRY_DIR = "/var/lib/nodemesh/registry"
 DEFAULT_AGENT_CONFIG = "/etc/nodemesh/agent.yaml"
@@ -113,16 +114,22 @@ def _report(plan: apply_mod.Plan, output: str) -> None:
 @click.option("--root-namespace", envvar="NODEMESH_ROOT_NAMESPACE", default="istio-system", show_default=True,
               help="the agents' mesh.root_namespace: a PeerAuthentication there with a selector is refused "
                    "(env NODEMESH_ROOT_NAMESPACE)")
+@click.option("--gateway-credentials", envvar="NODEMESH_GATEWAY_CREDENTIALS", default=None,
+              type=click.Path(file_okay=False, exists=True),
+              help="the gateways' credentials_dir: a Gateway whose credentialName files are not there is "
+                   "refused (env NODEMESH_GATEWAY_CREDENTIALS)")
 @OUTPUT_OPTION
 @handled
 def apply_cmd(path: Path, registry_dir: str, etcd_url: str | None, vip_range: str, root_namespace: str,
-              output: str) -> None:
+              gateway_credentials: str | None, output: str) -> None:
     """Create or update Services, Workloads, VirtualServices, DestinationRules and
     AuthorizationPolicies from YAML (all or nothing)."""
     net = parse_vip_range(vip_range)
     resources: list[Located] = []
     for f in _files(path):
         resources += parse_yaml(_read_text(f), str(f), net, root_namespace=root_namespace)
+    if gateway_credentials is not None:
+        check_credentials(resources, gateway_credentials)
     backend = open_registry(registry_dir, etcd_url)
     try:
         _report(apply_mod.apply(backend, resources, net), output)

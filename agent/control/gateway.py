@@ -61,6 +61,12 @@ class Gateway:
     source: str = ""
 
 
+def credential_files(tls: ServerTls) -> tuple[str, ...]:
+    """The files a server's credential is read from, in the gateway's credentials_dir."""
+    n = tls.credential_name
+    return (f"{n}.crt", f"{n}.key") + ((f"{n}-ca.crt",) if tls.mode == "MUTUAL" else ())
+
+
 def selects(gw: Gateway, labels: Mapping[str, str]) -> bool:
     """Does the Gateway apply to a gateway agent with ``labels``? (Istio: every selector label
     must match; an empty selector applies to every gateway.)"""

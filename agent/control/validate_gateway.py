@@ -6,13 +6,16 @@ and ``metadata``; :func:`gateway` reads the ``spec``. Every field Istio has and
 nodemesh does not implement is refused by name with its ``file:line`` and field
 path; the result is :class:`agent.control.gateway.Gateway`. Whether the
 credential files exist is the serving agent's business (the CLI may run on
-another host): it refuses the server and says why in its log and status.
+another host): it refuses the server and says why in its log. Where ``apply``
+is told the gateways' ``credentials_dir`` (``--gateway-credentials``),
+:func:`check_credentials` refuses a Gateway whose files are not there.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent.control.gateway import (
@@ -23,8 +26,9 @@ from agent.control.gateway import (
     GatewayHost,
     GatewayServer,
     ServerTls,
+    credential_files,
 )
-from agent.control.validate import _Doc, _int, _labels, _map, _name, _str, _tname
+from agent.control.validate import Located, _Doc, _int, _labels, _map, _name, _str, _tname
 from agent.control.validate_istio import _fields, _host, _list
 
 _YET = "not supported yet"
@@ -165,3 +169,22 @@ def _tls(doc: _Doc, v: Any, path: str) -> ServerTls:
         raise doc.fail(f"{path}.minProtocolVersion", "minProtocolVersion applies where the gateway "
                        "terminates TLS (SIMPLE, MUTUAL)")
     return ServerTls(mode, cred, redirect, version)
+
+
+def check_credentials(resources: Sequence[Located], directory: str) -> None:
+    """Every credentialName of the input's Gateways has its files in ``directory`` (the gateways'
+    ``credentials_dir``, as this host sees it): else InputError at that server's credentialName."""
+    for loc in resources:
+        gw = loc.resource
+        if not isinstance(gw, Gateway):
+            continue
+        for i, s in enumerate(gw.servers):
+            if s.tls is None or not s.tls.credential_name:
+                continue
+            missing = [f for f in credential_files(s.tls) if not os.path.isfile(os.path.join(directory, f))]
+            if missing:
+                name = s.tls.credential_name
+                raise loc.fail(f"spec.servers[{i}].tls.credentialName",
+                               f"credential {name!r}: no {', '.join(missing)} in {directory}",
+                               hint="write the files first (<name>.crt, <name>.key, and <name>-ca.crt for "
+                                    "MUTUAL), or give the directory the gateway agents read")

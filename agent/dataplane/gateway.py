@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from agent.admin import listen_tcp
 from agent.config import GatewayConfig
-from agent.control.gateway import ServerTls
+from agent.control.gateway import ServerTls, credential_files
 from agent.control.model import Protocol, Workload
 from agent.dataplane import gatewayplan, protocol
 from agent.dataplane.http import routing
@@ -96,8 +96,7 @@ class Credentials:
         self.rlog = RateLimitedLog(log)
 
     def paths(self, tls: ServerTls) -> tuple[str, ...]:
-        base = os.path.join(self.directory, tls.credential_name)
-        return (f"{base}.crt", f"{base}.key") + ((f"{base}-ca.crt",) if tls.mode == "MUTUAL" else ())
+        return tuple(os.path.join(self.directory, f) for f in credential_files(tls))
 
     def context(self, tls: ServerTls, h2: bool = False) -> ssl.SSLContext:
         """The server context for ``tls``'s credential; ``h2``: ALPN offers HTTP/2 too."""

@@ -508,3 +508,41 @@ def test_https_offers_h2_only_where_every_route_leads_to_an_http2_or_grpc_port()
         t = _table(gw_yaml(https), vss)
         (sv,) = t.ports[443].servers
         assert gatewayplan.h2_upstream(t, sv) is h2
+
+
+def test_apply_with_the_gateway_credentials_refuses_a_missing_credential_file(tmp_path: object) -> None:
+    import os
+
+    from click.testing import CliRunner
+
+    from agent.cli.main import cli
+
+    d = str(tmp_path)
+    creds = os.path.join(d, "creds")
+    os.makedirs(creds)
+    f = os.path.join(d, "gw.yaml")
+    with open(f, "w") as out:
+        out.write(
+            gw_yaml(
+                HTTP80 + "  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n"
+                "    tls: {mode: MUTUAL, credentialName: shop}\n"
+            )
+        )
+    for name in ("shop.crt", "shop.key"):
+        with open(os.path.join(creds, name), "w") as out:
+            out.write("x")
+    env = {"NODEMESH_REGISTRY_DIR": os.path.join(d, "reg")}
+    r = CliRunner().invoke(cli, ["apply", "-f", f, "--gateway-credentials", creds], env=env)
+    assert r.exit_code == 2, r.output
+    assert (
+        f"{f}:11 at spec.servers[1].tls.credentialName: credential 'shop': no shop-ca.crt in {creds}"
+        in r.output
+    )
+    r = CliRunner().invoke(cli, ["get", "gw", "-A"], env=env)
+    assert r.output.strip().splitlines()[1:] == []  # nothing applied
+    with open(os.path.join(creds, "shop-ca.crt"), "w") as out:
+        out.write("x")
+    r = CliRunner().invoke(cli, ["apply", "-f", f], env={**env, "NODEMESH_GATEWAY_CREDENTIALS": creds})
+    assert r.exit_code == 0 and "Gateway default/gw created" in r.output, r.output
+    r = CliRunner().invoke(cli, ["get", "gw"], env=env)
+    assert "80/HTTP,443/HTTPS/MUTUAL" in r.output, r.output
