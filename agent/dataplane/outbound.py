@@ -457,15 +457,22 @@ class Outbound:
             )
             local = directory.workload_for(ep.address, ep.port) if ep.node == self.config.node else None
             facts = None
+            release: Callable[[], None] | None = None  # a RateLimitPolicy's connection slot
             if local is not None:  # a same-node destination: its policies are judged here
                 facts = authz.Facts(principal=principal_of(src_id.uri), namespace=src.namespace,
                                     source_ip=peer[0], destination_ip=ep.address, destination_port=ep.port)
                 v = self.authorizer.check(local, facts)
                 if v is not None and not v.allowed:
                     return self._fail(app, DENIED_FLAG, f"{DENIED_BODY}: {v.why}")
+                if self.authorizer.limits is not None:  # and its rate limits
+                    release, why = self.authorizer.limits.admit_connection(local, ep.port)
+                    if release is None:
+                        return self._fail(app, "RL", why)
             try:
                 upstream = await self._connect(ep, src_id, dst_id, peer[0], peer[1], timeout)
             except (OSError, TunnelError, TimeoutError) as e:
+                if release is not None:
+                    release()
                 last_error = f"{ep.address}:{ep.port}: {e}"
                 log.info("outbound: endpoint %s failed: %s; trying the next", ep.workload, e)
                 continue
@@ -474,6 +481,8 @@ class Outbound:
                     await upstream.write(first)
                 except (OSError, TunnelError) as e:
                     upstream.abort()
+                    if release is not None:
+                        release()
                     return self._fail(app, "UC", f"{ep.address}:{ep.port}: {e}")
             token = self.authorizer.opened(local, facts, app.abort) if local and facts else 0
             try:
@@ -481,6 +490,8 @@ class Outbound:
             finally:
                 if token:
                     self.authorizer.closed(token)
+                if release is not None:
+                    release()
             return None
         return self._fail(app, "UF", f"no endpoint of {route.service_key or dst_ip} reachable ({last_error})")
 

@@ -227,3 +227,43 @@ def test_agents_exchange_demand_over_hbone_and_fall_back_to_the_static_share() -
             await asyncio.gather(*tasks.values(), return_exceptions=True)
 
     run(go())
+
+
+def test_same_node_tcp_connection_over_the_limit_is_refused_by_the_source_agent() -> None:
+    ws = [workload("client", CLIENT, "n1", sa="client"),
+          workload("web-1", "127.0.0.87", "n1", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("tcp-web", 80, 20804),), WEB)
+
+    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"hello\n")
+        await w.drain()
+        await r.read()
+        w.close()
+
+    async def go() -> None:
+        pod = await asyncio.start_server(hold, "127.0.0.87", 20804)
+        try:
+            async with two_node_mesh(ws, [svc]) as mesh:
+                mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+                limits_on(mesh)
+                with_limits(mesh, RateLimitPolicy("web-conns", "default", "web", max_connections=1))
+                port = mesh.nodes["n1"].outbound_port
+
+                def connect() -> tuple[socket.socket, bytes]:
+                    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0))
+                    try:
+                        return s, s.recv(64)
+                    except ConnectionResetError:
+                        return s, b"<reset>"
+
+                first, second = await asyncio.to_thread(connect), await asyncio.to_thread(connect)
+                assert first[1] == b"hello\n" and second[1] in (b"", b"<reset>"), (first, second)
+                assert metric(mesh.nodes["n1"], "nodemesh_ratelimit_decisions_total", kind="tcp",
+                              result="limited") == 1
+                assert metric(mesh.nodes["n1"], "nodemesh_outbound_failures_total", response_flags="RL") == 1
+                for s, _ in (first, second):
+                    s.close()
+        finally:
+            pod.close()
+
+    run(go())

@@ -117,7 +117,8 @@ class Bed:
             per_client = max(1, rps // clients)
             procs[pod] = testbed.popen_in_pod(p, [
                 "h2load", "--h1", "-c", str(clients), "-m", "1", "--rps", str(per_client),
-                "-D", f"{int(seconds * 1000)}ms", f"http://{self.address(target)}:8080/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                "-D", f"{int(seconds * 1000)}ms", f"http://{self.address(target)}:8080/"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out = {}
         for pod, proc in procs.items():
             stdout, stderr = proc.communicate(timeout=seconds + 30)
@@ -189,6 +190,7 @@ def test_local_limit_admits_the_limit_of_twice_the_load_with_429_headers(bed: Be
                     response_code="429", response_flags="RL")
     got = bed.h2load({"n1-p2": ("n2-p1", 200)}, 4)["n1-p2"]
     rate = got["2xx"] / got["s"]
+    print(f"local limit 100/s, offered 200/s: admitted {rate:.1f}/s", got)
     assert within(rate, 100, 0.05), got  # offered 200/s: admitted 100/s +- 5 %
     assert got["4xx"] >= 0.4 * (got["2xx"] + got["4xx"]) and got["5xx"] == 0, got
     r = bed.bed.exec("n1-p2", ["curl", "-sS", "--parallel", "--parallel-max", "20", "-D", "-",
@@ -214,6 +216,7 @@ def test_per_identity_limit_and_override(bed: Bed) -> None:
     bed.settle()
     got = bed.h2load({"n1-p2": ("n2-p1", 60), "n3-p2": ("n2-p1", 120)}, 4)
     web, batch = (g["2xx"] / g["s"] for g in (got["n1-p2"], got["n3-p2"]))
+    print(f"per identity 30/s: {web:.1f}/s; override 60/s: {batch:.1f}/s", got)
     assert within(web, 30, 0.1) and within(batch, 60, 0.1), got
     bed.delete("api-ids")
 
