@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from agent.cli.errors import EXIT_BAD_INPUT, EXIT_NOT_FOUND, UserError, handled
+from agent.cli.errors import EXIT_NOT_FOUND, UserError, handled
 from agent.cli.output import OUTPUT_OPTION, emit_json, table
 
 SORT_KEYS = ("rps", "success", "p50_ms", "p99_ms", "source", "destination", "service", "bytes_per_s")
@@ -29,6 +29,10 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="read every node of this nodemesh testbed, from inside its netns (root)"),
         click.option("--prometheus", default=None, metavar="URL",
                      help="read the agents' series from this Prometheus server instead"),
+        click.option("--admin", default="127.0.0.1:15000", show_default=True, metavar="HOST:PORT",
+                     help="with no --agent, --testbed or --prometheus: this node's agent, whose "
+                     "config names its peers (every node is read at its peer address)"),
+        click.option("--netns", default=None, help="read from inside this network namespace"),
         click.option("--metrics-port", default=15020, show_default=True, type=click.IntRange(1, 65535)),
         click.option("--status-port", default=15021, show_default=True, type=click.IntRange(1, 65535),
                      help="the agents' health port, which serves /status"),
@@ -40,21 +44,25 @@ def _source_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _poller(agents: tuple[str, ...], testbed: str | None, prometheus: str | None, metrics_port: int,
-            status_port: int, timeout_s: float, refresh_s: float) -> Any:
-    from agent.dashboard.scrape import Poller, TargetError, parse_target, testbed_targets
+def _poller(agents: tuple[str, ...], testbed: str | None, prometheus: str | None, admin: str,
+            netns: str | None, metrics_port: int, status_port: int, timeout_s: float,
+            refresh_s: float) -> Any:
+    from agent.dashboard.scrape import Poller, TargetError, discover, parse_target, testbed_targets
     from agent.dashboard.state import MeshState
 
     try:
-        targets = [parse_target(a, metrics_port, status_port) for a in agents]
+        targets = [parse_target(a, metrics_port, status_port, netns) for a in agents]
         if testbed:
             targets += testbed_targets(testbed, metrics_port, status_port)
         if not targets and not prometheus:
-            raise UserError(
-                "nothing to read", code=EXIT_BAD_INPUT,
-                hint="name the agents: --agent NODE_ADDRESS (once per node), --testbed PREFIX, "
-                "or --prometheus http://PROMETHEUS:9090",
-            )
+            try:
+                targets = discover(admin, netns, timeout_s)
+            except TargetError as e:
+                raise UserError(
+                    f"nothing to read: {e}", code=EXIT_NOT_FOUND,
+                    hint="run it on a node with an agent, or name the agents: --agent NODE_ADDRESS "
+                    "(once per node), --testbed PREFIX, or --prometheus http://PROMETHEUS:9090",
+                ) from None
         names = [t.name for t in targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -71,8 +79,9 @@ def _poller(agents: tuple[str, ...], testbed: str | None, prometheus: str | None
 @click.option("--refresh", "refresh_s", default=2.0, show_default=True, type=click.FloatRange(0.5, 60),
               help="seconds between reads of the agents (and page updates)")
 @handled
-def dashboard_cmd(agents: tuple[str, ...], testbed: str | None, prometheus: str | None, metrics_port: int,
-                  status_port: int, timeout_s: float, host: str, port: int, refresh_s: float) -> None:
+def dashboard_cmd(agents: tuple[str, ...], testbed: str | None, prometheus: str | None, admin: str,
+                  netns: str | None, metrics_port: int, status_port: int, timeout_s: float, host: str,
+                  port: int, refresh_s: float) -> None:
     """A local web UI of the mesh: service graph, golden signals, each node's agent.
 
     Serves on 127.0.0.1 unless --host says otherwise (it shows workload names and
@@ -80,7 +89,8 @@ def dashboard_cmd(agents: tuple[str, ...], testbed: str | None, prometheus: str 
     """
     from agent.dashboard.server import Dashboard
 
-    poller = _poller(agents, testbed, prometheus, metrics_port, status_port, timeout_s, refresh_s)
+    poller = _poller(agents, testbed, prometheus, admin, netns, metrics_port, status_port, timeout_s,
+                     refresh_s)
     try:
         dash = Dashboard(poller, refresh_s, host, port)
     except OSError as e:
@@ -130,16 +140,17 @@ def _top_table(view: dict[str, Any], sort: str) -> str:
 @click.option("--once", is_flag=True, help="read twice, --interval apart, print once and exit")
 @OUTPUT_OPTION
 @handled
-def top_cmd(agents: tuple[str, ...], testbed: str | None, prometheus: str | None, metrics_port: int,
-            status_port: int, timeout_s: float, interval_s: float, sort: str, once: bool,
-            output: str) -> None:
+def top_cmd(agents: tuple[str, ...], testbed: str | None, prometheus: str | None, admin: str,
+            netns: str | None, metrics_port: int, status_port: int, timeout_s: float, interval_s: float,
+            sort: str, once: bool, output: str) -> None:
     """Live traffic per source -> destination: requests/s, success rate, latency (like `linkerd viz top`).
 
     Exit codes: 0 ok; 3 no agent answered (with --once).
     """
     from agent.dashboard.model import sort_rows
 
-    poller = _poller(agents, testbed, prometheus, metrics_port, status_port, timeout_s, interval_s)
+    poller = _poller(agents, testbed, prometheus, admin, netns, metrics_port, status_port, timeout_s,
+                     interval_s)
     poller.round()
     while True:
         time.sleep(interval_s)  # (rates use the reads' own times, so a slow read skews nothing)

@@ -53,7 +53,9 @@ class Target:
         return f"{self.netns + '/' if self.netns else ''}{self.host}:{self.metrics_port}"
 
 
-def parse_target(spec: str, metrics_port: int = METRICS_PORT, status_port: int = STATUS_PORT) -> Target:
+def parse_target(
+    spec: str, metrics_port: int = METRICS_PORT, status_port: int = STATUS_PORT, netns: str | None = None
+) -> Target:
     """``HOST``, ``HOST:METRICS_PORT``, ``[IPv6]:PORT`` or ``http://HOST:PORT`` (both paths there)."""
     text = spec.strip()
     both = text.startswith("http://")
@@ -69,8 +71,8 @@ def parse_target(spec: str, metrics_port: int = METRICS_PORT, status_port: int =
     if both:
         if port is None:
             raise TargetError(f"agent {spec!r}: http://HOST:PORT needs the port")
-        return Target(f"{host}:{port}", host, port, port)
-    return Target(f"{host}:{port}" if port else host, host, port or metrics_port, status_port)
+        return Target(f"{host}:{port}", host, port, port, netns)
+    return Target(f"{host}:{port}" if port else host, host, port or metrics_port, status_port, netns)
 
 
 def testbed_targets(
@@ -81,6 +83,27 @@ def testbed_targets(
 
     topo = testbed.load(prefix)
     return [Target(n.name, n.fabric_address, metrics_port, status_port, n.netns) for n in topo.nodes]
+
+
+def discover(
+    admin: str, netns: str | None = None, timeout_s: float = 2.0
+) -> list[Target]:
+    """This node's agent and its peers, from the local agent's ``/config_dump``: each at its
+    ``peers`` address with this node's metrics and health ports (a mesh's agents share them)."""
+    host, _, port_s = admin.rpartition(":")
+    if not host or not port_s.isdigit():
+        raise TargetError(f"--admin {admin!r}: expected HOST:PORT")
+    try:
+        doc = json.loads(http_get(host.strip("[]"), int(port_s), "/config_dump", timeout_s, netns))
+        ports, addrs = doc.get("ports") or {}, doc.get("addresses") or {}
+        mp, hp = int(ports.get("metrics", METRICS_PORT)), int(ports.get("health", STATUS_PORT))
+        targets = [Target(str(doc["node"]), str(addrs["metrics"]), mp, hp, netns)]
+        peers = doc.get("peers") or {}
+        targets += [Target(str(n), str(a), mp, hp, netns) for n, a in sorted(peers.items())]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        where = f"{admin} (netns {netns})" if netns else admin
+        raise TargetError(f"no agent's config at {where}: {_describe(e)}") from None
+    return targets
 
 
 def http_stream(

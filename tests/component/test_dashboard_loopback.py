@@ -70,8 +70,10 @@ def test_top_once_json_numbers_match_what_the_agents_counted(agents: tuple[SimAg
 
 
 def test_top_refuses_nothing_to_read_and_bad_agents() -> None:
-    r = CliRunner().invoke(cli, ["top", "--once"])
-    assert r.exit_code == 2 and "nothing to read" in r.output and "--agent" in r.output
+    r = CliRunner().invoke(cli, ["top", "--once", "--admin", "127.0.0.94:20904"])  # (no agent there)
+    assert r.exit_code == 3, r.output
+    assert "nothing to read: no agent's config at 127.0.0.94:20904: connection refused" in r.output
+    assert "--agent" in r.output
     r = CliRunner().invoke(cli, ["top", "--once", "--agent", "http://x"])
     assert r.exit_code == 2 and "needs the port" in r.output
 

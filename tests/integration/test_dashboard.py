@@ -380,6 +380,16 @@ def test_top_once_json_matches_the_metrics(mesh: Mesh) -> None:
     assert db and db[0]["protocols"] == ["tcp"] and db[0]["bytes_per_s"] > 0
     assert [x["rps"] for x in doc["rows"]] == sorted((x["rps"] for x in doc["rows"]), reverse=True)
 
+    # on a node, nothing to name: the local agent's admin API names its peers
+    n1 = mesh.bed.topo.node("n1")
+    assert n1 is not None
+    r = subprocess.run([*meshbed.NODEMESH, "top", "--once", "-o", "json", "--netns", n1.netns,
+                        "--interval", "1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {a["name"]: a["up"] for a in doc["agents"]} == {"n1": True, "n2": True}
+    assert ("default/n1-p1", WEB) in {(x["source"], x["service"]) for x in doc["rows"]}
+
 
 def test_an_agent_that_stops_answering_shows_as_down_within_10_s(mesh: Mesh, browser: Any) -> None:
     agent = mesh.bed.agents["n2"]
