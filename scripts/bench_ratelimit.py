@@ -30,10 +30,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -53,8 +50,8 @@ from agent.dataplane.http.normalize import PathNormalization  # noqa: E402
 from agent.dataplane.ratelimit import RateLimits  # noqa: E402
 from agent.dataplane.route import Directory  # noqa: E402
 from agent.metrics.istio import MeshMetrics  # noqa: E402
+from scripts.bench_authz import RUNS, median_us, revision  # noqa: E402
 
-RUNS = 5
 NET = parse_vip_range("10.96.0.0/16")
 PRINCIPAL = "cluster.local/ns/shop/sa/frontend"
 CONN = authz.Facts(principal=PRINCIPAL, namespace="shop", source_ip="10.244.1.5",
@@ -138,22 +135,6 @@ def request(az: Authorizer) -> Callable[[], bool]:
         return True
 
     return one
-
-
-def median_us(fn: Callable[[], object], n: int) -> tuple[float, list[float]]:
-    fn()
-    runs = []
-    for _ in range(RUNS):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        runs.append((time.perf_counter() - t) / n * 1e6)
-    return statistics.median(runs), runs
-
-
-def revision() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or "unknown"
 
 
 def main() -> None:

@@ -362,20 +362,24 @@ class RateLimits:
             if st is not None:
                 st.set_share(share)
 
-    def status(self) -> list[dict[str, Any]]:
-        """Every limit in force here: rate, share, tokens left, fallback (status and admin API)."""
-        d = self._refresh()
+    def status(self, *, refresh: bool = True) -> list[dict[str, Any]]:
+        """Every limit in force here: rate, share, tokens left, fallback (status and admin API).
+        ``refresh=False`` (a scrape, on another thread): only reads, the snapshot last used."""
+        d = self._refresh() if refresh else self._of
+        if not isinstance(d, Directory):
+            return []
         now = self.clock()
         out = []
-        for (ns, name), st in sorted(self._states.items()):
+        for (ns, name), st in sorted(list(self._states.items())):
             p = st.policy
             eps = endpoint_counts(d, p)
             if not eps.get(self.node):
                 continue
             limits = []
-            for key, b in sorted(st.buckets.items(), key=lambda kv: str(kv[0]))[:50]:
+            for key, b in sorted(list(st.buckets.items()), key=lambda kv: str(kv[0]))[:50]:
+                left = min(b.burst, b.tokens + max(0.0, now - b.stamp) * b.per_s)  # (not refilled: a read)
                 limits.append({"bucket": _bucket_label(p, key), "rate_per_s": round(b.per_s, 3),
-                               "burst": round(b.burst, 2), "remaining": math.floor(b.refill(now))})
+                               "burst": round(b.burst, 2), "remaining": math.floor(left + 1e-9)})
             doc: dict[str, Any] = {
                 "policy": f"{ns}/{name}", "service": p.service, "port": p.port, "scope": p.scope,
                 "endpoints_here": eps.get(self.node, 0), "endpoints_total": sum(eps.values()),
@@ -515,7 +519,7 @@ class _Collector:
         fallback = GaugeMetricFamily("nodemesh_ratelimit_fallback",
                                      "1: a service-wide limit runs on its static share (peers unreachable)",
                                      labels=["policy"])
-        for doc in self.limits.status():
+        for doc in self.limits.status(refresh=False):  # (a scrape runs on a worker thread)
             share.add_metric([doc["policy"]], doc["share"])
             if "local_per_s" in doc:
                 rate.add_metric([doc["policy"]], doc["local_per_s"])

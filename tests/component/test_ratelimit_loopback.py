@@ -49,6 +49,23 @@ def requests(port: int, n: int) -> list[tuple[int, dict[str, str]]]:
     return out
 
 
+async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """A TCP pod: greets, then holds the connection until the client ends it."""
+    w.write(b"hello\n")
+    await w.drain()
+    await r.read()
+    w.close()
+
+
+def connect(port: int) -> tuple[socket.socket, bytes]:
+    """A TCP client through the outbound: its socket and what it got first (or <reset>)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0))
+    try:
+        return s, s.recv(64)
+    except ConnectionResetError:
+        return s, b"<reset>"
+
+
 def test_http_limit_answers_429_rl_with_headers_at_the_destination_and_for_a_same_node_pod() -> None:
     ws = [workload("client", CLIENT, "n1", sa="client"),
           workload("web-1", "127.0.0.81", "n2", sa="web", labels=WEB)]
@@ -141,19 +158,6 @@ def test_tcp_connections_over_the_limit_are_refused_and_counted() -> None:
           workload("web-1", "127.0.0.84", "n2", sa="web", labels=WEB)]
     svc = Service("web", "default", VIP, (ServicePort("tcp-web", 80, 20802),), WEB)
 
-    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"hello\n")
-        await w.drain()
-        await r.read()
-        w.close()
-
-    def connect(port: int) -> tuple[socket.socket, bytes]:
-        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0))
-        try:
-            return s, s.recv(64)
-        except ConnectionResetError:
-            return s, b"<reset>"
-
     async def go() -> None:
         pod = await asyncio.start_server(hold, "127.0.0.84", 20802)
         try:
@@ -234,12 +238,6 @@ def test_same_node_tcp_connection_over_the_limit_is_refused_by_the_source_agent(
           workload("web-1", "127.0.0.87", "n1", sa="web", labels=WEB)]
     svc = Service("web", "default", VIP, (ServicePort("tcp-web", 80, 20804),), WEB)
 
-    async def hold(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        w.write(b"hello\n")
-        await w.drain()
-        await r.read()
-        w.close()
-
     async def go() -> None:
         pod = await asyncio.start_server(hold, "127.0.0.87", 20804)
         try:
@@ -248,15 +246,8 @@ def test_same_node_tcp_connection_over_the_limit_is_refused_by_the_source_agent(
                 limits_on(mesh)
                 with_limits(mesh, RateLimitPolicy("web-conns", "default", "web", max_connections=1))
                 port = mesh.nodes["n1"].outbound_port
-
-                def connect() -> tuple[socket.socket, bytes]:
-                    s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(CLIENT, 0))
-                    try:
-                        return s, s.recv(64)
-                    except ConnectionResetError:
-                        return s, b"<reset>"
-
-                first, second = await asyncio.to_thread(connect), await asyncio.to_thread(connect)
+                first = await asyncio.to_thread(connect, port)
+                second = await asyncio.to_thread(connect, port)
                 assert first[1] == b"hello\n" and second[1] in (b"", b"<reset>"), (first, second)
                 assert metric(mesh.nodes["n1"], "nodemesh_ratelimit_decisions_total", kind="tcp",
                               result="limited") == 1
