@@ -53,6 +53,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import benchplot  # noqa: E402  (scripts/, this script's own directory)
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from agent.control import authz  # noqa: E402
@@ -202,12 +203,8 @@ def case(n: int, requests: int) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], png: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchplot.pyplot()
+    if plt is None:
         return None
     labels = [str(r["policies"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -217,10 +214,7 @@ def plot(rows: list[dict[str, Any]], png: str) -> str | None:
     ax.set_ylabel("µs per request")
     ax.set_title("authorization per HTTP request")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return benchplot.save(fig, png)
 
 
 def revision() -> str:

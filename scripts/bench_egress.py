@@ -32,6 +32,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchplot  # (scripts/, this script's own directory)
+
 from agent import meshbed
 from netns import testbed, topology
 
@@ -137,6 +139,7 @@ def main() -> int:
         with open(a.out, "w") as f:
             json.dump({"rounds": a.rounds, "seconds": a.seconds, "runs": results, "median": med,
                        "ratio": ratio}, f, indent=1)
+        benchplot.rps_and_p50(benchplot.png_next_to(a.out), "egress through a ServiceEntry vs direct", med)
     return 0
 
 

@@ -40,6 +40,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchplot  # (scripts/, this script's own directory)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -261,6 +262,7 @@ def main() -> int:
         with open(a.out, "w") as f:
             json.dump({"rounds": a.rounds, "seconds": a.seconds, "runs": runs, "median": med, "ratio": ratio},
                       f, indent=1)
+        benchplot.rps_and_p50(benchplot.png_next_to(a.out), "ingress: nodemesh gateway vs HAProxy", med)
     return 0
 
 

@@ -72,3 +72,20 @@ def bars(
     if legend:
         ax.legend()
     return save(fig, png)
+
+
+def rps_and_p50(png: str, title: str, median: dict[str, dict[str, float]]) -> str | None:
+    """Two panels per path: median req/s and p50 latency (``{path: {"rps", "p50_us"}}``)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    paths = list(median)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(7.0, 1.6 * len(paths) + 3), 3.6))
+    a1.bar(paths, [median[p]["rps"] for p in paths], color="#37c")
+    a1.set_ylabel("req/s (median)")
+    a2.bar(paths, [median[p]["p50_us"] for p in paths], color="#c84")
+    a2.set_ylabel("p50 latency (µs, median)")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.suptitle(title)
+    return save(fig, png)
