@@ -40,6 +40,7 @@ from agent.config import AgentConfig, PeerAuthConfig
 from agent.control import authz, reqauthn
 from agent.control.istio import Retry
 from agent.control.model import Protocol, Service, Workload, l7_protocol
+from agent.control.ratelimit import rate_limit_summary
 from agent.control.snapshot import Endpoint, Snapshot
 from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG
 from agent.dataplane.http import routing
@@ -54,6 +55,7 @@ from agent.dataplane.http.normalize import (
 )
 from agent.dataplane.http.outlier import EndpointKey, keep_available
 from agent.dataplane.lb import Balancer
+from agent.dataplane.ratelimit import pod_ports
 from agent.dataplane.route import Directory, RouteError, decide
 from agent.node import peer_auth_decision
 from netns.errors import NetnsError
@@ -287,6 +289,7 @@ def explain(snap: Snapshot, source: str, method: str, url: str, headers: dict[st
     if denied is not None:
         walk["outcome"] = denied
         return walk
+    _rate_limits(walk, snap, pick)
     walk["outcome"] = {"answer": "forwarded", "to": pick.workload,
                        "via": ("plain TCP from the node (a ServiceEntry's MESH_EXTERNAL endpoint: no agent "
                                "there)" if pick.external
@@ -346,6 +349,19 @@ def _request_authentication(walk: dict[str, Any], snap: Snapshot, pick: Endpoint
         "token": "required" if needs else "optional",
         "required_by": needs,
     }
+
+
+def _rate_limits(walk: dict[str, Any], snap: Snapshot, pick: Endpoint) -> None:
+    """The RateLimitPolicies in force at the picked endpoint's port (judged by its node after
+    authorization; whether a token is left is the agents' state: ``nodemesh status``)."""
+    w = snap.workloads.get((pick.namespace, pick.workload))
+    if w is None:
+        return
+    found = [p for _, p in sorted(snap.rate_limit_policies.items()) if pick.port in pod_ports(snap, p, w)]
+    if found:
+        walk["ratelimit"] = {"workload": f"{w.namespace}/{w.name}", "policies": [
+            {"name": f"{p.namespace}/{p.name}", "scope": p.scope, "limits": rate_limit_summary(p),
+             "source": p.source or None} for p in found]}
 
 
 def _authorization(
@@ -471,6 +487,11 @@ def _text(walk: dict[str, Any]) -> str:
         lines.append(f"authz:      at {a['workload']}: {', '.join(a['policies']) or 'no policy'}; "
                      f"{a.get('decision', '')}")
         lines += [f"  WARNING: {x}" for x in a.get("warnings", ())]
+    if "ratelimit" in walk:
+        r = walk["ratelimit"]
+        lines.append(f"ratelimit:  at {r['workload']}: " + "; ".join(
+            f"{p['name']} ({p['scope']}: {p['limits']})" for p in r["policies"])
+            + ": over a limit the answer is 429 (RL); tokens left: nodemesh status")
     o = walk["outcome"]
     lines.append("outcome:    " + ", ".join(f"{k} {v}" for k, v in o.items()))
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from agent.control import authz
 from agent.control.model import Workload, selects
 from agent.control.ratelimit import Rate, RateLimitPolicy
+from agent.control.snapshot import Snapshot
 from agent.dataplane.authorize import LazyHeaders
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.route import Directory
@@ -436,20 +437,26 @@ def _bucket_label(p: RateLimitPolicy, key: tuple[Any, ...]) -> str:
     return f"{where}{key[1]}"
 
 
+def pod_ports(snap: Snapshot, p: RateLimitPolicy, w: Workload) -> set[int]:
+    """The pod ports of workload ``w`` where ``p`` is in force (none: not ``w``'s). Pure."""
+    svc = snap.services.get((p.namespace, p.service))
+    if svc is None or svc.namespace != w.namespace or not selects(svc.selector, w.labels):
+        return set()
+    out = set()
+    for sp in svc.ports:
+        if p.port is None or sp.port == p.port:
+            target = sp.target_port if isinstance(sp.target_port, int) else w.ports.get(sp.target_port)
+            if target is not None:
+                out.add(target)
+    return out
+
+
 def _compile(d: Directory, w: Workload, states: Iterable[_State]) -> dict[int, tuple[_State, ...]]:
     """Pod port -> the policies in force there, for workload ``w`` (pure)."""
     out: dict[int, list[_State]] = {}
     for st in states:
-        p = st.policy
-        svc = d.snapshot.services.get((p.namespace, p.service))
-        if svc is None or svc.namespace != w.namespace or not selects(svc.selector, w.labels):
-            continue
-        for sp in svc.ports:
-            if p.port is not None and sp.port != p.port:
-                continue
-            target = sp.target_port if isinstance(sp.target_port, int) else w.ports.get(sp.target_port)
-            if target is not None and st not in out.setdefault(target, []):
-                out[target].append(st)
+        for port in sorted(pod_ports(d.snapshot, st.policy, w)):
+            out.setdefault(port, []).append(st)
     return {port: tuple(sts) for port, sts in out.items()}
 
 

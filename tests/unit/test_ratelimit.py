@@ -442,3 +442,22 @@ def test_reports_redivide_by_demand_and_fall_back_when_peers_go_silent() -> None
     assert st1["peers"] == {"n2": "unreachable", "n3": "unreachable"}
     total = sum(rl.status()[0]["share"] for rl, _ in agents.values())
     assert total <= 1.0 + 1e-6  # n1's static third set aside by n2 and n3
+
+
+def test_explain_names_the_limits_in_force_at_the_picked_endpoint() -> None:
+    from agent.cli.explain import _text, explain
+
+    client = """apiVersion: nodemesh.io/v1
+kind: Workload
+metadata: {name: web, namespace: shop, labels: {app: web}}
+spec: {address: 10.244.1.77, node: n1, serviceAccount: web}
+"""
+    d, _ = mesh(RLP, TCP, client)
+    walk = explain(d.snapshot, "shop/web", "GET", "http://api.shop/", {})
+    assert walk["outcome"]["answer"] == "forwarded"
+    assert walk["ratelimit"]["policies"] == [{
+        "name": "shop/api-limit", "scope": "endpoint", "source": "rl.yaml:1",
+        "limits": "total=100/s per-identity=20/s 1 override(s) 3 descriptor(s)"}]
+    assert "ratelimit:  at shop/api-1: shop/api-limit (endpoint: total=100/s" in _text(walk)
+    d, _ = mesh(TCP, client)  # a policy for another port of the service: nothing in force here
+    assert "ratelimit" not in explain(d.snapshot, "shop/web", "GET", "http://api.shop/", {})
