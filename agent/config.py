@@ -93,6 +93,7 @@ from typing import Any
 import yaml
 
 from agent.control.authz import DEFAULT_ROOT_NAMESPACE
+from agent.dataplane.gatewayplan import GatewayConfig
 from agent.dataplane.http.normalize import PathNormalization
 from agent.dataplane.listener import ListenerLimits
 
@@ -208,18 +209,6 @@ class HttpConfig:
     jwks_refresh_s: float = 1200.0  # jwksUri keys fetched again this often
     access_log_path: str = ""
     access_log_sampling: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayConfig:
-    """The ingress gateway this agent also is (agent/dataplane/gateway.py)."""
-
-    labels: Mapping[str, str]
-    address: str
-    credentials_dir: str = "/etc/nodemesh/gateway-certs"
-    name: str = "istio-ingressgateway"
-    namespace: str = "istio-system"
-    service_account: str = "istio-ingressgateway-service-account"
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,10 +44,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.admin import listen_tcp
-from agent.config import GatewayConfig
 from agent.control.gateway import ServerTls, credential_files
 from agent.control.model import Protocol, Workload
 from agent.dataplane import gatewayplan, protocol
+from agent.dataplane.gatewayplan import GatewayConfig
 from agent.dataplane.http import routing
 from agent.dataplane.http.exchange import Exchange, LocalReply
 from agent.dataplane.http.h1 import H1Loop

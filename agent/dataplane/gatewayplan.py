@@ -51,6 +51,18 @@ from agent.dataplane.http.exchange import LocalReply
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """agent.yaml's ``gateway:`` section: the ingress gateway this agent also is."""
+
+    labels: Mapping[str, str]
+    address: str
+    credentials_dir: str = "/etc/nodemesh/gateway-certs"
+    name: str = "istio-ingressgateway"
+    namespace: str = "istio-system"
+    service_account: str = "istio-ingressgateway-service-account"
+
+
+@dataclass(frozen=True, slots=True)
 class Served:
     """One server of one Gateway, as this gateway serves it."""
 
