@@ -7,6 +7,7 @@ Both read every agent's /metrics and /status (or a Prometheus server) through
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import sys
 import time
 from collections.abc import Callable
@@ -97,6 +98,9 @@ def dashboard_cmd(agents: tuple[str, ...], testbed: str | None, prometheus: str 
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}", code=4,
                         hint="pick another --port") from None
     h, p = dash.address
+    if not ipaddress.ip_address(h).is_loopback:
+        click.echo(f"warning: serving on {h}, not loopback: anyone who reaches it sees the mesh "
+                   "(no login)", err=True)
     click.echo(f"nodemesh dashboard on http://{'[' + h + ']' if ':' in h else h}:{p}/ "
                f"({len(poller.targets) or 'Prometheus'} agents, refresh {refresh_s:g} s); Ctrl-C stops",
                err=True)

@@ -76,6 +76,11 @@ def test_top_refuses_nothing_to_read_and_bad_agents() -> None:
     assert "--agent" in r.output
     r = CliRunner().invoke(cli, ["top", "--once", "--agent", "http://x"])
     assert r.exit_code == 2 and "needs the port" in r.output
+    r = CliRunner().invoke(cli, ["top", "--once", "-o", "json", "--interval", "0.2",
+                                 "--agent", "http://127.0.0.94:20904"])
+    assert r.exit_code == 3  # no agent answered
+    assert json.loads(r.output)["agents"] == [{"name": "127.0.0.94:20904", "address": "127.0.0.94:20904",
+                                               "up": False, "error": "connection refused"}]
 
 
 def test_dashboard_serves_page_assets_and_view_and_a_silent_agent_is_down(
