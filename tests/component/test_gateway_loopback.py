@@ -708,3 +708,27 @@ def test_grpc_by_http2_prior_knowledge_through_the_gateway() -> None:
         run(main())
     finally:
         srv.stop(None)
+
+
+def test_a_restarted_gateway_shares_its_ports_with_the_draining_one() -> None:
+    async def main() -> None:
+        async with gateway_bed() as bed:
+            old = bed.gateway
+            new = IngressGateway(old.config, "n1", "cluster.local", old.outbound, old.directory)
+            stop = asyncio.Event()
+            task = asyncio.create_task(new.run(stop, 0.5))
+            try:
+                for _ in range(100):
+                    if len(new.ports) == len(old.ports):
+                        break
+                    await asyncio.sleep(0.02)
+                assert sorted(new.ports) == sorted(old.ports) and new.problem_lines() == []
+                await old.close(0.5)  # the predecessor stops; the successor already listens
+                for i in range(10):
+                    _, out, _ = await sh(*curl("-H", "Host: my-service", f"http://{GW}:20580/{i}"))
+                    assert out.endswith("\n200")
+            finally:
+                stop.set()
+                await task
+
+    run(main())
