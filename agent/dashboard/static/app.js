@@ -257,6 +257,7 @@
   function render() {
     const v = state.view;
     if (!v) return;
+    if (!v.round) { $("#updated").textContent = "waiting for the first read of the agents…"; return; }
     const t0 = performance.now();
     const down = v.nodes.filter((n) => !n.up).length;
     const u = $("#updated");
