@@ -272,7 +272,7 @@ class RateLimits:
                 b = st.bucket(key, rate, now)
                 if b.refill(now) < _ONE:
                     self._count(p, "http", "limited")
-                    return Refusal(policy_name(p), label, b.per_s, 0, b.wait_s())
+                    return Refusal(policy_name(p), label, rate.per_s, 0, b.wait_s())  # (the policy's rate)
                 chosen.append((st, b, label))
         seen: set[int] = set()
         for st, b, _ in chosen:

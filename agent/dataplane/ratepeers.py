@@ -49,6 +49,7 @@ STALE_S = 0.5  # a peer silent this long is unreachable
 WINDOW_SAMPLES = 5  # demand is the rate over the last this many samples (0.5 s)
 MAX_LINE_BYTES = 64 * 1024
 MAX_POLICIES = 10_000
+MAX_DEMAND = 1e9  # requests/s a report may claim
 RETRY_S = 0.5  # a peer we could not reach is dialled again after this long
 IDLE_S = 5.0  # a receiving stream with no report for this long is closed
 
@@ -126,7 +127,7 @@ class RateShare:
         for name, v in demand.items():
             ns, _, n = str(name).partition("/")
             p = allowed.get((ns, n))
-            if p is None or type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+            if p is None or type(v) not in (int, float) or not math.isfinite(v) or not 0 <= v <= MAX_DEMAND:
                 continue  # not a policy we share with that node, or not a rate
             if endpoint_counts(d, p).get(node):
                 out[(ns, n)] = float(v)
@@ -257,7 +258,7 @@ class RateShare:
     def _take(self, line: bytes, peer_ip: str, client_nodes: frozenset[str]) -> str | None:
         try:
             doc = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a deeply nested line, too)
             return "not JSON"
         node = doc.get("node") if isinstance(doc, dict) else None
         if not isinstance(node, str) or node == self.node:

@@ -461,3 +461,29 @@ spec: {address: 10.244.1.77, node: n1, serviceAccount: web}
     assert "ratelimit:  at shop/api-1: shop/api-limit (endpoint: total=100/s" in _text(walk)
     d, _ = mesh(TCP, client)  # a policy for another port of the service: nothing in force here
     assert "ratelimit" not in explain(d.snapshot, "shop/web", "GET", "http://api.shop/", {})
+
+
+def test_peer_reports_parse_or_are_refused_never_raise() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = RLP.replace("port: 80}", "port: 80}\n  scope: service")
+    d, _ = mesh(text, nodes={"n1": 1, "n2": 1})
+    _, share = sharing("n1", Clock(), d)
+    n2 = frozenset({"n2"})
+    assert share._take(b"[" * 100_000, "10.0.0.2", n2) == "not JSON"
+    assert share._take(b'{"node":"n2","heard":["n1"],"demand":{"shop/api-limit":1e300,"x/y":5}}',
+                       "10.0.0.2", n2) is None
+    assert share.peers["n2"].demand == {}  # an absurd rate and another node's policy are ignored
+    assert share._take(b'{"node":"n2","heard":"n1","demand":{}}', "10.0.0.2", n2) is not None
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=200) | st.recursive(
+        st.none() | st.booleans() | st.floats() | st.text(max_size=8),
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        max_leaves=20).map(lambda v: json.dumps({"node": "n2", "heard": v, "demand": v}).encode()))
+    def any_line(line: bytes) -> None:
+        why = share._take(line, "10.0.0.2", n2)
+        assert why is None or isinstance(why, str)
+
+    any_line()
