@@ -166,11 +166,14 @@ class HttpEndpoints:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
-def listen_tcp(host: str, port: int, backlog: int = 1024) -> socket.socket:
+def listen_tcp(host: str, port: int, backlog: int = 1024, *, reuse_port: bool = False) -> socket.socket:
+    """``reuse_port``: SO_REUSEPORT, another socket of the same user may listen on the port too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind((host, port))
         s.listen(backlog)
     except OSError:

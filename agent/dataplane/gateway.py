@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agent.admin import listen_tcp
 from agent.control.gateway import ServerTls, credential_files
 from agent.control.model import Protocol, Workload
 from agent.dataplane import gatewayplan, protocol
@@ -139,23 +140,6 @@ def server_context(tls: ServerTls, paths: tuple[str, ...], h2: bool = False) -> 
     # every route leads to a port declared http2 or grpc (gatewayplan.h2_upstream)
     ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
     return ctx
-
-
-def listen_shared(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening socket with SO_REUSEPORT: a restarted agent binds its gateway ports while its
-    predecessor still drains (both accept until the old one closes), so a restart refuses no
-    connection. (Only a process of the same user can share the port.)"""
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind((host, port))
-        s.listen(backlog)
-    except OSError:
-        s.close()
-        raise
-    s.setblocking(False)
-    return s
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
@@ -320,7 +304,9 @@ class IngressGateway:
             if port in self.ports:
                 continue
             try:
-                sock = listen_shared(self.config.address, port)
+                # SO_REUSEPORT: a restarted agent binds the gateway ports while its predecessor
+                # still drains (both accept until the old one closes), so a restart refuses nothing
+                sock = listen_tcp(self.config.address, port, reuse_port=True)
             except OSError as e:
                 if self.problems.get(port) is None:
                     log.error("gateway: cannot listen on %s:%d: %s", self.config.address, port, e.strerror)

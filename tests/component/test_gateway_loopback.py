@@ -329,6 +329,13 @@ async def sh(*argv: str, stdin: bytes = b"") -> tuple[int, str, str]:
     return p.returncode, out.decode("latin-1"), err.decode("latin-1")
 
 
+def at_destination(bed: Bed, **labels: str) -> float:
+    """Requests n2's agent counted from the gateway's identity (reporter=destination)."""
+    return metric(
+        bed.mesh.nodes["n2"], "istio_requests_total", reporter="destination", source_principal=GW_ID, **labels
+    )
+
+
 def curl(*args: str) -> list[str]:
     return ["curl", "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", *args]
 
@@ -364,16 +371,7 @@ def test_http_routed_by_host_through_hbone_with_the_gateway_identity() -> None:
                 == 1
             )
             assert metric(n1, "istio_requests_total", response_code="404", response_flags="NR", **src) == 1
-            assert (
-                metric(
-                    bed.mesh.nodes["n2"],
-                    "istio_requests_total",
-                    reporter="destination",
-                    source_principal=GW_ID,
-                    response_code="200",
-                )
-                == 1
-            )
+            assert at_destination(bed, response_code="200") == 1
 
     run(main())
 
@@ -692,17 +690,7 @@ def test_grpc_by_http2_prior_knowledge_through_the_gateway() -> None:
                 got, code = await asyncio.to_thread(calls, tls)
                 assert got == [b"grpc-1:hi%d" % i for i in range(5)]
                 assert code == grpc.StatusCode.UNAVAILABLE  # the route's fault, as a gRPC status
-            assert (
-                metric(
-                    bed.mesh.nodes["n2"],
-                    "istio_requests_total",
-                    reporter="destination",
-                    source_principal=GW_ID,
-                    request_protocol="grpc",
-                    grpc_response_status="0",
-                )
-                == 10
-            )
+            assert at_destination(bed, request_protocol="grpc", grpc_response_status="0") == 10
 
     try:
         run(main())
