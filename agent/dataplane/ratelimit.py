@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.control import authz
 from agent.control.model import Workload, selects
@@ -48,6 +48,9 @@ MAX_KEYED_BUCKETS = 10_000  # per policy: per-identity and per-header-value buck
 
 Clock = Callable[[], float]
 _ONE = 1 - 1e-9  # a token, give or take the rounding of sums of small time steps
+_HTTP_ADMITTED, _HTTP_LIMITED = ("http", "admitted"), ("http", "limited")
+_TCP_ADMITTED, _TCP_LIMITED = ("tcp", "admitted"), ("tcp", "limited")
+_DECISIONS = (_HTTP_ADMITTED, _HTTP_LIMITED, _TCP_ADMITTED, _TCP_LIMITED)
 
 
 class Bucket:
@@ -100,6 +103,8 @@ class _State:
     admitted: int = 0
     offered_total: int = 0
     admitted_total: int = 0
+    # decisions since this state was made: (kind, result) -> count, read at scrape time
+    decided: dict[tuple[str, str], int] = field(default_factory=lambda: dict.fromkeys(_DECISIONS, 0))
 
     def bucket(self, key: tuple[Any, ...], rate: Rate, now: float) -> Bucket:
         b = self.buckets.get(key)
@@ -200,11 +205,7 @@ class RateLimits:
         self._shares: Mapping[tuple[str, str], float] = {}  # set by the peer exchange (scope service)
         self._fallback: dict[tuple[str, str], str] = {}  # policy -> why it runs on its static share
         self._peers: dict[tuple[str, str], Mapping[str, str]] = {}  # policy -> peer node -> state
-        self._counters: dict[tuple[str, str, str], Any] = {}
-        self.decisions = Counter(
-            "nodemesh_ratelimit_decisions", "Rate limit decisions at the destination: policy, "
-            "kind (http: requests, tcp: connections), admitted or limited",
-            ("policy", "kind", "result"), registry=registry)
+        self._retired: dict[tuple[str, str, str], int] = {}  # counts of replaced policies
         if registry is not None:
             registry.register(_Collector(self))
 
@@ -219,15 +220,24 @@ class RateLimits:
             for key, p in d.snapshot.rate_limit_policies.items():
                 old = self._states.get(key)
                 st = old if old is not None and old.policy == p else _State(p)
+                if old is not None and st is not old:  # (its counters stay monotonic)
+                    for (kind, result), n in old.decided.items():
+                        k = (policy_name(p), kind, result)
+                        self._retired[k] = self._retired.get(k, 0) + n
                 if p.scope == "service":
                     st.set_share(self._shares.get(key, static_share(d, p, self.node)))
                 states[key] = st
+            for key in self._states.keys() - states.keys():  # deleted: its series go
+                name = f"{key[0]}/{key[1]}"
+                self._retired = {k: n for k, n in self._retired.items() if k[0] != name}
             self._states = states
         return d
 
     def for_port(self, w: Workload, port: int) -> tuple[_State, ...]:
         """The policies in force for requests or connections to ``w``'s pod ``port``."""
-        d = self._refresh()
+        return self._in_force(self._refresh(), w, port)
+
+    def _in_force(self, d: Directory, w: Workload, port: int) -> tuple[_State, ...]:
         per = self._per.get((w.namespace, w.name))
         if per is None:
             per = self._per[(w.namespace, w.name)] = _compile(d, w, self._states.values())
@@ -240,11 +250,11 @@ class RateLimits:
         headers: Sequence[tuple[str | bytes, str | bytes]], path: str,
     ) -> None:
         """Raises the 429 :class:`LocalReply` when a limit refuses the request."""
-        self._refresh()
+        d = self._refresh()
         if not self._states:  # (no policy anywhere: one check)
             return
         f = conn()
-        states = self.for_port(w, f.destination_port)
+        states = self._in_force(d, w, f.destination_port)
         if not states:
             return
         header = None
@@ -260,7 +270,8 @@ class RateLimits:
     ) -> Refusal | None:
         """Admit one request (a token from every bucket that applies) or refuse it (none taken)."""
         now = self.clock()
-        chosen: list[tuple[_State, Bucket, str]] = []
+        chosen: list[Bucket] = []
+        passed: list[_State] = []
         for st in states:
             p = st.policy
             if not p.http:
@@ -271,17 +282,16 @@ class RateLimits:
             for key, rate, label in _buckets_for(p, scope, principal, method, path, header):
                 b = st.bucket(key, rate, now)
                 if b.refill(now) < _ONE:
-                    self._count(p, "http", "limited")
+                    st.decided[_HTTP_LIMITED] += 1
                     return Refusal(policy_name(p), label, rate.per_s, 0, b.wait_s())  # (the policy's rate)
-                chosen.append((st, b, label))
-        seen: set[int] = set()
-        for st, b, _ in chosen:
+                chosen.append(b)
+            passed.append(st)
+        for b in chosen:
             b.tokens -= 1
-            if id(st) not in seen:
-                seen.add(id(st))
-                st.admitted += 1
-                st.admitted_total += 1
-                self._count(st.policy, "http", "admitted")
+        for st in passed:
+            st.admitted += 1
+            st.admitted_total += 1
+            st.decided[_HTTP_ADMITTED] += 1
         return None
 
     # -- TCP connections ----------------------------------------------------------------------
@@ -306,12 +316,12 @@ class RateLimits:
             if p.connections is not None:
                 b = st.bucket((scope, "conn"), p.connections, now)
                 if b.refill(now) < _ONE:
-                    self._count(p, "tcp", "limited")
+                    st.decided[_TCP_LIMITED] += 1
                     return None, f"{policy_name(p)}: over {b.per_s:g} connections/s"
             if p.max_connections is not None:
                 cap = max(1, math.floor(p.max_connections * st.share))
                 if st.open_conns.get(scope, 0) >= cap:
-                    self._count(p, "tcp", "limited")
+                    st.decided[_TCP_LIMITED] += 1
                     return None, f"{policy_name(p)}: {cap} connections open already"
             taken.append((st, b, scope))
         for st, b, scope in taken:
@@ -320,7 +330,7 @@ class RateLimits:
             st.open_conns[scope] = st.open_conns.get(scope, 0) + 1
             st.admitted += 1
             st.admitted_total += 1
-            self._count(st.policy, "tcp", "admitted")
+            st.decided[_TCP_ADMITTED] += 1
 
         def release() -> None:
             for st, _, scope in taken:
@@ -332,14 +342,15 @@ class RateLimits:
 
         return release, ""
 
-    def _count(self, p: RateLimitPolicy, kind: str, result: str) -> None:
-        key = (policy_name(p), kind, result)
-        c = self._counters.get(key)
-        if c is None:
-            if len(self._counters) > 4096:
-                self._counters.clear()
-            c = self._counters[key] = self.decisions.labels(*key)
-        c.inc()
+    def decisions(self) -> dict[tuple[str, str, str], int]:
+        """(policy, kind, result) -> decisions so far, monotonic (a replaced policy's counts are
+        kept; a deleted one's are dropped). A read: safe on a scrape's thread."""
+        out = dict(self._retired)
+        for st in list(self._states.values()):
+            for (kind, result), n in list(st.decided.items()):
+                key = (policy_name(st.policy), kind, result)
+                out[key] = out.get(key, 0) + n
+        return out
 
     # -- service-wide shares --------------------------------------------------------------------
 
@@ -512,7 +523,7 @@ def divide(
 
 
 class _Collector:
-    """Gauges read at scrape time: each policy's local rate, share, and fallback state."""
+    """Read at scrape time: decisions per policy, each policy's local rate, share and fallback."""
 
     def __init__(self, limits: RateLimits) -> None:
         self.limits = limits
@@ -526,6 +537,12 @@ class _Collector:
         fallback = GaugeMetricFamily("nodemesh_ratelimit_fallback",
                                      "1: a service-wide limit runs on its static share (peers unreachable)",
                                      labels=["policy"])
+        decisions = CounterMetricFamily(
+            "nodemesh_ratelimit_decisions", "Rate limit decisions at the destination: policy, kind "
+            "(http: requests, tcp: connections), admitted or limited", labels=["policy", "kind", "result"])
+        for labels, n in sorted(self.limits.decisions().items()):
+            decisions.add_metric(list(labels), n)
+        yield decisions
         for doc in self.limits.status(refresh=False):  # (a scrape runs on a worker thread)
             share.add_metric([doc["policy"]], doc["share"])
             if "local_per_s" in doc:

@@ -325,7 +325,8 @@ def test_buckets_survive_an_unrelated_snapshot_and_reset_on_change() -> None:
     d1, b = mesh(RLP)
     cur = [d1]
     clock = Clock()
-    rl = RateLimits(lambda: cur[0], "n1", CollectorRegistry(), clock=clock)
+    reg = CollectorRegistry()
+    rl = RateLimits(lambda: cur[0], "n1", reg, clock=clock)
     assert admitted(rl, d1, 3) == 2
     b.apply({resource_key(Kind.WORKLOAD, "shop", "other"): json.dumps(
         {"name": "other", "namespace": "shop", "address": "10.244.9.9", "node": "n2"})}, ())
@@ -335,6 +336,12 @@ def test_buckets_survive_an_unrelated_snapshot_and_reset_on_change() -> None:
     b.apply(plan({}, [*parse(SERVICE), loc], NET).puts, ())
     cur[0] = Directory.build(b.build(3))
     assert admitted(rl, cur[0], 4) == 3  # a changed policy starts afresh
+    # its decisions stay counted across the change (2 + 3 admitted, 4 + 1 limited), read at scrape time
+    name = "shop/api-limit"
+    assert rl.decisions() == {(name, "http", "admitted"): 5, (name, "http", "limited"): 5,
+                              (name, "tcp", "admitted"): 0, (name, "tcp", "limited"): 0}
+    assert reg.get_sample_value("nodemesh_ratelimit_decisions_total",
+                                {"policy": name, "kind": "http", "result": "limited"}) == 5
 
 
 def test_keyed_buckets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
