@@ -352,6 +352,31 @@ def test_the_graph_and_its_numbers_match_the_metrics(mesh: Mesh, browser: Any) -
     services = {row[0]: row for row in page["services"]}
     assert float(services[WEB][1]) == pytest.approx(RATE_RPS, rel=0.3)
     assert page["sparks"] >= 2 and "all answering" in (page["updated"] or "")
+
+    # hovering the web service keeps its three hops in view; a click filters by it
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    for _ in range(5):  # (the page redraws every 2 s: a found element may be replaced)
+        try:
+            box = browser.find_element(By.CSS_SELECTOR, f'#graph .node[data-id="{web}"]')
+            ActionChains(browser).move_to_element(box).perform()
+            break
+        except StaleElementReferenceException:
+            continue
+    lit = browser.execute_script("return [...document.querySelectorAll('#graph.focus .edge.hl')]"
+                                 ".map(e => [e.dataset.source, e.dataset.target])")
+    assert sorted(map(tuple, lit)) == sorted([(client, web), (web, "w:default/n2-p1"),
+                                              (web, "w:default/n2-p2")])
+    browser.execute_script(f"document.querySelector('#graph .node[data-id=\"{web}\"]')"
+                           ".dispatchEvent(new Event('click'))")
+    shown = browser.execute_script("return [...document.querySelectorAll('#services tbody tr')]"
+                                   ".map(r => r.dataset.name)")
+    assert shown == [WEB] and browser.execute_script("return document.querySelector('#filter').value") == WEB
+    browser.execute_script("const f = document.querySelector('#filter'); f.value = '';"
+                           " f.dispatchEvent(new Event('input'))")
+    ActionChains(browser).move_by_offset(0, 600).perform()  # (off the box)
     assert console_errors(browser) == []
 
 

@@ -4,7 +4,8 @@
 (function () {
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (sel) => document.querySelector(sel);
-  const state = { view: null, sortKey: "rps", sortAsc: false, filter: "", lastOk: 0, hover: null };
+  const state = { view: null, sortKey: "rps", sortAsc: false, filter: "", lastOk: 0, hover: null, labels: null };
+  const LABELS_UP_TO = 60;  // hops; above, numbers show on hover (and in the tables)
   window.nmRender = { count: 0, lastMs: 0, maxMs: 0 };
 
   const fmt = {
@@ -146,6 +147,9 @@
     if (empty) { svg.setAttribute("width", 0); svg.setAttribute("height", 0); return; }
     svg.setAttribute("width", g.width);
     svg.setAttribute("height", g.height);
+    const labels = state.labels ?? g.edges.length <= LABELS_UP_TO;
+    $("#labels").checked = labels;
+    svg.classList.toggle("nolabels", !labels);
     const byId = new Map(g.nodes.map((n) => [n.id, n]));
     const nw = g.node_width, nh = 24;
     const edges = s("g", { class: "edges" }), nodes = s("g", { class: "nodes" });
@@ -177,6 +181,7 @@
       const grp = s("g", { class: "node " + n.kind, "data-id": n.id, transform: `translate(${n.x},${n.y})` });
       grp.addEventListener("mouseenter", () => { state.hover = n.id; highlight(); });
       grp.addEventListener("mouseleave", () => { state.hover = null; highlight(); });
+      grp.addEventListener("click", () => { $("#filter").value = n.name; state.filter = n.name.toLowerCase(); render(); });
       if (!matches(n.name)) grp.classList.add("faded");
       grp.appendChild(s("rect", { width: nw, height: nh }));
       const label = n.name.length > 30 ? "…" + n.name.slice(-29) : n.name;
@@ -293,6 +298,7 @@
     setTimeout(tick, wait);
   }
 
+  $("#labels").addEventListener("change", (ev) => { state.labels = ev.target.checked; render(); });
   $("#filter").addEventListener("input", (ev) => { state.filter = ev.target.value.trim().toLowerCase(); render(); });
   for (const th of document.querySelectorAll("#edges th[data-key]")) {
     th.addEventListener("click", () => {
