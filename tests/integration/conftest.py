@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import pytest
@@ -36,6 +38,40 @@ def pod_servers(
         yield procs
     finally:
         for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+@contextlib.contextmanager
+def pod_nginx(
+    topo: topology.Topology, work: str, conf: str, pods: Sequence[str]
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """nginx in each named pod with ``conf`` (formatted with ``dir``, ``addr`` and ``pod``; it must
+    answer the pod's name on ``addr:8080``), started when it does; stopped on exit, by PID."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name in pods:
+            pod = topo.pod(name)
+            assert pod is not None, name
+            d = os.path.join(work, name)
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "nginx.conf"), "w") as f:
+                f.write(conf.format(dir=d, addr=pod.address, pod=name))
+            procs.append(testbed.popen_in_pod(pod, ["nginx", "-c", f"{d}/nginx.conf", "-p", d]))
+        for name in pods:
+            pod = topo.pod(name)
+            assert pod is not None
+            for _ in range(100):
+                r = testbed.popen_in_pod(pod, ["curl", "-s", f"http://{pod.address}:8080/"],
+                                         stdout=subprocess.PIPE)
+                if r.communicate(timeout=10)[0] == name.encode():
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"nginx in {name} did not start")
+        yield procs
+    finally:
+        for p in procs:
             p.kill()
             p.wait()
 

@@ -26,7 +26,7 @@ import pytest
 from agent import meshbed
 from netns import testbed, topology
 from tests.browser import artifacts_dir, chromium, console_errors
-from tests.integration.conftest import run_prefix
+from tests.integration.conftest import pod_nginx, run_prefix
 from tests.integration.scrape import node_metrics
 
 pytestmark = pytest.mark.root
@@ -131,25 +131,9 @@ def mesh() -> Iterator[Mesh]:
     os.makedirs(work, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        with meshbed.running(topo, MANIFEST + meshbed.workload_manifest(topo, ROLES)) as mb:
+        with meshbed.running(topo, MANIFEST + meshbed.workload_manifest(topo, ROLES)) as mb, \
+                pod_nginx(topo, work, NGINX, ("n2-p1", "n2-p2")):
             try:
-                for name in ("n2-p1", "n2-p2"):
-                    pod = topo.pod(name)
-                    assert pod is not None
-                    d = os.path.join(work, name)
-                    os.makedirs(d)
-                    with open(os.path.join(d, "nginx.conf"), "w") as f:
-                        f.write(NGINX.format(dir=d, addr=pod.address, pod=name))
-                    procs.append(testbed.popen_in_pod(pod, ["nginx", "-c", f"{d}/nginx.conf", "-p", d]))
-                for name in ("n2-p1", "n2-p2"):
-                    pod = topo.pod(name)
-                    assert pod is not None
-                    for _ in range(100):
-                        if mb.exec(name, ["curl", "-s", f"http://{pod.address}:8080/"]).stdout == name:
-                            break
-                        time.sleep(0.05)
-                    else:
-                        raise AssertionError(f"nginx in {name} did not start")
                 client = topo.pod("n1-p1")
                 assert client is not None
                 traffic = testbed.popen_in_pod(

@@ -18,7 +18,7 @@ import pytest
 
 from agent import meshbed
 from netns import testbed, topology
-from tests.integration.conftest import run_prefix
+from tests.integration.conftest import pod_nginx, run_prefix
 from tests.integration.scrape import node_metrics
 from tests.integration.scrape import requests_total as requests
 
@@ -187,33 +187,18 @@ def bed() -> Iterator[Bed]:
     work = f"/run/nodemesh/{prefix}-www"
     os.makedirs(work, exist_ok=True)
     try:
-        with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES)) as mb:
+        with meshbed.running(topo, SERVICES + meshbed.workload_manifest(topo, ROLES)) as mb, \
+                pod_nginx(topo, work, NGINX, SERVER_PODS):
             b = Bed(mb, work)
             try:
                 for name in SERVER_PODS:
                     pod = topo.pod(name)
                     assert pod is not None
-                    d = os.path.join(work, name)
-                    os.makedirs(d)
-                    conf = os.path.join(d, "nginx.conf")
-                    with open(conf, "w") as f:
-                        f.write(NGINX.format(dir=d, addr=pod.address, pod=name))
-                    b.procs.append(testbed.popen_in_pod(pod, ["nginx", "-c", conf, "-p", d]))
                     app = testbed.popen_in_pod(
                         pod, [sys.executable, "-c", APP, name, pod.address], stdout=subprocess.PIPE
                     )
                     b.procs.append(app)
                     assert app.stdout is not None and app.stdout.readline() == b"ready\n"
-                for name in SERVER_PODS:
-                    pod = topo.pod(name)
-                    assert pod is not None
-                    for _ in range(100):
-                        r = mb.exec(name, ["curl", "-s", f"http://{pod.address}:8080/"])
-                        if r.stdout == name:
-                            break
-                        time.sleep(0.05)
-                    else:
-                        raise AssertionError(f"nginx in {name} did not start")
                 yield b
             finally:
                 for p in b.procs:  # by PID: the ones this fixture started
