@@ -278,7 +278,8 @@ def _ports(s: Any) -> str:
 def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, registry_dir: str,
         etcd_url: str | None, output: str) -> None:
     """List services, workloads, virtualservices (vs), destinationrules (dr) or
-    authorizationpolicies (ap), requestauthentications (ra) or peerauthentications (pa)."""
+    authorizationpolicies (ap), requestauthentications (ra), peerauthentications (pa) or
+    ratelimitpolicies (rlp); gateways (gw) and serviceentries (se) too."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     picked = [v for (ns, n), v in sorted(_table_of(snap, k).items())
@@ -359,9 +360,9 @@ def get(kind: str, name: str | None, namespace: str, all_namespaces: bool, regis
 def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: str | None,
              output: str) -> None:
     """Show one service (with its endpoints), workload (with its checks), virtualservice,
-    destinationrule, authorizationpolicy, requestauthentication or peerauthentication (with the
-    file:line it was applied from; a policy with a WARNING per field that TCP ports cannot
-    judge)."""
+    destinationrule, authorizationpolicy, requestauthentication, peerauthentication or
+    ratelimitpolicy (with the file:line it was applied from; a policy with a WARNING per field
+    that TCP ports cannot judge)."""
     snap, location = _read(registry_dir, etcd_url)
     k = _kind(kind)
     obj: Any = _table_of(snap, k).get((namespace, name))
@@ -402,7 +403,7 @@ def describe(kind: str, name: str, namespace: str, registry_dir: str, etcd_url: 
 def delete(kind: str, name: str, namespace: str, registry_dir: str,
            etcd_url: str | None) -> None:
     """Delete one service, workload, virtualservice, destinationrule, authorizationpolicy,
-    requestauthentication or peerauthentication."""
+    requestauthentication, peerauthentication or ratelimitpolicy."""
     k = _kind(kind)
     backend = open_registry(registry_dir, etcd_url)
     try:
