@@ -86,8 +86,11 @@ class RateLimitPolicy:
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r} (one of: {', '.join(SCOPES)})")
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError("maxConnections must be at least 1")
+        if not isinstance(self.service, str) or not (self.port is None or type(self.port) is int):
+            raise ValueError("targetRef: a service name and an integer port")
+        mc = self.max_connections
+        if mc is not None and (type(mc) is not int or mc < 1):
+            raise ValueError("maxConnections must be an integer, at least 1")
 
     @property
     def http(self) -> bool:
@@ -149,8 +152,10 @@ def rate_limit_from_doc(d: Mapping[str, Any]) -> RateLimitPolicy:
     tcp = d.get("tcp") or {}
     descriptors = []
     for x in http.get("descriptors") or ():
-        kind = next(k for k in DESCRIPTOR_KINDS if k in x)
-        descriptors.append(Descriptor(kind, x[kind], x.get("value"), _rate(x) or Rate(1, 1)))
+        kind = next((k for k in DESCRIPTOR_KINDS if k in x), None)
+        if kind is None:
+            raise ValueError(f"a descriptor without {', '.join(DESCRIPTOR_KINDS)}")
+        descriptors.append(Descriptor(kind, str(x[kind]), x.get("value"), _rate(x) or Rate(1, 1)))
     ref = d["targetRef"]
     return RateLimitPolicy(
         d["name"], d["namespace"], ref["name"], ref.get("port"), d.get("scope", "endpoint"),

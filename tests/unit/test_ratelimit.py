@@ -494,3 +494,28 @@ def test_peer_reports_parse_or_are_refused_never_raise() -> None:
         assert why is None or isinstance(why, str)
 
     any_line()
+
+
+def test_a_stored_policy_decodes_or_is_skipped() -> None:
+    """What the registry holds may not have come through validation: decoding gives a policy or
+    one of the errors the snapshot builder skips, never anything else."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    good = rate_limit_doc(policy())
+    values = (st.none() | st.integers(-3, 3) | st.floats() | st.text(max_size=4)
+              | st.lists(st.integers(), max_size=2))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.sampled_from([("http", "total"), ("http", "descriptors"), ("http", "identities"),
+                            ("tcp", "maxConnections"), ("targetRef", "port"), ("targetRef", "name")]),
+           values | st.dictionaries(st.sampled_from(["header", "requestsPerSecond", "burst"]), values))
+    def decode(where: tuple[str, str], v: object) -> None:
+        doc = json.loads(json.dumps(good))
+        doc[where[0]][where[1]] = v
+        try:
+            rate_limit_from_doc(doc)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+
+    decode()
