@@ -230,9 +230,10 @@ class RateShare:
     async def serve(self, stream: TunnelStream, peer_ip: str, client_nodes: frozenset[str]) -> None:
         """The receiving end (the inbound hands over a CONNECT to the reserved target): reports
         from a node at ``peer_ip`` whose verified identity runs on ``client_nodes``."""
-        await stream.respond(200)
         buf = b""
         try:
+            async with asyncio.timeout(IDLE_S):
+                await stream.respond(200)
             while True:
                 async with asyncio.timeout(IDLE_S):
                     data, credit = await stream.read()
@@ -249,7 +250,7 @@ class RateShare:
                     if why is not None:
                         log.warning("ratelimit: report from %s refused: %s", peer_ip, why)
                         return
-        except TimeoutError:
+        except (TimeoutError, TunnelError):  # (silent, or gone: the sender dials again)
             return
         finally:
             with contextlib.suppress(Exception):
