@@ -12,6 +12,7 @@ import ctypes
 import errno as errno_mod
 import os
 import queue
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -108,6 +109,16 @@ def run_in_netns(name: str, fn: Callable[[], T]) -> T:
         raise box["error"]
     result: T = box["result"]
     return result
+
+
+def connect_tcp(host: str, port: int, timeout_s: float, netns: str | None = None) -> socket.socket:
+    """A TCP connection to ``host:port``, from inside ``netns`` when given (opened on a worker
+    thread; the socket stays in that namespace), else from here."""
+
+    def connect() -> socket.socket:
+        return socket.create_connection((host, port), timeout=timeout_s)
+
+    return run_in_netns(netns, connect) if netns else connect()
 
 
 def enter_in_child(netns_fd: int, cgroup_procs: str | None) -> None:

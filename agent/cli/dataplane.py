@@ -82,18 +82,10 @@ def _print_datapath(doc: dict[str, Any]) -> None:
 def fetch_json(host: str, port: int, netns: str | None, path: str, timeout_s: float = 5.0) -> Any:
     """GET ``path`` (JSON) from an agent (inside ``netns`` if given, e.g. a testbed node)."""
     import json
-    import socket
 
-    def connect() -> socket.socket:
-        return socket.create_connection((host, port), timeout=timeout_s)
+    from netns import kernel
 
-    if netns:
-        from netns import kernel
-
-        sock = kernel.run_in_netns(netns, connect)
-    else:
-        sock = connect()
-    with sock:
+    with kernel.connect_tcp(host, port, timeout_s, netns) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):

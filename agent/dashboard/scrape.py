@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.parse
 import urllib.request
@@ -111,17 +110,10 @@ def http_stream(
 ) -> Iterator[bytes]:
     """GET over HTTP/1.0 (no chunking): the body in pieces as they arrive, so a large answer
     is never held whole; the whole exchange within ``timeout_s`` and ``MAX_BODY_BYTES``."""
+    from netns import kernel
+
     deadline = time.monotonic() + timeout_s
-
-    def connect() -> socket.socket:
-        return socket.create_connection((host, port), timeout=timeout_s)
-
-    if netns:
-        from netns import kernel
-
-        sock = kernel.run_in_netns(netns, connect)
-    else:
-        sock = connect()
+    sock = kernel.connect_tcp(host, port, timeout_s, netns)
     size = 0
     head: bytes | None = b""
     with sock:
