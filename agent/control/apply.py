@@ -491,6 +491,42 @@ def _check_rate_limit_targets(items: Mapping[str, str], resources: Sequence[Loca
         if all(sp.port != p.port for sp in svc.ports):
             raise loc.fail("spec.targetRef.port", f"Service {p.namespace}/{p.service} has no port {p.port}",
                            hint="ports: " + ", ".join(str(sp.port) for sp in svc.ports))
+    _check_rate_limit_routes(items, resources, located)
+
+
+def _check_rate_limit_routes(items: Mapping[str, str], resources: Sequence[Located],
+                             located: Sequence[tuple[Located, RateLimitPolicy]]) -> None:
+    """A RateLimitPolicy's route target names a VirtualService (stored, or in this input, which
+    replaces the stored one) with an HTTP route of that name that sends to the policy's Service."""
+    inputs = {(r.namespace, r.name): r for loc in resources if isinstance(r := loc.resource, VirtualService)}
+    for loc, p in located:
+        if not p.route:
+            continue
+        vs_ns, vs_name, rname = p.route.split("/", 2)
+        vs = inputs.get((vs_ns, vs_name))
+        if vs is None:
+            stored = items.get(resource_key(Kind.VIRTUAL_SERVICE, vs_ns, vs_name))
+            try:
+                vs = virtual_service_from_doc(json.loads(stored)) if stored is not None else None
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # not ours to judge here
+        if vs is None:
+            raise loc.fail("spec.targetRef.route.virtualService",
+                           f"unknown VirtualService {vs_ns}/{vs_name}: not in the registry or in this input",
+                           hint="apply the VirtualService first or in the same input")
+        routes = [r for r in vs.http if r.name == rname]
+        if not routes:
+            named = [r.name for r in vs.http if r.name]
+            raise loc.fail("spec.targetRef.route.name",
+                           f"VirtualService {vs_ns}/{vs_name} has no http route named {rname!r}",
+                           hint=("its named routes: " + ", ".join(named)) if named else
+                                "name the route with spec.http[].name in the VirtualService")
+        fq = service_fqdn(p.namespace, p.service)
+        if not any(host_fqdn(rd.destination.host, vs.namespace) == fq for r in routes for rd in r.route):
+            raise loc.fail("spec.targetRef.route.name",
+                           f"route {rname!r} of VirtualService {vs_ns}/{vs_name} sends nothing to "
+                           f"Service {p.namespace}/{p.service}: the limit would never apply",
+                           hint="target the Service its destinations name")
 
 
 def _check_gateway_refs(items: Mapping[str, str], resources: Sequence[Located]) -> None:

@@ -4,23 +4,36 @@ How this works: ``validate_ratelimit.py`` turns the YAML (``nodemesh.io/v1``,
 kind ``RateLimitPolicy``) into these frozen values; they are stored as JSON
 (:func:`rate_limit_doc` / :func:`rate_limit_from_doc`) and reach every node in
 snapshots. A policy targets one Service of its namespace (optionally one service
-port) and carries HTTP limits (the total, per source identity with overrides for
-named identities, and per descriptor: a header's value, a path prefix, a method)
-and TCP limits (connections per second, concurrent connections). ``scope``
-says whose limit it is: each endpoint's (``endpoint``) or the whole service's
-(``service``), shared by the agents hosting its endpoints. Enforcement is the
-destination node's business (:mod:`agent.dataplane.ratelimit`).
+port, or one named route of a VirtualService: ``route``, ``<vs namespace>/<vs
+name>/<route name>``, which the source agent tells the destination in
+:data:`ROUTE_HEADER`) and carries HTTP limits (the total, per source identity with
+overrides for named identities, and per descriptor: a header's value, a path
+prefix, a method) and TCP limits (connections per second, concurrent
+connections). ``scope`` says whose limit it is: each endpoint's (``endpoint``) or
+the whole service's (``service``), shared by the agents hosting its endpoints.
+Enforcement is the destination node's business (:mod:`agent.dataplane.ratelimit`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 SCOPES = ("endpoint", "service")
 DESCRIPTOR_KINDS = ("header", "pathPrefix", "method")
+# The route a source agent chose, ``<vs namespace>/<vs name>/<route name>``: set by the outbound
+# on requests it sends through HBONE, trusted by the inbound only there, never seen by a pod
+ROUTE_HEADER = "x-nodemesh-route"
+ROUTE_ID_RE = re.compile(r"[\x21-\x7e]{1,300}\Z", re.ASCII)  # (what a header value carries as is)
+
+
+def route_id(namespace: str, virtual_service: str, route: str) -> str:
+    """A VirtualService route's name in :data:`ROUTE_HEADER`; "" if it cannot be carried."""
+    rid = f"{namespace}/{virtual_service}/{route}"
+    return rid if route and ROUTE_ID_RE.match(rid) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +95,16 @@ class RateLimitPolicy:
     connections: Rate | None = None  # TCP connections/s
     max_connections: int | None = None  # TCP connections open at once
     source: str = ""  # file:line it was applied from
+    route: str = ""  # <vs namespace>/<vs name>/<route name>: only that route's requests
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r} (one of: {', '.join(SCOPES)})")
         if not isinstance(self.service, str) or not (self.port is None or type(self.port) is int):
             raise ValueError("targetRef: a service name and an integer port")
+        if self.route and (not isinstance(self.route, str) or self.route.count("/") < 2
+                           or not ROUTE_ID_RE.match(self.route)):
+            raise ValueError(f"targetRef.route: <vs namespace>/<vs name>/<route name>, got {self.route!r}")
         mc = self.max_connections
         if mc is not None and (type(mc) is not int or mc < 1):
             raise ValueError("maxConnections must be an integer, at least 1")
@@ -103,7 +120,7 @@ class RateLimitPolicy:
 
 def rate_limit_summary(p: RateLimitPolicy) -> str:
     """One line for tables: ``total=100/s per-identity=10/s 2 overrides conn=20/s max-conn=50``."""
-    parts = []
+    parts = [f"route={p.route}"] if p.route else []
     if p.total:
         parts.append(f"total={p.total.per_s:g}/s")
     if p.per_identity:
@@ -134,7 +151,8 @@ def rate_limit_doc(p: RateLimitPolicy) -> dict[str, Any]:
     return {
         "name": p.name, "namespace": p.namespace,
         "targetRef": {"kind": "Service", "name": p.service,
-                      **({"port": p.port} if p.port is not None else {})},
+                      **({"port": p.port} if p.port is not None else {}),
+                      **({"route": p.route} if p.route else {})},
         "scope": p.scope,
         "http": {
             "total": _rate_doc(p.total), "perIdentity": _rate_doc(p.per_identity),
@@ -162,4 +180,5 @@ def rate_limit_from_doc(d: Mapping[str, Any]) -> RateLimitPolicy:
         _rate(http.get("total")), _rate(http.get("perIdentity")),
         tuple(IdentityLimit(i["principal"], _rate(i) or Rate(1, 1)) for i in http.get("identities") or ()),
         tuple(descriptors), _rate(tcp.get("connections")), tcp.get("maxConnections"), d.get("source", ""),
+        ref.get("route", ""),
     )

@@ -5,10 +5,11 @@ How this works: :func:`agent.control.validate.validate_document` has checked
 ``spec`` mapping here. Every rate is a positive number of requests (or
 connections) per second with an optional integer ``burst`` (default: a tenth of
 a second's worth); zero or negative rates, two descriptors (or two identity
-overrides) for the same thing, and fields nodemesh does not implement (a
-VirtualService ``route`` target) are refused with the field's line. Whether the
-target Service and port exist is checked at apply time against the registry
-(:func:`agent.control.apply.plan`).
+overrides) for the same thing, and fields nodemesh does not implement are refused
+with the field's line. A ``route`` target (``{virtualService: [<ns>/]<name>, name:
+<route name>}``) limits only that VirtualService route's requests (HTTP only). Whether
+the target Service and port, and the VirtualService and its named route, exist is
+checked at apply time against the registry (:func:`agent.control.apply.plan`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from agent.control.ratelimit import (
     Rate,
     RateLimitPolicy,
     default_burst,
+    route_id,
 )
 from agent.control.validate import _at, _Doc, _int, _map, _name, _str, _tname
 from agent.control.validate_authz import non_empty_string
@@ -33,11 +35,7 @@ from agent.control.validate_istio import _fields, _list
 MAX_RATE = 1_000_000.0
 _HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+\Z", re.ASCII)
 _METHOD_RE = re.compile(r"[A-Z]{1,20}\Z", re.ASCII)
-_TARGET_REFUSED = {
-    "route": ("is not supported yet: the destination node does not know which VirtualService "
-              "route the source picked; limit the service (or one of its ports) instead"),
-    "sectionName": "is not supported: name the service port with 'port'",
-}
+_TARGET_REFUSED = {"sectionName": "is not supported: name the service port with 'port'"}
 
 
 def _rate(doc: _Doc, m: Mapping[str, Any], path: str, key: str = "requestsPerSecond") -> Rate:
@@ -68,7 +66,7 @@ def rate_limit_policy(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) ->
         raise doc.fail("spec.targetRef", "missing required field 'targetRef'",
                        hint="targetRef: {kind: Service, name: <service>, port: <service port>}")
     ref = _map(doc, spec["targetRef"], "spec.targetRef")
-    _fields(doc, ref, "spec.targetRef", ("kind", "group", "name", "port"), _TARGET_REFUSED)
+    _fields(doc, ref, "spec.targetRef", ("kind", "group", "name", "port", "route"), _TARGET_REFUSED)
     kind = _str(doc, ref, "kind", "spec.targetRef", default="Service")
     if kind != "Service":
         raise doc.fail("spec.targetRef.kind", f"a RateLimitPolicy targets a Service, not {kind!r}")
@@ -76,6 +74,7 @@ def rate_limit_policy(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) ->
         raise doc.fail("spec.targetRef.group", "a Service's group is '' (core)")
     service = _name(doc, _str(doc, ref, "name", "spec.targetRef", required=True), "spec.targetRef.name")
     port = _int(doc, ref, "port", "spec.targetRef", 1, 65535) if "port" in ref else None
+    route = _route(doc, ref["route"], ns) if ref.get("route") is not None else ""
     scope = _str(doc, spec, "scope", "spec", default="endpoint")
     if scope not in SCOPES:
         raise doc.fail("spec.scope", f"unknown scope {scope!r}",
@@ -120,12 +119,37 @@ def rate_limit_policy(doc: _Doc, spec: Mapping[str, Any], name: str, ns: str) ->
             raise doc.fail("spec.tcp.burst", "a burst needs connectionsPerSecond")
         if "maxConnections" in tcp:
             max_connections = _int(doc, tcp, "maxConnections", "spec.tcp", 1, 10_000_000)
+    if route and spec.get("tcp") is not None:
+        raise doc.fail("spec.tcp", "a route target limits HTTP requests: no TCP limits",
+                       hint="limit TCP connections in a policy that targets the service or its port")
     policy = RateLimitPolicy(name, ns, service, port, scope, total, per_identity, tuple(identities),
-                             tuple(descriptors), connections, max_connections, f"{doc.file}:{doc.start_line}")
+                             tuple(descriptors), connections, max_connections, f"{doc.file}:{doc.start_line}",
+                             route)
     if not policy.http and not policy.tcp:
         raise doc.fail("spec", "a RateLimitPolicy needs a limit: spec.http or spec.tcp",
                        hint="e.g. http: {total: {requestsPerSecond: 100}}")
     return policy
+
+
+def _route(doc: _Doc, v: Any, ns: str) -> str:
+    """``{virtualService: [<namespace>/]<name>, name: <route name>}`` as a route id (see
+    :func:`agent.control.ratelimit.route_id`); the namespace defaults to the policy's."""
+    path = "spec.targetRef.route"
+    if isinstance(v, str):
+        raise doc.fail(path, f"expected {{virtualService: <name>, name: <route name>}}, got {v!r}",
+                       hint="the route's name is spec.http[].name of the VirtualService")
+    m = _map(doc, v, path)
+    _fields(doc, m, path, ("virtualService", "name"))
+    ref = _str(doc, m, "virtualService", path, required=True)
+    vs_ns, _, vs = ref.rpartition("/")
+    vs_ns = _name(doc, vs_ns, f"{path}.virtualService") if vs_ns else ns
+    _name(doc, vs, f"{path}.virtualService")
+    rname = non_empty_string(doc, m.get("name"), f"{path}.name")
+    rid = route_id(vs_ns, vs, rname)
+    if not rid:
+        raise doc.fail(f"{path}.name", f"{rname!r}: nodemesh carries route names of printable ASCII "
+                       "without spaces (at most 300 characters with the VirtualService's name)")
+    return rid
 
 
 def _descriptor(doc: _Doc, v: Any, path: str) -> Descriptor:

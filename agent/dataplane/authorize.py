@@ -193,13 +193,15 @@ class Authorizer:
     def judge_request(
         self, w: Workload | None, conn: Callable[[], authz.Facts], ex: Exchange,
         headers: Sequence[tuple[str | bytes, str | bytes]], normalization: PathNormalization,
+        route: str = "",
     ) -> None:
         """What the destination does with an HTTP request before it is forwarded (its node's
         inbound, or for a same-node caller the source agent): the method checked and the path
         normalised as Istio does (400 if refused; the normalised path is what is matched and
         forwarded, in ``ex.target``); for workload ``w``, its RequestAuthentications (an invalid
         JWT: 401) and its AuthorizationPolicies (403 ``RBAC``). ``conn`` gives the connection's
-        verified facts, asked for only when policies apply."""
+        verified facts, asked for only when policies apply; ``route``: the VirtualService route
+        the source agent chose, as far as it is trusted (its RateLimitPolicies)."""
         path = target = ex.target or ex.path
         if ex.method != "CONNECT":  # (its target is an authority, not a path)
             try:
@@ -215,7 +217,7 @@ class Authorizer:
         ex.header_edit = jwt.edit.apply if jwt is not None and jwt.edit is not None else None
         if not self.policies(w):
             if self.limits is not None:  # (429 RL)
-                self.limits.judge_request(w, conn, ex, headers, target)
+                self.limits.judge_request(w, conn, ex, headers, target, route)
             return
         f = conn()
         reduced = self.decider(w, f)  # (after policies(w): the snapshot is current)
@@ -232,7 +234,7 @@ class Authorizer:
             if not self._record(w, facts, v or reduced.decide(facts)).allowed:
                 raise LocalReply(403, DENIED_BODY, DENIED_FLAG)
         if self.limits is not None:  # (429 RL)
-            self.limits.judge_request(w, conn, ex, headers, target)
+            self.limits.judge_request(w, conn, ex, headers, target, route)
 
     # -- live changes for TCP connections -----------------------------------------------------
 

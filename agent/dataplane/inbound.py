@@ -275,7 +275,8 @@ class Inbound:
             wire, first = await protocol.resolve(declared, down, self.config.sniff_timeout_s)
             if wire is not protocol.Wire.TCP:
                 side = InboundHttp(
-                    self, flow, pod, req.target, src_w.address if src_w is not None else None, w, facts
+                    self, flow, pod, req.target, src_w.address if src_w is not None else None, w, facts,
+                    trusts_route=hdrs.PARSED in stream.request_headers,  # (the route its agent chose)
                 )
                 self.metrics.active_inbound.inc()
                 try:
@@ -433,8 +434,11 @@ class InboundHttp:
         client_address: str | None,
         workload: Workload | None = None,
         facts: authz.Facts | None = None,
+        trusts_route: bool = False,
     ) -> None:
         self.inbound = inbound
+        # the source agent parsed these requests: their route header is its (else not read)
+        self.trusts_route = trusts_route
         self.workload = workload  # the destination (authorization)
         self.facts = facts or authz.Facts()  # the connection's verified L4 facts
         self.flow = flow
@@ -464,7 +468,8 @@ class InboundHttp:
         if not ex.authorized:
             ex.authorized = True
             self.inbound.authorizer.judge_request(self.workload, self._conn_facts, ex, headers,
-                                                  self.inbound.config.path_normalization)
+                                                  self.inbound.config.path_normalization,
+                                                  hdrs.route_of(headers) if self.trusts_route else "")
 
     def _conn_facts(self) -> authz.Facts:
         return self.facts
@@ -515,6 +520,8 @@ class InboundHttp:
         return self._rewrite(http1.end_to_end(head.headers), ex)
 
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
+        """What the pod gets: the forwarding headers this node vouches for; the route header, as
+        any a peer sent under those names, removed (:func:`hdrs.forwarding`)."""
         if ex.header_edit is not None:  # RequestAuthentication: the token removed, the payload added
             h = ex.header_edit(h)
         ex.request_id, ex.trace_id = hdrs.trace_id_of(h)

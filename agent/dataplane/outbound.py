@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from agent.control import authz
 from agent.control.istio import ConnectionPool, ConsistentHash, Destination, host_fqdn
 from agent.control.model import Service, Workload
+from agent.control.ratelimit import ROUTE_HEADER, route_id
 from agent.control.snapshot import Endpoint
 from agent.dataplane import protocol
 from agent.dataplane.authorize import DENIED_BODY, DENIED_FLAG, Authorizer, principal_of
@@ -211,7 +212,8 @@ class Outbound:
             ep = self._mirror_endpoint(dest, namespace, port)
             if ep is None:
                 return
-            shadow = [(k, v + "-shadow" if k == ":authority" else v) for k, v in headers]
+            shadow = [(k, v + "-shadow" if k == ":authority" else v) for k, v in headers
+                      if k != ROUTE_HEADER]  # (the route is the primary's, not the copy's)
             async with asyncio.timeout(MIRROR_TIMEOUT_S):
                 session = await self.h2_upstreams.acquire(
                     (side.src_ip, ep.address, ep.port, "h2"), functools.partial(side._dial, ep)
@@ -243,7 +245,7 @@ class Outbound:
             ep = self._mirror_endpoint(dest, namespace, port)
             if ep is None:
                 return
-            shadow = [(k, v + b"-shadow" if k == b"host" else v) for k, v in headers]
+            shadow = [(k, v + b"-shadow" if k == b"host" else v) for k, v in hdrs.without_route(headers)]
             async with asyncio.timeout(MIRROR_TIMEOUT_S):
                 up = await self.upstreams.acquire(
                     (side.src_ip, ep.address, ep.port, "h1"), functools.partial(side._dial, ep)
@@ -497,10 +499,10 @@ class Outbound:
 
     async def _connect(
         self, ep: Endpoint, src_id: SpiffeId, dst_id: SpiffeId, src_ip: str, src_port: int = 0,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, parsed: bool = False,
     ) -> End:
         """A connection to ``ep``, within ``timeout_s`` (the destination's connectTimeout) or the
-        proxy's connect timeout."""
+        proxy's connect timeout; ``parsed``: for requests this agent parses (said in the CONNECT)."""
         timeout_s = timeout_s or self.config.connect_timeout_s
         if ep.external:  # a ServiceEntry's MESH_EXTERNAL endpoint: no agent there, plain TCP
             return await self.egress.dial(ep, timeout_s)
@@ -513,6 +515,8 @@ class Outbound:
             raise TunnelError(f"node {ep.node!r} of workload {ep.workload} has no known address")
         # (a pooled HTTP upstream stream carries many client connections: no one port)
         headers = hbone.connect_headers(hbone.Target(ep.address, ep.port), src_ip, src_port)
+        if parsed:
+            headers.append(hdrs.PARSED)
         async with asyncio.timeout(timeout_s):
             stream = await self.pool.open_stream(src_id, dst_id, node_addr, headers, self.config.hbone_port)
         return TunnelEnd(stream)
@@ -546,6 +550,16 @@ class Outbound:
             _, pending = await asyncio.wait(list(self._tasks), timeout=timeout_s)
             for t in pending:
                 t.cancel()
+
+
+def chosen_route(ex: Exchange) -> str:
+    """The VirtualService route chosen for ``ex`` as :data:`ROUTE_HEADER` names it ("": none, or
+    a route without a name)."""
+    plan = ex.plan
+    if isinstance(plan, routing.Decision) and plan.vs is not None and plan.route is not None \
+            and plan.route.name:
+        return route_id(plan.vs.namespace, plan.vs.name, plan.route.name)
+    return ""
 
 
 def _count_down(counts: dict[str, int], key: str) -> None:
@@ -789,12 +803,12 @@ class OutboundHttp:
                                source_ip=self.src_ip, destination_ip=ep.address, destination_port=ep.port)
 
         out.authorizer.judge_request(out.directory().workload_for(ep.address, ep.port), conn, ex, headers,
-                                     out.config.path_normalization)
+                                     out.config.path_normalization, chosen_route(ex))
 
     async def _dial(self, ep: Endpoint, timeout_s: float | None = None) -> End:
         out = self.out
         dst_id = out.identity(ep.namespace, ep.service_account)
-        return await out._connect(ep, self.src_id, dst_id, self.src_ip, timeout_s=timeout_s)
+        return await out._connect(ep, self.src_id, dst_id, self.src_ip, timeout_s=timeout_s, parsed=True)
 
     def headers(self, head: RequestHead, ex: Exchange) -> list[Header]:
         h = http1.end_to_end(head.headers)
@@ -884,17 +898,20 @@ class OutboundHttp:
     def _rewrite(self, h: list[Header], ex: Exchange) -> list[Header]:
         h, ex.request_id, ex.trace_id = hdrs.tracing(h, self.out.rng)
         c = ex.state
-        if isinstance(c, _Choice) and c.endpoint.external:  # outside the mesh (a ServiceEntry): the
-            return h  # app's headers as it sent them, no pod address or identity added (as Envoy's egress)
+        if isinstance(c, _Choice) and c.endpoint.external:  # outside the mesh (a ServiceEntry): the app's
+            # headers as it sent them but a route header, no pod address or identity added (as Envoy's egress)
+            return hdrs.without_route(h)
         same_node = isinstance(c, _Choice) and c.same_node is not None
         if same_node and ex.header_edit is not None:  # the destination's RequestAuthentication
             h = ex.header_edit(h)
-        return hdrs.forwarding(
+        out = hdrs.forwarding(  # (an app's route header removed too)
             h,
             self.forwarded_for,
             by=c.flow.destination.principal if same_node and isinstance(c, _Choice) else "",
             client_principal=self.src_id.uri if same_node else "",
         )
+        # through HBONE: the route chosen here, for the destination's route-targeted rate limits
+        return out if same_node or not isinstance(c, _Choice) else hdrs.with_route(out, chosen_route(ex))
 
     def finished(self, ex: Exchange, up: Upstream | None, reusable: bool) -> None:
         if up is not None:

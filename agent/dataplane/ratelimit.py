@@ -2,7 +2,11 @@
 
 How this works: :class:`RateLimits` finds, once per snapshot, the policies whose
 target Service selects a local workload on the pod port a request or connection
-arrived at (a workload none applies to costs one dictionary lookup). Each policy
+arrived at (a workload none applies to costs one dictionary lookup). A policy with a
+``route`` target counts only the requests of that VirtualService route: the route the
+source agent chose, which this node's inbound read from the HBONE stream's
+:data:`~agent.control.ratelimit.ROUTE_HEADER` (or, same-node, the source agent's own
+decision); a request without a trusted route passes it by. Each policy
 owns token buckets (:class:`Bucket`, time an input): ``total``, one per source
 identity (``perIdentity``, or an override's rate for a named identity) and one per
 matching descriptor (one per distinct header value when the descriptor names no
@@ -247,9 +251,10 @@ class RateLimits:
 
     def judge_request(
         self, w: Workload, conn: Callable[[], authz.Facts], ex: Exchange,
-        headers: Sequence[tuple[str | bytes, str | bytes]], path: str,
+        headers: Sequence[tuple[str | bytes, str | bytes]], path: str, route: str = "",
     ) -> None:
-        """Raises the 429 :class:`LocalReply` when a limit refuses the request."""
+        """Raises the 429 :class:`LocalReply` when a limit refuses the request. ``route``: the
+        VirtualService route the source agent chose, as far as it is trusted ("": none)."""
         d = self._refresh()
         if not self._states:  # (no policy anywhere: one check)
             return
@@ -260,21 +265,22 @@ class RateLimits:
         header = None
         if any(st.policy.descriptors for st in states):
             header = LazyHeaders(headers).get  # (the one-header read)
-        refusal = self.take(states, w.name, f.principal, ex.method, path.partition("?")[0], header)
+        refusal = self.take(states, w.name, f.principal, ex.method, path.partition("?")[0], header, route)
         if refusal is not None:
             raise refusal.reply()
 
     def take(
         self, states: Iterable[_State], endpoint: str, principal: str, method: str, path: str,
-        header: Callable[[str], str | None] | None = None,
+        header: Callable[[str], str | None] | None = None, route: str = "",
     ) -> Refusal | None:
-        """Admit one request (a token from every bucket that applies) or refuse it (none taken)."""
+        """Admit one request (a token from every bucket that applies) or refuse it (none taken);
+        a policy for another route than ``route`` does not apply."""
         now = self.clock()
         chosen: list[Bucket] = []
         passed: list[_State] = []
         for st in states:
             p = st.policy
-            if not p.http:
+            if not p.http or (p.route and p.route != route):
                 continue
             scope = endpoint if p.scope == "endpoint" else ""
             st.offered += 1
@@ -393,7 +399,8 @@ class RateLimits:
                 limits.append({"bucket": _bucket_label(p, key), "rate_per_s": round(b.per_s, 3),
                                "burst": round(b.burst, 2), "remaining": math.floor(left + 1e-9)})
             doc: dict[str, Any] = {
-                "policy": f"{ns}/{name}", "service": p.service, "port": p.port, "scope": p.scope,
+                "policy": f"{ns}/{name}", "service": p.service, "port": p.port, "route": p.route or None,
+                "scope": p.scope,
                 "endpoints_here": eps.get(self.node, 0), "endpoints_total": sum(eps.values()),
                 "share": round(st.share, 4), "admitted": st.admitted_total,
                 "limited": st.offered_total - st.admitted_total, "buckets": limits,

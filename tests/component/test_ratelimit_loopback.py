@@ -1,22 +1,33 @@
 """RateLimitPolicy enforced at the destination, on loopback: a real HTTP/1.1 client and a real
 grpcio client through outbound -> HBONE (mTLS) -> inbound, a same-node pod judged by the
-source agent, and raw TCP connections. Addresses 127.0.0.80-89, pod ports 20800-20899."""
+source agent, raw TCP connections, and a limit on one VirtualService route (the route the
+source agent chose, which no app can forge). Addresses 127.0.0.80-89, pod ports 20800-20899."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import http.client
+import json
 import socket
 from concurrent import futures
 
 import grpc
 
+from agent.control.istio import (
+    Destination,
+    HttpMatch,
+    HttpRoute,
+    RouteDestination,
+    StringMatch,
+    VirtualService,
+)
 from agent.control.model import Service, ServicePort
 from agent.control.ratelimit import Rate, RateLimitPolicy
 from agent.dataplane.ratelimit import RateLimits
 from agent.dataplane.ratepeers import RateShare
-from agent.dataplane.route import Directory
+from agent.dataplane.route import Directory, decide
+from agent.dataplane.tcp import End
 from tests.component.harness import TD, VIP, Mesh, http_pod, metric, run, two_node_mesh, workload
 
 CLIENT = "127.0.0.80"
@@ -258,3 +269,102 @@ def test_same_node_tcp_connection_over_the_limit_is_refused_by_the_source_agent(
             pod.close()
 
     run(go())
+
+
+def get(port: int, asks: list[tuple[str, dict[str, str]]]) -> list[tuple[int, dict[str, str]]]:
+    """Requests (path, headers) on one keep-alive connection: (status, the headers the pod saw
+    (none: the proxy answered))."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, source_address=(CLIENT, 0), timeout=10)
+    out = []
+    try:
+        for path, headers in asks:
+            conn.request("GET", path, headers={"host": "web.default", **headers})
+            r = conn.getresponse()
+            body = r.read()
+            out.append((r.status, json.loads(body)["headers"] if r.status == 200 else {}))
+    finally:
+        conn.close()
+    return out
+
+
+async def raw_request(up: End, path: str, headers: bytes) -> tuple[int, bytes]:
+    """One HTTP/1.1 request written as bytes to an HBONE stream: (status, response body)."""
+    await up.write(b"GET " + path.encode() + b" HTTP/1.1\r\nhost: web\r\n" + headers + b"\r\n")
+    got = b""
+    async with asyncio.timeout(5):
+        while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < int(
+                got.lower().partition(b"content-length:")[2].split(b"\r\n")[0] or 0):
+            data, credit = await up.read()
+            up.ack(credit)
+            assert data, got
+            got += data
+    return int(got.split(b" ", 2)[1]), got.partition(b"\r\n\r\n")[2]
+
+
+def test_route_limit_applies_to_its_route_only_and_an_app_cannot_forge_the_route() -> None:
+    ws = [workload("client", CLIENT, "n1", sa="client"),
+          workload("web-1", "127.0.0.88", "n2", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("http-web", 80, 20805),), WEB)
+    vs = VirtualService("web", "default", ("web",), (
+        HttpRoute("search", (HttpMatch(uri=StringMatch("prefix", "/search")),),
+                  (RouteDestination(Destination("web")),)),
+        HttpRoute("rest", (), (RouteDestination(Destination("web")),)),
+    ))
+    limit = RateLimitPolicy("search-limit", "default", "web", total=Rate(1.0, 3), route="default/web/search")
+    pods = [http_pod("127.0.0.88", 20805, "web-1"), http_pod("127.0.0.89", 20805, "web-2")]
+    forged = {"x-nodemesh-route": "default/web/search"}  # what an app would send to spend others' budget
+
+    async def go() -> None:
+        async with two_node_mesh(ws, [svc]) as mesh:
+            mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
+            limits_on(mesh)
+            snap = mesh.directory.snapshot
+            mesh.directory = Directory.build(dataclasses.replace(
+                snap, revision=snap.revision + 1, virtual_services={("default", "web"): vs},
+                rate_limit_policies={("default", "search-limit"): limit}))
+            n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
+            # the search route: 3 (the burst), then 429; an app's route header changes nothing
+            asks = [("/search", {"x-nodemesh-route": "x/y/z"})] * 5
+            got = await asyncio.to_thread(get, n1.outbound_port, asks)
+            assert [s for s, _ in got] == [200] * 3 + [429] * 2, got
+            assert all("x-nodemesh-route" not in h for _, h in got), got  # the pod never sees it
+            # another route of the same service, with a forged header naming the limited route
+            got = await asyncio.to_thread(get, n1.outbound_port, [("/api", forged)] * 6)
+            assert [s for s, _ in got] == [200] * 6, got
+            assert all("x-nodemesh-route" not in h for _, h in got), got
+            assert metric(n2, "nodemesh_ratelimit_decisions_total", policy="default/search-limit",
+                          result="limited") == 2
+            assert metric(n2, "nodemesh_ratelimit_decisions_total", policy="default/search-limit",
+                          result="admitted") == 3
+            # an HBONE stream whose CONNECT does not say its agent parsed the requests (an app's
+            # HTTP relayed as TCP): its route header is not trusted, and removed for the pod
+            (ep,) = decide(mesh.directory, VIP, 80).endpoints
+            out = n1.outbound
+            up = await out._connect(ep, out.identity("default", "client"), out.identity("default", "web"),
+                                    CLIENT)
+            try:
+                for _ in range(2):
+                    status, body = await raw_request(
+                        up, "/search", b"x-nodemesh-route: default/web/search\r\n")
+                    assert status == 200 and "x-nodemesh-route" not in json.loads(body)["headers"], body
+            finally:
+                up.abort()
+            # the endpoint moves to the client's node: the source agent uses its own decision
+            mesh.directory = Directory.build(dataclasses.replace(
+                mesh.directory.snapshot, revision=99,
+                workloads={("default", "client"): ws[0], ("default", "web-2"): workload(
+                    "web-2", "127.0.0.89", "n1", sa="web", labels=WEB)},
+                members={("default", "web"): (("default", "web-2"),)}))
+            asks = [("/api", forged)] * 4 + [("/search", {})] * 4
+            got = await asyncio.to_thread(get, n1.outbound_port, asks)
+            assert [s for s, _ in got] == [200] * 7 + [429], got
+            assert all("x-nodemesh-route" not in h for _, h in got), got
+            assert metric(n1, "nodemesh_ratelimit_decisions_total", policy="default/search-limit",
+                          result="limited") == 1
+
+    try:
+        run(go())
+    finally:
+        for p in pods:
+            p.shutdown()
+            p.server_close()

@@ -139,8 +139,8 @@ REFUSED = {
                                        "      requestsPerSecond: 1\n    descriptors:"),
                            "    - principal: cluster.local/ns/shop/sa/batch",
                            "spec.http.identities[1].principal", "listed twice"),
-    "route target": (RLP.replace("port: 80}", "port: 80, route: reviews-v2}"), "targetRef",
-                     "spec.targetRef.route", "route is not supported yet"),
+    "route as a string": (RLP.replace("port: 80}", "port: 80, route: reviews-v2}"), "targetRef",
+                          "spec.targetRef.route", "expected {virtualService: <name>, name: <route name>}"),
     "two descriptor kinds": (RLP.replace("- method: POST", "- method: POST\n      pathPrefix: /x"),
                              "- method: POST", "spec.http.descriptors[2]", "exactly one of"),
     "no limit": (RLP.split("  http:")[0], "targetRef", "spec", "needs a limit"),
@@ -247,12 +247,12 @@ def limiter(*texts: str, nodes: dict[str, int] | None = None, node: str = "n1",
 
 def ask(rl: RateLimits, d: Directory, principal: str = f"{TD}/ns/shop/sa/web", method: str = "GET",
         path: str = "/", headers: list[tuple[str, str]] | None = None, port: int = 8080,
-        workload: str = "api-1") -> int | LocalReply:
+        workload: str = "api-1", route: str = "") -> int | LocalReply:
     w = d.snapshot.workloads[("shop", workload)]
     ex = Exchange(0.0, method, "api", path)
     facts = authz.Facts(principal=principal, destination_port=port)
     try:
-        rl.judge_request(w, lambda: facts, ex, headers or [], path)
+        rl.judge_request(w, lambda: facts, ex, headers or [], path, route)
     except LocalReply as r:
         return r
     return 200

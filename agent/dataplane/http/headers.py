@@ -10,6 +10,14 @@ Forwarding: ``x-forwarded-for``, ``forwarded`` and ``x-forwarded-client-cert``
 carry only what nodemesh verified (the calling pod's address as the proxy saw
 its socket, the identity of the tunnel's client certificate); whatever the app
 sent under those names is removed first, never trusted or appended to.
+
+Route: ``x-nodemesh-route`` names the VirtualService route the source agent chose
+(:data:`agent.control.ratelimit.ROUTE_HEADER`, for route-targeted rate limits). Every
+proxy hop removes what arrived under that name (:func:`forwarding`); the outbound then
+sets its own on requests it sends through HBONE (:func:`with_route`), on streams whose
+CONNECT says the agent parsed their requests (:data:`PARSED`: an app's bytes relayed as TCP
+never carry a trusted route), and the inbound reads it (:func:`route_of`) only from those
+streams, before removing it for the pod.
 """
 
 from __future__ import annotations
@@ -17,10 +25,16 @@ from __future__ import annotations
 import random
 import re
 import uuid
+from collections.abc import Iterable
 
+from agent.control.ratelimit import ROUTE_HEADER, ROUTE_ID_RE
 from agent.proto.http1 import Header
 
+ROUTE = ROUTE_HEADER.encode("ascii")
 FORWARDING = frozenset({b"x-forwarded-for", b"forwarded", b"x-forwarded-client-cert"})
+# on an HBONE CONNECT: the source agent parsed this stream's HTTP requests (its route header holds)
+PARSED = ("x-nodemesh-parsed", "http")
+_VOUCHED = FORWARDING | {ROUTE}  # what only a proxy writes: a sender's copy never passes
 _TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}\Z")
 _ZERO_TRACE = b"0" * 32
@@ -73,10 +87,10 @@ def _for(address: str) -> bytes:
 def forwarding(
     headers: list[Header], client_address: str | None, *, by: str = "", client_principal: str = ""
 ) -> list[Header]:
-    """``headers`` without any forwarding header the sender wrote, plus ours: the verified
-    client address (none when it is not known for sure) and, when the proxy verified a
-    client certificate, Envoy's x-forwarded-client-cert ``By=<server id>;URI=<client id>``."""
-    out = [(k, v) for k, v in headers if k not in FORWARDING]
+    """``headers`` without any forwarding (or route) header the sender wrote, plus ours: the
+    verified client address (none when it is not known for sure) and, when the proxy verified
+    a client certificate, Envoy's x-forwarded-client-cert ``By=<server id>;URI=<client id>``."""
+    out = [(k, v) for k, v in headers if k not in _VOUCHED]
     if client_address:
         out.append((b"x-forwarded-for", client_address.encode("ascii")))
         out.append((b"forwarded", b"for=" + _for(client_address)))
@@ -84,6 +98,27 @@ def forwarding(
         xfcc = f"By={by};URI={client_principal}" if by else f"URI={client_principal}"
         out.append((b"x-forwarded-client-cert", xfcc.encode("ascii")))
     return out
+
+
+def with_route(headers: list[Header], route: str) -> list[Header]:
+    """``headers`` (already without a sender's route header) plus the chosen route's ("": none)."""
+    return [*headers, (ROUTE, route.encode("ascii"))] if route else headers
+
+
+def without_route(headers: list[Header]) -> list[Header]:
+    return [h for h in headers if h[0] != ROUTE]
+
+
+def route_of(headers: Iterable[tuple[str | bytes, str | bytes]]) -> str:
+    """The route header's value; "" when absent, repeated or malformed. Only for headers an
+    agent sent (an HBONE stream's requests)."""
+    found = ""
+    for k, v in headers:
+        if k in (ROUTE, ROUTE_HEADER):
+            if found:
+                return ""
+            found = (v.decode("latin-1") if isinstance(v, bytes) else v) or " "
+    return found if ROUTE_ID_RE.match(found) else ""
 
 
 def split_h2(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[Header]]:
