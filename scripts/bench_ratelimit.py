@@ -17,11 +17,13 @@ these cases (policies written as users write them, YAML through the validator):
 * ``total+identity+header``: a total, a per-identity and a per-header-value descriptor
   (three buckets, admitted);
 * ``service scope``: ``total`` with ``scope: service`` (a node's share);
-* ``refused``: a total whose bucket is empty: the 429 LocalReply built and raised.
+* ``refused``: a total whose bucket is empty: the 429 LocalReply built and raised;
+* ``route: its route`` / ``route: another route``: ``total`` on one VirtualService route
+  (``targetRef.route``), the request of that route (one bucket) or of another (passed by).
 
 The baseline is the same call with no RateLimits attached (``limits = None``). Medians of 5
-runs, microseconds per request; a table on stdout and JSON in ``--out-dir``
-(bench-results/ratelimit-<timestamp>.json).
+runs, microseconds per request; a table on stdout, JSON in ``--out-dir``
+(bench-results/ratelimit-<timestamp>.json) and a bar chart of the added cost next to it (.png).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import benchplot  # noqa: E402  (scripts/, this script's own directory)
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from agent.control import authz  # noqa: E402
@@ -87,13 +90,23 @@ apiVersion: nodemesh.io/v1
 kind: Workload
 metadata: {name: reviews-2, namespace: shop, labels: {app: reviews}}
 spec: {address: 10.244.3.9, node: n3, serviceAccount: reviews}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  http:
+  - {name: search, match: [{uri: {prefix: /search}}], route: [{destination: {host: reviews}}]}
+  - {name: api, route: [{destination: {host: reviews}}]}
 """
 
 
-def limit(service: str, spec: str) -> str:
+def limit(service: str, spec: str, route: str = "") -> str:
+    to = f", route: {{virtualService: reviews, name: {route}}}" if route else ""
     return ("---\napiVersion: nodemesh.io/v1\nkind: RateLimitPolicy\n"
             "metadata: {name: limit, namespace: shop}\n"
-            f"spec:\n  targetRef: {{kind: Service, name: {service}, port: 9080}}\n{spec}")
+            f"spec:\n  targetRef: {{kind: Service, name: {service}, port: 9080{to}}}\n{spec}")
 
 
 CASES = {
@@ -105,7 +118,10 @@ CASES = {
         "    descriptors: [{header: x-tenant, requestsPerSecond: 1000000}]\n")),
     "service scope": limit("reviews", "  scope: service\n  http: {total: {requestsPerSecond: 1000000}}\n"),
     "refused": limit("reviews", "  http: {total: {requestsPerSecond: 0.001, burst: 1}}\n"),
+    "route: its route": limit("reviews", "  http: {total: {requestsPerSecond: 1000000}}\n", "search"),
+    "route: another route": limit("reviews", "  http: {total: {requestsPerSecond: 1000000}}\n", "search"),
 }
+ROUTES = {"route: its route": "shop/reviews/search", "route: another route": "shop/reviews/api"}
 
 
 def authorizer(text: str, with_limits: bool) -> Authorizer:
@@ -118,7 +134,7 @@ def authorizer(text: str, with_limits: bool) -> Authorizer:
     return az
 
 
-def request(az: Authorizer) -> Callable[[], bool]:
+def request(az: Authorizer, route: str = "") -> Callable[[], bool]:
     w = az.directory().snapshot.workloads[("shop", "reviews-1")]
 
     def conn() -> authz.Facts:
@@ -127,7 +143,7 @@ def request(az: Authorizer) -> Callable[[], bool]:
     def one() -> bool:
         try:
             az.judge_request(w, conn, Exchange(0.0, METHOD, AUTHORITY, TARGET), HEADERS,
-                             PathNormalization.BASE)
+                             PathNormalization.BASE, route)
         except LocalReply as r:
             if r.status != 429:
                 raise
@@ -145,7 +161,7 @@ def main() -> None:
     base, base_runs = median_us(request(authorizer("", with_limits=False)), a.requests)
     rows: list[dict[str, Any]] = []
     for name, text in CASES.items():
-        one = request(authorizer(text, with_limits=True))
+        one = request(authorizer(text, with_limits=True), ROUTES.get(name, ""))
         if name == "refused":
             one()  # (the burst's one token)
         admitted = one()
@@ -164,7 +180,12 @@ def main() -> None:
         json.dump({"benchmark": "ratelimit", "revision": revision(), "python": platform.python_version(),
                    "machine": platform.machine(), "requests_per_run": a.requests, "runs": RUNS,
                    "baseline_us": base, "baseline_runs_us": base_runs, "cases": rows}, f, indent=1)
-    print(f"\nJSON: {os.path.relpath(path, ROOT)}")
+    png = benchplot.bars(benchplot.png_next_to(path),
+                         f"RateLimitPolicy cost per request (baseline {base:.2f} µs)",
+                         [r["case"] for r in rows], [r["added_us"] for r in rows], "µs added per request",
+                         rotate=30)
+    print(f"\nJSON: {os.path.relpath(path, ROOT)}"
+          + (f"; plot: {os.path.relpath(png, ROOT)}" if png else "; no plot (matplotlib not installed)"))
 
 
 if __name__ == "__main__":
