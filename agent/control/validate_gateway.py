@@ -108,11 +108,10 @@ def _server(doc: _Doc, m: Mapping[str, Any], path: str) -> GatewayServer:
                            hint="for TLS the gateway passes through by SNI, use protocol TLS with "
                                 "mode PASSTHROUGH")
     elif protocol == "TLS":
-        if tls is None or tls.mode != "PASSTHROUGH":
+        if tls is None or not tls.mode:
             raise doc.fail(tpath + (".mode" if tls is not None else ""),
-                           f"a TLS server with tls.mode {tls.mode if tls else 'unset'} is {_YET}: "
-                           "only PASSTHROUGH (routed by SNI with VirtualService tls routes)",
-                           hint="to terminate TLS use protocol HTTPS")
+                           "a TLS server needs tls.mode: PASSTHROUGH (routed by SNI with VirtualService "
+                           "tls routes), or SIMPLE/MUTUAL (terminated, then VirtualService tcp routes)")
     elif tls is not None and tls.mode:
         raise doc.fail(f"{tpath}.mode", f"a {protocol} server takes no tls.mode"
                        + (" (only httpsRedirect)" if protocol == "HTTP" else ""))

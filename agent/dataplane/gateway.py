@@ -91,16 +91,16 @@ class Credentials:
     def __init__(self, directory: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.clock = clock
-        self._cache: dict[tuple[str, str, str, bool], _Loaded] = {}
+        self._cache: dict[tuple[str, str, str, tuple[str, ...]], _Loaded] = {}
         self.reloads = 0
         self.rlog = RateLimitedLog(log)
 
     def paths(self, tls: ServerTls) -> tuple[str, ...]:
         return tuple(os.path.join(self.directory, f) for f in credential_files(tls))
 
-    def context(self, tls: ServerTls, h2: bool = False) -> ssl.SSLContext:
-        """The server context for ``tls``'s credential; ``h2``: ALPN offers HTTP/2 too."""
-        key = (tls.credential_name, tls.mode, tls.min_protocol_version, h2)
+    def context(self, tls: ServerTls, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+        """The server context for ``tls``'s credential, offering ``alpn`` (none: no ALPN)."""
+        key = (tls.credential_name, tls.mode, tls.min_protocol_version, alpn)
         entry = self._cache.get(key)
         now = self.clock()
         if entry is not None and now - entry.checked_s < CREDENTIAL_RECHECK_S:
@@ -111,7 +111,7 @@ class Credentials:
             if entry is not None and entry.signature == sig:
                 entry.checked_s = now
                 return entry.context
-            ctx = server_context(tls, paths, h2)
+            ctx = server_context(tls, paths, alpn)
         except (OSError, ssl.SSLError) as e:
             reason = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
             why = f"credential {tls.credential_name!r} in {self.directory}: {reason}"
@@ -128,7 +128,8 @@ class Credentials:
         return ctx
 
 
-def server_context(tls: ServerTls, paths: tuple[str, ...], h2: bool = False) -> ssl.SSLContext:
+def server_context(tls: ServerTls, paths: tuple[str, ...], alpn: tuple[str, ...] = ("http/1.1",),
+                   ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_protocol_version == "TLSV1_3" \
         else ssl.TLSVersion.TLSv1_2
@@ -136,9 +137,8 @@ def server_context(tls: ServerTls, paths: tuple[str, ...], h2: bool = False) -> 
     if tls.mode == "MUTUAL":
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(paths[2])
-    # a request keeps its protocol upstream (useClientProtocol): HTTP/2 is offered only where
-    # every route leads to a port declared http2 or grpc (gatewayplan.h2_upstream)
-    ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -355,28 +355,42 @@ class IngressGateway:
         plan = self.table().ports.get(port)
         if plan is None:
             return conn.close()
-        if plan.kind == "http":
-            return await self._http(conn, addr, port, None)
-        if plan.kind == "tcp":
-            return await self._connection(conn, port, None)
+        sni: str | None = None
+        ctx: ssl.SSLContext | None = None
+        if plan.kind not in ("http", "tcp"):
+            try:
+                sni = await peek_sni(conn)
+            except (NotTls, ConnectionError, TimeoutError, OSError) as e:
+                self._rlog.info("hello", "gateway: port %d, %s: no ClientHello (%s)", port, addr[0], e)
+                return conn.close()
+        if plan.kind in ("https", "tls-terminated"):
+            sv = gatewayplan.server_for(plan.servers, sni or "") or plan.servers[0]
+            tls = sv.server.tls or ServerTls()  # (a terminating server always has its tls: validated)
+            alpn: tuple[str, ...] = ()
+            if plan.kind == "https":  # h2 only where every route leads to an http2/grpc port
+                alpn = ("h2", "http/1.1") if gatewayplan.h2_upstream(self.table(), sv) else ("http/1.1",)
+            try:
+                ctx = self.credentials.context(tls, alpn)
+            except CredentialError as e:
+                self._rlog.warning(f"cred {tls.credential_name}", "gateway: port %d: not served: %s", port, e)
+                return conn.close()
+        app = await self._accept(conn, addr, port, ctx)
+        if app is None:
+            return None
         try:
-            sni = await peek_sni(conn)
-        except (NotTls, ConnectionError, TimeoutError, OSError) as e:
-            self._rlog.info("hello", "gateway: port %d, %s: no ClientHello (%s)", port, addr[0], e)
-            return conn.close()
-        if plan.kind == "tls":
-            return await self._connection(conn, port, sni)
-        sv = gatewayplan.server_for(plan.servers, sni) or plan.servers[0]
-        tls = sv.server.tls or ServerTls()  # (an HTTPS server always has its tls: validated)
-        try:
-            ctx = self.credentials.context(tls, gatewayplan.h2_upstream(self.table(), sv))
-        except CredentialError as e:
-            self._rlog.warning(f"cred {tls.credential_name}", "gateway: port %d: not served: %s", port, e)
-            return conn.close()
-        await self._http(conn, addr, port, ctx)
+            if plan.kind in ("http", "https"):
+                await self._http(app, addr, port, ctx is not None)
+            else:  # tcp, tls-terminated: tcp routes; tls (passthrough): tls routes by the SNI
+                await self._connection(app, port, sni if plan.kind == "tls" else None)
+        finally:
+            if app.failure() is not None:
+                app.abort()
+            else:
+                app.writer.close()
 
-    async def _http(self, conn: socket.socket, addr: tuple[str, int], port: int,
-                    ctx: ssl.SSLContext | None) -> None:
+    async def _accept(self, conn: socket.socket, addr: tuple[str, int], port: int,
+                      ctx: ssl.SSLContext | None) -> SocketEnd | None:
+        """Streams over the accepted socket, TLS terminated with ``ctx`` when given."""
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=SOCKET_READ_LIMIT)
         proto = asyncio.StreamReaderProtocol(reader)
@@ -386,46 +400,38 @@ class IngressGateway:
         except (OSError, ssl.SSLError, TimeoutError) as e:
             self._rlog.info("handshake", "gateway: port %d, %s: TLS handshake failed: %s", port, addr[0], e)
             conn.close()
-            return
-        writer = asyncio.StreamWriter(transport, proto, reader, loop)
-        app = SocketEnd(reader, writer)
-        side = GatewayHttp(self, addr[0], port, "https" if ctx is not None else "http")
-        out = self.outbound
-        try:
-            if ctx is not None:
-                tls_obj = writer.get_extra_info("ssl_object")
-                h2 = tls_obj is not None and tls_obj.selected_alpn_protocol() == "h2"
-                wire, first = (protocol.Wire.HTTP2 if h2 else protocol.Wire.HTTP1), b""
-            else:
-                wire, first = await protocol.resolve(Protocol.HTTP, app, out.config.sniff_timeout_s)
-            if wire is protocol.Wire.HTTP2:
-                await H2Loop(app, side, name=f"gateway from {addr[0]}:{addr[1]}",
-                             retry_buffer_bytes=out.config.http.retry_buffer_bytes).run(first)
-            else:
-                await H1Loop(app, side, out.config.http).run(first)
-        finally:
-            if app.failure() is not None:
-                app.abort()
-            else:
-                writer.close()
+            return None
+        return SocketEnd(reader, asyncio.StreamWriter(transport, proto, reader, loop))
 
-    async def _connection(self, conn: socket.socket, port: int, sni: str | None) -> None:
-        """A TCP server's connection, or a TLS passthrough one (``sni``): route, then relay."""
-        reader, writer = await asyncio.open_connection(sock=conn, limit=SOCKET_READ_LIMIT)
-        app = SocketEnd(reader, writer)
+    async def _http(self, app: SocketEnd, addr: tuple[str, int], port: int, tls: bool) -> None:
+        side = GatewayHttp(self, addr[0], port, "https" if tls else "http")
+        out = self.outbound
+        if tls:
+            tls_obj = app.writer.get_extra_info("ssl_object")
+            h2 = tls_obj is not None and tls_obj.selected_alpn_protocol() == "h2"
+            wire, first = (protocol.Wire.HTTP2 if h2 else protocol.Wire.HTTP1), b""
+        else:
+            wire, first = await protocol.resolve(Protocol.HTTP, app, out.config.sniff_timeout_s)
+        if wire is protocol.Wire.HTTP2:
+            await H2Loop(app, side, name=f"gateway from {addr[0]}:{addr[1]}",
+                         retry_buffer_bytes=out.config.http.retry_buffer_bytes).run(first)
+        else:
+            await H1Loop(app, side, out.config.http).run(first)
+
+    async def _connection(self, app: SocketEnd, port: int, sni: str | None) -> None:
+        """A TCP connection (or one whose TLS the gateway terminated): the tcp routes; a TLS
+        passthrough one (``sni``): the tls routes. Then relayed as the outbound relays."""
         out = self.outbound
         src = self.workload()
         try:
-            try:
-                t = self.table()
-                plan = gatewayplan.tls_target(t, port, sni, self.rng) if sni is not None \
-                    else gatewayplan.tcp_target(t, port, src, self.rng)
-            except LocalReply as e:
-                return out._fail(app, e.flag, f"gateway port {port}: {e}")
-            if not plan.endpoints:
-                return out._fail(app, "UH", f"gateway port {port}: {plan.balancer_key}: no healthy endpoint")
-            route = Route(plan.service, plan.port, plan.endpoints, plan.policy)
-            address = self.config.address
-            await out._tcp(app, src, self.identity, route, b"", (address, 0), address, plan.pool)
-        finally:
-            writer.close()
+            t = self.table()
+            plan = gatewayplan.tls_target(t, port, sni, self.rng) if sni is not None \
+                else gatewayplan.tcp_target(t, port, src, self.rng)
+        except LocalReply as e:
+            return out._fail(app, e.flag, f"gateway port {port}: {e}")
+        if not plan.endpoints:
+            return out._fail(app, "UH", f"gateway port {port}: {plan.balancer_key}: no healthy endpoint")
+        route = Route(plan.service, plan.port, plan.endpoints, plan.policy)
+        address = self.config.address
+        await out._tcp(app, src, self.identity, route, b"", (address, 0), address, plan.pool)
+        return None

@@ -16,8 +16,8 @@ namespace and name. Then, per request or connection:
 - :func:`tls_target`: a TLS passthrough port's connection by its SNI: the first
   bound VirtualService's first ``tls`` route whose ``sniHosts`` (and ``port``)
   take it.
-- :func:`tcp_target`: a TCP port's connection: the first bound VirtualService
-  with a ``tcp`` route taking it.
+- :func:`tcp_target`: a TCP port's connection (or a TLS one the gateway
+  terminated): the first bound VirtualService with a ``tcp`` route taking it.
 - :func:`h2_upstream`: whether an HTTPS server may offer HTTP/2 in ALPN: only when
   every route its VirtualServices have leads to a service port declared ``http2``
   or ``grpc`` (requests keep their protocol upstream; nodemesh does not translate).
@@ -73,13 +73,14 @@ class Served:
 @dataclass(frozen=True, slots=True)
 class PortPlan:
     port: int
-    kind: str  # http | https | tls | tcp
+    kind: str  # http | https | tls | tls-terminated | tcp
     servers: tuple[Served, ...]
 
 
 def port_kind(s: GatewayServer) -> str:
-    if s.protocol == "HTTPS":
-        return "https"
+    """http | https | tls (passed through) | tls-terminated (then tcp routes) | tcp"""
+    if s.protocol == "TLS" and s.tls is not None and s.tls.mode != "PASSTHROUGH":
+        return "tls-terminated"
     return s.protocol.lower()
 
 

@@ -53,6 +53,7 @@ WORKLOADS = [  # (loopback addresses: made here, as the other component tests do
     Workload("tls-b", "default", "127.0.0.54", "n1", labels={"app": "tls-b"}),
     Workload("echo", "default", "127.0.0.55", "n2", labels={"app": "echo"}),
     Workload("grpc-1", "default", "127.0.0.56", "n2", labels={"app": "grpc"}),
+    Workload("greet", "default", "127.0.0.57", "n2", labels={"app": "greet"}),
 ]
 REGISTRY = """
 apiVersion: nodemesh.io/v1
@@ -95,6 +96,9 @@ spec:
     tls: {mode: PASSTHROUGH}
   - port: {number: 20546, name: tcp, protocol: TCP}
     hosts: ["*"]
+  - port: {number: 20548, name: tls-terminated, protocol: TLS}
+    hosts: [secure.example.com]
+    tls: {mode: SIMPLE, credentialName: simple-cred}
   - port: {number: 20582, name: http-grpc, protocol: HTTP}
     hosts: [grpc.example.com]
   - port: {number: 20547, name: https-grpc, protocol: HTTPS}
@@ -132,6 +136,21 @@ spec:
   tcp:
   - match: [{port: 20546}]
     route: [{destination: {host: echo, port: {number: 9000}}}]
+---
+apiVersion: nodemesh.io/v1
+kind: Service
+metadata: {name: greet}
+spec: {ports: [{port: 9100, targetPort: 20557, protocol: tcp}], selector: {app: greet}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: greet}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  tcp:
+  - match: [{port: 20548}]
+    route: [{destination: {host: greet, port: {number: 9100}}}]
 ---
 apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
@@ -262,7 +281,7 @@ async def _tls_pod(host: str, port: int, name: str, pki: Pki, work: str) -> asyn
 
 
 @contextlib.asynccontextmanager
-async def gateway_bed(ports: int = 8) -> AsyncIterator[Bed]:
+async def gateway_bed(ports: int = 9) -> AsyncIterator[Bed]:
     """The mesh, the pods and a running gateway; ``ports``: how many it must be listening on."""
     work = tempfile.mkdtemp(prefix="nm-gw-")
     creds = os.path.join(work, "creds")
@@ -284,6 +303,14 @@ async def gateway_bed(ports: int = 8) -> AsyncIterator[Bed]:
     snap = b.build(2)
     pod = http_pod("127.0.0.51", 20511, "web-2")
     echo = await echo_server("127.0.0.55", 20555, "echo")
+
+    async def greet(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:  # answers the first bytes
+        with contextlib.suppress(Exception):
+            w.write(b"greet:" + await r.read(1024))
+            await w.drain()
+        w.close()
+
+    greeter = await asyncio.start_server(greet, "127.0.0.57", 20557)
     tls_pods = [
         await _tls_pod("127.0.0.53", 20553, "a", pki, work),
         await _tls_pod("127.0.0.54", 20554, "b", pki, work),
@@ -315,7 +342,7 @@ async def gateway_bed(ports: int = 8) -> AsyncIterator[Bed]:
     finally:
         pod.shutdown()
         pod.server_close()
-        for s in [*tls_pods, echo]:
+        for s in [*tls_pods, echo, greeter]:
             s.close()
         shutil.rmtree(work, ignore_errors=True)
 
@@ -613,6 +640,14 @@ def test_tcp_server_routed_by_the_bound_tcp_route() -> None:
             w.write_eof()
             assert await r.read() == b"echo:ping"  # the pod on n2, over HBONE
             w.close()
+            # a TLS server in SIMPLE mode: the gateway terminates TLS, then its tcp route (in plain
+            # TCP to the pod, over HBONE)
+            ctx = ssl.create_default_context(cafile=bed.pki.ca_file)
+            r, w = await asyncio.open_connection(GW, 20548, ssl=ctx, server_hostname="secure.example.com")
+            w.write(b"over tls")
+            # (TLS has no half-close: the pod's end closes nothing the client sees until it closes)
+            assert await asyncio.wait_for(r.readexactly(14), 10) == b"greet:over tls"
+            w.close()
             assert (
                 metric(
                     bed.mesh.nodes["n2"],
@@ -630,7 +665,7 @@ def test_a_port_it_cannot_listen_on_is_reported_and_taken_once_free() -> None:
     async def main() -> None:
         blocker = socket.create_server((GW, 20580))  # (as a predecessor still draining would)
         try:
-            async with gateway_bed(ports=7) as bed:
+            async with gateway_bed(ports=8) as bed:
                 assert 20580 not in bed.gateway.ports
                 (line,) = bed.gateway.problem_lines()
                 assert line.startswith("gateway port 20580: cannot listen on 127.0.0.50:20580")

@@ -138,10 +138,9 @@ def test_servers_all_kinds_and_host_forms() -> None:
             "SIMPLE or MUTUAL",
         ),
         (
-            "  - port: {number: 443, protocol: TLS}\n    hosts: ['*']\n"
-            "    tls: {mode: SIMPLE, credentialName: x}\n",
-            "spec.servers[0].tls.mode",
-            "PASSTHROUGH",
+            "  - port: {number: 443, protocol: TLS}\n    hosts: ['*']\n",
+            "spec.servers[0].tls",
+            "a TLS server needs tls.mode",
         ),
         (
             "  - port: {number: 443, protocol: HTTPS}\n    hosts: ['*']\n"
@@ -546,3 +545,24 @@ def test_apply_with_the_gateway_credentials_refuses_a_missing_credential_file(tm
     assert r.exit_code == 0 and "Gateway default/gw created" in r.output, r.output
     r = CliRunner().invoke(cli, ["get", "gw"], env=env)
     assert "80/HTTP,443/HTTPS/MUTUAL" in r.output, r.output
+
+
+def test_a_tls_server_terminates_with_simple_and_passes_through_otherwise() -> None:
+    t = _table(
+        gw_yaml(
+            "  - port: {number: 9443, protocol: TLS}\n    hosts: ['*']\n"
+            "    tls: {mode: SIMPLE, credentialName: c}\n"
+            "  - port: {number: 8443, protocol: TLS}\n    hosts: ['*']\n    tls: {mode: PASSTHROUGH}\n"
+        ),
+        "",
+    )
+    assert (t.ports[9443].kind, t.ports[8443].kind) == ("tls-terminated", "tls")
+    with pytest.raises(InputError) as e:  # one port: terminated or passed through, not both
+        parse(
+            gw_yaml(
+                "  - port: {number: 443, protocol: TLS}\n    hosts: [a.com]\n    tls: {mode: PASSTHROUGH}\n"
+                "  - port: {number: 443, protocol: TLS}\n    hosts: [b.com]\n"
+                "    tls: {mode: SIMPLE, credentialName: c}\n"
+            )
+        )
+    assert e.value.path == "spec.servers[1].port.number"
