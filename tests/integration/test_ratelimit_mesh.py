@@ -6,7 +6,9 @@ client pod (n<i>-p2: n1 and n2 as ``web``, n3 as ``batch``). Local limits: clien
 call n2's api pod across nodes, so n2's inbound judges them. The service-wide limit: each client
 calls its own node's api pod (80/10/10 of the load), so each agent judges its own share and the
 three agents divide the budget among themselves; n1 is then partitioned from its peers by
-blackhole routes inside the testbed's node namespaces.
+blackhole routes inside the testbed's node namespaces. A limit on one VirtualService route:
+the client on n1 calls the service's VIP (the source agent chooses the route), with forged
+route headers.
 """
 
 from __future__ import annotations
@@ -291,3 +293,44 @@ def test_a_limit_change_applies_on_propagation_and_removal_restores_throughput(b
     got = bed.h2load({"n1-p2": ("n2-p1", 200)}, 2)["n1-p2"]
     assert got["4xx"] == 0 and got["5xx"] == 0 and within(got["2xx"] / got["s"], 200, 0.1), got
 
+
+
+ROUTES = """apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api]
+  http:
+  - name: search
+    match: [{uri: {prefix: /search}}]
+    route: [{destination: {host: api}}]
+  - name: rest
+    route: [{destination: {host: api}}]
+---
+"""
+
+
+def test_a_route_limit_applies_to_that_route_only_and_cannot_be_forged(bed: Bed) -> None:
+    """Through the service's VIP (the source agent chooses the VirtualService route): /search is
+    limited (5/s, burst 5, per endpoint: 3 endpoints), /other is not, whatever route header the
+    client sends."""
+    limit = policy("api-search", "  http:\n    total: {requestsPerSecond: 5, burst: 5}\n")
+    bed.apply(SERVICE + ROUTES + limit.replace("port: 80}", "port: 80, route: {virtualService: api, "
+                                                                          "name: search}}"))
+    bed.settle()
+
+    def codes(path: str, forged: str) -> list[str]:
+        r = bed.bed.exec("n1-p2", ["curl", "-sS", "-w", "%{http_code}\\n",
+                                   "-H", f"x-nodemesh-route: {forged}", *[f"http://10.96.0.80{path}"] * 40])
+        return re.findall(r"(\d{3})$", r.stdout, re.M)  # (each body, then its status)
+
+    try:
+        other = codes("/other", "default/api/search")  # another route, claiming the limited one
+        search = codes("/search", "default/api/rest")  # the limited route, claiming another
+        print(f"route limit: /search {search.count('200')} of 40 admitted, /other {other.count('200')}")
+        assert other == ["200"] * 40, other  # not limited: the client's header is not the route
+        assert len(search) == 40 and 10 <= search.count("200") <= 30 and set(search) == {"200", "429"}, search
+    finally:
+        bed.delete("api-search")
+        r = bed.bed.cli("delete", "vs", "api", "--registry-dir", bed.bed.registry_dir, check=False)
+        assert r.returncode in (0, 3), r.stdout + r.stderr
