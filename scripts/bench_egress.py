@@ -13,7 +13,7 @@ nginx (one worker, ``return 200`` of a 1 KiB body) on a host outside the mesh
 
 Reports req/s and wrk's p50 latency per path (medians over the rounds) and egress/direct ratios,
 as a table and JSON (``--out``). Needs root; everything it creates carries a fresh testbed
-prefix and is removed at the end, also on failure. Run through ``/tmp/nmrun`` on shared hosts.
+prefix and is removed at the end, also on failure.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ http:// and https://: req/s with 16 keep-alive connections, p50 latency with one
 waits behind another); the report is req/s and p50 (medians of the rounds) and the
 nodemesh/haproxy ratios of req/s and of the added p50 (p50 minus direct's), as a table and JSON
 (``--out``). Needs root; everything it creates carries a fresh testbed prefix and
-is removed at the end, also on failure. Run it through ``/tmp/nmrun`` on shared hosts:
+is removed at the end, also on failure:
 
-    /tmp/nmrun .venv/bin/python scripts/bench_gateway.py --rounds 3 --seconds 5 --out gw.json
+    .venv/bin/python scripts/bench_gateway.py --rounds 3 --seconds 5 --out gw.json
 """
 
 from __future__ import annotations
