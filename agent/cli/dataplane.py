@@ -162,7 +162,8 @@ def _print_agent(doc: dict[str, Any]) -> None:
     for rl in doc.get("rate_limits", []):
         rate = f"{rl['local_per_s']:g}/s of {rl['total_per_s']:g}/s" if "total_per_s" in rl else "-"
         peers = ", ".join(f"{n} {s}" for n, s in rl.get("peers", {}).items())
-        click.echo(f"  rate limit {rl['policy']} ({rl['scope']}): {rate}, share {rl['share']:g}, "
+        route = f", route {rl['route']}" if rl.get("route") else ""
+        click.echo(f"  rate limit {rl['policy']} ({rl['scope']}{route}): {rate}, share {rl['share']:g}, "
                    f"admitted {rl['admitted']}, limited {rl['limited']}"
                    + (f", sharing {rl['sharing']}" if "sharing" in rl else "")
                    + (f" [{peers}]" if peers else ""))

@@ -152,7 +152,7 @@ def rate_limit_doc(p: RateLimitPolicy) -> dict[str, Any]:
         "name": p.name, "namespace": p.namespace,
         "targetRef": {"kind": "Service", "name": p.service,
                       **({"port": p.port} if p.port is not None else {}),
-                      **({"route": p.route} if p.route else {})},
+                      **({"route": _route_doc(p.route)} if p.route else {})},
         "scope": p.scope,
         "http": {
             "total": _rate_doc(p.total), "perIdentity": _rate_doc(p.per_identity),
@@ -180,5 +180,21 @@ def rate_limit_from_doc(d: Mapping[str, Any]) -> RateLimitPolicy:
         _rate(http.get("total")), _rate(http.get("perIdentity")),
         tuple(IdentityLimit(i["principal"], _rate(i) or Rate(1, 1)) for i in http.get("identities") or ()),
         tuple(descriptors), _rate(tcp.get("connections")), tcp.get("maxConnections"), d.get("source", ""),
-        ref.get("route", ""),
+        _route_of_doc(ref.get("route")),
     )
+
+
+def _route_doc(rid: str) -> dict[str, str]:
+    """A route id as the YAML names it: ``{virtualService: <ns>/<name>, name: <route>}``."""
+    ns, vs, name = rid.split("/", 2)
+    return {"virtualService": f"{ns}/{vs}", "name": name}
+
+
+def _route_of_doc(d: Any) -> str:
+    if d is None:
+        return ""
+    vs = d.get("virtualService") if isinstance(d, Mapping) else None
+    name = d.get("name") if isinstance(d, Mapping) else None
+    if not isinstance(vs, str) or "/" not in vs or not isinstance(name, str):
+        raise ValueError(f"targetRef.route: {{virtualService: <ns>/<name>, name: <route>}}, got {d!r}")
+    return f"{vs}/{name}"

@@ -10,7 +10,10 @@ import dataclasses
 import http.client
 import json
 import socket
+from collections.abc import Coroutine
 from concurrent import futures
+from http.server import ThreadingHTTPServer
+from typing import Any
 
 import grpc
 
@@ -43,6 +46,16 @@ def with_limits(mesh: Mesh, *policies: RateLimitPolicy) -> None:
 def limits_on(mesh: Mesh) -> None:
     for n in mesh.nodes.values():  # as the agent does: one RateLimits per node, on its Authorizer
         n.inbound.authorizer.limits = RateLimits(lambda: mesh.directory, n.name, n.registry)
+
+
+def run_with_pods(main: Coroutine[Any, Any, None], pods: list[ThreadingHTTPServer]) -> None:
+    """Run a test's main, then stop its HTTP pods (also on failure)."""
+    try:
+        run(main)
+    finally:
+        for p in pods:
+            p.shutdown()
+            p.server_close()
 
 
 def requests(port: int, n: int) -> list[tuple[int, dict[str, str]]]:
@@ -117,12 +130,7 @@ def test_http_limit_answers_429_rl_with_headers_at_the_destination_and_for_a_sam
             with_limits(mesh)  # removed: no limit
             assert {s for s, _ in await asyncio.to_thread(requests, n1.outbound_port, 20)} == {200}
 
-    try:
-        run(go())
-    finally:
-        for p in pods:
-            p.shutdown()
-            p.server_close()
+    run_with_pods(go(), pods)
 
 
 def test_grpc_call_over_the_limit_is_resource_exhausted() -> None:
@@ -362,9 +370,4 @@ def test_route_limit_applies_to_its_route_only_and_an_app_cannot_forge_the_route
             assert metric(n1, "nodemesh_ratelimit_decisions_total", policy="default/search-limit",
                           result="limited") == 1
 
-    try:
-        run(go())
-    finally:
-        for p in pods:
-            p.shutdown()
-            p.server_close()
+    run_with_pods(go(), pods)

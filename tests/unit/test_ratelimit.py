@@ -154,15 +154,19 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(REFUSED))
-def test_refused_with_file_line_field(case: str) -> None:
-    text, on_line, path, reason = REFUSED[case]
+def assert_refused(text: str, on_line: str, path: str, reason: str) -> None:
+    """Parsing ``text`` fails at field ``path`` on the line holding ``on_line``, saying ``reason``."""
     with pytest.raises(InputError) as ei:
         parse(text)
     e = ei.value
     assert e.path == path and e.line == line_of(text, on_line), str(e)
     assert reason in e.reason, str(e)
     assert str(e).startswith(f"rl.yaml:{e.line} at {path}: "), str(e)
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_with_file_line_field(case: str) -> None:
+    assert_refused(*REFUSED[case])
 
 
 def test_unknown_target_and_port_refused_at_apply() -> None:
