@@ -371,3 +371,59 @@ def test_route_limit_applies_to_its_route_only_and_an_app_cannot_forge_the_route
                           result="limited") == 1
 
     run_with_pods(go(), pods)
+
+
+def test_grpc_route_limit_over_http2_and_the_pod_never_sees_the_route() -> None:
+    client = "127.0.0.1"  # grpcio cannot bind a source address
+    ws = [workload("client", client, "n1", sa="client"),
+          workload("web-1", "127.0.0.88", "n2", sa="web", labels=WEB)]
+    svc = Service("web", "default", VIP, (ServicePort("grpc-echo", 80, 20806),), WEB)
+    vs = VirtualService("web", "default", ("web",), (
+        HttpRoute("say", (HttpMatch(uri=StringMatch("prefix", "/echo.Echo/Say")),),
+                  (RouteDestination(Destination("web")),)),
+        HttpRoute("other", (), (RouteDestination(Destination("web")),)),
+    ))
+    limit = RateLimitPolicy("say-limit", "default", "web", total=Rate(0.5, 2), route="default/web/say")
+    seen: list[set[str]] = []  # the metadata keys each call reached the pod with
+
+    def echo(req: bytes, ctx: grpc.ServicerContext) -> bytes:
+        seen.append({k for k, _ in ctx.invocation_metadata()})
+        return req
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    handler = grpc.unary_unary_rpc_method_handler(echo)
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "echo.Echo", {"Say": handler, "Other": handler}),))
+    srv.add_insecure_port("127.0.0.88:20806")
+    srv.start()
+
+    def calls(port: int, method: str, forged: str) -> list[object]:
+        out: list[object] = []
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary(f"/echo.Echo/{method}")
+            for _ in range(3):
+                try:
+                    out.append(call(b"hi", timeout=10, metadata=(("x-nodemesh-route", forged),)))
+                except grpc.RpcError as e:
+                    out.append(e.code())
+        return out
+
+    async def go() -> None:
+        async with two_node_mesh(ws, [svc]) as mesh:
+            mesh.original_dst[(client, 0)] = (VIP, 80)
+            limits_on(mesh)
+            snap = mesh.directory.snapshot
+            mesh.directory = Directory.build(dataclasses.replace(
+                snap, revision=snap.revision + 1, virtual_services={("default", "web"): vs},
+                rate_limit_policies={("default", "say-limit"): limit}))
+            port = mesh.nodes["n1"].outbound_port
+            got = await asyncio.to_thread(calls, port, "Say", "default/web/other")
+            assert got == [b"hi", b"hi", grpc.StatusCode.RESOURCE_EXHAUSTED], got
+            got = await asyncio.to_thread(calls, port, "Other", "default/web/say")  # claims the limited route
+            assert got == [b"hi"] * 3, got
+            assert len(seen) == 5 and not any("x-nodemesh-route" in keys for keys in seen), seen
+
+    try:
+        run(go())
+    finally:
+        srv.stop(0)
