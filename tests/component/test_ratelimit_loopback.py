@@ -37,10 +37,19 @@ CLIENT = "127.0.0.80"
 WEB = {"app": "web"}
 
 
-def with_limits(mesh: Mesh, *policies: RateLimitPolicy) -> None:
+def with_limits(mesh: Mesh, *policies: RateLimitPolicy, vs: VirtualService | None = None) -> None:
     snap = mesh.directory.snapshot
     mesh.directory = Directory.build(dataclasses.replace(
-        snap, revision=snap.revision + 1, rate_limit_policies={(p.namespace, p.name): p for p in policies}))
+        snap, revision=snap.revision + 1, rate_limit_policies={(p.namespace, p.name): p for p in policies},
+        virtual_services={(vs.namespace, vs.name): vs} if vs is not None else snap.virtual_services))
+
+
+def two_routes(limited: str, prefix: str, other: str) -> VirtualService:
+    """VirtualService default/web: route ``limited`` for paths under ``prefix``, ``other`` for the rest."""
+    to_web = (RouteDestination(Destination("web")),)
+    return VirtualService("web", "default", ("web",), (
+        HttpRoute(limited, (HttpMatch(uri=StringMatch("prefix", prefix)),), to_web),
+        HttpRoute(other, (), to_web)))
 
 
 def limits_on(mesh: Mesh) -> None:
@@ -313,11 +322,7 @@ def test_route_limit_applies_to_its_route_only_and_an_app_cannot_forge_the_route
     ws = [workload("client", CLIENT, "n1", sa="client"),
           workload("web-1", "127.0.0.88", "n2", sa="web", labels=WEB)]
     svc = Service("web", "default", VIP, (ServicePort("http-web", 80, 20805),), WEB)
-    vs = VirtualService("web", "default", ("web",), (
-        HttpRoute("search", (HttpMatch(uri=StringMatch("prefix", "/search")),),
-                  (RouteDestination(Destination("web")),)),
-        HttpRoute("rest", (), (RouteDestination(Destination("web")),)),
-    ))
+    vs = two_routes("search", "/search", "rest")
     limit = RateLimitPolicy("search-limit", "default", "web", total=Rate(1.0, 3), route="default/web/search")
     pods = [http_pod("127.0.0.88", 20805, "web-1"), http_pod("127.0.0.89", 20805, "web-2")]
     forged = {"x-nodemesh-route": "default/web/search"}  # what an app would send to spend others' budget
@@ -326,10 +331,7 @@ def test_route_limit_applies_to_its_route_only_and_an_app_cannot_forge_the_route
         async with two_node_mesh(ws, [svc]) as mesh:
             mesh.original_dst[(CLIENT, 0)] = (VIP, 80)
             limits_on(mesh)
-            snap = mesh.directory.snapshot
-            mesh.directory = Directory.build(dataclasses.replace(
-                snap, revision=snap.revision + 1, virtual_services={("default", "web"): vs},
-                rate_limit_policies={("default", "search-limit"): limit}))
+            with_limits(mesh, limit, vs=vs)
             n1, n2 = mesh.nodes["n1"], mesh.nodes["n2"]
             # the search route: 3 (the burst), then 429; an app's route header changes nothing
             asks = [("/search", {"x-nodemesh-route": "x/y/z"})] * 5
@@ -378,11 +380,7 @@ def test_grpc_route_limit_over_http2_and_the_pod_never_sees_the_route() -> None:
     ws = [workload("client", client, "n1", sa="client"),
           workload("web-1", "127.0.0.88", "n2", sa="web", labels=WEB)]
     svc = Service("web", "default", VIP, (ServicePort("grpc-echo", 80, 20806),), WEB)
-    vs = VirtualService("web", "default", ("web",), (
-        HttpRoute("say", (HttpMatch(uri=StringMatch("prefix", "/echo.Echo/Say")),),
-                  (RouteDestination(Destination("web")),)),
-        HttpRoute("other", (), (RouteDestination(Destination("web")),)),
-    ))
+    vs = two_routes("say", "/echo.Echo/Say", "other")
     limit = RateLimitPolicy("say-limit", "default", "web", total=Rate(0.5, 2), route="default/web/say")
     seen: list[set[str]] = []  # the metadata keys each call reached the pod with
 
@@ -412,10 +410,7 @@ def test_grpc_route_limit_over_http2_and_the_pod_never_sees_the_route() -> None:
         async with two_node_mesh(ws, [svc]) as mesh:
             mesh.original_dst[(client, 0)] = (VIP, 80)
             limits_on(mesh)
-            snap = mesh.directory.snapshot
-            mesh.directory = Directory.build(dataclasses.replace(
-                snap, revision=snap.revision + 1, virtual_services={("default", "web"): vs},
-                rate_limit_policies={("default", "say-limit"): limit}))
+            with_limits(mesh, limit, vs=vs)
             port = mesh.nodes["n1"].outbound_port
             got = await asyncio.to_thread(calls, port, "Say", "default/web/other")
             assert got == [b"hi", b"hi", grpc.StatusCode.RESOURCE_EXHAUSTED], got
