@@ -182,8 +182,11 @@ def test_grpc_calls_are_mirrored_with_their_messages_and_the_answers_dropped() -
             answers = await asyncio.to_thread(say_all, n1.outbound_port)
             assert answers == [f"web-1:m{i}" for i in range(10)]  # the client sees the main route only
             deadline = asyncio.get_running_loop().time() + 5
-            while sum(seen.values()) < 10:
-                assert asyncio.get_running_loop().time() < deadline, f"copies seen: {seen}"
+            # (the pod sees a copy before the proxy has read and dropped its answer, which is
+            # when the copy is counted: wait for both)
+            while sum(seen.values()) < 10 or n1.outbound.mirrored < 10:
+                assert asyncio.get_running_loop().time() < deadline, \
+                    f"copies seen: {seen}, mirrored: {n1.outbound.mirrored}"
                 await asyncio.sleep(0.05)
             assert seen == {b"m%d" % i: 1 for i in range(10)}  # each message, once
             assert n1.outbound.mirrored == 10 and n1.outbound.mirror_failures == 0

@@ -946,7 +946,9 @@ def test_mirror_sends_copies_and_drops_their_answers() -> None:
         res = await asyncio.to_thread(keepalive_requests, n1.outbound_port, 10, "/")
         assert {d["pod"] for _, d, _ in res} == {"web-1"}  # the client sees the main route only
         deadline = asyncio.get_running_loop().time() + 5
-        while metric(n2, "istio_requests_total", reporter="destination", destination_workload="web-2") < 10:
+        # (a copy is counted by the source once it has read and dropped the answer: wait for both)
+        while (metric(n2, "istio_requests_total", reporter="destination", destination_workload="web-2") < 10
+               or n1.outbound.mirrored < 10):
             assert asyncio.get_running_loop().time() < deadline, "the copies did not arrive"
             await asyncio.sleep(0.05)
         assert n1.outbound.mirrored == 10 and n1.outbound.mirror_failures == 0
@@ -966,7 +968,8 @@ def test_mirror_sends_copies_and_drops_their_answers() -> None:
         for _ in range(3):
             status, doc = await asyncio.to_thread(post, b"m" * 5000)
             assert status == 200 and doc["pod"] == "web-1" and doc["body"] == "m" * 5000
-        while metric(n2, "istio_requests_total", reporter="destination", destination_workload="web-2") < 13:
+        while (metric(n2, "istio_requests_total", reporter="destination", destination_workload="web-2") < 13
+               or n1.outbound.mirrored < 13):
             assert asyncio.get_running_loop().time() < deadline + 5, "the copies with a body did not arrive"
             await asyncio.sleep(0.05)
         got = metric(n2, "istio_request_bytes_sum", reporter="destination", destination_workload="web-2")
