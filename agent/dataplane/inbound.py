@@ -10,7 +10,9 @@ stream is served by the pod port's protocol (:mod:`agent.dataplane.protocol`:
 declared, or sniffed from the first bytes): TCP ports relay bytes and count
 the connection; HTTP ports run the request loop (:mod:`agent.dataplane.http.h1`)
 with :class:`InboundHttp` as its side, so every request is parsed, counted and
-logged here too (reporter=destination), and (next) authorized per request.
+logged here too (reporter=destination), and judged per request by
+:meth:`agent.dataplane.authorize.Authorizer.judge_request` (normalise, JWT,
+AuthorizationPolicy, then rate limits) on the identity the tunnel verified.
 """
 
 from __future__ import annotations
