@@ -41,6 +41,7 @@ EXTERNAL_IP = "10.250.0.200"
 EXTERNAL_PORT = 8080
 HOST = "api.external.test"
 
+# nginx serving /1k from memory (also bench_gateway's server): {listen} is "[addr:]port"
 NGINX = """daemon off;
 master_process off;
 worker_processes 1;
@@ -52,7 +53,7 @@ http {{
     keepalive_requests 10000000;
     client_body_temp_path {work}/nginx-tmp;
     server {{
-        listen {port} backlog=4096;
+        listen {listen} backlog=4096;
         location = /1k {{ default_type text/plain; return 200 "{body}"; }}
     }}
 }}
@@ -105,7 +106,7 @@ def main() -> int:
             os.makedirs(os.path.join(work, "nginx-tmp"))
             conf = os.path.join(work, "nginx.conf")
             with open(conf, "w") as f:
-                f.write(NGINX.format(work=work, port=EXTERNAL_PORT, body="x" * 1024))
+                f.write(NGINX.format(work=work, listen=EXTERNAL_PORT, body="x" * 1024))
             nginx = testbed.popen_in(ext, None, ["nginx", "-p", work, "-c", conf],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:

@@ -48,28 +48,12 @@ from cryptography.x509.oid import NameOID
 
 from agent import meshbed
 from netns import testbed, topology
-from scripts.bench_egress import wrk
+from scripts.bench_egress import NGINX, wrk
 
 HOST = "my-service"
 HA_HOP_PORT = 16443  # the HAProxy hop on n2's fabric address
 PATHS = ("direct", "nodemesh", "haproxy")
 
-NGINX = """daemon off;
-master_process off;
-worker_processes 1;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 10000000;
-    client_body_temp_path {work}/nginx-tmp;
-    server {{
-        listen {addr}:8080 backlog=4096;
-        location = /1k {{ default_type text/plain; return 200 "{body}"; }}
-    }}
-}}
-"""
 
 HAPROXY = """global
     nbthread 1
@@ -207,7 +191,7 @@ def main() -> int:
                 "labels": {"istio": "ingressgateway"}, "address": gw, "credentials_dir": creds}}
             for node in topo.nodes:
                 bed.start_agent(node)
-            confs = {"nginx.conf": NGINX.format(work=work, addr=server.address, body="x" * 1024),
+            confs = {"nginx.conf": NGINX.format(work=work, listen=f"{server.address}:8080", body="x" * 1024),
                      "ha-n1.cfg": HAPROXY.format(body=HA_N1.format(ha=ha, work=work, n2=n2.fabric_address,
                                                                    hop=HA_HOP_PORT)),
                      "ha-n2.cfg": HAPROXY.format(body=HA_N2.format(work=work, n2=n2.fabric_address,

@@ -16,6 +16,7 @@ Enforcement is the destination node's business (:mod:`agent.dataplane.ratelimit`
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ ROUTE_HEADER = "x-nodemesh-route"
 ROUTE_ID_RE = re.compile(r"[\x21-\x7e]{1,300}\Z", re.ASCII)  # (what a header value carries as is)
 
 
+@functools.lru_cache(maxsize=4096)  # (asked per request by the outbound: built and checked once)
 def route_id(namespace: str, virtual_service: str, route: str) -> str:
     """A VirtualService route's name in :data:`ROUTE_HEADER`; "" if it cannot be carried."""
     rid = f"{namespace}/{virtual_service}/{route}"
