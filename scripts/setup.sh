@@ -10,7 +10,9 @@
 #   4. mounts bpffs at /sys/fs/bpf if it is not mounted;
 #   5. finds the cgroup v2 mount (unified or hybrid) and records it;
 #   6. creates .venv (Debian's python3), makes Debian's BCC importable from it,
-#      installs the project with its test and bench extras.
+#      installs the project with its test and bench extras;
+#   7. compiles the data path's synchronous hot modules with mypyc
+#      (scripts/build_native.py; NODEMESH_NATIVE=0 skips it: pure Python).
 # A second run with nothing to do finishes in a few seconds.
 set -euo pipefail
 
@@ -35,10 +37,11 @@ KREL=$(uname -r)
 
 # Debian packages. Runtime: BCC (python3-bpfcc), bpftool, iproute2 (tc for strict
 # inbound), kernel headers. Tests and demo: real clients and servers. Ops checks:
-# systemd-analyze (unit), Prometheus + promtool (scrape test), vagrant (validate),
+# gcc and Python's headers: mypyc's C (scripts/build_native.py). systemd-analyze (unit), Prometheus + promtool (scrape test), vagrant (validate),
 # headless Chromium + chromedriver (the dashboard's browser test, driven by selenium).
 PACKAGES=(
   python3 python3-venv python3-bpfcc bpftool iproute2 procps
+  gcc python3-dev
   curl dnsutils tcpdump socat
   haproxy nginx-light wrk iperf3 nghttp2-client
   etcd-server etcd-client
@@ -131,5 +134,20 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   printf '%s\n' "$WANT" > "$STAMP"
 else
   say "nodemesh already installed in $VENV"
+fi
+if [ "${NODEMESH_NATIVE:-1}" = "0" ]; then
+  "$VENV/bin/python" "$ROOT/scripts/build_native.py" --clean >/dev/null
+  say "NODEMESH_NATIVE=0: the data path runs as pure Python"
+else
+  # compiled once per change of its sources (about 40 s); a failed build leaves pure Python
+  NLOG=$(mktemp)
+  if "$VENV/bin/python" "$ROOT/scripts/build_native.py" >"$NLOG" 2>&1; then
+    tail -n 1 "$NLOG" | sed 's/^/setup: /'
+    rm -f "$NLOG"
+  else
+    cat "$NLOG" >&2
+    rm -f "$NLOG"
+    die "scripts/build_native.py failed (output above); NODEMESH_NATIVE=0 $0 sets up pure Python"
+  fi
 fi
 say "ready: $VENV/bin/nodemesh"

@@ -20,6 +20,7 @@ def test_second_run_has_nothing_to_do() -> None:
     assert "Debian packages already installed" in out
     assert "nodemesh already installed" in out
     assert "installing" not in out
+    assert "modules already compiled" in out  # scripts/build_native.py: nothing changed, no rebuild
     # BCC from Debian is importable from the project's virtualenv
     subprocess.run([str(ROOT / ".venv/bin/python"), "-c", "import bcc, pyroute2"], check=True)
 

@@ -45,6 +45,7 @@ counts events by kind (:data:`STAT_KINDS`), and :attr:`pending_bytes` is what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import hpack
 import hpack.hpack
@@ -642,7 +643,8 @@ class H2Connection:
 
     def _decode(self, block: bytes) -> Headers:
         try:
-            decoded = self._decoder.decode(block, raw=False)
+            # str pairs with raw=False (its stubs say bytes, which compiled code would enforce)
+            decoded: Any = self._decoder.decode(block, raw=False)
         except Exception as e:  # hpack raises several types; all mean the same to us
             raise H2ProtocolError(f"cannot decode header block: {e}", ErrorCode.COMPRESSION_ERROR) from e
         return [(str(k), str(v)) for k, v in decoded]

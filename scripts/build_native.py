@@ -1,0 +1,124 @@
+"""Compile the data path's synchronous hot modules to C with mypyc (scripts/setup.sh runs this).
+
+Why: the node proxy's per-request work is Python bytecode (the bench's perf profile: the
+interpreter's eval loop was most of the agents' CPU). mypyc compiles our own type-checked
+modules (mypy strict) to C extensions with the same behaviour; nothing else changes.
+
+Which: only modules without ``async def`` (HTTP/1.1 and HTTP/2 cores, header work, routing,
+balancing, metrics, the authorization decider). The request loops and the tunnel stay
+interpreted: mypyc's generated coroutines have had exception-flow bugs (an exception
+re-raised after being caught, seen here as a retried request answered with its first try's
+503), and the data path's retries, resets and timeouts are exceptions through awaits.
+
+Where: each ``<module>.cpython-*.so`` lands next to its ``.py`` (Python imports the .so
+first), the runtime library as ``agent/native__mypyc*.so``, and ``agent/native.json``
+records the sha256 of every compiled source. ``agent/__init__.py`` compares those at import:
+a stale build (a source edited since) is removed, with a warning, and the pure-Python
+modules run, so an edit is never shadowed by old compiled code.
+
+    .venv/bin/python scripts/build_native.py            # build if any source changed
+    .venv/bin/python scripts/build_native.py --clean    # remove the build: pure Python
+    NODEMESH_NATIVE=0 scripts/setup.sh                  # setup without building
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from agent.native import MODULES, STAMP, compiled_files, source_hashes  # noqa: E402
+
+
+def up_to_date() -> bool:
+    try:
+        with open(os.path.join(ROOT, STAMP)) as f:
+            stamp = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if stamp.get("python") != sys.version or stamp.get("sources") != source_hashes(ROOT):
+        return False
+    return all(os.path.exists(p) for p in compiled_files(ROOT, stamp))
+
+
+def clean() -> int:
+    try:
+        with open(os.path.join(ROOT, STAMP)) as f:
+            stamp = json.load(f)
+    except (OSError, ValueError):
+        stamp = {}
+    for path in [*compiled_files(ROOT, stamp), os.path.join(ROOT, STAMP)]:
+        if os.path.exists(path):
+            os.remove(path)
+    return len(stamp.get("files", []))
+
+
+def build() -> None:
+    from mypyc.build import mypycify  # (mypy's compiler: the test extra installs it)
+    from setuptools import Distribution
+
+    paths = [m.replace(".", "/") + ".py" for m in MODULES]
+    with tempfile.TemporaryDirectory(prefix="nodemesh-mypyc-") as tmp:
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # mypyc names modules by path from here
+        try:
+            exts = mypycify(
+                paths, opt_level="3", target_dir=os.path.join(tmp, "c"), group_name="agent.native"
+            )
+            # a Distribution of our own: setuptools would otherwise read pyproject.toml
+            dist = Distribution({"name": "nodemesh-native", "ext_modules": exts})
+            dist.script_args = ["-q", "build_ext", "--inplace", "--build-temp", os.path.join(tmp, "o"),
+                                "--build-lib", os.path.join(tmp, "lib")]
+            dist.parse_command_line()
+            dist.run_commands()
+        finally:
+            os.chdir(cwd)
+    files = sorted(os.path.relpath(p, ROOT) for p in _so_files())
+    stamp = {
+        "python": sys.version,
+        "sources": source_hashes(ROOT),
+        "files": files,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    with open(os.path.join(ROOT, STAMP), "w") as f:
+        json.dump(stamp, f, indent=1)
+        f.write("\n")
+
+
+def _so_files() -> list[str]:
+    out = []
+    for dirpath, _dirs, names in os.walk(os.path.join(ROOT, "agent")):
+        out += [os.path.join(dirpath, n) for n in names if n.endswith(".so")]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clean", action="store_true", help="remove the compiled modules (pure Python)")
+    ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    a = ap.parse_args()
+    if a.clean:
+        print(f"build_native: removed {clean()} compiled files")
+        return 0
+    if not a.force and up_to_date():
+        print(f"build_native: {len(MODULES)} modules already compiled")
+        return 0
+    clean()
+    t = time.monotonic()
+    try:
+        build()
+    except BaseException:
+        clean()  # never half a build: pure Python instead
+        raise
+    print(f"build_native: compiled {len(MODULES)} modules in {time.monotonic() - t:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
