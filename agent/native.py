@@ -1,4 +1,4 @@
-"""Which modules scripts/build_native.py compiles with mypyc, and the guard against a stale build.
+"""Which modules scripts/build_native.py compiles (mypyc, Cython), and the guard against a stale build.
 
 How this works: the build records the sha256 of every compiled source in ``agent/native.json``.
 :func:`drop_stale` (run by ``agent/__init__.py``, before any of these modules is imported)
@@ -17,8 +17,8 @@ import sys
 
 STAMP = os.path.join("agent", "native.json")
 
-# synchronous modules only (see scripts/build_native.py for why), hottest first
-MODULES: tuple[str, ...] = (
+# compiled with mypyc (typed, fastest): synchronous modules only (scripts/build_native.py says why)
+MYPYC_MODULES: tuple[str, ...] = (
     "agent.proto.http1",
     "agent.proto.hbone",
     "agent.proto.h2.connection",
@@ -38,6 +38,21 @@ MODULES: tuple[str, ...] = (
     "agent.metrics.istio",
     "agent.control.authz_decider",
 )
+# compiled with Cython (CPython's own semantics, annotations not enforced): the request loops,
+# the tunnel and the relay, whose retries, resets and timeouts are exceptions through awaits
+CYTHON_MODULES: tuple[str, ...] = (
+    "agent.dataplane.http.h1",
+    "agent.dataplane.http.h2",
+    "agent.dataplane.http.h2session",
+    "agent.dataplane.http.upstream",
+    "agent.dataplane.tunnel",
+    "agent.dataplane.tcp",
+    "agent.dataplane.outbound",
+    "agent.dataplane.inbound",
+    "agent.dataplane.authorize",
+    "agent.dataplane.protocol",
+)
+MODULES = MYPYC_MODULES + CYTHON_MODULES
 
 
 def source_hashes(root: str, modules: tuple[str, ...] = MODULES) -> dict[str, str]:

@@ -1,14 +1,16 @@
-"""Compile the data path's synchronous hot modules to C with mypyc (scripts/setup.sh runs this).
+"""Compile the data path's hot modules to C extensions (scripts/setup.sh runs this).
 
 Why: the node proxy's per-request work is Python bytecode (the bench's perf profile: the
-interpreter's eval loop was most of the agents' CPU). mypyc compiles our own type-checked
-modules (mypy strict) to C extensions with the same behaviour; nothing else changes.
+interpreter's eval loop was most of the agents' CPU). Compiled, the same source runs with
+the same behaviour and less CPU per request; nothing else changes.
 
-Which: only modules without ``async def`` (HTTP/1.1 and HTTP/2 cores, header work, routing,
-balancing, metrics, the authorization decider). The request loops and the tunnel stay
-interpreted: mypyc's generated coroutines have had exception-flow bugs (an exception
-re-raised after being caught, seen here as a retried request answered with its first try's
-503), and the data path's retries, resets and timeouts are exceptions through awaits.
+Which (agent/native.py): modules without ``async def`` (HTTP/1.1 and HTTP/2 cores, header
+work, routing, balancing, metrics, the authorization decider) with mypyc, which uses our
+mypy-strict annotations for native attribute access and arithmetic. The request loops, the
+tunnel and the relay with Cython (annotations not enforced): mypyc's generated coroutines
+have had exception-flow bugs (here: an exception re-raised after it was caught, a retried
+request answered with its first try's 503), and the data path's retries, resets and
+timeouts are exceptions through awaits; Cython's coroutines follow CPython's.
 
 Where: each ``<module>.cpython-*.so`` lands next to its ``.py`` (Python imports the .so
 first), the runtime library as ``agent/native__mypyc*.so``, and ``agent/native.json``
@@ -29,11 +31,12 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from agent.native import MODULES, STAMP, compiled_files, source_hashes  # noqa: E402
+from agent.native import CYTHON_MODULES, MODULES, MYPYC_MODULES, STAMP, compiled_files, source_hashes  # noqa: E402
 
 
 def up_to_date() -> bool:
@@ -60,25 +63,33 @@ def clean() -> int:
 
 
 def build() -> None:
-    from mypyc.build import mypycify  # (mypy's compiler: the test extra installs it)
+    from Cython.Build import cythonize  # (the test extra installs both compilers)
+    from mypyc.build import mypycify
     from setuptools import Distribution
 
-    paths = [m.replace(".", "/") + ".py" for m in MODULES]
-    with tempfile.TemporaryDirectory(prefix="nodemesh-mypyc-") as tmp:
-        cwd = os.getcwd()
-        os.chdir(ROOT)  # mypyc names modules by path from here
-        try:
-            exts = mypycify(
-                paths, opt_level="3", target_dir=os.path.join(tmp, "c"), group_name="agent.native"
-            )
-            # a Distribution of our own: setuptools would otherwise read pyproject.toml
-            dist = Distribution({"name": "nodemesh-native", "ext_modules": exts})
-            dist.script_args = ["-q", "build_ext", "--inplace", "--build-temp", os.path.join(tmp, "o"),
-                                "--build-lib", os.path.join(tmp, "lib")]
-            dist.parse_command_line()
-            dist.run_commands()
-        finally:
-            os.chdir(cwd)
+    def compile_(exts: list[Any], tmp: str) -> None:
+        # a Distribution of our own: setuptools would otherwise read pyproject.toml
+        dist = Distribution({"name": "nodemesh-native", "ext_modules": exts})
+        dist.script_args = ["-q", "build_ext", "--inplace", "-j", str(os.cpu_count() or 1),
+                            "--build-temp", os.path.join(tmp, "o"), "--build-lib", os.path.join(tmp, "lib")]
+        dist.parse_command_line()
+        dist.run_commands()
+
+    def paths(modules: tuple[str, ...]) -> list[str]:
+        return [m.replace(".", "/") + ".py" for m in modules]
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the compilers name modules by path from here
+    try:
+        with tempfile.TemporaryDirectory(prefix="nodemesh-mypyc-") as tmp:
+            compile_(mypycify(paths(MYPYC_MODULES), opt_level="3", target_dir=os.path.join(tmp, "c"),
+                              group_name="agent.native"), tmp)
+        with tempfile.TemporaryDirectory(prefix="nodemesh-cython-") as tmp:
+            directives = {"language_level": 3, "annotation_typing": False, "binding": True}
+            compile_(cythonize(paths(CYTHON_MODULES), compiler_directives=directives, build_dir=tmp,
+                               quiet=True, nthreads=os.cpu_count() or 1), tmp)
+    finally:
+        os.chdir(cwd)
     files = sorted(os.path.relpath(p, ROOT) for p in _so_files())
     stamp = {
         "python": sys.version,
