@@ -21,6 +21,7 @@ modules run, so an edit is never shadowed by old compiled code.
     .venv/bin/python scripts/build_native.py            # build if any source changed
     .venv/bin/python scripts/build_native.py --clean    # remove the build: pure Python
     NODEMESH_NATIVE=0 scripts/setup.sh                  # setup without building
+    build_native.py --root SITE_PACKAGES                # an installed copy (scripts/install.sh)
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, CHECKOUT)
+ROOT = CHECKOUT  # the directory holding the agent package to build in (--root)
 
 from agent.native import CYTHON_MODULES, MODULES, MYPYC_MODULES, STAMP, compiled_files, source_hashes  # noqa: E402
 
@@ -79,17 +82,30 @@ def build() -> None:
         return [m.replace(".", "/") + ".py" for m in modules]
 
     cwd = os.getcwd()
-    os.chdir(ROOT)  # the compilers name modules by path from here
-    try:
-        with tempfile.TemporaryDirectory(prefix="nodemesh-mypyc-") as tmp:
-            compile_(mypycify(paths(MYPYC_MODULES), opt_level="3", target_dir=os.path.join(tmp, "c"),
-                              group_name="agent.native"), tmp)
-        with tempfile.TemporaryDirectory(prefix="nodemesh-cython-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nodemesh-native-") as tmp:
+        # built in a copy of the package: mypy must not take an installed copy's
+        # site-packages for the source tree (it would type-check every library there)
+        stage = os.path.join(tmp, "src")
+        shutil.copytree(os.path.join(ROOT, "agent"), os.path.join(stage, "agent"),
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "native.json"))
+        os.chdir(stage)  # the compilers name modules by path from here
+        try:
+            # (the checkout's mypy settings, also for an installed copy, which has none)
+            config = "--config-file=" + os.path.join(CHECKOUT, "pyproject.toml")
+            exts = mypycify([config, *paths(MYPYC_MODULES)], opt_level="3",
+                            target_dir=os.path.join(tmp, "c"), group_name="agent.native")
+            compile_(exts, os.path.join(tmp, "mypyc"))
             directives = {"language_level": 3, "annotation_typing": False, "binding": True}
-            compile_(cythonize(paths(CYTHON_MODULES), compiler_directives=directives, build_dir=tmp,
-                               quiet=True, nthreads=os.cpu_count() or 1), tmp)
-    finally:
-        os.chdir(cwd)
+            compile_(cythonize(paths(CYTHON_MODULES), compiler_directives=directives,
+                               build_dir=os.path.join(tmp, "cy"), quiet=True, nthreads=os.cpu_count() or 1),
+                     os.path.join(tmp, "cython"))
+        finally:
+            os.chdir(cwd)
+        for dirpath, _dirs, names in os.walk(os.path.join(stage, "agent")):
+            for n in names:
+                if n.endswith(".so"):
+                    rel = os.path.relpath(os.path.join(dirpath, n), stage)
+                    shutil.copy2(os.path.join(stage, rel), os.path.join(ROOT, rel))
     files = sorted(os.path.relpath(p, ROOT) for p in _so_files())
     stamp = {
         "python": sys.version,
@@ -113,7 +129,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clean", action="store_true", help="remove the compiled modules (pure Python)")
     ap.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    ap.add_argument("--root", default=CHECKOUT, help="directory of the agent package (default: here)")
     a = ap.parse_args()
+    global ROOT
+    ROOT = os.path.abspath(a.root)
+    if not os.path.isfile(os.path.join(ROOT, "agent", "native.py")):
+        ap.error(f"--root {a.root}: no agent package there (agent/native.py)")
     if a.clean:
         print(f"build_native: removed {clean()} compiled files")
         return 0

@@ -8,7 +8,9 @@
 #   1. the Debian packages the agent needs at run time (BCC, bpftool, iproute2),
 #      unless NODEMESH_SKIP_APT=1 (the caller has installed them);
 #   2. a virtualenv at /opt/nodemesh/venv (Debian's python3, Debian's BCC made
-#      importable in it) with this checkout installed into it (not editable);
+#      importable in it) with this checkout installed into it (not editable),
+#      its data path's hot modules compiled (scripts/build_native.py: gcc,
+#      python3-dev, mypy and Cython; NODEMESH_NATIVE=0 installs pure Python);
 #   3. /etc/nodemesh/agent.yaml from deploy/agent.yaml.in, only if there is none:
 #      an existing configuration is never overwritten;
 #   4. the units deploy/nodemesh-agent.service and deploy/nodemesh-ca.service (the CA
@@ -44,6 +46,7 @@ PY=/usr/bin/python3
 
 # 1. Run-time packages.
 RUNTIME_PACKAGES=(python3 python3-venv python3-bpfcc bpftool iproute2)
+[ "${NODEMESH_NATIVE:-1}" = "0" ] || RUNTIME_PACKAGES+=(gcc python3-dev)  # (to compile the hot modules)
 if [ "${NODEMESH_SKIP_APT:-0}" != 1 ]; then
   missing=()
   for p in "${RUNTIME_PACKAGES[@]}"; do
@@ -78,6 +81,22 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   printf '%s\n' "$WANT" > "$STAMP"
 else
   say "nodemesh in $VENV is up to date"
+fi
+if [ "${NODEMESH_NATIVE:-1}" = "0" ]; then
+  "$VENV/bin/python" "$ROOT/scripts/build_native.py" --root "$SITE" --clean >/dev/null
+  say "NODEMESH_NATIVE=0: the data path runs as pure Python"
+else
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "mypy>=1.10" "cython>=3.0" setuptools \
+    types-PyYAML types-psutil
+  NLOG=$(mktemp)
+  if "$VENV/bin/python" "$ROOT/scripts/build_native.py" --root "$SITE" >"$NLOG" 2>&1; then
+    tail -n 1 "$NLOG" | sed 's/^/install: /'
+    rm -f "$NLOG"
+  else
+    cat "$NLOG" >&2
+    rm -f "$NLOG"
+    die "compiling the hot modules failed (output above); NODEMESH_NATIVE=0 $0 installs pure Python"
+  fi
 fi
 install -m 0644 "$ROOT/README.md" "$OPT/README.md"
 "$VENV/bin/nodemesh" --version >/dev/null || die "$VENV/bin/nodemesh does not run"

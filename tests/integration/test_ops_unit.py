@@ -66,6 +66,11 @@ def test_install_lays_out_venv_config_and_unit(installed: str) -> None:
     r = subprocess.run([python, "-c", "import bcc, agent; print(agent.__file__)"],
                        capture_output=True, text=True, cwd=installed)
     assert r.returncode == 0 and r.stdout.startswith(installed), r.stdout + r.stderr
+    # ... and runs its data path compiled (scripts/build_native.py --root), as the checkout's tests do
+    code = ("import importlib, agent.native as n\nfor m in n.MODULES: importlib.import_module(m)\n"
+            "print(sorted(m for m, c in n.loaded().items() if not c))")
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=installed)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
     with open(os.path.join(installed, "etc/systemd/system/nodemesh-agent.service")) as a, open(UNIT) as b:
         assert a.read() == b.read()
 
